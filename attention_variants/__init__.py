@@ -1,0 +1,41 @@
+"""Full, sliding-window and Performer attention behind one interface, with reference,
+PyTorch and Triton backends.
+
+>>> import attention_variants as av
+>>> out = av.attention(q, k, v, variant="sliding_window", window=256, causal=True)
+"""
+
+from .base import (
+    AttentionVariant,
+    Backend,
+    attention,
+    get_variant,
+    list_backends,
+    list_variants,
+    register_backend,
+    register_variant,
+    variant_class,
+)
+from .full import FullAttention
+from .module import AttentionLayer
+from .performer import PerformerAttention, draw_projection
+from .sliding_window import SlidingWindowAttention
+
+__all__ = [
+    "AttentionLayer",
+    "AttentionVariant",
+    "Backend",
+    "FullAttention",
+    "PerformerAttention",
+    "SlidingWindowAttention",
+    "attention",
+    "draw_projection",
+    "get_variant",
+    "list_backends",
+    "list_variants",
+    "register_backend",
+    "register_variant",
+    "variant_class",
+]
+
+__version__ = "0.1.0"

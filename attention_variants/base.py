@@ -1,0 +1,360 @@
+"""The variant base class, input validation and the one registry of variants and backends.
+
+A *variant* (``full``, ``sliding_window``, ``performer``) is a class registered with
+:func:`register_variant`. A *backend* of a variant is a forward function registered with
+:func:`register_backend` together with a ``check`` that returns ``None`` when the backend
+can run a configuration, or a sentence saying why it cannot. The public API, the tests
+and the benchmark harness all iterate this registry.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+BACKENDS: tuple[str, ...] = ("reference", "torch", "triton")
+"""Concrete backends, in the order the harness reports them. ``"auto"`` picks one of them."""
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+ForwardFn = Callable[["AttentionVariant", Tensor, Tensor, Tensor, bool, float], Tensor]
+CheckFn = Callable[["AttentionVariant", torch.device, torch.dtype, int], "str | None"]
+
+_VARIANTS: dict[str, type[AttentionVariant]] = {}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend of one variant: ``forward(variant, q, k, v, causal, scale)`` and its ``check``."""
+
+    name: str
+    forward: ForwardFn
+    check: CheckFn
+
+
+def register_variant(name: str) -> Callable[[type[AttentionVariant]], type[AttentionVariant]]:
+    """Class decorator: register an :class:`AttentionVariant` subclass under ``name``."""
+
+    def deco(cls: type[AttentionVariant]) -> type[AttentionVariant]:
+        if name in _VARIANTS:
+            raise ValueError(f"variant {name!r} is already registered")
+        cls.name = name
+        cls._backends = {}
+        _VARIANTS[name] = cls
+        return cls
+
+    return deco
+
+
+def register_backend(
+    variant_cls: type[AttentionVariant], name: str, check: CheckFn | None = None
+) -> Callable[[ForwardFn], ForwardFn]:
+    """Function decorator: register ``forward`` as backend ``name`` of ``variant_cls``."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; backends are {', '.join(BACKENDS)}")
+
+    def deco(fn: ForwardFn) -> ForwardFn:
+        variant_cls._backends[name] = Backend(name, fn, check or _no_check)
+        return fn
+
+    return deco
+
+
+def _reference_forward(
+    variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
+) -> Tensor:
+    return variant.dense(q, k, v, causal, scale, upcast=True)
+
+
+def _no_check(variant: AttentionVariant, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    return None
+
+
+def list_variants() -> list[str]:
+    """Names of the registered variants."""
+    return list(_VARIANTS)
+
+
+def list_backends() -> list[str]:
+    """Names of the concrete backends (``"auto"`` chooses among them at call time)."""
+    return list(BACKENDS)
+
+
+def variant_class(name: str) -> type[AttentionVariant]:
+    """The registered class of variant ``name``; ValueError listing the known ones otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"variant must be a str, got {type(name).__name__}")
+    try:
+        return _VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown variant {name!r}; variants are {', '.join(_VARIANTS)}") from None
+
+
+def get_variant(name: str, **options: Any) -> AttentionVariant:
+    """Build variant ``name`` with its options, e.g. ``get_variant("sliding_window", window=128)``."""
+    cls = variant_class(name)
+    allowed = cls.option_names()
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {', '.join(unknown)} for variant {name!r}; "
+            f"its options are: {', '.join(allowed) or '(none)'}"
+        )
+    return cls(**options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (public entry points only; backends and kernels assume valid input)
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_qkv(q: object, k: object, v: object) -> None:
+    """Check ranks, shapes, dtypes and devices of ``q (B,H,Nq,D)``, ``k (B,Hk,Nk,D)``, ``v (B,Hk,Nk,Dv)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must have 4 dims (B, H, N, D), got shape {tuple(t.shape)}")
+    assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; q, k and v must share one device")
+    b, h, _, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads, got k {k.shape[1]}, v {v.shape[1]}")
+    hk = k.shape[1]
+    if hk == 0 or h % hk != 0:
+        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk}) for grouped-query attention")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same sequence length, got k {k.shape[2]}, v {v.shape[2]}")
+    if k.shape[3] != d:
+        raise ValueError(f"q and k must have the same head dim, got q {d}, k {k.shape[3]}")
+
+
+def resolve_scale(scale: object, head_dim: int) -> float:
+    """``scale`` or the default ``head_dim ** -0.5``; must be a positive finite number."""
+    if scale is None:
+        return head_dim**-0.5 if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    return float(scale)
+
+
+def check_causal(causal: object) -> bool:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    return causal
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """``(B, Hk, N, D) -> (B, Hk * groups, N, D)``: query head ``h`` reads key head ``h // groups``."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dense_softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """Naive softmax attention in the dtype of the inputs, N x N scores; rows with no visible key give 0.
+
+    ``q (B,H,Nq,D)``, ``k (B,H,Nk,D)``, ``v (B,H,Nk,Dv)`` (heads already repeated), ``mask`` bool
+    broadcastable to ``(B,H,Nq,Nk)``.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+    row_any = mask.any(dim=-1, keepdim=True)
+    # Fill invisible entries with -inf, and empty rows with 0 so their softmax (discarded below)
+    # stays finite and their gradient is exactly zero instead of NaN.
+    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~row_any, 0.0)
+    probs = torch.softmax(scores, dim=-1) * row_any
+    return torch.matmul(probs, v)
+
+
+def empty_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Output for ``Nq == 0`` or ``Nk == 0``: zeros of shape ``(B, H, Nq, Dv)``, still differentiable."""
+    groups = q.shape[1] // k.shape[1]
+    return torch.matmul(torch.matmul(q, repeat_kv(k, groups).transpose(-1, -2)), repeat_kv(v, groups))
+
+
+# ---------------------------------------------------------------------------------------------
+# The variant base class
+# ---------------------------------------------------------------------------------------------
+
+
+class AttentionVariant:
+    """Base class of the attention variants. Subclasses are registered with :func:`register_variant`.
+
+    Call an instance as ``variant(q, k, v, causal=False, scale=None, backend="auto")`` with
+    ``q (B, H, Nq, D)``, ``k (B, Hk, Nk, D)``, ``v (B, Hk, Nk, Dv)`` and ``H % Hk == 0``;
+    the result is ``(B, H, Nq, Dv)`` in the dtype of ``q``.
+    """
+
+    name: ClassVar[str]
+    _backends: ClassVar[dict[str, Backend]]
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """Constructor options this variant accepts (used to reject unknown ones)."""
+        return ()
+
+    def options(self) -> dict[str, Any]:
+        """This instance's options, as passed to the constructor."""
+        return {}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+    # -- semantics hooks, overridden by variants ------------------------------------------------
+
+    def check_call(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+        """Variant-specific validation of a call (shapes are already checked)."""
+
+    def dense(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, upcast: bool = True) -> Tensor:
+        """Naive dense computation: the ``reference`` backend (``upcast=True``: float32/float64 math).
+
+        With ``upcast=False`` it computes in the input dtype, which the tests use as "PyTorch's own
+        error in this dtype" when setting tolerances.
+        """
+        raise NotImplementedError
+
+    def visible_pairs(self, nq: int, nk: int, causal: bool) -> int:
+        """Number of visible (query, key) pairs for one (batch, head)."""
+        return nq * nk
+
+    def flops(
+        self,
+        q: Tensor | Sequence[int],
+        k: Tensor | Sequence[int],
+        v: Tensor | Sequence[int],
+        *,
+        causal: bool = False,
+    ) -> int:
+        """Analytic FLOPs of one forward pass, counting only visible (query, key) pairs.
+
+        ``q``, ``k``, ``v`` are tensors or their shapes ``(B, H, Nq, D)``, ``(B, Hk, Nk, D)``,
+        ``(B, Hk, Nk, Dv)``. A multiply-add counts as 2 FLOPs; softmax is not counted.
+        """
+        b, h, nq, d = _shape(q)
+        nk, dv = _shape(k)[2], _shape(v)[3]
+        return 2 * b * h * self.visible_pairs(nq, nk, causal) * (d + dv)
+
+    # -- backends ---------------------------------------------------------------------------------
+
+    def backend(self, name: str) -> Backend:
+        if not isinstance(name, str):
+            raise TypeError(f"backend must be a str, got {type(name).__name__}")
+        if name not in self._backends:
+            raise ValueError(
+                f"unknown backend {name!r} for variant {self.name!r}; backends are: auto, {', '.join(self._backends)}"
+            )
+        return self._backends[name]
+
+    def unsupported_reason(
+        self, backend: str, device: torch.device | str, dtype: torch.dtype, head_dim: int
+    ) -> str | None:
+        """None if ``backend`` can run this variant for the given device/dtype/head dim, else why not."""
+        device = torch.device(device)
+        if backend == "auto":
+            return None
+        spec = self.backend(backend)
+        if dtype not in FLOAT_DTYPES:
+            return f"dtype {dtype} is not a floating-point dtype this project supports"
+        return spec.check(self, device, dtype, head_dim)
+
+    def supports(self, backend: str, device: torch.device | str, dtype: torch.dtype, head_dim: int) -> bool:
+        """True if ``backend`` can run this variant on ``device`` with ``dtype`` and ``head_dim``.
+
+        :meth:`unsupported_reason` says why not.
+        """
+        return self.unsupported_reason(backend, device, dtype, head_dim) is None
+
+    def resolve_backend(self, backend: str, q: Tensor, v: Tensor | None = None) -> str:
+        """The concrete backend a call with ``backend`` runs on these inputs (``auto`` resolved).
+
+        Raises ValueError when an explicitly requested backend cannot run the configuration.
+        """
+        head_dim = max(q.shape[-1], v.shape[-1] if v is not None else 0)
+        if backend == "auto":
+            if q.device.type == "cuda" and self.supports("triton", q.device, q.dtype, head_dim):
+                return "triton"
+            return "torch"
+        reason = self.unsupported_reason(backend, q.device, q.dtype, head_dim)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} cannot run {self!r} here: {reason}")
+        return backend
+
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        scale: float | None = None,
+        backend: str = "auto",
+    ) -> Tensor:
+        """Attention output ``(B, H, Nq, Dv)`` computed by ``backend`` (see the class docstring)."""
+        validate_qkv(q, k, v)
+        causal = check_causal(causal)
+        scale = resolve_scale(scale, q.shape[-1])
+        self.check_call(q, k, v, causal)
+        name = self.resolve_backend(backend, q, v)
+        if q.shape[2] == 0 or k.shape[2] == 0:
+            return empty_attention(q, k, v)
+        return self._backends[name].forward(self, q, k, v, causal, scale)
+
+    def reference(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        scale: float | None = None,
+    ) -> Tensor:
+        """The dense ground truth (builds the Nq x Nk matrix), in float32 or float64 arithmetic."""
+        return self(q, k, v, causal=causal, scale=scale, backend="reference")
+
+
+def _shape(x: Tensor | Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(x.shape) if isinstance(x, Tensor) else tuple(int(s) for s in x)
+    if len(shape) != 4:
+        raise ValueError(f"expected a 4-dim shape (B, H, N, D), got {shape}")
+    return shape
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    variant: str = "full",
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+    **options: Any,
+) -> Tensor:
+    """Functional form: ``get_variant(variant, **options)(q, k, v, causal=..., scale=..., backend=...)``.
+
+    ``q (B, H, Nq, D)``, ``k (B, Hk, Nk, D)``, ``v (B, Hk, Nk, Dv)`` with ``H % Hk == 0``;
+    returns ``(B, H, Nq, Dv)`` in the dtype of ``q``.
+    """
+    return get_variant(variant, **options)(q, k, v, causal=causal, scale=scale, backend=backend)

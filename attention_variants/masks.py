@@ -1,0 +1,178 @@
+"""Mask semantics, written down once: causal alignment, sliding windows, global tokens.
+
+Every backend (dense reference, blocked PyTorch, Triton) and the benchmark baselines
+derive their masks from the functions here.
+
+Causal alignment is bottom-right (as FlashAttention 2.1+). Query ``i`` sits at the
+aligned position ``p = i + (Nk - Nq)`` and, when causal, sees key ``j`` iff ``j <= p``::
+
+    Nq = 2, Nk = 5, causal          Nq = 5, Nk = 2, causal
+        keys 0 1 2 3 4                  keys 0 1
+    q0       x x x x .              q0       . .      <- no visible key: output 0
+    q1       x x x x x              q1       . .
+                                    q2       . .
+                                    q3       x .
+                                    q4       x x
+
+Sliding window ``(left, right)``: query ``i`` sees key ``j`` iff
+``p - left <= j <= p + right`` (causal, when set, applies on top). An int ``w``
+means ``(w, w)``, or ``(w, 0)`` when causal. Window ``(2, 1)``, Nq = Nk = 6::
+
+        keys 0 1 2 3 4 5
+    q0       x x . . . .
+    q1       x x x . . .
+    q2       x x x x . .
+    q3       . x x x x .
+    q4       . . x x x x
+    q5       . . . x x x
+
+Global tokens (Longformer): a global position attends to every key and every query
+attends to it; causal still applies. With window ``(1, 1)`` and global position 0::
+
+        keys 0 1 2 3 4
+    q0       x x x x x      <- global row
+    q1       x x x . .
+    q2       x x x x .
+    q3       x . x x x      <- column 0 is global
+    q4       x . . x x
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+WindowArg = int | tuple[int, int]
+GlobalArg = int | Sequence[int] | Tensor | None
+
+
+def _check_nonneg_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative int, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value}")
+    return int(value)
+
+
+def check_window(window: object) -> WindowArg:
+    """Validate a window argument (an int ``w`` or a pair ``(left, right)``); return it as given."""
+    if isinstance(window, tuple | list):
+        if len(window) != 2:
+            raise ValueError(f"window must be an int or a pair (left, right), got {window!r}")
+        return (_check_nonneg_int(window[0], "window[0] (left)"), _check_nonneg_int(window[1], "window[1] (right)"))
+    return _check_nonneg_int(window, "window")
+
+
+def window_bounds(window: WindowArg, causal: bool) -> tuple[int, int]:
+    """Effective ``(left, right)`` reach of a window, causal folded in (right becomes 0)."""
+    if isinstance(window, tuple):
+        left, right = window
+    else:
+        left, right = window, (0 if causal else window)
+    if causal:
+        right = 0
+    return left, right
+
+
+def check_global_tokens(global_tokens: object) -> GlobalArg:
+    """Validate the ``global_tokens`` option (count, positions, or bool mask) without knowing N."""
+    if global_tokens is None:
+        return None
+    if isinstance(global_tokens, Tensor):
+        if global_tokens.ndim != 1:
+            raise ValueError(f"global_tokens as a tensor must be 1-D, got shape {tuple(global_tokens.shape)}")
+        if global_tokens.dtype != torch.bool and (global_tokens.is_floating_point() or global_tokens.is_complex()):
+            raise TypeError(f"global_tokens must be a bool mask or integer positions, got dtype {global_tokens.dtype}")
+        if global_tokens.dtype != torch.bool and global_tokens.numel() and int(global_tokens.min()) < 0:
+            raise ValueError("global_tokens positions must be non-negative")
+        return global_tokens
+    if isinstance(global_tokens, Sequence) and not isinstance(global_tokens, str):
+        positions = [_check_nonneg_int(p, "global_tokens[i]") for p in global_tokens]
+        return torch.tensor(positions, dtype=torch.long)
+    return _check_nonneg_int(global_tokens, "global_tokens")
+
+
+def global_mask(global_tokens: GlobalArg, n: int, device: torch.device | str = "cpu") -> Tensor | None:
+    """Resolve ``global_tokens`` to a bool mask of shape ``(n,)``, or None when there are none."""
+    if global_tokens is None:
+        return None
+    if isinstance(global_tokens, int):
+        if global_tokens == 0:
+            return None
+        mask = torch.zeros(n, dtype=torch.bool, device=device)
+        mask[: min(global_tokens, n)] = True
+        return mask
+    tokens = global_tokens.to(device)
+    if tokens.dtype == torch.bool:
+        if tokens.numel() != n:
+            raise ValueError(f"global_tokens bool mask has length {tokens.numel()}, expected the sequence length {n}")
+        mask = tokens.clone()
+    else:
+        if tokens.numel() and int(tokens.max()) >= n:
+            raise ValueError(f"global_tokens position {int(tokens.max())} is out of range for sequence length {n}")
+        mask = torch.zeros(n, dtype=torch.bool, device=device)
+        mask[tokens.long()] = True
+    return mask if bool(mask.any()) else None
+
+
+def dense_mask(
+    nq: int,
+    nk: int,
+    *,
+    causal: bool = False,
+    window: WindowArg | None = None,
+    global_mask: Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Bool ``(nq, nk)`` matrix, True where query ``i`` may see key ``j``. O(nq * nk) memory."""
+    p = torch.arange(nq, device=device)[:, None] + (nk - nq)
+    j = torch.arange(nk, device=device)[None, :]
+    visible = torch.ones(nq, nk, dtype=torch.bool, device=device)
+    if window is not None:
+        left, right = window_bounds(window, causal)
+        visible = (j >= p - left) & (j <= p + right)
+    if global_mask is not None:
+        if nq != nk:
+            raise ValueError(f"global tokens need Nq == Nk, got Nq={nq}, Nk={nk}")
+        g = global_mask.to(device)
+        visible = visible | g[:, None] | g[None, :]
+    if causal:
+        visible = visible & (j <= p)
+    return visible
+
+
+def visible_pairs(
+    nq: int,
+    nk: int,
+    *,
+    causal: bool = False,
+    window: WindowArg | None = None,
+    global_mask: Tensor | None = None,
+) -> int:
+    """Number of visible (query, key) pairs, computed in O(nq + g * nq) without an nq x nk mask."""
+    p = torch.arange(nq, dtype=torch.long) + (nk - nq)
+    lo = torch.zeros_like(p)
+    hi = torch.full_like(p, nk - 1)
+    if window is not None:
+        left, right = window_bounds(window, causal)
+        lo = (p - left).clamp(min=0)
+        hi = (p + right).clamp(max=nk - 1)
+    if causal:
+        hi = torch.minimum(hi, p)
+    count = (hi - lo + 1).clamp(min=0)
+    if global_mask is not None and window is not None:
+        g = global_mask.cpu()
+        gpos = g.nonzero().flatten()
+        # Global columns seen outside the band (and not yet counted).
+        cols = gpos[None, :]
+        outside = (cols < lo[:, None]) | (cols > hi[:, None])
+        if causal:
+            outside = outside & (cols <= p[:, None])
+        extra = outside.sum(dim=1)
+        # Global rows see every (causally visible) key.
+        full_row = (p + 1).clamp(max=nk) if causal else torch.full_like(p, nk)
+        count = torch.where(g, full_row, count + extra)
+    return int(count.sum())

@@ -1,0 +1,276 @@
+"""Performer (FAVOR+) attention: positive orthogonal random features approximating softmax.
+
+Reference (explicit features, dense Nq x Nk), PyTorch (linear in N; causal by a chunked
+prefix form) and Triton backends side by side.
+
+With ``x' = x * scale ** 0.5`` and a projection ``W (m, D)``::
+
+    phi(x) = exp(W x' - |x'|^2 / 2 - c) / sqrt(m)        (kernel="softmax")
+    phi(x) = relu(W x') + 1e-3                            (kernel="relu")
+    out_i  = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j)   over visible j
+
+``c`` is the maximum of the exponent ``W x' - |x'|^2 / 2``: per row for queries, and one
+value over all keys and features of a (batch, key head) for keys. Both cancel exactly in the
+ratio, so they are treated as constants in the backward pass. ``E[phi(q).phi(k)]`` equals
+``exp(q.k * scale)`` up to those constants, so the output approximates softmax attention.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import masks
+from .base import AttentionVariant, _shape, compute_dtype, register_backend, register_variant
+from .base import _reference_forward as _reference
+from .full import _triton_check
+
+KERNELS = ("softmax", "relu")
+RELU_EPS = 1e-3
+CHUNK = 128  # chunk length of the causal prefix form in the PyTorch backend
+
+
+def draw_projection(num_features: int, head_dim: int, *, ortho: bool = True, seed: int = 0) -> Tensor:
+    """Random projection ``W (num_features, head_dim)`` in float64 on the CPU, reproducible by ``seed``.
+
+    ``ortho=True``: stacked blocks of ``head_dim`` orthonormal rows (QR of a Gaussian matrix),
+    each row rescaled by an independent chi(head_dim) norm, so every row is marginally N(0, I).
+    ``ortho=False``: i.i.d. N(0, I) rows.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if not ortho:
+        return torch.randn(num_features, head_dim, generator=gen, dtype=torch.float64)
+    blocks = []
+    for _ in range(math.ceil(num_features / head_dim)):
+        gauss = torch.randn(head_dim, head_dim, generator=gen, dtype=torch.float64)
+        qmat, rmat = torch.linalg.qr(gauss)
+        # Fix QR's sign ambiguity so the draw does not depend on the LAPACK build.
+        qmat = qmat * torch.sign(torch.diagonal(rmat))[None, :]
+        blocks.append(qmat.T)
+    rows = torch.cat(blocks)[:num_features]
+    norms = torch.randn(num_features, head_dim, generator=gen, dtype=torch.float64).norm(dim=1)
+    return rows * norms[:, None]
+
+
+def feature_map(x: Tensor, w: Tensor, scale: float, kernel: str, is_query: bool) -> Tensor:
+    """FAVOR+ features ``phi(x)``: ``x (..., N, D)``, ``w (m, D)`` -> ``(..., N, m)`` in ``w``'s dtype."""
+    xs = x.to(w.dtype) * (scale**0.5)
+    proj = torch.matmul(xs, w.T)
+    if kernel == "relu":
+        return torch.relu(proj) + RELU_EPS
+    logits = proj - 0.5 * (xs * xs).sum(dim=-1, keepdim=True)
+    stab = logits.amax(dim=-1, keepdim=True) if is_query else logits.amax(dim=(-2, -1), keepdim=True)
+    return torch.exp(logits - stab.detach()) * (w.shape[0] ** -0.5)
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` where rows with no visible key (den == 0, num == 0) give 0, not NaN."""
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
+@register_variant("performer")
+class PerformerAttention(AttentionVariant):
+    """FAVOR+ attention with ``num_features`` random features (see the module docstring).
+
+    Args:
+        num_features: number of random features ``m`` (>= 1).
+        kernel: ``"softmax"`` (positive random features) or ``"relu"``.
+        ortho: orthogonal blocks with chi-distributed norms (True) or i.i.d. Gaussian rows.
+        seed: seed of the CPU draw; the same seed gives the same ``W`` on every backend,
+            device and dtype.
+        projection: a given ``W (m, D)``; overrides the draw (and ``num_features``).
+    """
+
+    def __init__(
+        self,
+        num_features: int = 256,
+        kernel: str = "softmax",
+        ortho: bool = True,
+        seed: int = 0,
+        projection: Tensor | None = None,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        if not isinstance(ortho, bool):
+            raise TypeError(f"ortho must be a bool, got {type(ortho).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if projection is not None:
+            if not isinstance(projection, Tensor):
+                raise TypeError(f"projection must be a torch.Tensor, got {type(projection).__name__}")
+            if projection.ndim != 2 or projection.shape[0] < 1:
+                raise ValueError(f"projection must have shape (num_features, head_dim), got {tuple(projection.shape)}")
+            if not projection.is_floating_point():
+                raise TypeError(f"projection must be floating point, got {projection.dtype}")
+            if num_features not in (256, projection.shape[0]):
+                raise ValueError(f"num_features={num_features} disagrees with projection rows ({projection.shape[0]})")
+            num_features = projection.shape[0]
+            projection = projection.detach().to("cpu", torch.float64)
+        self.num_features = int(num_features)
+        self.kernel = kernel
+        self.ortho = ortho
+        self.seed = int(seed)
+        self.projection = projection
+        self._cache: dict[int, Tensor] = {}
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return ("num_features", "kernel", "ortho", "seed", "projection")
+
+    def options(self) -> dict[str, object]:
+        opts: dict[str, object] = {
+            "num_features": self.num_features,
+            "kernel": self.kernel,
+            "ortho": self.ortho,
+            "seed": self.seed,
+        }
+        if self.projection is not None:
+            opts["projection"] = "<given>"
+        return opts
+
+    def redraw(self, seed: int | None = None) -> PerformerAttention:
+        """Draw new random features (with ``seed``, or the next seed); returns ``self``."""
+        if self.projection is not None:
+            raise ValueError("this PerformerAttention was given a fixed projection; there is nothing to redraw")
+        self.seed = self.seed + 1 if seed is None else int(seed)
+        self._cache.clear()
+        return self
+
+    def projection_matrix(
+        self, head_dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        """``W (num_features, head_dim)`` on ``device`` in ``dtype``; drawn once on the CPU in float64."""
+        if self.projection is not None:
+            w = self.projection
+        else:
+            if head_dim not in self._cache:
+                self._cache[head_dim] = draw_projection(self.num_features, head_dim, ortho=self.ortho, seed=self.seed)
+            w = self._cache[head_dim]
+        return w.to(device=device, dtype=dtype)
+
+    def check_call(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+        if self.projection is not None and self.projection.shape[1] != q.shape[-1]:
+            raise ValueError(
+                f"projection has {self.projection.shape[1]} columns but the head dim of q is {q.shape[-1]}"
+            )
+
+    def features(self, x: Tensor, scale: float, is_query: bool, dtype: torch.dtype | None = None) -> Tensor:
+        """``phi(x)`` for ``x (B, H, N, D)`` -> ``(B, H, N, m)`` in ``dtype`` (default: float32/float64)."""
+        dtype = dtype or compute_dtype(x.dtype)
+        w = self.projection_matrix(x.shape[-1], x.device, dtype)
+        return feature_map(x, w, scale, self.kernel, is_query)
+
+    def dense(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, upcast: bool = True) -> Tensor:
+        dtype = compute_dtype(q.dtype) if upcast else q.dtype
+        groups = q.shape[1] // k.shape[1]
+        phi_q = self.features(q, scale, True, dtype)
+        phi_k = self.features(k, scale, False, dtype).repeat_interleave(groups, dim=1)
+        a = torch.matmul(phi_q, phi_k.transpose(-1, -2))
+        if causal:
+            a = a * masks.dense_mask(q.shape[2], k.shape[2], causal=True, device=q.device)
+        num = torch.matmul(a, v.to(dtype).repeat_interleave(groups, dim=1))
+        den = a.sum(dim=-1, keepdim=True)
+        return _safe_div(num, den).to(q.dtype)
+
+    def flops(
+        self,
+        q: Tensor | Sequence[int],
+        k: Tensor | Sequence[int],
+        v: Tensor | Sequence[int],
+        *,
+        causal: bool = False,
+    ) -> int:
+        """Analytic FLOPs of one forward: feature maps, then the linear (prefix-sum) form.
+
+        ``2 m D`` per query and key row for the projection, ``2 m (Dv + 1)`` per key row for
+        ``phi(K)^T [V, 1]`` and per query row for the readout. Causal counts the same (the
+        prefix-sum form does the same work per token).
+        """
+        b, h, nq, d = _shape(q)
+        hk, nk = _shape(k)[1], _shape(k)[2]
+        dv = _shape(v)[3]
+        m = self.num_features
+        feature = 2 * m * d * b * (h * nq + hk * nk)
+        return feature + 2 * m * (dv + 1) * b * (hk * nk + h * nq)
+
+
+register_backend(PerformerAttention, "reference")(_reference)
+
+
+@register_backend(PerformerAttention, "torch")
+def _performer_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+    assert isinstance(variant, PerformerAttention)
+    phi_q = variant.features(q, scale, True)
+    phi_k = variant.features(k, scale, False)
+    out = favor_causal(phi_q, phi_k, v.to(phi_k.dtype)) if causal else favor_noncausal(phi_q, phi_k, v.to(phi_k.dtype))
+    return out.to(q.dtype)
+
+
+@register_backend(PerformerAttention, "triton", check=lambda var, device, dtype, d: _triton_check(device, dtype, d))
+def _performer_triton(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+    raise NotImplementedError  # unreachable while _triton_check refuses every configuration
+
+
+def _group(phi_q: Tensor, hk: int) -> Tensor:
+    """``(B, H, N, m) -> (B, Hk, G, N, m)``: query heads grouped under their key head."""
+    b, h, n, m = phi_q.shape
+    return phi_q.view(b, hk, h // hk, n, m)
+
+
+def favor_noncausal(phi_q: Tensor, phi_k: Tensor, v: Tensor) -> Tensor:
+    """``phi_q (B,H,Nq,m)``, ``phi_k (B,Hk,Nk,m)``, ``v (B,Hk,Nk,Dv)`` -> ``(B,H,Nq,Dv)`` in O(N m Dv)."""
+    b, h, nq, _ = phi_q.shape
+    hk = phi_k.shape[1]
+    kv = torch.matmul(phi_k.transpose(-1, -2), v)  # (B, Hk, m, Dv)
+    z = phi_k.sum(dim=2)  # (B, Hk, m)
+    pq = _group(phi_q, hk)
+    num = torch.matmul(pq, kv[:, :, None])
+    den = torch.matmul(pq, z[:, :, None, :, None])
+    return _safe_div(num, den).reshape(b, h, nq, v.shape[-1])
+
+
+def favor_causal(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk: int = CHUNK) -> Tensor:
+    """Causal (bottom-right) FAVOR+ by chunks: exact within a chunk, running state across chunks.
+
+    Memory O(N (m + Dv) + (N / chunk) m Dv); no N x m x Dv tensor.
+    """
+    b, h, nq, m = phi_q.shape
+    hk, nk, dv = phi_k.shape[1], phi_k.shape[2], v.shape[-1]
+    off = nk - nq
+    if off < 0:  # the first -off queries see no key
+        head = phi_q.new_zeros(b, h, -off, dv)
+        return torch.cat([head, favor_causal(phi_q[:, :, -off:], phi_k, v, chunk)], dim=2)
+    # Keys before the aligned diagonal are visible to every query: they seed the state.
+    state0 = torch.matmul(phi_k[:, :, :off].transpose(-1, -2), v[:, :, :off])  # (B, Hk, m, Dv)
+    z0 = phi_k[:, :, :off].sum(dim=2)  # (B, Hk, m)
+    phi_k, v = phi_k[:, :, off:], v[:, :, off:]
+
+    n = nq
+    c = min(chunk, n)
+    nc = math.ceil(n / c)
+    pad = nc * c - n
+    pq = torch.nn.functional.pad(phi_q, (0, 0, 0, pad)).view(b, hk, h // hk, nc, c, m)
+    pk = torch.nn.functional.pad(phi_k, (0, 0, 0, pad)).view(b, hk, nc, c, m)
+    pv = torch.nn.functional.pad(v, (0, 0, 0, pad)).view(b, hk, nc, c, dv)
+
+    kv = torch.matmul(pk.transpose(-1, -2), pv)  # (B, Hk, nc, m, Dv)
+    z = pk.sum(dim=3)  # (B, Hk, nc, m)
+    states = torch.cumsum(kv, dim=2) - kv + state0[:, :, None]  # exclusive prefix sums
+    zs = torch.cumsum(z, dim=2) - z + z0[:, :, None]
+
+    num = torch.matmul(pq, states[:, :, None])  # (B, Hk, G, nc, c, Dv)
+    den = torch.matmul(pq, zs[:, :, None, :, :, None])  # (B, Hk, G, nc, c, 1)
+    tril = torch.ones(c, c, dtype=torch.bool, device=phi_q.device).tril()
+    a = torch.matmul(pq, pk[:, :, None].transpose(-1, -2)) * tril  # (B, Hk, G, nc, c, c)
+    num = num + torch.matmul(a, pv[:, :, None])
+    den = den + a.sum(dim=-1, keepdim=True)
+    out = _safe_div(num, den).reshape(b, h, nc * c, dv)
+    return out[:, :, :n]

@@ -1,0 +1,178 @@
+"""Sliding-window (Longformer-style) attention with optional global tokens.
+
+Reference (dense band mask), PyTorch (blocked, never N x N) and Triton backends side by side.
+The mask semantics live in :mod:`attention_variants.masks`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import masks
+from .base import AttentionVariant, register_backend, register_variant
+from .base import _reference_forward as _reference
+from .full import _triton_check, softmax_dense
+
+# Query block of the blocked PyTorch backend. Each block of BLOCK_Q queries attends to a
+# window of BLOCK_Q + left + right keys in one fused SDPA call; 64 balances the wasted
+# corner work (which grows with the block) against GEMM efficiency (which falls below it).
+BLOCK_Q = 64
+
+
+@register_variant("sliding_window")
+class SlidingWindowAttention(AttentionVariant):
+    """Each query sees the keys within ``window`` of its (bottom-right aligned) position,
+    plus optional global tokens; see :mod:`attention_variants.masks` for the exact rule.
+
+    Args:
+        window: an int ``w`` (``(w, w)``, or ``(w, 0)`` when causal) or a pair ``(left, right)``.
+        global_tokens: an int ``g`` (the first ``g`` positions), a 1-D bool mask or a
+            sequence/tensor of positions. Global positions attend everywhere and are attended
+            by every query; they need ``Nq == Nk``.
+    """
+
+    def __init__(self, window: masks.WindowArg, global_tokens: masks.GlobalArg = None) -> None:
+        self.window = masks.check_window(window)
+        self.global_tokens = masks.check_global_tokens(global_tokens)
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return ("window", "global_tokens")
+
+    def options(self) -> dict[str, object]:
+        return {"window": self.window, "global_tokens": self.global_tokens}
+
+    def global_mask(self, n: int, device: torch.device | str = "cpu") -> Tensor | None:
+        """Bool mask ``(n,)`` of the global positions for sequence length ``n`` (None if none)."""
+        return masks.global_mask(self.global_tokens, n, device)
+
+    def check_call(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+        nq, nk = q.shape[2], k.shape[2]
+        if self.global_tokens is None or (isinstance(self.global_tokens, int) and self.global_tokens == 0):
+            return
+        if nq != nk:
+            raise ValueError(f"global_tokens need Nq == Nk, got Nq={nq}, Nk={nk}")
+        self.global_mask(nq)  # validates positions / mask length against N
+
+    def dense_mask(self, nq: int, nk: int, causal: bool, device: torch.device | str = "cpu") -> Tensor:
+        """Bool ``(nq, nk)`` visibility matrix of this variant (dense; for references and baselines)."""
+        gm = self.global_mask(nq, device) if nq == nk else None
+        return masks.dense_mask(nq, nk, causal=causal, window=self.window, global_mask=gm, device=device)
+
+    def dense(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, upcast: bool = True) -> Tensor:
+        mask = self.dense_mask(q.shape[2], k.shape[2], causal, q.device)
+        return softmax_dense(q, k, v, mask, scale, upcast)
+
+    def visible_pairs(self, nq: int, nk: int, causal: bool) -> int:
+        gm = self.global_mask(nq) if nq == nk else None
+        return masks.visible_pairs(nq, nk, causal=causal, window=self.window, global_mask=gm)
+
+
+register_backend(SlidingWindowAttention, "reference")(_reference)
+
+
+@register_backend(SlidingWindowAttention, "torch")
+def _sliding_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+    assert isinstance(variant, SlidingWindowAttention)
+    gm = variant.global_mask(q.shape[2], q.device) if q.shape[2] == k.shape[2] else None
+    return banded_attention(q, k, v, variant.window, causal, scale, gm)
+
+
+@register_backend(SlidingWindowAttention, "triton", check=lambda var, device, dtype, d: _triton_check(device, dtype, d))
+def _sliding_triton(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+    raise NotImplementedError  # unreachable while _triton_check refuses every configuration
+
+
+def banded_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: masks.WindowArg,
+    causal: bool,
+    scale: float,
+    global_mask: Tensor | None = None,
+) -> Tensor:
+    """Blocked sliding-window attention in O(N * (w + g)) time and memory.
+
+    Queries are cut into blocks of ``BLOCK_Q``; block ``b`` sees the contiguous key range
+    ``[b*BLOCK_Q + off - left, b*BLOCK_Q + off + BLOCK_Q - 1 + right]`` (``off = Nk - Nq``),
+    taken as an overlapping strided view of the padded keys (no copy), plus the ``g`` global
+    keys appended. One fused SDPA call per query-head group runs all blocks with a per-block
+    ``(BLOCK_Q, S)`` mask; global query rows are then recomputed against every key.
+    """
+    bsz, h, nq, d = q.shape
+    hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    groups = h // hk
+    off = nk - nq
+    left, right = masks.window_bounds(window, causal)
+    left, right = min(left, nk), min(right, nq)  # a wider reach sees nothing more
+    bq = min(BLOCK_Q, nq)
+    nb = math.ceil(nq / bq)
+    span = bq + left + right
+    start0 = off - left  # key index at window slot 0 of block 0
+    pad_l = max(0, -start0)
+    pad_r = max(0, (nb - 1) * bq + start0 + span - nk)
+    base = start0 + pad_l
+
+    def windows(x: Tensor) -> Tensor:  # (B, Hk, N, E) -> (B, Hk, nb, span, E), a view
+        xp = F.pad(x, (0, 0, pad_l, pad_r))[:, :, base:]
+        return xp.unfold(2, span, bq)[:, :, :nb].transpose(-1, -2)
+
+    kw, vw = windows(k), windows(v)
+
+    # Mask of block b, query slot tq, key slot tk: key j = b*bq + start0 + tk, query i = b*bq + tq.
+    dev = q.device
+    tq = torch.arange(bq, device=dev)[:, None]
+    tk = torch.arange(span, device=dev)[None, :]
+    rel = tk - tq  # j - p + left
+    band = (rel >= 0) & (rel <= left + right)
+    blk = torch.arange(nb, device=dev)[:, None, None] * bq
+    j = blk + start0 + tk
+    i = blk + tq
+    mask = band & (j >= 0) & (j < nk) & (i < nq)  # (nb, bq, span)
+
+    if global_mask is not None:
+        gpos = global_mask.nonzero().flatten()
+        # Global keys are appended to every block; drop them from the band so none counts twice.
+        mask = mask & ~global_mask[j.clamp(0, nk - 1)]
+        gcols = (i < nq).expand(nb, bq, gpos.numel())
+        if causal:
+            gcols = gcols & (gpos[None, None, :] <= i + off)
+        mask = torch.cat([mask, gcols], dim=-1)
+        kg = k[:, :, gpos, None].transpose(2, 3).expand(bsz, hk, nb, gpos.numel(), d)
+        vg = v[:, :, gpos, None].transpose(2, 3).expand(bsz, hk, nb, gpos.numel(), dv)
+        kw = torch.cat([kw, kg], dim=3)
+        vw = torch.cat([vw, vg], dim=3)
+
+    # Rows with no visible key: unmask one slot so the kernel never sees an empty row (its
+    # output and gradient there could be NaN on some devices); the row is zeroed below.
+    row_any = mask.any(dim=-1)
+    mask[..., 0] |= ~row_any
+    mask4 = mask[None]  # 4-D masks take the fused CPU kernel; 3-D ones fall back to the slow path
+
+    qp = F.pad(q, (0, 0, 0, nb * bq - nq)).view(bsz, hk, groups, nb, bq, d)
+    kw = kw.reshape(bsz * hk, nb, kw.shape[3], d)
+    vw = vw.reshape(bsz * hk, nb, vw.shape[3], dv)
+    outs = [
+        F.scaled_dot_product_attention(qp[:, :, g].reshape(bsz * hk, nb, bq, d), kw, vw, attn_mask=mask4, scale=scale)
+        for g in range(groups)
+    ]
+    out = outs[0] if groups == 1 else torch.stack(outs, dim=1)
+    out = out.reshape(bsz, h, nb * bq, dv)[:, :, :nq]
+    out = torch.where(row_any.reshape(-1)[:nq, None], out, out.new_zeros(()))
+
+    if global_mask is not None:
+        # Global query rows see every (causally visible) key: recompute them densely, g x Nk.
+        gpos = global_mask.nonzero().flatten()
+        rows_mask = None
+        if causal:
+            rows_mask = torch.arange(nk, device=dev)[None, :] <= gpos[:, None] + off
+        rows = F.scaled_dot_product_attention(
+            q[:, :, gpos], k, v, attn_mask=rows_mask, scale=scale, enable_gqa=groups > 1
+        )
+        out = out.index_copy(2, gpos, rows)
+    return out

@@ -1,0 +1,36 @@
+"""Fused Triton kernels and their autograd wrappers.
+
+Triton is imported under a guard: on a machine without it the package still imports and
+:func:`triton_unavailable_reason` says why the ``triton`` backend cannot run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+    _TRITON_IMPORT_ERROR = ""
+except Exception as exc:  # pragma: no cover - depends on the installation
+    HAS_TRITON = False
+    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """None if Triton kernels can run on ``device``, else a sentence saying why not."""
+    if not HAS_TRITON:
+        return f"Triton is not importable ({_TRITON_IMPORT_ERROR})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpreter_enabled():
+        return None
+    return f"Triton kernels need a CUDA device, got {device} (on CPU only under TRITON_INTERPRET=1)"
