@@ -67,15 +67,16 @@ def _full_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, caus
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(nq, nk), scale=scale)
 
 
-@register_backend(FullAttention, "triton", check=lambda var, device, dtype, d: _triton_check(device, dtype, d))
+def _softmax_triton_check(
+    variant: AttentionVariant, device: torch.device, dtype: torch.dtype, head_dim: int
+) -> str | None:
+    from kernels import softmax_unsupported_reason
+
+    return softmax_unsupported_reason(variant, device, dtype, head_dim)
+
+
+@register_backend(FullAttention, "triton", check=_softmax_triton_check)
 def _full_triton(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
-    raise NotImplementedError  # unreachable while _triton_check refuses every configuration
+    from kernels.flash_attention import flash_attention
 
-
-def _triton_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    from kernels import triton_unavailable_reason
-
-    reason = triton_unavailable_reason(device)
-    if reason is not None:
-        return reason
-    return "the fused Triton softmax-attention kernels are not implemented yet"
+    return flash_attention(q, k, v, causal=causal, scale=scale)

@@ -27,7 +27,6 @@ from torch import Tensor
 from . import masks
 from .base import AttentionVariant, _shape, compute_dtype, register_backend, register_variant
 from .base import _reference_forward as _reference
-from .full import _triton_check
 
 KERNELS = ("softmax", "relu")
 RELU_EPS = 1e-3
@@ -214,9 +213,21 @@ def _performer_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor,
     return out.to(q.dtype)
 
 
-@register_backend(PerformerAttention, "triton", check=lambda var, device, dtype, d: _triton_check(device, dtype, d))
+def _favor_triton_check(
+    variant: AttentionVariant, device: torch.device, dtype: torch.dtype, head_dim: int
+) -> str | None:
+    from kernels import favor_unsupported_reason
+
+    return favor_unsupported_reason(variant, device, dtype, head_dim)
+
+
+@register_backend(PerformerAttention, "triton", check=_favor_triton_check)
 def _performer_triton(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
-    raise NotImplementedError  # unreachable while _triton_check refuses every configuration
+    from kernels.favor import favor_attention
+
+    assert isinstance(variant, PerformerAttention)
+    w = variant.projection_matrix(q.shape[-1], q.device, torch.float32)
+    return favor_attention(q, k, v, w, causal=causal, scale=scale, kernel=variant.kernel)
 
 
 def _group(phi_q: Tensor, hk: int) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor
 from . import masks
 from .base import AttentionVariant, register_backend, register_variant
 from .base import _reference_forward as _reference
-from .full import _triton_check, softmax_dense
+from .full import _softmax_triton_check, softmax_dense
 
 # Query block of the blocked PyTorch backend. Each block of BLOCK_Q queries attends to a
 # window of BLOCK_Q + left + right keys in one fused SDPA call; 64 balances the wasted
@@ -82,9 +82,14 @@ def _sliding_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, c
     return banded_attention(q, k, v, variant.window, causal, scale, gm)
 
 
-@register_backend(SlidingWindowAttention, "triton", check=lambda var, device, dtype, d: _triton_check(device, dtype, d))
+@register_backend(SlidingWindowAttention, "triton", check=_softmax_triton_check)
 def _sliding_triton(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
-    raise NotImplementedError  # unreachable while _triton_check refuses every configuration
+    from kernels.flash_attention import flash_attention
+
+    assert isinstance(variant, SlidingWindowAttention)
+    gm = variant.global_mask(q.shape[2], q.device) if q.shape[2] == k.shape[2] else None
+    window = masks.window_bounds(variant.window, causal)
+    return flash_attention(q, k, v, causal=causal, scale=scale, window=window, global_mask=gm)
 
 
 def banded_attention(

@@ -34,3 +34,23 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cpu" and interpreter_enabled():
         return None
     return f"Triton kernels need a CUDA device, got {device} (on CPU only under TRITON_INTERPRET=1)"
+
+
+def softmax_unsupported_reason(variant: object, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the fused softmax kernels (full, sliding window) cannot run a config, or None."""
+    reason = triton_unavailable_reason(device)
+    if reason is not None:
+        return reason
+    from .flash_attention import unsupported_reason
+
+    return unsupported_reason(variant, device, dtype, head_dim)
+
+
+def favor_unsupported_reason(variant: object, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the fused Performer (FAVOR+) kernels cannot run a config, or None."""
+    reason = triton_unavailable_reason(device)
+    if reason is not None:
+        return reason
+    from .favor import unsupported_reason
+
+    return unsupported_reason(variant, device, dtype, head_dim)
