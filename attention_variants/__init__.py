@@ -5,6 +5,8 @@ PyTorch and Triton backends.
 >>> out = av.attention(q, k, v, variant="sliding_window", window=256, causal=True)
 """
 
+# Variants register in this order, which list_variants() and the harness report.
+from . import full, sliding_window, performer  # noqa: I001, F401
 from .base import (
     AttentionVariant,
     Backend,

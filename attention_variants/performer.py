@@ -67,8 +67,10 @@ def feature_map(x: Tensor, w: Tensor, scale: float, kernel: str, is_query: bool)
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where rows with no visible key (den == 0, num == 0) give 0, not NaN."""
-    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
+    """``num / den``, where rows with no visible key (den == 0, hence num == 0) give 0 and a zero
+    gradient rather than NaN (phi > 0, so den == 0 only when no key is visible)."""
+    empty = den == 0
+    return torch.where(empty, 0.0, num / torch.where(empty, 1.0, den))
 
 
 @register_variant("performer")
@@ -248,6 +250,11 @@ def favor_noncausal(phi_q: Tensor, phi_k: Tensor, v: Tensor) -> Tensor:
     return _safe_div(num, den).reshape(b, h, nq, v.shape[-1])
 
 
+def _exclusive_cumsum(x: Tensor, init: Tensor) -> Tensor:
+    """``init + sum(x[:, :, :c])`` for every chunk ``c`` along dim 2 (not cumsum - x: that cancels)."""
+    return torch.cat([init[:, :, None], torch.cumsum(x[:, :, :-1], dim=2) + init[:, :, None]], dim=2)
+
+
 def favor_causal(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk: int = CHUNK) -> Tensor:
     """Causal (bottom-right) FAVOR+ by chunks: exact within a chunk, running state across chunks.
 
@@ -274,8 +281,8 @@ def favor_causal(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk: int = CHUNK) ->
 
     kv = torch.matmul(pk.transpose(-1, -2), pv)  # (B, Hk, nc, m, Dv)
     z = pk.sum(dim=3)  # (B, Hk, nc, m)
-    states = torch.cumsum(kv, dim=2) - kv + state0[:, :, None]  # exclusive prefix sums
-    zs = torch.cumsum(z, dim=2) - z + z0[:, :, None]
+    states = _exclusive_cumsum(kv, state0)  # state before each chunk, (B, Hk, nc, m, Dv)
+    zs = _exclusive_cumsum(z, z0)
 
     num = torch.matmul(pq, states[:, :, None])  # (B, Hk, G, nc, c, Dv)
     den = torch.matmul(pq, zs[:, :, None, :, :, None])  # (B, Hk, G, nc, c, 1)

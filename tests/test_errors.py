@@ -1,0 +1,172 @@
+"""Error policy: bad input raises ValueError/TypeError naming the argument; nothing crashes."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import attention_variants as av
+
+
+def qkv(b=1, h=4, hk=2, nq=8, nk=8, d=16, dv=16, dtype=torch.float32):
+    return (
+        torch.randn(b, h, nq, d, dtype=dtype),
+        torch.randn(b, hk, nk, d, dtype=dtype),
+        torch.randn(b, hk, nk, dv, dtype=dtype),
+    )
+
+
+def raises(exc, pattern, fn, *args, **kwargs):
+    with pytest.raises(exc, match=re.escape(pattern) if not pattern.startswith("re:") else pattern[3:]):
+        fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("variant", ["full", "sliding_window", "performer"])
+def test_shape_and_type_errors(variant):
+    opts = {"window": 2} if variant == "sliding_window" else {}
+    f = av.get_variant(variant, **opts)
+    q, k, v = qkv()
+    raises(ValueError, "q must have 4 dims", f, q[0], k, v)
+    raises(ValueError, "k must have 4 dims", f, q, k[0], v)
+    raises(ValueError, "v must have 4 dims", f, q, k, v[None])
+    raises(ValueError, "batch sizes differ", f, q, k.expand(2, -1, -1, -1), v)
+    raises(ValueError, "same number of heads", f, q, k, v[:, :1])
+    raises(ValueError, "multiple of k/v heads", f, q[:, :3], k, v)
+    raises(ValueError, "same sequence length", f, q, k, v[:, :, :5])
+    raises(ValueError, "same head dim", f, q, k[..., :8], v)
+    raises(TypeError, "q must be float16, bfloat16, float32 or float64", f, q.long(), k, v)
+    raises(TypeError, "k must be float16", f, q, k.int(), v)
+    raises(TypeError, "k has dtype torch.float64 but q has torch.float32", f, q, k.double(), v)
+    raises(TypeError, "v must be a torch.Tensor", f, q, k, v.tolist())
+    raises(TypeError, "causal must be a bool", f, q, k, v, causal=1)
+    raises(TypeError, "scale must be a float", f, q, k, v, scale="0.1")
+    raises(ValueError, "scale must be a positive finite", f, q, k, v, scale=-1.0)
+    raises(ValueError, "scale must be a positive finite", f, q, k, v, scale=float("nan"))
+    raises(ValueError, "unknown backend 'cuda'", f, q, k, v, backend="cuda")
+    raises(TypeError, "backend must be a str", f, q, k, v, backend=None)
+
+
+def test_mixed_devices():
+    q, k, v = qkv()
+    k = k.to("meta")
+    raises(ValueError, "k is on meta but q is on cpu", av.attention, q, k, v)
+
+
+def test_unknown_variant_and_options():
+    q, k, v = qkv()
+    raises(
+        ValueError,
+        "unknown variant 'linear'; variants are full, sliding_window, performer",
+        av.attention,
+        q,
+        k,
+        v,
+        "linear",
+    )
+    raises(TypeError, "unknown option(s) window for variant 'full'", av.attention, q, k, v, "full", window=3)
+    raises(TypeError, "unknown option(s) foo for variant 'performer'", av.get_variant, "performer", foo=1)
+    raises(TypeError, "variant must be a str", av.get_variant, 3)
+
+
+@pytest.mark.parametrize(
+    ("window", "exc", "pattern"),
+    [
+        (-1, ValueError, "window must be a non-negative int, got -1"),
+        (2.5, TypeError, "window must be a non-negative int, got 2.5"),
+        (True, TypeError, "window must be a non-negative int, got True"),
+        ("4", TypeError, "window must be a non-negative int"),
+        ((1, 2, 3), ValueError, "window must be an int or a pair"),
+        ((1, -2), ValueError, "window[1] (right) must be a non-negative int, got -2"),
+        ((1.0, 2), TypeError, "window[0] (left) must be a non-negative int"),
+    ],
+)
+def test_bad_window(window, exc, pattern):
+    raises(exc, pattern, av.SlidingWindowAttention, window)
+    q, k, v = qkv()
+    raises(exc, pattern, av.attention, q, k, v, "sliding_window", window=window)
+
+
+def test_bad_global_tokens():
+    q, k, v = qkv(nq=8, nk=8)
+    raises(
+        ValueError, "global_tokens need Nq == Nk, got Nq=8, Nk=9", av.SlidingWindowAttention(2, 1), q, *qkv(nk=9)[1:]
+    )
+    raises(ValueError, "global_tokens must be a non-negative int, got -1", av.SlidingWindowAttention, 2, -1)
+    raises(ValueError, "out of range for sequence length 8", av.SlidingWindowAttention(2, [3, 9]), q, k, v)
+    raises(
+        ValueError,
+        "bool mask has length 5, expected the sequence length 8",
+        av.SlidingWindowAttention(2, torch.zeros(5, dtype=torch.bool)),
+        q,
+        k,
+        v,
+    )
+    raises(ValueError, "must be 1-D", av.SlidingWindowAttention, 2, torch.zeros(2, 2, dtype=torch.bool))
+    raises(TypeError, "bool mask or integer positions", av.SlidingWindowAttention, 2, torch.zeros(3))
+    raises(ValueError, "positions must be non-negative", av.SlidingWindowAttention, 2, torch.tensor([-1]))
+
+
+def test_bad_performer_options():
+    raises(ValueError, "num_features must be >= 1, got 0", av.PerformerAttention, 0)
+    raises(TypeError, "num_features must be an int", av.PerformerAttention, 2.0)
+    raises(ValueError, "kernel must be one of softmax, relu, got 'gelu'", av.PerformerAttention, 16, "gelu")
+    raises(TypeError, "ortho must be a bool", av.PerformerAttention, 16, ortho=1)
+    raises(TypeError, "seed must be an int", av.PerformerAttention, 16, seed="0")
+    raises(ValueError, "projection must have shape", av.PerformerAttention, projection=torch.randn(4))
+    raises(
+        TypeError,
+        "projection must be floating point",
+        av.PerformerAttention,
+        projection=torch.ones(4, 4, dtype=torch.long),
+    )
+    raises(
+        ValueError,
+        "num_features=8 disagrees with projection rows (4)",
+        av.PerformerAttention,
+        8,
+        projection=torch.randn(4, 16),
+    )
+    q, k, v = qkv(d=16)
+    raises(
+        ValueError,
+        "projection has 8 columns but the head dim of q is 16",
+        av.PerformerAttention(projection=torch.randn(4, 8)),
+        q,
+        k,
+        v,
+    )
+    raises(ValueError, "fixed projection", av.PerformerAttention(projection=torch.randn(4, 8)).redraw)
+
+
+def test_triton_backend_without_cuda(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = qkv()
+    for variant, opts in [("full", {}), ("sliding_window", {"window": 2}), ("performer", {})]:
+        raises(
+            ValueError,
+            "re:backend='triton' cannot run .*: Triton kernels need a CUDA device, got cpu",
+            av.attention,
+            q,
+            k,
+            v,
+            variant,
+            backend="triton",
+            **opts,
+        )
+
+
+def test_triton_backend_without_triton(monkeypatch):
+    import kernels
+
+    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+    monkeypatch.setattr(kernels, "_TRITON_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    q, k, v = qkv()
+    raises(ValueError, "Triton is not importable", av.attention, q, k, v, backend="triton")
+
+
+def test_reference_and_torch_take_float64():
+    q, k, v = qkv(dtype=torch.float64)
+    for backend in ("reference", "torch"):
+        assert av.attention(q, k, v, backend=backend).dtype == torch.float64
