@@ -1,14 +1,1066 @@
-"""Fused Performer (FAVOR+) attention in Triton: placeholder until the kernels land."""
+"""Fused Performer (FAVOR+) attention in Triton: forward and backward, causal and non-causal.
+
+Semantics are those of :mod:`attention_variants.performer`. Per (batch, head), with
+``s = scale ** 0.5`` and ``Ws = W * s`` (the scale is folded into the projection)::
+
+    logit(x) = x . Ws^T - s^2 |x|^2 / 2                      (m features, float32)
+    phi(x)   = exp(logit(x) - c)                                  kernel="softmax"
+    phi(x)   = relu(x . Ws^T) + 1e-3                              kernel="relu"
+    out_i    = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j)      (visible j)
+
+The ``1 / sqrt(m)`` of the definition and both stabilisers cancel in the ratio, so the kernels
+drop the former and pick: for keys, one ``c`` per (batch, key head), the maximum logit over all
+keys and features (found by a first reduction pass, :func:`_key_max_kernel`); for queries, the
+row maximum, tracked online across feature blocks exactly like the running maximum of
+flash attention, so a query row never holds more than ``BLOCK_F`` features at a time.
+
+Kernels (``P`` = ``M_PAD`` padded features, ``Dv`` padded value dim)::
+
+    _key_max_kernel   K             -> partial maxima of the key logits       (softmax only)
+    _state_kernel     X, Y, stab    -> per segment: sum_rows f(x) y^T (P x Dv), sum_rows f(x) w
+    _fwd_kernel       Q, state[, K, V of the diagonal chunk] -> O, lse
+    _bwd_dq_kernel    Q, dO, lse, state[, K, V]               -> dQ
+    _bwd_dkv_kernel   K, V, suffix state of queries[, Q, dO]  -> dK, dV
+
+Non-causal: the key pass (``_state_kernel`` on K, V) sums ``phi(K)^T [V, 1]`` over split ranges
+of N; the splits are added on the host (P x Dv per head); the query pass applies it.
+
+Causal (bottom-right: query ``i`` sits at position ``p = i + Nk - Nq`` and sees keys ``j <= p``)
+is chunked along positions with chunk ``C``::
+
+    positions   0 ........ C ........ 2C ........ 3C
+    keys        | chunk 0  | chunk 1  | chunk 2  |
+    queries   (off)   | chunk 0  | chunk 1  | chunk 2  |     query chunk t reads the prefix
+                                                           state of key chunks < t (inter) and
+                                                           its own key chunk under a j <= p mask
+                                                           (intra, C x C)
+
+The state kernel writes one local state per chunk; an exclusive prefix sum over chunks on the
+host gives the state each chunk reads: ``(N / C) * P * Dv`` floats per head, O(N m) for
+``C >= Dv``, never an ``N x m x Dv`` tensor. The backward is the same linear-attention algebra run
+twice: ``dQ`` reads the key prefix states, ``dK, dV`` read the query suffix states
+``sum_i psi_i dO_i^T`` and ``sum_i psi_i (dO_i . O_i)`` with ``psi_i = phi(q_i) / den_i``.
+
+Precision: the projection uses ``tf32x3`` (three TF32 products, about float32 accuracy on
+tensor cores; exact for 16-bit inputs, whose mantissas fit TF32); the other products use TF32
+for 16-bit inputs and ``tf32x3`` for float32 inputs. Everything accumulates in float32.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, replace
+
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
+
+from . import interpreter_enabled
+
+RELU_EPS = 1e-3  # the ``+ 1e-3`` of the relu feature map (attention_variants.performer.RELU_EPS)
+CHUNK = 64  # chunk length of the causal kernels (positions)
+BLOCK_ROWS = 64  # rows per program of the non-causal kernels
+MAX_FEATURES = 1024
+MAX_HEAD_DIM = 128
+# Rows whose normaliser falls below this get their backward psi = phi / den computed with this
+# floor instead (a damped gradient) so the query-side states cannot overflow float32.
+DEN_FLOOR = 1e-30
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared @triton.jit helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_ok, offs_d, n_rows, D):
+    """``(R, D_PAD)`` float32 block of a contiguous ``(.., n_rows, D)`` head at ``ptr``; zeros outside."""
+    mask = row_ok[:, None] & (offs_d[None, :] < D)
+    x = tl.load(ptr + rows[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _project(x, wt_ptr, f0, offs_d, M_PAD: tl.constexpr, BLOCK_F: tl.constexpr, PROJ_PREC: tl.constexpr):
+    """``x . Ws[f0:f0+BLOCK_F]^T``: ``(R, BLOCK_F)`` float32; ``wt_ptr`` is ``Ws^T (D_PAD, M_PAD)``."""
+    offs_f = f0 + tl.arange(0, BLOCK_F)
+    wt = tl.load(wt_ptr + offs_d[:, None] * M_PAD + offs_f[None, :])
+    return tl.dot(x, wt, input_precision=PROJ_PREC)
+
+
+@triton.jit
+def _logits(u, xsq, f0, M, row_ok, BLOCK_F: tl.constexpr):
+    """Softmax-kernel logits ``u - s^2 |x|^2 / 2``; ``-inf`` on padded features and rows."""
+    offs_f = f0 + tl.arange(0, BLOCK_F)
+    ok = row_ok[:, None] & (offs_f[None, :] < M)
+    return tl.where(ok, u - xsq[:, None], float("-inf"))
+
+
+@triton.jit
+def _relu_features(u, f0, M, row_ok, BLOCK_F: tl.constexpr):
+    """``relu(u) + eps``; zero on padded features and rows."""
+    offs_f = f0 + tl.arange(0, BLOCK_F)
+    ok = row_ok[:, None] & (offs_f[None, :] < M)
+    return tl.where(ok, tl.maximum(u, 0.0) + 1e-3, 0.0)
+
+
+@triton.jit
+def _key_features(
+    kx,
+    ksq,
+    kstab,
+    wt_ptr,
+    f0,
+    offs_d,
+    M,
+    k_ok,
+    M_PAD: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    KERNEL: tl.constexpr,
+    PROJ_PREC: tl.constexpr,
+):
+    """``(phi(k), u)`` for a block of keys and features ``[f0, f0 + BLOCK_F)``."""
+    u = _project(kx, wt_ptr, f0, offs_d, M_PAD, BLOCK_F, PROJ_PREC)
+    if KERNEL == "softmax":
+        phi = tl.exp(_logits(u, ksq, f0, M, k_ok, BLOCK_F) - kstab)
+    else:
+        phi = _relu_features(u, f0, M, k_ok, BLOCK_F)
+    return phi, u
+
+
+@triton.jit
+def _query_psi(
+    qx,
+    qsq,
+    lse,
+    wt_ptr,
+    f0,
+    offs_d,
+    M,
+    q_ok,
+    M_PAD: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    KERNEL: tl.constexpr,
+    PROJ_PREC: tl.constexpr,
+):
+    """``(psi, u)`` with ``psi = phi(q) / den`` from the saved ``lse`` (``+inf`` on empty rows gives 0)."""
+    u = _project(qx, wt_ptr, f0, offs_d, M_PAD, BLOCK_F, PROJ_PREC)
+    if KERNEL == "softmax":
+        psi = tl.exp(_logits(u, qsq, f0, M, q_ok, BLOCK_F) - lse[:, None])
+    else:
+        psi = _relu_features(u, f0, M, q_ok, BLOCK_F) * tl.exp(-lse)[:, None]
+    return psi, u
+
+
+@triton.jit
+def _feature_grad(phi, u, dphi, f0, M, KERNEL: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Gradient w.r.t. the logit (softmax: ``phi * dphi``) or projection (relu: ``dphi * [u > 0]``)."""
+    if KERNEL == "softmax":
+        return phi * dphi
+    offs_f = f0 + tl.arange(0, BLOCK_F)
+    return tl.where((u > 0.0) & (offs_f[None, :] < M), dphi, 0.0)
+
+
+@triton.jit
+def _load_state(s_ptr, z_ptr, slot, f0, M_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr):
+    """``(S[f0:f0+BLOCK_F], z[f0:f0+BLOCK_F])`` of state ``slot`` (padded, so unmasked)."""
+    offs_f = f0 + tl.arange(0, BLOCK_F)
+    offs_v = tl.arange(0, DV_PAD)
+    base = slot.to(tl.int64) * M_PAD
+    s = tl.load(s_ptr + (base + offs_f[:, None]) * DV_PAD + offs_v[None, :])
+    z = tl.load(z_ptr + base + offs_f)
+    return s, z
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _key_max_kernel(
+    k_ptr,
+    wt_ptr,
+    out_ptr,
+    N,
+    D,
+    M,
+    half_s2,
+    n_blocks,
+    D_PAD: tl.constexpr,
+    M_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    PROJ_PREC: tl.constexpr,
+):
+    """Max logit of one block of keys over all features: ``out[bh, block]``."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    offs_d = tl.arange(0, D_PAD)
+    x = _load_rows(k_ptr + bh.to(tl.int64) * N * D, rows, row_ok, offs_d, N, D)
+    xsq = tl.sum(x * x, 1) * half_s2
+    best = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    for f0 in range(0, M_PAD, BLOCK_F):
+        u = _project(x, wt_ptr, f0, offs_d, M_PAD, BLOCK_F, PROJ_PREC)
+        best = tl.maximum(best, tl.max(_logits(u, xsq, f0, M, row_ok, BLOCK_F), 1))
+    tl.store(out_ptr + bh * n_blocks + pid_n, tl.max(best, 0))
+
+
+@triton.jit
+def _state_kernel(
+    x_ptr,
+    y_ptr,
+    stab_ptr,
+    wgt_ptr,
+    wt_ptr,
+    s_ptr,
+    z_ptr,
+    N,
+    OFF,
+    SEG,
+    D,
+    DV,
+    M,
+    half_s2,
+    n_seg,
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    M_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    KERNEL: tl.constexpr,
+    STAB: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    PROJ_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One segment of positions ``[t SEG, (t+1) SEG)`` (rows ``i = p - OFF``), one feature block.
+
+    ``S[f, :] = sum_i f_i[f] y_i``, ``z[f] = sum_i f_i[f] w_i`` with ``f_i`` the features of
+    ``x_i`` divided by ``exp(stab)``: STAB 0 none, 1 one value per head (keys), 2 per row (the
+    query-side ``lse`` of the backward). ``w_i`` is 1 or ``wgt[i]`` (HAS_WEIGHT).
+    """
+    pid_f = tl.program_id(0)
+    t = tl.program_id(1)
+    bh = tl.program_id(2)
+    f0 = pid_f * BLOCK_F
+    offs_d = tl.arange(0, D_PAD)
+    offs_v = tl.arange(0, DV_PAD)
+    x_base = x_ptr + bh.to(tl.int64) * N * D
+    y_base = y_ptr + bh.to(tl.int64) * N * DV
+    acc = tl.zeros([BLOCK_F, DV_PAD], tl.float32)
+    zacc = tl.zeros([BLOCK_F], tl.float32)
+    if STAB == 1:
+        hstab = tl.load(stab_ptr + bh)
+    for p0 in range(t * SEG, (t + 1) * SEG, BLOCK_N):
+        rows = p0 + tl.arange(0, BLOCK_N) - OFF
+        row_ok = (rows >= 0) & (rows < N)
+        x = _load_rows(x_base, rows, row_ok, offs_d, N, D)
+        y = _load_rows(y_base, rows, row_ok, offs_v, N, DV)
+        u = _project(x, wt_ptr, f0, offs_d, M_PAD, BLOCK_F, PROJ_PREC)
+        if STAB == 2:
+            rstab = tl.load(stab_ptr + bh.to(tl.int64) * N + rows, mask=row_ok, other=float("inf"))
+        if KERNEL == "softmax":
+            xsq = tl.sum(x * x, 1) * half_s2
+            lg = _logits(u, xsq, f0, M, row_ok, BLOCK_F)
+            if STAB == 1:
+                lg = lg - hstab
+            if STAB == 2:
+                lg = lg - rstab[:, None]
+            feat = tl.exp(lg)
+        else:
+            feat = _relu_features(u, f0, M, row_ok, BLOCK_F)
+            if STAB == 2:
+                feat = feat * tl.exp(-rstab)[:, None]
+        acc += tl.dot(tl.trans(feat), y, input_precision=DOT_PREC)
+        if HAS_WEIGHT:
+            wgt = tl.load(wgt_ptr + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
+            zacc += tl.sum(feat * wgt[:, None], 0)
+        else:
+            zacc += tl.sum(feat, 0)
+    slot = (bh.to(tl.int64) * n_seg + t) * M_PAD + f0
+    offs_f = tl.arange(0, BLOCK_F)
+    tl.store(s_ptr + (slot + offs_f[:, None]) * DV_PAD + offs_v[None, :], acc)
+    tl.store(z_ptr + slot + offs_f, zacc)
+
+
+@triton.jit
+def _fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    wt_ptr,
+    s_ptr,
+    z_ptr,
+    kstab_ptr,
+    o_ptr,
+    lse_ptr,
+    NQ,
+    NK,
+    OFF,
+    T0,
+    n_state,
+    D,
+    DV,
+    M,
+    half_s2,
+    G,
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    M_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    KERNEL: tl.constexpr,
+    PROJ_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Query pass: ``out = (phi(q) S + intra) / (phi(q) z + intra)`` for one block of queries.
+
+    Non-causal: block ``pid`` of rows and the one total state. Causal: chunk ``t = pid + T0`` of
+    positions, the exclusive prefix state of chunk ``t`` and the masked diagonal chunk of keys.
+    Also writes ``lse = c_q + log(den)`` (``+inf`` for rows with no visible key).
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    bhk = bh // G
+    offs_d = tl.arange(0, D_PAD)
+    offs_v = tl.arange(0, DV_PAD)
+    if CAUSAL:
+        t = pid + T0
+        pos = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pos - OFF
+        slot = bhk * n_state + tl.maximum(t, 0)
+    else:
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot = bhk
+    q_ok = (rows >= 0) & (rows < NQ)
+    qx = _load_rows(q_ptr + bh.to(tl.int64) * NQ * D, rows, q_ok, offs_d, NQ, D)
+    qsq = tl.sum(qx * qx, 1) * half_s2
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    if CAUSAL:
+        k_ok = (pos >= 0) & (pos < NK)
+        kx = _load_rows(k_ptr + bhk.to(tl.int64) * NK * D, pos, k_ok, offs_d, NK, D)
+        ksq = tl.sum(kx * kx, 1) * half_s2
+        att = tl.zeros([BLOCK_M, BLOCK_M], tl.float32)
+    kstab = 0.0
+    if KERNEL == "softmax":
+        kstab = tl.load(kstab_ptr + bhk)
+    for f0 in range(0, M_PAD, BLOCK_F):
+        u = _project(qx, wt_ptr, f0, offs_d, M_PAD, BLOCK_F, PROJ_PREC)
+        if KERNEL == "softmax":
+            lg = _logits(u, qsq, f0, M, tl.full([BLOCK_M], 1, tl.int1), BLOCK_F)
+            m_new = tl.maximum(m_i, tl.max(lg, 1))
+            alpha = tl.exp(m_i - m_new)
+            pq = tl.exp(lg - m_new[:, None])
+            m_i = m_new
+            acc = acc * alpha[:, None]
+            den = den * alpha
+        else:
+            pq = _relu_features(u, f0, M, tl.full([BLOCK_M], 1, tl.int1), BLOCK_F)
+        s, z = _load_state(s_ptr, z_ptr, slot, f0, M_PAD, DV_PAD, BLOCK_F)
+        acc += tl.dot(pq, s, input_precision=DOT_PREC)
+        den += tl.sum(pq * z[None, :], 1)
+        if CAUSAL:
+            pk, _ = _key_features(kx, ksq, kstab, wt_ptr, f0, offs_d, M, k_ok, M_PAD, BLOCK_F, KERNEL, PROJ_PREC)
+            if KERNEL == "softmax":
+                att = att * alpha[:, None]
+            att += tl.dot(pq, tl.trans(pk), input_precision=DOT_PREC)
+    if CAUSAL:
+        vis = (pos[None, :] <= pos[:, None]) & k_ok[None, :]
+        att = tl.where(vis, att, 0.0)
+        vx = _load_rows(v_ptr + bhk.to(tl.int64) * NK * DV, pos, k_ok, offs_v, NK, DV)
+        acc += tl.dot(att, vx, input_precision=DOT_PREC)
+        den += tl.sum(att, 1)
+    has_key = den > 0.0
+    out = acc / tl.where(has_key, den, 1.0)[:, None]
+    lse = tl.log(tl.maximum(den, 1e-30))
+    if KERNEL == "softmax":
+        lse += m_i
+    lse = tl.where(has_key, lse, float("inf"))
+    o_base = o_ptr + bh.to(tl.int64) * NQ * DV
+    o_mask = q_ok[:, None] & (offs_v[None, :] < DV)
+    tl.store(o_base + rows[:, None].to(tl.int64) * DV + offs_v[None, :], out.to(o_ptr.dtype.element_ty), mask=o_mask)
+    tl.store(lse_ptr + bh.to(tl.int64) * NQ + rows, lse, mask=q_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    wt_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    kstab_ptr,
+    dq_ptr,
+    NQ,
+    NK,
+    OFF,
+    T0,
+    n_state,
+    D,
+    DV,
+    M,
+    half_s2,
+    G,
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    M_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    KERNEL: tl.constexpr,
+    PROJ_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """``dQ`` of one block of queries (same blocking as :func:`_fwd_kernel`).
+
+    ``dphi(q_i) = (S dO_i - delta_i z + sum_j [dO_i.v_j - delta_i] phi(k_j)) / den_i`` with
+    ``delta_i = dO_i . O_i``, then through the feature map and the projection.
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    bhk = bh // G
+    offs_d = tl.arange(0, D_PAD)
+    offs_v = tl.arange(0, DV_PAD)
+    if CAUSAL:
+        t = pid + T0
+        pos = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pos - OFF
+        slot = bhk * n_state + tl.maximum(t, 0)
+    else:
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot = bhk
+    q_ok = (rows >= 0) & (rows < NQ)
+    qx = _load_rows(q_ptr + bh.to(tl.int64) * NQ * D, rows, q_ok, offs_d, NQ, D)
+    qsq = tl.sum(qx * qx, 1) * half_s2
+    dox = _load_rows(do_ptr + bh.to(tl.int64) * NQ * DV, rows, q_ok, offs_v, NQ, DV)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * NQ + rows, mask=q_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * NQ + rows, mask=q_ok, other=0.0)
+    kstab = 0.0
+    if KERNEL == "softmax":
+        kstab = tl.load(kstab_ptr + bhk)
+    if CAUSAL:
+        k_ok = (pos >= 0) & (pos < NK)
+        kx = _load_rows(k_ptr + bhk.to(tl.int64) * NK * D, pos, k_ok, offs_d, NK, D)
+        ksq = tl.sum(kx * kx, 1) * half_s2
+        vx = _load_rows(v_ptr + bhk.to(tl.int64) * NK * DV, pos, k_ok, offs_v, NK, DV)
+        vis = (pos[None, :] <= pos[:, None]) & k_ok[None, :]
+        datt = tl.dot(dox, tl.trans(vx), input_precision=DOT_PREC) - delta[:, None]
+        datt = tl.where(vis, datt, 0.0)
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    rs = tl.zeros([BLOCK_M], tl.float32)
+    offs_fb = tl.arange(0, BLOCK_F)
+    for f0 in range(0, M_PAD, BLOCK_F):
+        psi, u = _query_psi(qx, qsq, lse, wt_ptr, f0, offs_d, M, q_ok, M_PAD, BLOCK_F, KERNEL, PROJ_PREC)
+        s, z = _load_state(s_ptr, z_ptr, slot, f0, M_PAD, DV_PAD, BLOCK_F)
+        tt = tl.dot(dox, tl.trans(s), input_precision=DOT_PREC) - delta[:, None] * z[None, :]
+        if CAUSAL:
+            pk, _ = _key_features(kx, ksq, kstab, wt_ptr, f0, offs_d, M, k_ok, M_PAD, BLOCK_F, KERNEL, PROJ_PREC)
+            tt += tl.dot(datt, pk, input_precision=DOT_PREC)
+        dl = _feature_grad(psi, u, tt, f0, M, KERNEL, BLOCK_F)
+        if KERNEL != "softmax":
+            dl = dl * tl.exp(-lse)[:, None]
+        else:
+            rs += tl.sum(dl, 1)
+        w = tl.load(w_ptr + (f0 + offs_fb)[:, None] * D_PAD + offs_d[None, :])
+        dq += tl.dot(dl, w, input_precision=DOT_PREC)
+    if KERNEL == "softmax":
+        dq -= (2.0 * half_s2) * qx * rs[:, None]
+    dq_base = dq_ptr + bh.to(tl.int64) * NQ * D
+    mask = q_ok[:, None] & (offs_d[None, :] < D)
+    tl.store(dq_base + rows[:, None].to(tl.int64) * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    wt_ptr,
+    w_ptr,
+    r_ptr,
+    rz_ptr,
+    kstab_ptr,
+    dk_ptr,
+    dv_ptr,
+    NQ,
+    NK,
+    OFF,
+    n_state,
+    D,
+    DV,
+    M,
+    half_s2,
+    G,
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    M_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    KERNEL: tl.constexpr,
+    PROJ_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """``dK, dV`` of one block of keys of key head ``bhk``, summed over its query heads.
+
+    With the query-side state ``R = sum_i psi_i dO_i^T``, ``r = sum_i psi_i delta_i`` over the
+    queries that see every key of the block (all of them, or later chunks when causal)::
+
+        dV_j = R^T phi(k_j) + intra,   dphi(k_j) = R v_j - r + intra
+
+    The causal intra part walks the diagonal chunk of each query head of the group.
+    """
+    pid = tl.program_id(0)
+    bhk = tl.program_id(1)
+    offs_d = tl.arange(0, D_PAD)
+    offs_v = tl.arange(0, DV_PAD)
+    offs_fb = tl.arange(0, BLOCK_F)
+    pos = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = pos < NK
+    slot = bhk * n_state + pid if CAUSAL else bhk
+    kx = _load_rows(k_ptr + bhk.to(tl.int64) * NK * D, pos, k_ok, offs_d, NK, D)
+    ksq = tl.sum(kx * kx, 1) * half_s2
+    vx = _load_rows(v_ptr + bhk.to(tl.int64) * NK * DV, pos, k_ok, offs_v, NK, DV)
+    kstab = 0.0
+    if KERNEL == "softmax":
+        kstab = tl.load(kstab_ptr + bhk)
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+    rs = tl.zeros([BLOCK_N], tl.float32)
+    for f0 in range(0, M_PAD, BLOCK_F):
+        pk, u = _key_features(kx, ksq, kstab, wt_ptr, f0, offs_d, M, k_ok, M_PAD, BLOCK_F, KERNEL, PROJ_PREC)
+        r, rz = _load_state(r_ptr, rz_ptr, slot, f0, M_PAD, DV_PAD, BLOCK_F)
+        dphi = tl.dot(vx, tl.trans(r), input_precision=DOT_PREC) - rz[None, :]
+        dv += tl.dot(pk, r, input_precision=DOT_PREC)
+        dl = _feature_grad(pk, u, dphi, f0, M, KERNEL, BLOCK_F)
+        if KERNEL == "softmax":
+            rs += tl.sum(dl, 1)
+        w = tl.load(w_ptr + (f0 + offs_fb)[:, None] * D_PAD + offs_d[None, :])
+        dk += tl.dot(dl, w, input_precision=DOT_PREC)
+    if CAUSAL:
+        rows = pos - OFF
+        q_ok = (rows >= 0) & (rows < NQ)
+        vis = (pos[None, :] >= pos[:, None]) & q_ok[None, :] & k_ok[:, None]  # (keys, queries)
+        for g in range(0, G):
+            bh = bhk * G + g
+            qx = _load_rows(q_ptr + bh.to(tl.int64) * NQ * D, rows, q_ok, offs_d, NQ, D)
+            qsq = tl.sum(qx * qx, 1) * half_s2
+            dox = _load_rows(do_ptr + bh.to(tl.int64) * NQ * DV, rows, q_ok, offs_v, NQ, DV)
+            lse = tl.load(lse_ptr + bh.to(tl.int64) * NQ + rows, mask=q_ok, other=float("inf"))
+            delta = tl.load(delta_ptr + bh.to(tl.int64) * NQ + rows, mask=q_ok, other=0.0)
+            datt = tl.dot(vx, tl.trans(dox), input_precision=DOT_PREC) - delta[None, :]
+            datt = tl.where(vis, datt, 0.0)
+            att = tl.zeros([BLOCK_N, BLOCK_N], tl.float32)
+            for f0 in range(0, M_PAD, BLOCK_F):
+                pk, u = _key_features(kx, ksq, kstab, wt_ptr, f0, offs_d, M, k_ok, M_PAD, BLOCK_F, KERNEL, PROJ_PREC)
+                psi, _ = _query_psi(qx, qsq, lse, wt_ptr, f0, offs_d, M, q_ok, M_PAD, BLOCK_F, KERNEL, PROJ_PREC)
+                att += tl.dot(pk, tl.trans(psi), input_precision=DOT_PREC)
+                dphi = tl.dot(datt, psi, input_precision=DOT_PREC)
+                dl = _feature_grad(pk, u, dphi, f0, M, KERNEL, BLOCK_F)
+                if KERNEL == "softmax":
+                    rs += tl.sum(dl, 1)
+                w = tl.load(w_ptr + (f0 + offs_fb)[:, None] * D_PAD + offs_d[None, :])
+                dk += tl.dot(dl, w, input_precision=DOT_PREC)
+            att = tl.where(vis, att, 0.0)
+            dv += tl.dot(att, dox, input_precision=DOT_PREC)
+    if KERNEL == "softmax":
+        dk -= (2.0 * half_s2) * kx * rs[:, None]
+    dk_base = dk_ptr + bhk.to(tl.int64) * NK * D
+    dv_base = dv_ptr + bhk.to(tl.int64) * NK * DV
+    row_off = pos[:, None].to(tl.int64)
+    tl.store(
+        dk_base + row_off * D + offs_d[None, :],
+        dk.to(dk_ptr.dtype.element_ty),
+        mask=k_ok[:, None] & (offs_d[None, :] < D),
+    )
+    tl.store(
+        dv_base + row_off * DV + offs_v[None, :],
+        dv.to(dv_ptr.dtype.element_ty),
+        mask=k_ok[:, None] & (offs_v[None, :] < DV),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations: a list per kernel, pruned by keep(); autotuned on GPU, first kept one otherwise
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tunable launch parameters of one kernel (block sizes of rows are fixed by the algorithm)."""
+
+    block_f: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return f"F{self.block_f}-w{self.num_warps}-s{self.num_stages}"
+
+
+CONFIGS: dict[str, tuple[KernelConfig, ...]] = {
+    "key_max": (KernelConfig(64, 4, 2), KernelConfig(32, 4, 2)),
+    "state": (KernelConfig(64, 4, 2), KernelConfig(32, 4, 2)),
+    "fwd": (KernelConfig(32, 4, 2), KernelConfig(64, 8, 2), KernelConfig(16, 4, 2)),
+    "bwd_dq": (KernelConfig(32, 4, 1), KernelConfig(32, 8, 1), KernelConfig(16, 4, 1)),
+    "bwd_dkv": (KernelConfig(32, 4, 1), KernelConfig(32, 8, 1), KernelConfig(16, 4, 1)),
+}
+
+
+def keep(kernel: str, cfg: KernelConfig, m_pad: int, d_pad: int, dv_pad: int) -> bool:
+    """Whether ``cfg`` is worth launching for these padded sizes.
+
+    A feature block wider than the (padded) features only wastes work; wide feature blocks
+    with wide heads need the register file of 8 warps.
+    """
+    if cfg.block_f > m_pad:
+        return False
+    if kernel in ("fwd", "bwd_dq", "bwd_dkv") and max(d_pad, dv_pad) > 64 and cfg.block_f > 32:
+        return cfg.num_warps >= 8
+    return True
+
+
+def kept_configs(kernel: str, m_pad: int, d_pad: int, dv_pad: int) -> list[KernelConfig]:
+    """The configs of ``kernel`` that :func:`keep` accepts, in list order (never empty)."""
+    kept = [c for c in CONFIGS[kernel] if keep(kernel, c, m_pad, d_pad, dv_pad)]
+    if not kept:  # few features: the narrowest config, its feature block clipped to m_pad
+        narrow = min(CONFIGS[kernel], key=lambda c: c.block_f)
+        kept = [replace(narrow, block_f=min(narrow.block_f, m_pad))]
+    return kept
+
+
+_AUTOTUNED: dict[tuple, object] = {}
+# Autotuning keys: the padded sizes (constexprs); the flags are part of the cache key via _AUTOTUNED.
+_TUNE_KEYS = ("D_PAD", "DV_PAD", "M_PAD")
+
+
+def _launch(kernel_name: str, fn, grid, args: tuple, sizes: tuple[int, int, int], **constexprs) -> None:
+    """Launch ``fn[grid](*args, **constexprs)`` with the kept configs of ``kernel_name``.
+
+    Under the interpreter (and when one config is kept) the first kept config runs directly;
+    on GPU the kept configs are autotuned (every kernel only stores, so re-running is safe).
+    """
+    kept = kept_configs(kernel_name, *sizes)
+    if interpreter_enabled() or len(kept) == 1:
+        cfg = kept[0]
+        fn[grid](*args, **constexprs, BLOCK_F=cfg.block_f, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return
+    key = (kernel_name, tuple(kept), tuple(sorted((k, str(v)) for k, v in constexprs.items())))
+    tuned = _AUTOTUNED.get(key)
+    if tuned is None:
+        configs = [triton.Config({"BLOCK_F": c.block_f}, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
+        tuned = triton.autotune(configs=configs, key=list(_TUNE_KEYS))(fn)
+        _AUTOTUNED[key] = tuned
+    tuned[grid](*args, **constexprs)  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
 
 
 def unsupported_reason(variant: object, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    return "the fused Triton FAVOR+ kernels are not implemented yet"
+    """Why the FAVOR+ kernels cannot run ``variant`` for this device, dtype and head dim, or None."""
+    if dtype not in SUPPORTED_DTYPES:
+        return f"the Triton FAVOR+ kernels support float16, bfloat16 and float32, not {dtype}"
+    if head_dim > MAX_HEAD_DIM:
+        return f"the Triton FAVOR+ kernels support head dims up to {MAX_HEAD_DIM}, got {head_dim}"
+    m = getattr(variant, "num_features", None)
+    if m is not None and m > MAX_FEATURES:
+        return f"the Triton FAVOR+ kernels support up to {MAX_FEATURES} random features, got {m}"
+    kernel = getattr(variant, "kernel", "softmax")
+    if kernel not in ("softmax", "relu"):
+        return f"the Triton FAVOR+ kernels implement kernel='softmax' and 'relu', not {kernel!r}"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return "the Triton FAVOR+ kernels need compute capability 8.0 or newer (TF32 tensor cores)"
+    return None
+
+
+@dataclass(frozen=True)
+class FavorOptions:
+    """Non-tensor options of one FAVOR+ call, passed to the autograd function as one object."""
+
+    causal: bool
+    scale: float
+    kernel: str
+    m: int  # number of random features
+
+    @property
+    def half_s2(self) -> float:
+        """``s^2 / 2`` with ``s = scale ** 0.5``: the factor of ``|x|^2`` in the logits."""
+        return 0.5 * self.scale
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    b: int
+    h: int
+    hk: int
+    nq: int
+    nk: int
+    d: int
+    dv: int
+    m_pad: int
+    d_pad: int
+    dv_pad: int
+
+    @property
+    def groups(self) -> int:
+        return self.h // self.hk
+
+    @property
+    def off(self) -> int:
+        return self.nk - self.nq
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return (self.m_pad, self.d_pad, self.dv_pad)
+
+
+def _pad_pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _precisions(dtype: torch.dtype) -> dict[str, str]:
+    return {"PROJ_PREC": "tf32x3", "DOT_PREC": "tf32x3" if dtype == torch.float32 else "tf32"}
+
+
+def _prepare_projection(w: Tensor, opts: FavorOptions, geo: _Geometry) -> tuple[Tensor, Tensor]:
+    """``Ws = W * scale ** 0.5`` zero-padded to ``(M_PAD, D_PAD)`` and its transpose, float32."""
+    ws = torch.zeros(geo.m_pad, geo.d_pad, device=w.device, dtype=torch.float32)
+    ws[: w.shape[0], : w.shape[1]] = w.to(torch.float32) * math.sqrt(opts.scale)
+    return ws, ws.t().contiguous()
+
+
+def _key_stabiliser(k: Tensor, wt: Tensor, opts: FavorOptions, geo: _Geometry) -> Tensor:
+    """``c`` per (batch, key head): the maximum key logit over all keys and features, float32."""
+    bhk = geo.b * geo.hk
+    if opts.kernel != "softmax":
+        return torch.zeros(bhk, device=k.device, dtype=torch.float32)
+    n_blocks = triton.cdiv(geo.nk, BLOCK_ROWS)
+    part = torch.empty(bhk, n_blocks, device=k.device, dtype=torch.float32)
+    _launch(
+        "key_max",
+        _key_max_kernel,
+        (n_blocks, bhk),
+        (k, wt, part, geo.nk, geo.d, opts.m, opts.half_s2, n_blocks),
+        geo.sizes,
+        D_PAD=geo.d_pad,
+        M_PAD=geo.m_pad,
+        BLOCK_N=BLOCK_ROWS,
+        PROJ_PREC="tf32x3",
+    )
+    return part.amax(dim=1)
+
+
+def _segment_sums(
+    x: Tensor,
+    y: Tensor,
+    stab: Tensor,
+    wgt: Tensor | None,
+    wt: Tensor,
+    opts: FavorOptions,
+    geo: _Geometry,
+    *,
+    n_rows: int,
+    off: int,
+    seg: int,
+    n_seg: int,
+    stab_mode: int,
+) -> tuple[Tensor, Tensor]:
+    """Per segment of ``seg`` positions: ``(S (BH, n_seg, M_PAD, DV_PAD), z (BH, n_seg, M_PAD))``."""
+    bh = x.shape[0] * x.shape[1]
+    s = torch.empty(bh, n_seg, geo.m_pad, geo.dv_pad, device=x.device, dtype=torch.float32)
+    z = torch.empty(bh, n_seg, geo.m_pad, device=x.device, dtype=torch.float32)
+    kept = kept_configs("state", *geo.sizes)
+    grid = lambda meta: (geo.m_pad // meta["BLOCK_F"], n_seg, bh)
+    if interpreter_enabled() or len(kept) == 1:
+        grid = (geo.m_pad // kept[0].block_f, n_seg, bh)
+    _launch(
+        "state",
+        _state_kernel,
+        grid,
+        (
+            x,
+            y,
+            stab,
+            x if wgt is None else wgt,
+            wt,
+            s,
+            z,
+            n_rows,
+            off,
+            seg,
+            geo.d,
+            y.shape[-1],
+            opts.m,
+            opts.half_s2,
+            n_seg,
+        ),
+        geo.sizes,
+        D_PAD=geo.d_pad,
+        DV_PAD=geo.dv_pad,
+        M_PAD=geo.m_pad,
+        BLOCK_N=CHUNK if opts.causal else BLOCK_ROWS,
+        KERNEL=opts.kernel,
+        STAB=stab_mode,
+        HAS_WEIGHT=wgt is not None,
+        **_precisions(x.dtype),
+    )
+    return s, z
+
+
+def _n_splits(n: int, programs: int, device: torch.device) -> int:
+    """Splits of N for the non-causal state pass: enough programs to fill the GPU."""
+    blocks = triton.cdiv(n, BLOCK_ROWS)
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(blocks, triton.cdiv(2 * sms, max(programs, 1))))
+
+
+def _key_states(k: Tensor, v: Tensor, wt: Tensor, kstab: Tensor, opts: FavorOptions, geo: _Geometry):
+    """Key states read by the query pass: total (non-causal) or exclusive prefix per chunk (causal)."""
+    if opts.causal:
+        n_seg = triton.cdiv(geo.nk, CHUNK)
+        s, z = _segment_sums(
+            k, v, kstab, None, wt, opts, geo, n_rows=geo.nk, off=0, seg=CHUNK, n_seg=n_seg, stab_mode=1
+        )
+        s_ex, z_ex = torch.zeros_like(s), torch.zeros_like(z)
+        s_ex[:, 1:] = s[:, :-1].cumsum(dim=1)
+        z_ex[:, 1:] = z[:, :-1].cumsum(dim=1)
+        return s_ex, z_ex, n_seg
+    splits = _n_splits(geo.nk, geo.b * geo.hk * (geo.m_pad // 32), k.device)
+    seg = BLOCK_ROWS * triton.cdiv(triton.cdiv(geo.nk, BLOCK_ROWS), splits)
+    n_seg = triton.cdiv(geo.nk, seg)
+    s, z = _segment_sums(k, v, kstab, None, wt, opts, geo, n_rows=geo.nk, off=0, seg=seg, n_seg=n_seg, stab_mode=1)
+    return s.sum(dim=1).contiguous(), z.sum(dim=1).contiguous(), 1
+
+
+def _query_states(q, dout, lse, delta, wt, opts: FavorOptions, geo: _Geometry):
+    """Query-side states of the backward, per key head (summed over its query heads).
+
+    ``R = sum_i psi_i dO_i^T``, ``r = sum_i psi_i delta_i``: total (non-causal) or the exclusive
+    suffix over later chunks (causal).
+    """
+    b, hk, g = geo.b, geo.hk, geo.groups
+    if opts.causal:
+        n_seg = triton.cdiv(geo.nk, CHUNK)
+        r, rz = _segment_sums(
+            q,
+            dout,
+            lse,
+            delta,
+            wt,
+            opts,
+            geo,
+            n_rows=geo.nk - geo.off,
+            off=geo.off,
+            seg=CHUNK,
+            n_seg=n_seg,
+            stab_mode=2,
+        )
+        r = r.view(b, hk, g, n_seg, geo.m_pad, geo.dv_pad).sum(dim=2)
+        rz = rz.view(b, hk, g, n_seg, geo.m_pad).sum(dim=2)
+        r_ex, rz_ex = torch.zeros_like(r), torch.zeros_like(rz)
+        r_ex[:, :, :-1] = r[:, :, 1:].flip(2).cumsum(2).flip(2)
+        rz_ex[:, :, :-1] = rz[:, :, 1:].flip(2).cumsum(2).flip(2)
+        return r_ex.reshape(b * hk, n_seg, geo.m_pad, geo.dv_pad), rz_ex.reshape(b * hk, n_seg, geo.m_pad), n_seg
+    splits = _n_splits(geo.nq, geo.b * geo.h * (geo.m_pad // 32), q.device)
+    seg = BLOCK_ROWS * triton.cdiv(triton.cdiv(geo.nq, BLOCK_ROWS), splits)
+    n_seg = triton.cdiv(geo.nq, seg)
+    r, rz = _segment_sums(q, dout, lse, delta, wt, opts, geo, n_rows=geo.nq, off=0, seg=seg, n_seg=n_seg, stab_mode=2)
+    r = r.view(b * hk, g * n_seg, geo.m_pad, geo.dv_pad).sum(dim=1).contiguous()
+    rz = rz.view(b * hk, g * n_seg, geo.m_pad).sum(dim=1).contiguous()
+    return r, rz, 1
+
+
+def _query_grid(opts: FavorOptions, geo: _Geometry, bh: int) -> tuple[tuple[int, int], int]:
+    """Grid of the query-block kernels and the first chunk index ``T0`` (causal)."""
+    if opts.causal:
+        t0 = geo.off // CHUNK  # floor: negative when Nq > Nk (leading queries see no key)
+        return (triton.cdiv(geo.nk, CHUNK) - t0, bh), t0
+    return (triton.cdiv(geo.nq, BLOCK_ROWS), bh), 0
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, opts: FavorOptions, geo: _Geometry):
+    ws, wt = _prepare_projection(w, opts, geo)
+    kstab = _key_stabiliser(k, wt, opts, geo)
+    s, z, n_state = _key_states(k, v, wt, kstab, opts, geo)
+    out = torch.empty(geo.b, geo.h, geo.nq, geo.dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(geo.b, geo.h, geo.nq, device=q.device, dtype=torch.float32)
+    grid, t0 = _query_grid(opts, geo, geo.b * geo.h)
+    _launch(
+        "fwd",
+        _fwd_kernel,
+        grid,
+        (
+            q,
+            k,
+            v,
+            wt,
+            s,
+            z,
+            kstab,
+            out,
+            lse,
+            geo.nq,
+            geo.nk,
+            geo.off,
+            t0,
+            n_state,
+            geo.d,
+            geo.dv,
+            opts.m,
+            opts.half_s2,
+            geo.groups,
+        ),
+        geo.sizes,
+        D_PAD=geo.d_pad,
+        DV_PAD=geo.dv_pad,
+        M_PAD=geo.m_pad,
+        BLOCK_M=CHUNK if opts.causal else BLOCK_ROWS,
+        CAUSAL=opts.causal,
+        KERNEL=opts.kernel,
+        **_precisions(q.dtype),
+    )
+    return out, lse, kstab, ws, wt, (s, z) if not opts.causal else None
+
+
+def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOptions, geo: _Geometry):
+    delta = (dout.float() * out.float()).sum(dim=-1)
+    if saved_state is not None:
+        s, z, n_state = *saved_state, 1
+    else:
+        s, z, n_state = _key_states(k, v, wt, kstab, opts, geo)
+    dq = torch.empty_like(q)
+    grid, t0 = _query_grid(opts, geo, geo.b * geo.h)
+    common = {
+        "D_PAD": geo.d_pad,
+        "DV_PAD": geo.dv_pad,
+        "M_PAD": geo.m_pad,
+        "CAUSAL": opts.causal,
+        "KERNEL": opts.kernel,
+        **_precisions(q.dtype),
+    }
+    _launch(
+        "bwd_dq",
+        _bwd_dq_kernel,
+        grid,
+        (
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            wt,
+            ws,
+            s,
+            z,
+            kstab,
+            dq,
+            geo.nq,
+            geo.nk,
+            geo.off,
+            t0,
+            n_state,
+            geo.d,
+            geo.dv,
+            opts.m,
+            opts.half_s2,
+            geo.groups,
+        ),
+        geo.sizes,
+        BLOCK_M=CHUNK if opts.causal else BLOCK_ROWS,
+        **common,
+    )
+    r, rz, n_state = _query_states(q, dout, lse, delta, wt, opts, geo)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    block_n = CHUNK if opts.causal else BLOCK_ROWS
+    _launch(
+        "bwd_dkv",
+        _bwd_dkv_kernel,
+        (triton.cdiv(geo.nk, block_n), geo.b * geo.hk),
+        (
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            wt,
+            ws,
+            r,
+            rz,
+            kstab,
+            dk,
+            dv,
+            geo.nq,
+            geo.nk,
+            geo.off,
+            n_state,
+            geo.d,
+            geo.dv,
+            opts.m,
+            opts.half_s2,
+            geo.groups,
+        ),
+        geo.sizes,
+        BLOCK_N=block_n,
+        **common,
+    )
+    return dq, dk, dv
+
+
+class _FavorFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, w: Tensor, opts: FavorOptions) -> Tensor:  # type: ignore[override]
+        geo = _geometry(q, k, v, opts)
+        out, lse, kstab, ws, wt, state = _forward(q, k, v, w, opts, geo)
+        ctx.opts, ctx.geo = opts, geo
+        ctx.save_for_backward(q, k, v, out, lse, kstab, ws, wt, *(state or ()))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):  # type: ignore[override]
+        q, k, v, out, lse, kstab, ws, wt, *state = ctx.saved_tensors
+        dq, dk, dv = _backward(
+            q, k, v, out, dout.contiguous(), lse, kstab, ws, wt, tuple(state) or None, ctx.opts, ctx.geo
+        )
+        return dq, dk, dv, None, None
+
+
+def _geometry(q: Tensor, k: Tensor, v: Tensor, opts: FavorOptions) -> _Geometry:
+    b, h, nq, d = q.shape
+    hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    return _Geometry(b, h, hk, nq, nk, d, dv, _pad_pow2(opts.m), _pad_pow2(d), _pad_pow2(dv))
 
 
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, *, causal: bool, scale: float, kernel: str) -> Tensor:
-    raise NotImplementedError("the fused Triton FAVOR+ kernels are not implemented yet")
+    """Fused FAVOR+ attention, differentiable in ``q``, ``k``, ``v``.
+
+    ``q (B, H, Nq, D)``, ``k (B, Hk, Nk, D)``, ``v (B, Hk, Nk, Dv)`` with ``H % Hk == 0``, in
+    float16, bfloat16 or float32 on one device; ``w (m, D)`` the float32 projection (no gradient).
+    Returns ``(B, H, Nq, Dv)`` in the dtype of ``q``. Causal is bottom-right aligned; rows that see
+    no key are zero. Inputs are assumed valid (the public API validates them).
+    """
+    opts = FavorOptions(causal=causal, scale=float(scale), kernel=kernel, m=int(w.shape[0]))
+    return _FavorFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), w.detach(), opts)
