@@ -1,0 +1,154 @@
+"""Fused Triton FAVOR+ kernels under the interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
+
+Forward and backward against the float64 dense FAVOR+ formula with the same projection, through
+the shared tolerance policy. The causal kernels work in chunks of ``favor.CHUNK`` (64) positions,
+so the lengths put chunk boundaries inside the sequence (113, 200) and at its end (64).
+bfloat16 is left to the compile and GPU tests: ``tl.dot`` on bfloat16 is wrong under the
+interpreter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from helpers import check_backend, make_qkv
+
+import attention_variants as av
+from kernels import favor
+
+pytestmark = pytest.mark.interpreter
+
+
+@dataclass(frozen=True)
+class Case:
+    b: int
+    h: int
+    hk: int
+    nq: int
+    nk: int
+    d: int
+    m: int
+    causal: bool
+    kernel: str = "softmax"
+    dtype: torch.dtype = torch.float32
+    dv: int | None = None
+
+    @property
+    def id(self) -> str:
+        kv = f"-Hk{self.hk}" if self.hk != self.h else ""
+        n = f"N{self.nq}" if self.nq == self.nk else f"Nq{self.nq}-Nk{self.nk}"
+        dv = f"-Dv{self.dv}" if self.dv is not None else ""
+        parts = [f"B{self.b}-H{self.h}{kv}-{n}-D{self.d}{dv}-m{self.m}"]
+        if self.causal:
+            parts.append("causal")
+        if self.kernel != "softmax":
+            parts.append(self.kernel)
+        parts.append(str(self.dtype).removeprefix("torch."))
+        return "-".join(parts)
+
+
+CASES = [
+    # every length, both forms
+    Case(1, 2, 2, 1, 1, 16, 16, causal=False),
+    Case(1, 2, 2, 1, 1, 16, 16, causal=True),
+    Case(1, 2, 2, 17, 17, 16, 64, causal=True),
+    Case(2, 2, 2, 17, 17, 40, 16, causal=False),
+    Case(1, 2, 2, 64, 64, 64, 64, causal=True),  # chunk boundary at the end
+    Case(1, 2, 2, 64, 64, 40, 256, causal=False),
+    Case(2, 2, 2, 113, 113, 64, 64, causal=True),  # boundary inside
+    Case(1, 2, 2, 113, 113, 16, 256, causal=False),
+    Case(1, 2, 2, 200, 200, 40, 64, causal=True),  # three boundaries inside
+    Case(1, 1, 1, 200, 200, 64, 16, causal=False),
+    # grouped-query attention
+    Case(2, 4, 2, 113, 113, 64, 64, causal=True),
+    Case(1, 4, 1, 64, 64, 16, 64, causal=False),
+    # bottom-right alignment: more keys than queries, and more queries than keys (empty rows)
+    Case(1, 2, 1, 17, 113, 40, 64, causal=True),
+    Case(1, 2, 2, 113, 64, 16, 16, causal=True),
+    Case(1, 2, 2, 64, 200, 16, 64, causal=False),
+    # relu features
+    Case(1, 2, 2, 113, 113, 40, 64, causal=True, kernel="relu"),
+    Case(1, 4, 2, 64, 64, 64, 16, causal=False, kernel="relu"),
+    # value head dim different from the key head dim
+    Case(1, 2, 2, 113, 113, 64, 64, causal=True, dv=16),
+    # float16
+    Case(1, 2, 2, 113, 113, 64, 64, causal=True, dtype=torch.float16),
+    Case(1, 2, 1, 200, 200, 40, 256, causal=False, dtype=torch.float16),
+    Case(1, 2, 1, 17, 17, 16, 16, causal=True, kernel="relu", dtype=torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_forward_backward_matches_reference(case: Case) -> None:
+    variant = av.PerformerAttention(num_features=case.m, kernel=case.kernel, seed=1)
+    q, k, v = make_qkv(case.b, case.h, case.hk, case.nq, case.nk, case.d, case.dv, dtype=case.dtype)
+    check_backend(variant, "triton", q, k, v, causal=case.causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_explicit_scale_and_given_projection(causal: bool) -> None:
+    w = torch.randn(48, 40)
+    variant = av.PerformerAttention(projection=w)
+    q, k, v = make_qkv(1, 2, 2, 70, 70, 40)
+    check_backend(variant, "triton", q, k, v, causal=causal, scale=0.3)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_fp16_large_norms_stay_finite(causal: bool) -> None:
+    """fp16 inputs scaled by 5: logits of order -100 must not overflow, underflow to NaN or inf."""
+    variant = av.PerformerAttention(num_features=64, seed=2)
+    q, k, v = (t * 5 for t in make_qkv(1, 2, 2, 113, 113, 64, dtype=torch.float16))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = variant(q, k, v, causal=causal, backend="triton")
+    assert torch.isfinite(out).all()
+    out.float().square().sum().backward()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        assert t.grad is not None and torch.isfinite(t.grad).all(), f"d{name} is not finite"
+    # The output is still the FAVOR+ average (up to float16 rounding).
+    ref = variant(q.detach().double(), k.detach().double(), v.detach().double(), causal=causal, backend="reference")
+    assert (out.double() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+def test_rows_without_keys_are_zero_with_zero_gradient() -> None:
+    variant = av.PerformerAttention(num_features=32)
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 90, 20, 16))
+    out = variant(q, k, v, causal=True, backend="triton")
+    assert torch.equal(out[:, :, :70], torch.zeros_like(out[:, :, :70]))
+    out.sum().backward()
+    assert q.grad is not None and torch.equal(q.grad[:, :, :70], torch.zeros_like(q.grad[:, :, :70]))
+    assert torch.isfinite(out).all() and torch.isfinite(k.grad).all()
+
+
+def test_non_contiguous_inputs() -> None:
+    variant = av.PerformerAttention(num_features=32)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv(1, 3, 3, 40, 40, 16))
+    assert not q.is_contiguous()
+    check_backend(variant, "triton", q, k, v, causal=True)
+
+
+def test_supports_reasons() -> None:
+    cpu = torch.device("cpu")
+    variant = av.PerformerAttention(num_features=64)
+    assert favor.unsupported_reason(variant, cpu, torch.float16, 64) is None
+    assert "float64" in favor.unsupported_reason(variant, cpu, torch.float64, 64)
+    assert "head dim" in favor.unsupported_reason(variant, cpu, torch.float32, favor.MAX_HEAD_DIM + 1)
+    too_many = av.PerformerAttention(num_features=favor.MAX_FEATURES + 1)
+    assert "random features" in favor.unsupported_reason(too_many, cpu, torch.float32, 64)
+    # Through the public API: the reason reaches the error message.
+    q, k, v = make_qkv(1, 1, 1, 8, 8, 16, dtype=torch.float64)
+    assert not variant.supports("triton", cpu, torch.float64, 16)
+    with pytest.raises(ValueError, match="float64"):
+        variant(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_keys_with_a_large_common_offset(causal: bool) -> None:
+    """Keys far from the origin: large negative logits, a key stabiliser far from zero."""
+    variant = av.PerformerAttention(num_features=32)
+    q, k, v = make_qkv(1, 2, 2, 70, 70, 16, dtype=torch.float64)
+    shifted = k + 4.0
+    out = variant(q.float(), shifted.float(), v.float(), causal=causal, backend="triton")
+    ref = variant(q, shifted, v, causal=causal, backend="reference")
+    assert (out.double() - ref).abs().max().item() < 1e-4
