@@ -57,13 +57,20 @@ def draw_projection(num_features: int, head_dim: int, *, ortho: bool = True, see
 
 def feature_map(x: Tensor, w: Tensor, scale: float, kernel: str, is_query: bool) -> Tensor:
     """FAVOR+ features ``phi(x)``: ``x (..., N, D)``, ``w (m, D)`` -> ``(..., N, m)`` in ``w``'s dtype."""
-    xs = x.to(w.dtype) * (scale**0.5)
-    proj = torch.matmul(xs, w.T)
+    x = x.to(w.dtype)
+    proj = torch.matmul(x, (w * scale**0.5).T)  # W x'
     if kernel == "relu":
         return torch.relu(proj) + RELU_EPS
-    logits = proj - 0.5 * (xs * xs).sum(dim=-1, keepdim=True)
-    stab = logits.amax(dim=-1, keepdim=True) if is_query else logits.amax(dim=(-2, -1), keepdim=True)
-    return torch.exp(logits - stab.detach()) * (w.shape[0] ** -0.5)
+    # exp(W x' - |x'|^2/2 - c) / sqrt(m) as one shift and one exp. For queries c is the row max
+    # of the exponent, so the shift is the row max of W x' (|x'|^2/2 is constant along the row).
+    log_sqrt_m = 0.5 * math.log(w.shape[0])
+    with torch.no_grad():
+        row_max = proj.amax(dim=-1, keepdim=True)
+    if is_query:
+        return torch.exp(proj - (row_max + log_sqrt_m))
+    half_sq = (0.5 * scale) * x.square().sum(dim=-1, keepdim=True)
+    c = (row_max - half_sq.detach()).amax(dim=(-2, -1), keepdim=True)
+    return torch.exp(proj - (half_sq + (c + log_sqrt_m)))
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -238,16 +245,22 @@ def _group(phi_q: Tensor, hk: int) -> Tensor:
     return phi_q.view(b, hk, h // hk, n, m)
 
 
+def _with_ones(v: Tensor) -> Tensor:
+    """``[v, 1]``: one matmul with it yields both the numerator and the normaliser."""
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+
+
+def _normalise(num_den: Tensor) -> Tensor:
+    return _safe_div(num_den[..., :-1], num_den[..., -1:])
+
+
 def favor_noncausal(phi_q: Tensor, phi_k: Tensor, v: Tensor) -> Tensor:
     """``phi_q (B,H,Nq,m)``, ``phi_k (B,Hk,Nk,m)``, ``v (B,Hk,Nk,Dv)`` -> ``(B,H,Nq,Dv)`` in O(N m Dv)."""
     b, h, nq, _ = phi_q.shape
     hk = phi_k.shape[1]
-    kv = torch.matmul(phi_k.transpose(-1, -2), v)  # (B, Hk, m, Dv)
-    z = phi_k.sum(dim=2)  # (B, Hk, m)
-    pq = _group(phi_q, hk)
-    num = torch.matmul(pq, kv[:, :, None])
-    den = torch.matmul(pq, z[:, :, None, :, None])
-    return _safe_div(num, den).reshape(b, h, nq, v.shape[-1])
+    kv = torch.matmul(phi_k.transpose(-1, -2), _with_ones(v))  # (B, Hk, m, Dv + 1)
+    out = _normalise(torch.matmul(_group(phi_q, hk), kv[:, :, None]))
+    return out.reshape(b, h, nq, v.shape[-1])
 
 
 def _exclusive_cumsum(x: Tensor, init: Tensor) -> Tensor:
@@ -266,10 +279,10 @@ def favor_causal(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk: int = CHUNK) ->
     if off < 0:  # the first -off queries see no key
         head = phi_q.new_zeros(b, h, -off, dv)
         return torch.cat([head, favor_causal(phi_q[:, :, -off:], phi_k, v, chunk)], dim=2)
+    v1 = _with_ones(v)
     # Keys before the aligned diagonal are visible to every query: they seed the state.
-    state0 = torch.matmul(phi_k[:, :, :off].transpose(-1, -2), v[:, :, :off])  # (B, Hk, m, Dv)
-    z0 = phi_k[:, :, :off].sum(dim=2)  # (B, Hk, m)
-    phi_k, v = phi_k[:, :, off:], v[:, :, off:]
+    state0 = torch.matmul(phi_k[:, :, :off].transpose(-1, -2), v1[:, :, :off])  # (B, Hk, m, Dv + 1)
+    phi_k, v1 = phi_k[:, :, off:], v1[:, :, off:]
 
     n = nq
     c = min(chunk, n)
@@ -277,18 +290,13 @@ def favor_causal(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk: int = CHUNK) ->
     pad = nc * c - n
     pq = torch.nn.functional.pad(phi_q, (0, 0, 0, pad)).view(b, hk, h // hk, nc, c, m)
     pk = torch.nn.functional.pad(phi_k, (0, 0, 0, pad)).view(b, hk, nc, c, m)
-    pv = torch.nn.functional.pad(v, (0, 0, 0, pad)).view(b, hk, nc, c, dv)
+    pv = torch.nn.functional.pad(v1, (0, 0, 0, pad)).view(b, hk, nc, c, dv + 1)
 
-    kv = torch.matmul(pk.transpose(-1, -2), pv)  # (B, Hk, nc, m, Dv)
-    z = pk.sum(dim=3)  # (B, Hk, nc, m)
-    states = _exclusive_cumsum(kv, state0)  # state before each chunk, (B, Hk, nc, m, Dv)
-    zs = _exclusive_cumsum(z, z0)
-
-    num = torch.matmul(pq, states[:, :, None])  # (B, Hk, G, nc, c, Dv)
-    den = torch.matmul(pq, zs[:, :, None, :, :, None])  # (B, Hk, G, nc, c, 1)
+    kv = torch.matmul(pk.transpose(-1, -2), pv)  # (B, Hk, nc, m, Dv + 1)
+    states = _exclusive_cumsum(kv, state0)  # state before each chunk
+    num_den = torch.matmul(pq, states[:, :, None])  # (B, Hk, G, nc, c, Dv + 1)
     tril = torch.ones(c, c, dtype=torch.bool, device=phi_q.device).tril()
     a = torch.matmul(pq, pk[:, :, None].transpose(-1, -2)) * tril  # (B, Hk, G, nc, c, c)
-    num = num + torch.matmul(a, pv[:, :, None])
-    den = den + a.sum(dim=-1, keepdim=True)
-    out = _safe_div(num, den).reshape(b, h, nc * c, dv)
+    num_den = num_den + torch.matmul(a, pv[:, :, None])
+    out = _normalise(num_den).reshape(b, h, nc * c, dv)
     return out[:, :, :n]

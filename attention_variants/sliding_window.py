@@ -6,7 +6,9 @@ The mask semantics live in :mod:`attention_variants.masks`.
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,51 @@ def _sliding_triton(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, 
     return flash_attention(q, k, v, causal=causal, scale=scale, window=window, global_mask=gm)
 
 
+@dataclass(frozen=True)
+class _BandLayout:
+    """Blocking of one (Nq, Nk, left, right) problem: block ``b`` holds queries
+    ``[b*block, (b+1)*block)`` and sees keys ``first_key + b*block + [0, span)``."""
+
+    block: int
+    num_blocks: int
+    span: int
+    first_key: int
+    pad_left: int
+    pad_right: int
+    mask: Tensor  # (num_blocks, block, span) bool
+    bias: Tensor  # (1, num_blocks, block, span) additive mask: 0 where visible, -inf elsewhere
+    row_any: Tensor | None  # (Nq, 1) bool, None when every query sees some key
+
+
+@functools.lru_cache(maxsize=32)
+def _band_layout(nq: int, nk: int, left: int, right: int, device: torch.device, dtype: torch.dtype) -> _BandLayout:
+    """Blocking and per-block masks, cached: a model calls the same shapes layer after layer."""
+    bq = min(BLOCK_Q, nq)
+    nb = math.ceil(nq / bq)
+    span = bq + left + right
+    first = nk - nq - left  # key index at window slot 0 of block 0
+    pad_l = max(0, -first)
+    pad_r = max(0, (nb - 1) * bq + first + span - nk)
+    tq = torch.arange(bq, device=device)[:, None]
+    tk = torch.arange(span, device=device)[None, :]
+    blk = torch.arange(nb, device=device)[:, None, None] * bq
+    j, i = blk + first + tk, blk + tq
+    rel = tk - tq  # j - (aligned query position) + left
+    mask = (rel >= 0) & (rel <= left + right) & (j >= 0) & (j < nk) & (i < nq)
+    # A row with no visible key gets one unmasked slot so the fused kernel never sees an
+    # empty row (its output and gradient could be NaN on some devices); it is zeroed after.
+    row_any = mask.any(dim=-1)
+    mask[..., 0] |= ~row_any
+    row_any = row_any.reshape(-1)[:nq, None]
+    bias = _additive(mask, dtype)[None]
+    return _BandLayout(bq, nb, span, first, pad_l, pad_r, mask, bias, None if bool(row_any.all()) else row_any)
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool mask -> additive float mask (SDPA would convert a bool mask on every call)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def banded_attention(
     q: Tensor,
     k: Tensor,
@@ -107,75 +154,63 @@ def banded_attention(
     ``[b*BLOCK_Q + off - left, b*BLOCK_Q + off + BLOCK_Q - 1 + right]`` (``off = Nk - Nq``),
     taken as an overlapping strided view of the padded keys (no copy), plus the ``g`` global
     keys appended. One fused SDPA call per query-head group runs all blocks with a per-block
-    ``(BLOCK_Q, S)`` mask; global query rows are then recomputed against every key.
+    ``(BLOCK_Q, S)`` additive mask, passed 4-D ``(1, nb, BLOCK_Q, S)`` since PyTorch's fused CPU
+    kernel takes 4-D masks and falls back to a slow path for 3-D ones. Global query rows are then
+    recomputed against every key.
     """
     bsz, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     groups = h // hk
     off = nk - nq
     left, right = masks.window_bounds(window, causal)
-    left, right = min(left, nk), min(right, nq)  # a wider reach sees nothing more
-    bq = min(BLOCK_Q, nq)
-    nb = math.ceil(nq / bq)
-    span = bq + left + right
-    start0 = off - left  # key index at window slot 0 of block 0
-    pad_l = max(0, -start0)
-    pad_r = max(0, (nb - 1) * bq + start0 + span - nk)
-    base = start0 + pad_l
+    # A reach beyond the key range sees nothing more: clamp it so the layout stays small.
+    lay = _band_layout(nq, nk, min(left, nk), min(right, nq), q.device, q.dtype)
+    bq, nb, span = lay.block, lay.num_blocks, lay.span
 
-    def windows(x: Tensor) -> Tensor:  # (B, Hk, N, E) -> (B, Hk, nb, span, E), a view
-        xp = F.pad(x, (0, 0, pad_l, pad_r))[:, :, base:]
-        return xp.unfold(2, span, bq)[:, :, :nb].transpose(-1, -2)
+    def windows(x: Tensor) -> Tensor:  # (B, Hk, N, E) -> (B, Hk, nb, span, E), a strided view
+        xp = F.pad(x, (0, 0, lay.pad_left, lay.pad_right)) if lay.pad_left or lay.pad_right else x
+        return xp[:, :, lay.first_key + lay.pad_left :].unfold(2, span, bq)[:, :, :nb].transpose(-1, -2)
 
     kw, vw = windows(k), windows(v)
-
-    # Mask of block b, query slot tq, key slot tk: key j = b*bq + start0 + tk, query i = b*bq + tq.
-    dev = q.device
-    tq = torch.arange(bq, device=dev)[:, None]
-    tk = torch.arange(span, device=dev)[None, :]
-    rel = tk - tq  # j - p + left
-    band = (rel >= 0) & (rel <= left + right)
-    blk = torch.arange(nb, device=dev)[:, None, None] * bq
-    j = blk + start0 + tk
-    i = blk + tq
-    mask = band & (j >= 0) & (j < nk) & (i < nq)  # (nb, bq, span)
+    bias, row_any = lay.bias, lay.row_any
 
     if global_mask is not None:
         gpos = global_mask.nonzero().flatten()
+        blk = torch.arange(nb, device=q.device)[:, None, None] * bq
+        i = blk + torch.arange(bq, device=q.device)[:, None]
+        j = blk + lay.first_key + torch.arange(span, device=q.device)[None, :]
         # Global keys are appended to every block; drop them from the band so none counts twice.
-        mask = mask & ~global_mask[j.clamp(0, nk - 1)]
+        mask = lay.mask & ~global_mask[j.clamp(0, nk - 1)]
         gcols = (i < nq).expand(nb, bq, gpos.numel())
         if causal:
             gcols = gcols & (gpos[None, None, :] <= i + off)
         mask = torch.cat([mask, gcols], dim=-1)
+        mask[..., 0] |= ~mask.any(dim=-1)  # see _band_layout
+        bias = _additive(mask, q.dtype)[None]
         kg = k[:, :, gpos, None].transpose(2, 3).expand(bsz, hk, nb, gpos.numel(), d)
         vg = v[:, :, gpos, None].transpose(2, 3).expand(bsz, hk, nb, gpos.numel(), dv)
         kw = torch.cat([kw, kg], dim=3)
         vw = torch.cat([vw, vg], dim=3)
 
-    # Rows with no visible key: unmask one slot so the kernel never sees an empty row (its
-    # output and gradient there could be NaN on some devices); the row is zeroed below.
-    row_any = mask.any(dim=-1)
-    mask[..., 0] |= ~row_any
-    mask4 = mask[None]  # 4-D masks take the fused CPU kernel; 3-D ones fall back to the slow path
-
-    qp = F.pad(q, (0, 0, 0, nb * bq - nq)).view(bsz, hk, groups, nb, bq, d)
+    qp = F.pad(q, (0, 0, 0, nb * bq - nq)) if nb * bq != nq else q
+    qp = qp.view(bsz, hk, groups, nb, bq, d) if qp.is_contiguous() else qp.reshape(bsz, hk, groups, nb, bq, d)
     kw = kw.reshape(bsz * hk, nb, kw.shape[3], d)
     vw = vw.reshape(bsz * hk, nb, vw.shape[3], dv)
     outs = [
-        F.scaled_dot_product_attention(qp[:, :, g].reshape(bsz * hk, nb, bq, d), kw, vw, attn_mask=mask4, scale=scale)
+        F.scaled_dot_product_attention(qp[:, :, g].reshape(bsz * hk, nb, bq, d), kw, vw, attn_mask=bias, scale=scale)
         for g in range(groups)
     ]
     out = outs[0] if groups == 1 else torch.stack(outs, dim=1)
     out = out.reshape(bsz, h, nb * bq, dv)[:, :, :nq]
-    out = torch.where(row_any.reshape(-1)[:nq, None], out, out.new_zeros(()))
+    if row_any is not None:
+        out = torch.where(row_any, out, out.new_zeros(()))
 
     if global_mask is not None:
         # Global query rows see every (causally visible) key: recompute them densely, g x Nk.
         gpos = global_mask.nonzero().flatten()
         rows_mask = None
         if causal:
-            rows_mask = torch.arange(nk, device=dev)[None, :] <= gpos[:, None] + off
+            rows_mask = torch.arange(nk, device=q.device)[None, :] <= gpos[:, None] + off
         rows = F.scaled_dot_product_attention(
             q[:, :, gpos], k, v, attn_mask=rows_mask, scale=scale, enable_gqa=groups > 1
         )
