@@ -373,9 +373,8 @@ if triton is not None:
         offs_dv = tl.arange(0, BLOCK_DV)
         for n in range(start, end, BLOCK_N):
             cols, valid = _positions(n, offs_n, n_valid, IDX, GATHER)
-            cols64 = cols.to(tl.int64)
-            kt_ptrs = k_base + cols64[None, :] * stride_kn + offs_d[:, None]
-            v_ptrs = v_base + cols64[:, None] * stride_vn + offs_dv[None, :]
+            kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+            v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :]
             if MODE == 0:
                 kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_D, other=0.0)
             else:
@@ -469,10 +468,9 @@ if triton is not None:
             left = LEFT
             right = RIGHT
         pos_q = rows + (NK - NQ)
-        rows64 = rows.to(tl.int64)
 
         q = tl.load(
-            q_base + rows64[:, None] * stride_qm + offs_d[None, :],
+            q_base + rows[:, None] * stride_qm + offs_d[None, :],
             mask=row_valid[:, None] & (offs_d[None, :] < HEAD_D),
             other=0.0,
         )
@@ -511,9 +509,9 @@ if triton is not None:
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-        o_ptrs = O + b * stride_ob + h * stride_oh + rows64[:, None] * stride_om + offs_dv[None, :]
+        o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=store_mask[:, None] & (offs_dv[None, :] < HEAD_DV))
-        tl.store(LSE + (b * H + h) * NQ + rows64, lse, mask=store_mask)
+        tl.store(LSE + (b * H + h) * NQ + rows, lse, mask=store_mask)
 
     @triton.jit
     def _dq_inner(
@@ -550,9 +548,8 @@ if triton is not None:
         offs_dv = tl.arange(0, BLOCK_DV)
         for n in range(start, end, BLOCK_N):
             cols, valid = _positions(n, offs_n, n_valid, IDX, GATHER)
-            cols64 = cols.to(tl.int64)
-            kt_ptrs = k_base + cols64[None, :] * stride_kn + offs_d[:, None]
-            vt_ptrs = v_base + cols64[None, :] * stride_vn + offs_dv[:, None]
+            kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+            vt_ptrs = v_base + cols[None, :] * stride_vn + offs_dv[:, None]
             if MODE == 0:
                 kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_D, other=0.0)
                 vt = tl.load(vt_ptrs, mask=offs_dv[:, None] < HEAD_DV, other=0.0)
@@ -642,19 +639,18 @@ if triton is not None:
             left = LEFT
             right = RIGHT
         pos_q = rows + (NK - NQ)
-        rows64 = rows.to(tl.int64)
 
         q = tl.load(
-            Q + b * stride_qb + h * stride_qh + rows64[:, None] * stride_qm + offs_d[None, :],
+            Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
             mask=row_valid[:, None] & (offs_d[None, :] < HEAD_D),
             other=0.0,
         )
         do = tl.load(
-            DO + b * stride_dob + h * stride_doh + rows64[:, None] * stride_dom + offs_dv[None, :],
+            DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :],
             mask=row_valid[:, None] & (offs_dv[None, :] < HEAD_DV),
             other=0.0,
         )
-        row_stats = (b * H + h) * NQ + rows64
+        row_stats = (b * H + h) * NQ + rows
         lse = tl.load(LSE + row_stats, mask=row_valid, other=float("inf"))
         delta = tl.load(DELTA + row_stats, mask=row_valid, other=0.0)
         start = tl.load(SCHED + pid * 4)
@@ -685,7 +681,7 @@ if triton is not None:
             # Global rows are stored by the programs that gather them.
             row_flag = tl.load(GFLAG + rows, mask=row_valid, other=0).to(tl.int32)
             store_mask = row_valid & (tl.where(is_glob, 0, row_flag) == 0)
-        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows64[:, None] * stride_dqm + offs_d[None, :]
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :]
         tl.store(
             dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=store_mask[:, None] & (offs_d[None, :] < HEAD_D)
         )
@@ -728,19 +724,18 @@ if triton is not None:
         offs_dv = tl.arange(0, BLOCK_DV)
         for m in range(start, end, BLOCK_M):
             rows, valid = _positions(m, offs_m, n_valid, IDX, GATHER)
-            rows64 = rows.to(tl.int64)
-            q_ptrs = q_base + rows64[:, None] * stride_qm + offs_d[None, :]
-            do_ptrs = do_base + rows64[:, None] * stride_dom + offs_dv[None, :]
+            q_ptrs = q_base + rows[:, None] * stride_qm + offs_d[None, :]
+            do_ptrs = do_base + rows[:, None] * stride_dom + offs_dv[None, :]
             if MODE == 0:
                 q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_D, other=0.0)
                 do = tl.load(do_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
-                lse = tl.load(LSE + stats_base + rows64)
-                delta = tl.load(DELTA + stats_base + rows64)
+                lse = tl.load(LSE + stats_base + rows)
+                delta = tl.load(DELTA + stats_base + rows)
             else:
                 q = tl.load(q_ptrs, mask=valid[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
                 do = tl.load(do_ptrs, mask=valid[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
-                lse = tl.load(LSE + stats_base + rows64, mask=valid, other=float("inf"))
-                delta = tl.load(DELTA + stats_base + rows64, mask=valid, other=0.0)
+                lse = tl.load(LSE + stats_base + rows, mask=valid, other=float("inf"))
+                delta = tl.load(DELTA + stats_base + rows, mask=valid, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
             pt = tl.exp2(st - lse[None, :])
             if MODE != 0:
@@ -825,16 +820,15 @@ if triton is not None:
             col_valid = cols < NK
             left = LEFT
             right = RIGHT
-        cols64 = cols.to(tl.int64)
         row_off = NK - NQ
 
         k = tl.load(
-            K + b * stride_kb + hk * stride_kh + cols64[:, None] * stride_kn + offs_d[None, :],
+            K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
             mask=col_valid[:, None] & (offs_d[None, :] < HEAD_D),
             other=0.0,
         )
         v = tl.load(
-            V + b * stride_vb + hk * stride_vh + cols64[:, None] * stride_vn + offs_dv[None, :],
+            V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :],
             mask=col_valid[:, None] & (offs_dv[None, :] < HEAD_DV),
             other=0.0,
         )
@@ -879,8 +873,8 @@ if triton is not None:
             # Global cols are stored by the programs that gather them.
             col_flag = tl.load(GFLAG + cols, mask=col_valid, other=0).to(tl.int32)
             store_mask = col_valid & (tl.where(is_glob, 0, col_flag) == 0)
-        dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols64[:, None] * stride_dkn + offs_d[None, :]
-        dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + cols64[:, None] * stride_dvn + offs_dv[None, :]
+        dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :]
+        dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :]
         tl.store(
             dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_mask[:, None] & (offs_d[None, :] < HEAD_D)
         )
@@ -1096,3 +1090,37 @@ __all__ = [
     "shipped_configs",
     "unsupported_reason",
 ]
+
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_KERNEL_POINTERS = {
+    "fwd": ("Q", "K", "V", "O"),
+    "bwd_dq": ("Q", "K", "V", "DO", "DQ"),
+    "bwd_dkdv": ("Q", "K", "V", "DO", "DK", "DV"),
+}
+
+
+def aot_spec(
+    kernel: str, cfg: KernelConfig, head_dim: int, dtype: torch.dtype, *, causal: bool = True, has_global: bool = True
+) -> tuple[object, dict[str, str], dict[str, object]]:
+    """``(fn, signature, constexprs)`` of one kernel specialisation, for :func:`kernels.aot.compile_for`.
+
+    ``kernel`` is ``"fwd"``, ``"bwd_dq"`` or ``"bwd_dkdv"``; the default flags (causal, global
+    tokens) give the specialisation with the most live state.
+    """
+    fn = {"fwd": _fwd_kernel, "bwd_dq": _bwd_dq_kernel, "bwd_dkdv": _bwd_dkdv_kernel}[kernel]
+    sig = dict.fromkeys(_KERNEL_POINTERS[kernel], "*" + _TRITON_TYPES[dtype])
+    sig.update(LSE="*fp32", SCHED="*i32", GIDX="*i32", GFLAG="*i8")
+    if kernel != "fwd":
+        sig["DELTA"] = "*fp32"
+    for name in fn.arg_names:
+        if name.startswith("stride_") or name in ("H", "HK", "GROUPS", "NQ", "NK", "NG", "N_BAND", "LEFT", "RIGHT"):
+            sig[name] = "i32"
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+    bd = _block_d(head_dim)
+    constexprs: dict[str, object] = dict(
+        CAUSAL=causal, HAS_GLOBAL=has_global, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=bd, BLOCK_DV=bd, HEAD_D=head_dim, HEAD_DV=head_dim, PREC=_precision(dtype),
+    )  # fmt: skip
+    return fn, sig, constexprs

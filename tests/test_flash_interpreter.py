@@ -1,0 +1,138 @@
+"""The fused softmax kernels, forward and backward, run by Triton's interpreter on CPU tensors.
+
+``TRITON_INTERPRET=1`` is set by ``conftest.py``; outputs and gradients are compared with the
+float64 reference under the shared tolerance policy (:func:`helpers.check_backend`). bfloat16
+is not tested here: ``tl.dot`` on bfloat16 is wrong under the interpreter (see the compile and
+GPU tests instead).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import check_backend, make_qkv, shape_id
+
+import attention_variants as av
+from attention_variants import masks
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.interpreter
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+CAUSAL = [pytest.param(False, id="noncausal"), pytest.param(True, id="causal")]
+
+# (B, H, Hk, Nq, Nk, D): N in {1, 17, 64, 113, 200}, Nq != Nk both ways, GQA, head dims 16/40/64.
+FULL_SHAPES = [
+    (1, 2, 2, 1, 1, 16),
+    (2, 4, 2, 17, 17, 40),
+    (1, 2, 2, 64, 113, 64),
+    (1, 4, 1, 113, 17, 16),
+    (1, 1, 1, 200, 200, 40),
+]
+
+
+def _sid(shape) -> str:
+    b, h, hk, nq, nk, d = shape
+    return shape_id(b, h, hk, nq, nk, d, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("shape", FULL_SHAPES, ids=_sid)
+def test_full(shape, causal: bool, dtype: torch.dtype) -> None:
+    b, h, hk, nq, nk, d = shape
+    q, k, v = make_qkv(b, h, hk, nq, nk, d, dtype=dtype)
+    check_backend(av.FullAttention(), "triton", q, k, v, causal=causal)
+
+
+# (shape, window, global_tokens); the interpreter tiles are 32 queries x 16 keys.
+WINDOW_CASES = [
+    ((1, 2, 1, 113, 113, 16), 3, None),  # window narrower than a block
+    ((1, 2, 2, 113, 200, 40), (40, 25), None),  # spans several blocks, Nq != Nk
+    ((1, 2, 2, 200, 64, 16), (5, 70), None),  # Nq > Nk: some rows see nothing
+    ((1, 1, 1, 64, 64, 64), 500, None),  # wider than N
+    ((1, 4, 2, 113, 113, 16), 4, 2),  # global tokens: the first two positions, GQA
+    ((1, 2, 1, 200, 200, 40), (10, 3), [0, 50, 51, 199]),  # scattered global positions
+]
+
+
+def _wid(case) -> str:
+    (b, h, hk, nq, nk, d), window, glob = case
+    w = f"W{window}" if isinstance(window, int) else f"W{window[0]}-{window[1]}"
+    g = "" if glob is None else f"-G{glob if isinstance(glob, int) else len(glob)}"
+    return f"{shape_id(b, h, hk, nq, nk, d, False)}-{w}{g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=_wid)
+def test_sliding_window(case, causal: bool, dtype: torch.dtype) -> None:
+    (b, h, hk, nq, nk, d), window, glob = case
+    variant = av.SlidingWindowAttention(window=window, global_tokens=glob)
+    q, k, v = make_qkv(b, h, hk, nq, nk, d, dtype=dtype)
+    check_backend(variant, "triton", q, k, v, causal=causal)
+
+
+def test_value_head_dim_differs_and_custom_scale() -> None:
+    q, k, v = make_qkv(1, 2, 1, 50, 70, 40, dv=16)
+    check_backend(av.FullAttention(), "triton", q, k, v, causal=True, scale=0.3)
+    check_backend(av.SlidingWindowAttention(window=(9, 2)), "triton", q, k, v, causal=False, scale=0.3)
+
+
+def test_non_contiguous_inputs() -> None:
+    """(B, N, H, D) storage viewed as (B, H, N, D), and a last dim with stride 2."""
+    b, h, n, d = 1, 2, 45, 32
+    q = torch.randn(b, n, h, d).transpose(1, 2)
+    k = torch.randn(b, n, h, d).transpose(1, 2)
+    v = torch.randn(b, n, h, 2 * d)[..., ::2].transpose(1, 2)
+    assert not q.is_contiguous() and v.stride(-1) == 2
+    check_backend(av.FullAttention(), "triton", q, k, v, causal=True)
+    check_backend(av.SlidingWindowAttention(window=7, global_tokens=1), "triton", q, k, v, causal=False)
+
+
+def test_rows_without_keys_are_zero_with_zero_grads() -> None:
+    """Causal, Nq > Nk, window (0, 0): the first Nq - Nk rows see no key."""
+    q, k, v = make_qkv(1, 2, 2, 40, 10, 16)
+    q.requires_grad_(True)
+    out = av.SlidingWindowAttention(window=(0, 0))(q, k, v, causal=True, backend="triton")
+    assert torch.isfinite(out).all()
+    assert (out[:, :, :30] == 0).all()
+    (gq,) = torch.autograd.grad(out.sum(), q)
+    assert torch.isfinite(gq).all() and (gq[:, :, :30] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_nan_propagates() -> None:
+    q, k, v = make_qkv(1, 1, 1, 20, 20, 16)
+    q[0, 0, 3, 0] = float("nan")
+    out = av.FullAttention()(q, k, v, backend="triton")
+    assert torch.isnan(out[0, 0, 3]).all()
+    assert torch.isfinite(out[0, 0, :3]).all()
+
+
+def test_window_matches_dense_mask_semantics() -> None:
+    """The kernel's mask agrees with masks.dense_mask row by row (probe with one-hot values)."""
+    nq = nk = 40
+    gm = torch.zeros(nq, dtype=torch.bool)
+    gm[[0, 25]] = True
+    q = torch.zeros(1, 1, nq, 16)
+    k = torch.zeros(1, 1, nk, 16)
+    v = torch.eye(nk).reshape(1, 1, nk, nk)
+    for causal in (False, True):
+        out = av.SlidingWindowAttention(window=(6, 2), global_tokens=gm)(q, k, v, causal=causal, backend="triton")
+        window = masks.window_bounds((6, 2), causal)
+        dense = masks.dense_mask(nq, nk, causal=causal, window=window, global_mask=gm)
+        assert torch.equal(out[0, 0] > 0, dense)
+
+
+def test_unsupported_configs_say_why() -> None:
+    from kernels import softmax_unsupported_reason
+
+    full = av.FullAttention()
+    cpu = torch.device("cpu")
+    assert softmax_unsupported_reason(full, cpu, torch.float16, 64) is None
+    assert "float64" in softmax_unsupported_reason(full, cpu, torch.float64, 64)
+    assert "256" in softmax_unsupported_reason(full, cpu, torch.float32, 320)
+    q, k, v = make_qkv(1, 1, 1, 8, 8, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="triton"):
+        full(q, k, v, backend="triton")
