@@ -426,12 +426,12 @@ if triton is not None:
         NQ,
         NK,
         NG,
-        N_BAND,
         LEFT,
         RIGHT,
         qk_scale,
         CAUSAL: tl.constexpr,
         HAS_GLOBAL: tl.constexpr,
+        GATHERED: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -454,14 +454,12 @@ if triton is not None:
         offs_dv = tl.arange(0, BLOCK_DV)
         key_off = 0  # key index -> aligned position (queries carry the Nk - Nq shift)
 
-        if HAS_GLOBAL:
-            is_glob = pid >= N_BAND
-            t = (pid - N_BAND) * BLOCK_M + offs_m
-            g_rows = tl.load(GIDX + t, mask=(t >= 0) & (t < NG), other=0)  # t < 0: band program
-            rows = tl.where(is_glob, g_rows, pid * BLOCK_M + offs_m)
-            row_valid = tl.where(is_glob, t, rows - NQ + NG) < NG  # t < NG, or rows < NQ
-            left = tl.where(is_glob, NK + NQ + 1, LEFT)
-            right = tl.where(is_glob, NK + NQ + 1, RIGHT)
+        if GATHERED:  # the global rows, gathered by index: they see every key (causal applies)
+            t = pid * BLOCK_M + offs_m
+            row_valid = t < NG
+            rows = tl.load(GIDX + t, mask=row_valid, other=0)
+            left = NK + NQ + 1
+            right = NK + NQ + 1
         else:
             rows = pid * BLOCK_M + offs_m
             row_valid = rows < NQ
@@ -496,15 +494,15 @@ if triton is not None:
         )  # fmt: skip
         store_mask = row_valid
         if HAS_GLOBAL:
-            # Band programs add the global keys outside the band; global-row programs saw them all.
-            g_end = tl.where(is_glob, 0, NG)
+            # Band programs add the global keys outside the band and leave the global rows to the
+            # gathered launch.
             acc, l_i, m_i = _fwd_inner(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, 0, g_end, NG, key_off, GIDX,
+                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, 0, NG, NG, key_off, GIDX,
                 left, right, qk_scale, CAUSAL, 2, True, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC,
             )  # fmt: skip
             # Global rows are stored by the programs that gather them.
             row_flag = tl.load(GFLAG + rows, mask=row_valid, other=0).to(tl.int32)
-            store_mask = row_valid & (tl.where(is_glob, 0, row_flag) == 0)
+            store_mask = row_valid & (row_flag == 0)
 
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -598,13 +596,13 @@ if triton is not None:
         NQ,
         NK,
         NG,
-        N_BAND,
         LEFT,
         RIGHT,
         sm_scale,
         qk_scale,
         CAUSAL: tl.constexpr,
         HAS_GLOBAL: tl.constexpr,
+        GATHERED: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -625,14 +623,12 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
 
-        if HAS_GLOBAL:
-            is_glob = pid >= N_BAND
-            t = (pid - N_BAND) * BLOCK_M + offs_m
-            g_rows = tl.load(GIDX + t, mask=(t >= 0) & (t < NG), other=0)  # t < 0: band program
-            rows = tl.where(is_glob, g_rows, pid * BLOCK_M + offs_m)
-            row_valid = tl.where(is_glob, t, rows - NQ + NG) < NG  # t < NG, or rows < NQ
-            left = tl.where(is_glob, NK + NQ + 1, LEFT)
-            right = tl.where(is_glob, NK + NQ + 1, RIGHT)
+        if GATHERED:  # the global rows, gathered by index: they see every key (causal applies)
+            t = pid * BLOCK_M + offs_m
+            row_valid = t < NG
+            rows = tl.load(GIDX + t, mask=row_valid, other=0)
+            left = NK + NQ + 1
+            right = NK + NQ + 1
         else:
             rows = pid * BLOCK_M + offs_m
             row_valid = rows < NQ
@@ -673,14 +669,13 @@ if triton is not None:
         )  # fmt: skip
         store_mask = row_valid
         if HAS_GLOBAL:
-            g_end = tl.where(is_glob, 0, NG)
             dq = _dq_inner(
-                dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, 0, g_end, NG, GIDX,
+                dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, 0, NG, NG, GIDX,
                 left, right, qk_scale, CAUSAL, 2, True, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC,
             )  # fmt: skip
             # Global rows are stored by the programs that gather them.
             row_flag = tl.load(GFLAG + rows, mask=row_valid, other=0).to(tl.int32)
-            store_mask = row_valid & (tl.where(is_glob, 0, row_flag) == 0)
+            store_mask = row_valid & (row_flag == 0)
         dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :]
         tl.store(
             dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=store_mask[:, None] & (offs_d[None, :] < HEAD_D)
@@ -784,13 +779,13 @@ if triton is not None:
         NQ,
         NK,
         NG,
-        N_BAND,
         LEFT,
         RIGHT,
         sm_scale,
         qk_scale,
         CAUSAL: tl.constexpr,
         HAS_GLOBAL: tl.constexpr,
+        GATHERED: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -807,14 +802,12 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
 
-        if HAS_GLOBAL:
-            is_glob = pid >= N_BAND
-            t = (pid - N_BAND) * BLOCK_N + offs_n
-            g_cols = tl.load(GIDX + t, mask=(t >= 0) & (t < NG), other=0)  # t < 0: band program
-            cols = tl.where(is_glob, g_cols, pid * BLOCK_N + offs_n)
-            col_valid = tl.where(is_glob, t, cols - NK + NG) < NG  # t < NG, or cols < NK
-            left = tl.where(is_glob, NK + NQ + 1, LEFT)
-            right = tl.where(is_glob, NK + NQ + 1, RIGHT)
+        if GATHERED:  # the global keys, gathered by index: every row sees them (causal applies)
+            t = pid * BLOCK_N + offs_n
+            col_valid = t < NG
+            cols = tl.load(GIDX + t, mask=col_valid, other=0)
+            left = NK + NQ + 1
+            right = NK + NQ + 1
         else:
             cols = pid * BLOCK_N + offs_n
             col_valid = cols < NK
@@ -836,8 +829,6 @@ if triton is not None:
         lo = tl.load(SCHED + pid * 4 + 1)
         hi = tl.load(SCHED + pid * 4 + 2)
         end = tl.load(SCHED + pid * 4 + 3)
-        if HAS_GLOBAL:
-            g_end = tl.where(is_glob, 0, NG)
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -864,7 +855,7 @@ if triton is not None:
             if HAS_GLOBAL:
                 # Key-block programs add the global rows outside the band (row_off is 0 here).
                 dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, stats_base, LSE, DELTA, stride_qm, stride_dom, cols, 0, g_end,
+                    dk, dv, k, v, q_base, do_base, stats_base, LSE, DELTA, stride_qm, stride_dom, cols, 0, NG,
                     NG, row_off, GIDX, left, right, qk_scale, CAUSAL, 2, True, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_D,
                     HEAD_DV, PREC,
                 )  # fmt: skip
@@ -872,7 +863,7 @@ if triton is not None:
         if HAS_GLOBAL:
             # Global cols are stored by the programs that gather them.
             col_flag = tl.load(GFLAG + cols, mask=col_valid, other=0).to(tl.int32)
-            store_mask = col_valid & (tl.where(is_glob, 0, col_flag) == 0)
+            store_mask = col_valid & (col_flag == 0)
         dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :]
         dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :]
         tl.store(
@@ -936,6 +927,15 @@ def _last_dim_unit(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _launches(sched: Tensor, n_band: int, has_global: bool) -> list[tuple[Tensor, int, bool, bool]]:
+    """``(schedule rows, programs, HAS_GLOBAL, GATHERED)`` of the band launch and, with global
+    tokens, of the gathered launch (a separate specialisation keeps the band kernel lean)."""
+    out = [(sched[:n_band], n_band, has_global, False)]
+    if has_global and sched.shape[0] > n_band:
+        out.append((sched[n_band:], sched.shape[0] - n_band, False, True))
+    return out
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple[Tensor, Tensor]:
     bsz, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -945,22 +945,21 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple[Tenso
         nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window,
         global_idx=opts.global_idx if ng else None,
     ).to(q.device)  # fmt: skip
-    n_band = triton.cdiv(nq, cfg.block_m)
     out = torch.empty(bsz, h, nq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, h, nq, dtype=torch.float32, device=q.device)
     left, right = _left_right(opts, nq, nk)
-    grid = (sched.shape[0], bsz * h)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, sched, gidx, gflag,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        h, h // hk, nq, nk, ng, n_band, left, right, opts.scale * _LOG2E,
-        CAUSAL=opts.causal, HAS_GLOBAL=ng > 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=_block_d(d), BLOCK_DV=_block_d(dv), HEAD_D=d, HEAD_DV=dv, PREC=_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    for rows, programs, has_global, gathered in _launches(sched, triton.cdiv(nq, cfg.block_m), ng > 0):
+        _fwd_kernel[(programs, bsz * h)](
+            q, k, v, out, lse, rows, gidx, gflag,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            h, h // hk, nq, nk, ng, left, right, opts.scale * _LOG2E,
+            CAUSAL=opts.causal, HAS_GLOBAL=has_global, GATHERED=gathered, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, BLOCK_D=_block_d(d), BLOCK_DV=_block_d(dv), HEAD_D=d, HEAD_DV=dv,
+            PREC=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
     return out, lse
 
 
@@ -980,8 +979,8 @@ def _backward(
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dvv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     common = dict(
-        CAUSAL=opts.causal, HAS_GLOBAL=ng > 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=_block_d(d), BLOCK_DV=_block_d(dv), HEAD_D=d, HEAD_DV=dv, PREC=_precision(q.dtype),
+        CAUSAL=opts.causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(d),
+        BLOCK_DV=_block_d(dv), HEAD_D=d, HEAD_DV=dv, PREC=_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     qk_scale = opts.scale * _LOG2E
@@ -989,30 +988,32 @@ def _backward(
     sched_q = query_block_schedule(
         nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window, global_idx=global_idx
     ).to(q.device)
-    _bwd_dq_kernel[(sched_q.shape[0], bsz * h)](
-        q, k, v, dout, dq, lse, delta, sched_q, gidx, gflag,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        h, h // hk, nq, nk, ng, triton.cdiv(nq, cfg.block_m), left, right, opts.scale, qk_scale,
-        **common,
-    )  # fmt: skip
+    for rows, programs, has_global, gathered in _launches(sched_q, triton.cdiv(nq, cfg.block_m), ng > 0):
+        _bwd_dq_kernel[(programs, bsz * h)](
+            q, k, v, dout, dq, lse, delta, rows, gidx, gflag,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            h, h // hk, nq, nk, ng, left, right, opts.scale, qk_scale,
+            HAS_GLOBAL=has_global, GATHERED=gathered, **common,
+        )  # fmt: skip
     sched_k = key_block_schedule(
         nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window, global_idx=global_idx
     ).to(q.device)
-    _bwd_dkdv_kernel[(sched_k.shape[0], bsz * hk)](
-        q, k, v, dout, dk, dvv, lse, delta, sched_k, gidx, gflag,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dvv.stride(0), dvv.stride(1), dvv.stride(2),
-        h, hk, h // hk, nq, nk, ng, triton.cdiv(nk, cfg.block_n), left, right, opts.scale, qk_scale,
-        **common,
-    )  # fmt: skip
+    for cols, programs, has_global, gathered in _launches(sched_k, triton.cdiv(nk, cfg.block_n), ng > 0):
+        _bwd_dkdv_kernel[(programs, bsz * hk)](
+            q, k, v, dout, dk, dvv, lse, delta, cols, gidx, gflag,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dvv.stride(0), dvv.stride(1), dvv.stride(2),
+            h, hk, h // hk, nq, nk, ng, left, right, opts.scale, qk_scale,
+            HAS_GLOBAL=has_global, GATHERED=gathered, **common,
+        )  # fmt: skip
     return dq, dk, dvv
 
 
@@ -1101,7 +1102,14 @@ _KERNEL_POINTERS = {
 
 
 def aot_spec(
-    kernel: str, cfg: KernelConfig, head_dim: int, dtype: torch.dtype, *, causal: bool = True, has_global: bool = True
+    kernel: str,
+    cfg: KernelConfig,
+    head_dim: int,
+    dtype: torch.dtype,
+    *,
+    causal: bool = True,
+    has_global: bool = True,
+    gathered: bool = False,
 ) -> tuple[object, dict[str, str], dict[str, object]]:
     """``(fn, signature, constexprs)`` of one kernel specialisation, for :func:`kernels.aot.compile_for`.
 
@@ -1114,13 +1122,13 @@ def aot_spec(
     if kernel != "fwd":
         sig["DELTA"] = "*fp32"
     for name in fn.arg_names:
-        if name.startswith("stride_") or name in ("H", "HK", "GROUPS", "NQ", "NK", "NG", "N_BAND", "LEFT", "RIGHT"):
+        if name.startswith("stride_") or name in ("H", "HK", "GROUPS", "NQ", "NK", "NG", "LEFT", "RIGHT"):
             sig[name] = "i32"
         elif name in ("qk_scale", "sm_scale"):
             sig[name] = "fp32"
     bd = _block_d(head_dim)
     constexprs: dict[str, object] = dict(
-        CAUSAL=causal, HAS_GLOBAL=has_global, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=bd, BLOCK_DV=bd, HEAD_D=head_dim, HEAD_DV=head_dim, PREC=_precision(dtype),
+        CAUSAL=causal, HAS_GLOBAL=has_global and not gathered, GATHERED=gathered, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, HEAD_D=head_dim, HEAD_DV=head_dim, PREC=_precision(dtype),
     )  # fmt: skip
     return fn, sig, constexprs
