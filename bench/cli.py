@@ -1,0 +1,297 @@
+"""``attn-bench``: sweeps, reports, the numerics gate, and listings.
+
+With no subcommand, ``attn-bench`` runs the default preset (``cpu-quick``) into
+``reports/cpu-quick`` and writes its report there.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import PASSES, RunSettings, all_backends, expand, load_presets, validate_names
+
+DEFAULT_PRESET = "cpu-quick"
+
+app = typer.Typer(
+    help="Benchmark full, sliding-window and Performer attention: sweeps, reports, numerics.",
+    add_completion=False,
+    no_args_is_help=False,
+    invoke_without_command=True,
+)
+console = Console(stderr=False)
+
+
+def _split(text: str | None, conv=str) -> list | None:
+    if text is None:
+        return None
+    return [conv(x.strip()) for x in text.split(",") if x.strip()]
+
+
+@app.callback()
+def _root(ctx: typer.Context) -> None:
+    """With no subcommand: run the default sweep (cpu-quick) and write its report."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(sweep)
+
+
+@app.command()
+def sweep(
+    preset: Annotated[str, typer.Option(help="preset name from presets.toml (see `attn-bench list`)")] = DEFAULT_PRESET,
+    preset_file: Annotated[Path | None, typer.Option(help="presets TOML to read instead of the shipped one")] = None,
+    variants: Annotated[str | None, typer.Option(help="comma list, e.g. full,sliding_window,performer")] = None,
+    backends: Annotated[str | None, typer.Option(help="comma list of torch,triton,reference,auto,sdpa,flex")] = None,
+    seq_lens: Annotated[str | None, typer.Option(help="comma list of sequence lengths, e.g. 256,1024,4096")] = None,
+    dtype: Annotated[str | None, typer.Option(help="comma list of float32,float16,bfloat16,float64")] = None,
+    causal: Annotated[bool | None, typer.Option("--causal/--no-causal", help="only causal / only non-causal")] = None,
+    passes: Annotated[str | None, typer.Option(help="comma list of fwd,fwd_bwd")] = None,
+    batch: Annotated[int | None, typer.Option(help="batch size B")] = None,
+    heads: Annotated[int | None, typer.Option(help="query heads H")] = None,
+    kv_heads: Annotated[int | None, typer.Option(help="key/value heads (grouped-query attention)")] = None,
+    head_dim: Annotated[str | None, typer.Option(help="comma list of head dims")] = None,
+    window: Annotated[str | None, typer.Option(help="comma list of sliding-window sizes")] = None,
+    num_features: Annotated[str | None, typer.Option(help="comma list of Performer feature counts")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
+    out: Annotated[Path | None, typer.Option(help="output directory [default: reports/<preset>]")] = None,
+    resume: Annotated[bool, typer.Option(help="skip configs already in DIR/results.csv")] = False,
+    overwrite: Annotated[bool, typer.Option(help="start afresh even if DIR/results.csv exists")] = False,
+    timeout: Annotated[float | None, typer.Option(help="per-config timeout in seconds")] = None,
+    min_run_time: Annotated[float | None, typer.Option(help="seconds per torch.utils.benchmark block (CPU)")] = None,
+    mem_limit_gb: Annotated[float | None, typer.Option(help="dense N x N work above this is not run (oom)")] = None,
+    accuracy: Annotated[bool, typer.Option(help="run the preset's Performer accuracy study")] = True,
+    report: Annotated[bool, typer.Option(help="write the report (plots + README.md) when done")] = True,
+    progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+) -> None:
+    """Run a sweep: results.csv + metadata.json in the output directory, then the report."""
+    presets = load_presets(preset_file.read_text() if preset_file else None)
+    if preset not in presets:
+        raise typer.BadParameter(f"unknown preset {preset!r}; presets are {', '.join(presets)}", param_hint="--preset")
+    p = presets[preset]
+    overrides = {
+        "variants": _split(variants),
+        "backends": _split(backends),
+        "seq_lens": _split(seq_lens, int),
+        "dtypes": _split(dtype),
+        "causal": None if causal is None else [causal],
+        "passes": _split(passes),
+        "batch": batch,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": _split(head_dim, int),
+        "window": _split(window, int),
+        "num_features": _split(num_features, int),
+        "device": device,
+    }
+    try:
+        validate_names(
+            overrides["variants"] or [],
+            overrides["backends"] or [],
+            overrides["passes"] or [],
+            overrides["dtypes"] or [],
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if overrides["seq_lens"]:  # explicit lengths override the preset's per-backend caps too
+        overrides["max_seq_len"] = {}
+    configs = expand(p.groups, overrides)
+    settings = p.settings
+    changes = {"timeout_s": timeout, "min_run_time": min_run_time, "mem_limit_gb": mem_limit_gb}
+    settings = RunSettings(**{**settings.__dict__, **{k: v for k, v in changes.items() if v is not None}})
+    out = out or Path("reports") / preset
+    results_path = out / "results.csv"
+    if results_path.exists() and not (resume or overwrite):
+        console.print(f"[red]{results_path} exists: pass --resume to continue it or --overwrite to start afresh")
+        raise typer.Exit(2)
+    if overwrite and results_path.exists() and not resume:
+        results_path.unlink()
+        for name in ("performer_accuracy.csv",):
+            (out / name).unlink(missing_ok=True)
+    from .sweep import machine_metadata, now, run_sweep
+
+    dev = configs[0].device if configs else "cpu"
+    meta = {
+        **machine_metadata(dev),
+        "preset": preset,
+        "command": shlex.join(["attn-bench", *sys.argv[1:]]),
+        "started": now(),
+    }
+    want_accuracy = accuracy and p.accuracy is not None and any(c.variant == "performer" for c in configs)
+    console.print(
+        f"[bold]attn-bench[/] preset [cyan]{preset}[/]: {len(configs)} configs -> {out} "
+        f"({meta['cpu_model']}, {meta['cpu_count']} cores{', ' + meta['gpu'] if meta['gpu'] else ''})"
+    )
+    t0 = time.perf_counter()
+    try:
+        results = run_sweep(
+            configs,
+            out,
+            settings,
+            resume=resume,
+            meta=meta,
+            accuracy=p.accuracy if want_accuracy else None,
+            progress=progress,
+        )
+    except KeyboardInterrupt:
+        console.print(f"\n[yellow]Interrupted: finished rows are in {results_path}; continue with --resume")
+        raise typer.Exit(130) from None
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    console.print(f"Sweep done in {time.perf_counter() - t0:.0f} s: {summary}. Results: {results_path}")
+    if report:
+        from .report import write_report
+
+        page = write_report(out)
+        console.print(f"Report: [bold]{page}[/]")
+
+
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(help="a sweep's output directory")],
+    baseline: Annotated[str, typer.Option(help="backend the speed-up plot divides by")] = "sdpa",
+    compare: Annotated[Path | None, typer.Option(help="an earlier run's directory to compare against")] = None,
+    threshold: Annotated[float, typer.Option(help="relative slow-down counted as a regression")] = 0.10,
+) -> None:
+    """Plots (PNG) and a Markdown page (README.md) in DIR; --compare DIR2 flags regressions."""
+    from .report import write_report
+
+    if not (directory / "results.csv").exists():
+        raise typer.BadParameter(f"{directory / 'results.csv'} does not exist", param_hint="DIRECTORY")
+    page = write_report(directory, baseline=baseline, compare=compare, threshold=threshold)
+    console.print(f"Report: [bold]{page}[/]")
+    if compare is not None:
+        from .analysis import compare_runs, load_results
+
+        cmp = compare_runs(load_results(directory), load_results(compare), threshold)
+        n = int(cmp["regression"].sum()) if len(cmp) else 0
+        console.print(f"{n} regression(s) beyond {threshold:.0%} against {compare}")
+
+
+@app.command()
+def verify(
+    backends: Annotated[str | None, typer.Option(help="comma list [default: every registry backend + sdpa]")] = None,
+    dtypes: Annotated[str, typer.Option(help="comma list of dtypes")] = "float32,float16,bfloat16,float64",
+    variants: Annotated[str | None, typer.Option(help="comma list of variants [default: all]")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    quick: Annotated[bool, typer.Option(help="one shape instead of three")] = False,
+    grads: Annotated[bool, typer.Option(help="check gradients too")] = True,
+    show: Annotated[str, typer.Option(help="all | failures: which rows to print")] = "all",
+) -> None:
+    """The numerics gate: every variant x backend against the float64 reference; exit 1 on failure."""
+    import attention_variants as av
+
+    from .numerics import run_case, verify_cases
+
+    backend_list = _split(backends) or [*av.list_backends(), "sdpa"]
+    dtype_list = _split(dtypes) or []
+    try:
+        validate_names(_split(variants) or [], backend_list, [], dtype_list)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    cases = verify_cases(backend_list, dtype_list, quick=quick, variants=_split(variants))
+    table = Table(title=f"attn-bench verify ({device}): max error against the float64 reference")
+    for col in ("variant", "shape", "dtype", "backend", "ran", "status", "max_err", "bound", "grad_err", "note"):
+        table.add_column(col, overflow="fold")
+    failures = 0
+    counts: dict[str, int] = {}
+    t0 = time.perf_counter()
+    for case in cases:
+        res = run_case(case, device=device, grads=grads)
+        counts[res.status] = counts.get(res.status, 0) + 1
+        bad = res.status in ("wrong", "error")
+        failures += bad
+        if show == "failures" and not bad:
+            continue
+        c = res.check
+        name, shape = case.label()
+        style = {"ok": "green", "wrong": "red", "error": "red", "unsupported": "dim"}[res.status]
+        table.add_row(
+            name,
+            shape,
+            case.dtype,
+            case.backend,
+            res.backend_used,
+            f"[{style}]{res.status}[/]",
+            _num(c.max_err if c else None),
+            _num(c.bound if c else None),
+            _num(c.grad_err if c else None),
+            res.message[:80],
+        )
+    console.print(table)
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    console.print(f"{len(cases)} checks in {time.perf_counter() - t0:.1f} s: {summary}")
+    if failures:
+        console.print(f"[red]{failures} check(s) failed")
+        raise typer.Exit(1)
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.2e}"
+
+
+@app.command("list")
+def list_cmd(device: str = typer.Option("cpu", help="device to check availability on")) -> None:
+    """Variants, backends (available here or why not), and presets."""
+    import torch
+
+    import attention_variants as av
+
+    from .baselines import unsupported_reason
+
+    dev = torch.device(device)
+    table = Table(title=f"variants x backends on {device} (float32, head dim 64)")
+    for col in ("variant", "options", "backend", "available here"):
+        table.add_column(col, overflow="fold")
+    for name in av.list_variants():
+        var = av.get_variant(name, window=128) if name == "sliding_window" else av.get_variant(name)
+        for i, b in enumerate(all_backends()):
+            if b == "auto":
+                q = torch.zeros(1, 1, 1, 64, device=dev) if dev.type == "cpu" or torch.cuda.is_available() else None
+                cell = f"yes: runs {var.resolve_backend('auto', q)}" if q is not None else "no: no such device"
+            else:
+                reason = unsupported_reason(var, b, dev, torch.float32, 64)
+                cell = "[green]yes[/]" if reason is None else f"[dim]no: {reason}[/]"
+            opts = ", ".join(type(var).option_names()) if i == 0 else ""
+            table.add_row(name if i == 0 else "", opts, b, cell)
+    console.print(table)
+    console.print(
+        "baselines: sdpa = dense SDPA (band mask for the window, full softmax for Performer); "
+        "flex = compiled FlexAttention with the matching block mask"
+    )
+    console.print(f"passes: {', '.join(PASSES)}")
+    pt = Table(title="presets (bench/presets.toml)")
+    pt.add_column("preset")
+    pt.add_column("configs", justify="right")
+    pt.add_column("description", overflow="fold")
+    for name, p in load_presets().items():
+        pt.add_row(name + (" (default)" if name == DEFAULT_PRESET else ""), str(len(expand(p.groups))), p.description)
+    console.print(pt)
+
+
+@app.command()
+def targets(
+    quick: Annotated[bool, typer.Option(help="shorter timing (less stable ratios)")] = False,
+    flex: Annotated[bool, typer.Option(help="include the compiled FlexAttention comparison")] = True,
+) -> None:
+    """The CPU performance targets (ratios against baselines measured in the same run)."""
+    from .targets import main as targets_main
+
+    ok = targets_main(quick=quick, flex=flex)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

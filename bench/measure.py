@@ -1,0 +1,223 @@
+"""Measuring one config: numerics gate, time, peak memory, FLOPs. Runs inside the worker process.
+
+Time: ``torch.utils.benchmark.Timer.blocked_autorange`` on CPU (all intra-op threads; at least
+``min_repeats`` timed calls), ``triton.testing.do_bench`` quantiles on CUDA. Both after a warm-up
+call (which, for ``flex``, compiles; its wall time is recorded as ``compile_s``).
+
+Peak memory, in a separate pass after timing, as bytes allocated *beyond the inputs* during one
+call (inputs exist before the pass starts and are not counted; outputs and gradients are):
+- CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the
+  allocated bytes before the call.
+- CPU: the PyTorch profiler with ``profile_memory=True``. Every allocation and free by
+  PyTorch's CPU allocator during the call is an event with a signed size; the peak of their
+  running sum, in time order, is the peak. It sees tensors PyTorch allocates (including
+  autograd's saved tensors and the backward's temporaries), not memory a library allocates
+  behind PyTorch's back (e.g. oneDNN/BLAS scratch buffers) nor the Python heap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+import attention_variants as av
+
+from .baselines import Unsupported, dense_bytes, make_target
+from .config import BenchConfig, BenchResult, RunSettings
+from .numerics import check_target
+
+CPU_MEMORY_METHOD = "torch.profiler(profile_memory=True): peak of the running sum of CPU allocator events"
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the inputs"
+
+# Backward FLOPs as a multiple of forward FLOPs: FlashAttention's benchmark convention for softmax
+# attention (5 matmuls in the backward including the recomputation of P, against 2 forward); the
+# Performer's linear form has no recomputation, so the usual 2x of a matmul's backward.
+BWD_FACTOR = {"full": 2.5, "sliding_window": 2.5, "performer": 2.0}
+# Added to every output when nonzero: fault injection for the harness's own tests (see worker.py).
+PERTURB = 0.0
+
+
+def pass_flops(fwd_flops: int, variant: str, pass_: str) -> int:
+    """Analytic FLOPs of a pass from the forward FLOPs (``fwd`` or ``fwd_bwd``)."""
+    if pass_ == "fwd":
+        return int(fwd_flops)
+    return round(fwd_flops * (1.0 + BWD_FACTOR.get(variant, 2.0)))
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, settings: RunSettings) -> tuple[float, float, float, int]:
+    """``(median_ms, p10_ms, p90_ms, repeats)`` of ``fn()`` with the ecosystem's timers."""
+    if device.type == "cuda":
+        import triton.testing
+
+        med, p10, p90 = triton.testing.do_bench(fn, quantiles=[0.5, 0.1, 0.9])
+        return float(med), float(p10), float(p90), 0
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=settings.min_run_time)
+    times = list(m.times)
+    while len(times) < settings.min_repeats:
+        times.extend(timer.timeit(1).times)
+    arr = np.asarray(times) * 1e3
+    return float(np.median(arr)), float(np.percentile(arr, 10)), float(np.percentile(arr, 90)), len(times)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated beyond what already exists while ``fn()`` runs (see the module doc)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        del out
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    return cpu_peak_memory(fn)
+
+
+def cpu_peak_memory(fn: Callable[[], object]) -> int:
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+    events.sort()
+    cur = peak = 0
+    for _, size in events:
+        cur += size
+        peak = max(peak, cur)
+    return int(peak)
+
+
+def make_inputs(cfg: BenchConfig, seed: int, requires_grad: bool):
+    dev = torch.device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    shape_q = (cfg.batch, cfg.heads, cfg.seq_len, cfg.head_dim)
+    shape_kv = (cfg.batch, cfg.kv_heads, cfg.seq_len, cfg.head_dim)
+    q = torch.randn(shape_q, generator=gen).to(dev, dtype)
+    k = torch.randn(shape_kv, generator=gen).to(dev, dtype)
+    v = torch.randn(shape_kv, generator=gen).to(dev, dtype)
+    dout = torch.randn(shape_q, generator=gen).to(dev, dtype) if requires_grad else None
+    return q, k, v, dout
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "defaultcpuallocator" in text
+
+
+def run_config(cfg: BenchConfig, settings: RunSettings) -> BenchResult:
+    """Measure ``cfg``; every failure becomes a row with a status and a reason."""
+    t0 = time.perf_counter()
+
+    def result(status: str, **kw) -> BenchResult:
+        return BenchResult(cfg, status, elapsed_s=round(time.perf_counter() - t0, 3), **kw)
+
+    try:
+        variant = av.get_variant(cfg.variant, **cfg.variant_options())
+    except (TypeError, ValueError) as exc:
+        return result("error", error=f"{type(exc).__name__}: {exc}")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return result("unsupported", error="CUDA is not available on this machine")
+    grad = cfg.pass_ == "fwd_bwd"
+    dtype = getattr(torch, cfg.dtype)
+    elem = torch.finfo(dtype).bits // 8
+    need = dense_bytes(cfg.variant, cfg.backend, cfg.batch, cfg.heads, cfg.seq_len, cfg.seq_len, elem, grad)
+    limit = settings.mem_limit_gb * 2**30
+    if need > limit:
+        return result(
+            "oom",
+            error=f"not run: needs about {need / 2**30:.1f} GiB for dense N x N tensors, over the "
+            f"{settings.mem_limit_gb:g} GiB limit (--mem-limit-gb)",
+        )
+    try:
+        q, k, v, dout = make_inputs(cfg, settings.seed, grad)
+        q.requires_grad_(grad)
+        k.requires_grad_(grad)
+        v.requires_grad_(grad)
+        target = make_target(variant, cfg.backend, q, k, v, cfg.causal)
+        if PERTURB:
+            fn0 = target.fn
+            target = dataclasses.replace(target, fn=lambda a, b, c: fn0(a, b, c) + PERTURB)
+        fwd_flops = (av.FullAttention() if target.truth.name == "full" else variant).flops(q, k, v, causal=cfg.causal)
+        flops = pass_flops(fwd_flops, target.truth.name, cfg.pass_)
+        inputs = (q, k, v)
+
+        if grad:
+
+            def call():
+                out = target.fn(q, k, v)
+                return torch.autograd.grad(out, inputs, dout)
+        else:
+
+            def call():
+                with torch.no_grad():
+                    return target.fn(q, k, v)
+
+        # Warm-up; compiles FlexAttention (and Triton kernels) for this shape.
+        tc = time.perf_counter()
+        call()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        compile_s = round(time.perf_counter() - tc, 3) if cfg.backend == "flex" else None
+
+        check = check_target(
+            target,
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            cfg.causal,
+            grads=grad,
+            check_elems=settings.check_elems,
+        )
+        common = dict(
+            backend_used=target.backend_used,
+            flops=flops,
+            max_err=check.max_err,
+            grad_err=check.grad_err,
+            err_bound=check.bound,
+            approx_err=check.approx_err,
+            checked_rows=check.rows,
+            compile_s=compile_s,
+        )
+        if not check.ok:
+            return result("wrong", error=check.message, **common)
+        med, p10, p90, reps = time_fn(call, dev, settings)
+        peak = peak_memory(call, dev)
+        tflops = flops / (med * 1e-3) / 1e12 if med > 0 else math.nan
+        return result(
+            "ok",
+            time_ms=med,
+            time_ms_p10=p10,
+            time_ms_p90=p90,
+            repeats=reps,
+            peak_mem_bytes=peak,
+            tflops=tflops,
+            note=check.message,
+            **common,
+        )
+    except Unsupported as exc:
+        return result("unsupported", error=str(exc))
+    except NotImplementedError as exc:
+        return result("unsupported", error=f"NotImplementedError: {exc}")
+    except Exception as exc:
+        if is_oom(exc):
+            return result("oom", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        return result("error", error=f"{type(exc).__name__}: {str(exc)[:500]}")

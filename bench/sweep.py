@@ -1,0 +1,288 @@
+"""Running a sweep: configs through the worker, rows written atomically, metadata, resume.
+
+Files in the output directory:
+- ``results.csv``: one row per config (columns in :data:`bench.config.COLUMNS`), rewritten
+  whole after every row (temporary file + ``os.replace``), so it is never half-written and an
+  interrupted sweep keeps every finished row.
+- ``metadata.json``: machine, versions, git commit, command line, preset, times.
+- ``performer_accuracy.csv``: the Performer accuracy study (when the preset has one).
+- ``worker.log``: what the worker processes printed (compiler and profiler chatter, tracebacks).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .config import COLUMNS, AccuracyStudy, BenchConfig, BenchResult, RunSettings
+
+RESULTS = "results.csv"
+METADATA = "metadata.json"
+ACCURACY = "performer_accuracy.csv"
+WORKER_LOG = "worker.log"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _fmt(x: object) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return repr(x)
+    return str(x)
+
+
+def rows_to_csv(rows: Iterable[dict], columns: list[str] = COLUMNS) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: _fmt(r.get(c)) for c in columns})
+    return buf.getvalue()
+
+
+def write_results(path: Path, results: list[BenchResult]) -> None:
+    atomic_write(path, rows_to_csv(r.to_row() for r in results))
+
+
+def read_results(path: Path) -> list[BenchResult]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [BenchResult.from_row(row) for row in csv.DictReader(f)]
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """``<sha>`` (``-dirty`` when the work tree has changes) of the checkout the package lives in."""
+    root = cwd or Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_metadata(device: str = "cpu") -> dict:
+    import numpy
+    import torch
+
+    import attention_variants
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+    from .measure import CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD
+
+    return {
+        "device": device,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "numpy": numpy.__version__,
+        "attention_variants": attention_variants.__version__,
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+        "memory_method": CUDA_MEMORY_METHOD if device.startswith("cuda") else CPU_MEMORY_METHOD,
+    }
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_metadata(out: Path, meta: dict) -> None:
+    atomic_write(out / METADATA, json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def run_sweep(
+    configs: list[BenchConfig],
+    out: Path,
+    settings: RunSettings,
+    *,
+    resume: bool = False,
+    meta: dict | None = None,
+    accuracy: AccuracyStudy | None = None,
+    progress: bool = True,
+    on_result: Callable[[BenchResult], None] | None = None,
+) -> list[BenchResult]:
+    """Run ``configs`` (skipping those already in ``out/results.csv`` when ``resume``), writing
+    every row as it finishes. Returns all rows of the file. KeyboardInterrupt is re-raised after
+    the rows and the metadata are saved."""
+    from .worker import WorkerPool
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS
+    results = read_results(path) if resume else []
+    done = {r.config.key() for r in results}
+    todo = [c for c in configs if c.key() not in done]
+    meta = dict(meta or {})
+    old_meta = {}
+    if resume and (out / METADATA).exists():
+        old_meta = json.loads((out / METADATA).read_text())
+    meta.setdefault("started", old_meta.get("started", now()))
+    if resume:
+        meta["resumed"] = [*old_meta.get("resumed", []), now()]
+    meta["settings"] = dataclasses.asdict(settings)
+    meta["configs"] = len(configs)
+    meta["status"] = "running"
+    write_metadata(out, meta)
+
+    pool = WorkerPool(settings, str(out / WORKER_LOG))
+    interrupted = False
+    bar = _Progress(len(todo), enabled=progress)
+    try:
+        with bar:
+            for cfg in todo:
+                bar.start(cfg.label())
+                res = _copy_of_same_computation(cfg, results) or pool.run(cfg)
+                results.append(res)
+                write_results(path, results)
+                if on_result is not None:
+                    on_result(res)
+                bar.advance(f"{cfg.label()}: {res.status}" + (f" {res.time_ms:.3g} ms" if res.time_ms else ""))
+        if accuracy is not None and not (out / ACCURACY).exists():
+            from .accuracy import run_accuracy
+
+            bar_msg = "Performer accuracy study"
+            if progress:
+                print(f"{bar_msg} ...", file=sys.stderr)
+            rows = run_accuracy(accuracy)
+            atomic_write(out / ACCURACY, rows_to_csv(rows, list(rows[0].keys()) if rows else []))
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        pool.close()
+        meta["finished"] = now()
+        meta["status"] = "interrupted" if interrupted else "complete"
+        meta["worker_restarts"] = pool.restarts
+        meta["rows"] = len(results)
+        write_metadata(out, meta)
+    return results
+
+
+def same_computation(cfg: BenchConfig) -> BenchConfig | None:
+    """The config that computes exactly the same thing, if any: the ``sdpa`` baseline of a
+    Performer is full softmax attention, i.e. the ``full`` variant's ``sdpa`` row."""
+    if cfg.backend == "sdpa" and cfg.variant == "performer":
+        return dataclasses.replace(cfg, variant="full", num_features=None)
+    return None
+
+
+def _copy_of_same_computation(cfg: BenchConfig, results: list[BenchResult]) -> BenchResult | None:
+    twin = same_computation(cfg)
+    if twin is None:
+        return None
+    for r in results:
+        if r.config == twin and r.status == "ok":
+            note = f"same computation as {twin.variant}/{twin.backend}; measured once"
+            return dataclasses.replace(r, config=cfg, note=note, elapsed_s=0.0)
+    return None
+
+
+class _Progress:
+    """A rich progress bar (config name, count, elapsed, ETA); silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.progress = None
+        self.task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}", justify="left"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self.progress.__enter__()
+            self.task = self.progress.add_task("sweep", total=self.total)
+        return self
+
+    def start(self, label: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=label)
+
+    def advance(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.log(message)
+            self.progress.advance(self.task)
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+
+def elapsed(t0: float) -> str:
+    s = time.perf_counter() - t0
+    return f"{s / 60:.1f} min" if s >= 120 else f"{s:.1f} s"
