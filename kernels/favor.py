@@ -76,18 +76,37 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _load_rows(ptr, rows, row_ok, offs_d, n_rows, D):
-    """``(R, D_PAD)`` float32 block of a contiguous ``(.., n_rows, D)`` head at ``ptr``; zeros outside."""
+    """``(R, D_PAD)`` block of a contiguous ``(.., n_rows, D)`` head at ``ptr``, in its dtype; 0 outside."""
     mask = row_ok[:, None] & (offs_d[None, :] < D)
-    x = tl.load(ptr + rows[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask, other=0.0)
-    return x.to(tl.float32)
+    return tl.load(ptr + rows[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _project(x, wt_ptr, f0, offs_d, M_PAD: tl.constexpr, BLOCK_F: tl.constexpr, PROJ_PREC: tl.constexpr):
-    """``x . Ws[f0:f0+BLOCK_F]^T``: ``(R, BLOCK_F)`` float32; ``wt_ptr`` is ``Ws^T (D_PAD, M_PAD)``."""
+def _project(
+    x, wt_ptr, f0, offs_d, D_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_F: tl.constexpr, N_SPLIT: tl.constexpr
+):
+    """``x . Ws[f0:f0+BLOCK_F]^T`` as ``(R, BLOCK_F)`` float32, to about float32 accuracy.
+
+    16-bit ``x`` is exact in its own dtype, so ``Ws`` comes split into ``N_SPLIT`` terms of that
+    dtype (``wt_ptr``: ``(N_SPLIT, D_PAD, M_PAD)``, ``Ws^T = sum`` of the terms) and the product
+    takes ``N_SPLIT`` native tensor-core products. ``N_SPLIT == 0``: float32 ``x`` and ``Ws^T``,
+    one three-TF32 product.
+    """
     offs_f = f0 + tl.arange(0, BLOCK_F)
-    wt = tl.load(wt_ptr + offs_d[:, None] * M_PAD + offs_f[None, :])
-    return tl.dot(x, wt, input_precision=PROJ_PREC)
+    offs = offs_d[:, None] * M_PAD + offs_f[None, :]
+    if N_SPLIT == 0:
+        return tl.dot(x, tl.load(wt_ptr + offs), input_precision="tf32x3")
+    u = tl.dot(x, tl.load(wt_ptr + offs))
+    for i in tl.static_range(1, N_SPLIT):
+        u = tl.dot(x, tl.load(wt_ptr + i * D_PAD * M_PAD + offs), acc=u)
+    return u
+
+
+@triton.jit
+def _half_sqnorm(x, half_s2):
+    """``s^2 |x|^2 / 2`` per row, float32."""
+    xf = x.to(tl.float32)
+    return tl.sum(xf * xf, 1) * half_s2
 
 
 @triton.jit
@@ -119,10 +138,11 @@ def _key_features(
     M_PAD: tl.constexpr,
     BLOCK_F: tl.constexpr,
     KERNEL: tl.constexpr,
-    PROJ_PREC: tl.constexpr,
+    D_PAD: tl.constexpr,
+    N_SPLIT: tl.constexpr,
 ):
     """``(phi(k), u)`` for a block of keys and features ``[f0, f0 + BLOCK_F)``."""
-    u = _project(kx, wt_ptr, f0, offs_d, M_PAD, BLOCK_F, PROJ_PREC)
+    u = _project(kx, wt_ptr, f0, offs_d, D_PAD, M_PAD, BLOCK_F, N_SPLIT)
     if KERNEL == "softmax":
         phi = tl.exp(_logits(u, ksq, f0, M, k_ok, BLOCK_F) - kstab)
     else:
@@ -143,10 +163,11 @@ def _query_psi(
     M_PAD: tl.constexpr,
     BLOCK_F: tl.constexpr,
     KERNEL: tl.constexpr,
-    PROJ_PREC: tl.constexpr,
+    D_PAD: tl.constexpr,
+    N_SPLIT: tl.constexpr,
 ):
     """``(psi, u)`` with ``psi = phi(q) / den`` from the saved ``lse`` (``+inf`` on empty rows gives 0)."""
-    u = _project(qx, wt_ptr, f0, offs_d, M_PAD, BLOCK_F, PROJ_PREC)
+    u = _project(qx, wt_ptr, f0, offs_d, D_PAD, M_PAD, BLOCK_F, N_SPLIT)
     if KERNEL == "softmax":
         psi = tl.exp(_logits(u, qsq, f0, M, q_ok, BLOCK_F) - lse[:, None])
     else:
@@ -193,7 +214,7 @@ def _key_max_kernel(
     M_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_F: tl.constexpr,
-    PROJ_PREC: tl.constexpr,
+    N_SPLIT: tl.constexpr,
 ):
     """Max logit of one block of keys over all features: ``out[bh, block]``."""
     pid_n = tl.program_id(0)
@@ -202,10 +223,10 @@ def _key_max_kernel(
     row_ok = rows < N
     offs_d = tl.arange(0, D_PAD)
     x = _load_rows(k_ptr + bh.to(tl.int64) * N * D, rows, row_ok, offs_d, N, D)
-    xsq = tl.sum(x * x, 1) * half_s2
+    xsq = _half_sqnorm(x, half_s2)
     best = tl.full([BLOCK_N], float("-inf"), tl.float32)
     for f0 in range(0, M_PAD, BLOCK_F):
-        u = _project(x, wt_ptr, f0, offs_d, M_PAD, BLOCK_F, PROJ_PREC)
+        u = _project(x, wt_ptr, f0, offs_d, D_PAD, M_PAD, BLOCK_F, N_SPLIT)
         best = tl.maximum(best, tl.max(_logits(u, xsq, f0, M, row_ok, BLOCK_F), 1))
     tl.store(out_ptr + bh * n_blocks + pid_n, tl.max(best, 0))
 
@@ -235,7 +256,7 @@ def _state_kernel(
     KERNEL: tl.constexpr,
     STAB: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
-    PROJ_PREC: tl.constexpr,
+    N_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """One segment of positions ``[t SEG, (t+1) SEG)`` (rows ``i = p - OFF``), one feature block.
@@ -260,12 +281,12 @@ def _state_kernel(
         rows = p0 + tl.arange(0, BLOCK_N) - OFF
         row_ok = (rows >= 0) & (rows < N)
         x = _load_rows(x_base, rows, row_ok, offs_d, N, D)
-        y = _load_rows(y_base, rows, row_ok, offs_v, N, DV)
-        u = _project(x, wt_ptr, f0, offs_d, M_PAD, BLOCK_F, PROJ_PREC)
+        y = _load_rows(y_base, rows, row_ok, offs_v, N, DV).to(tl.float32)
+        u = _project(x, wt_ptr, f0, offs_d, D_PAD, M_PAD, BLOCK_F, N_SPLIT)
         if STAB == 2:
             rstab = tl.load(stab_ptr + bh.to(tl.int64) * N + rows, mask=row_ok, other=float("inf"))
         if KERNEL == "softmax":
-            xsq = tl.sum(x * x, 1) * half_s2
+            xsq = _half_sqnorm(x, half_s2)
             lg = _logits(u, xsq, f0, M, row_ok, BLOCK_F)
             if STAB == 1:
                 lg = lg - hstab
@@ -314,9 +335,10 @@ def _fwd_kernel(
     M_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    CHUNK: tl.constexpr,
     CAUSAL: tl.constexpr,
     KERNEL: tl.constexpr,
-    PROJ_PREC: tl.constexpr,
+    N_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """Query pass: ``out = (phi(q) S + intra) / (phi(q) z + intra)`` for one block of queries.
@@ -331,8 +353,9 @@ def _fwd_kernel(
     offs_d = tl.arange(0, D_PAD)
     offs_v = tl.arange(0, DV_PAD)
     if CAUSAL:
-        t = pid + T0
-        pos = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        t = pid // (CHUNK // BLOCK_M) + T0
+        pos = t * CHUNK + (pid % (CHUNK // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
+        kpos = t * CHUNK + tl.arange(0, CHUNK)
         rows = pos - OFF
         slot = bhk * n_state + tl.maximum(t, 0)
     else:
@@ -340,20 +363,20 @@ def _fwd_kernel(
         slot = bhk
     q_ok = (rows >= 0) & (rows < NQ)
     qx = _load_rows(q_ptr + bh.to(tl.int64) * NQ * D, rows, q_ok, offs_d, NQ, D)
-    qsq = tl.sum(qx * qx, 1) * half_s2
+    qsq = _half_sqnorm(qx, half_s2)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     if CAUSAL:
-        k_ok = (pos >= 0) & (pos < NK)
-        kx = _load_rows(k_ptr + bhk.to(tl.int64) * NK * D, pos, k_ok, offs_d, NK, D)
-        ksq = tl.sum(kx * kx, 1) * half_s2
-        att = tl.zeros([BLOCK_M, BLOCK_M], tl.float32)
+        k_ok = (kpos >= 0) & (kpos < NK)
+        kx = _load_rows(k_ptr + bhk.to(tl.int64) * NK * D, kpos, k_ok, offs_d, NK, D)
+        ksq = _half_sqnorm(kx, half_s2)
+        att = tl.zeros([BLOCK_M, CHUNK], tl.float32)
     kstab = 0.0
     if KERNEL == "softmax":
         kstab = tl.load(kstab_ptr + bhk)
     for f0 in range(0, M_PAD, BLOCK_F):
-        u = _project(qx, wt_ptr, f0, offs_d, M_PAD, BLOCK_F, PROJ_PREC)
+        u = _project(qx, wt_ptr, f0, offs_d, D_PAD, M_PAD, BLOCK_F, N_SPLIT)
         if KERNEL == "softmax":
             lg = _logits(u, qsq, f0, M, tl.full([BLOCK_M], 1, tl.int1), BLOCK_F)
             m_new = tl.maximum(m_i, tl.max(lg, 1))
@@ -368,14 +391,14 @@ def _fwd_kernel(
         acc += tl.dot(pq, s, input_precision=DOT_PREC)
         den += tl.sum(pq * z[None, :], 1)
         if CAUSAL:
-            pk, _ = _key_features(kx, ksq, kstab, wt_ptr, f0, offs_d, M, k_ok, M_PAD, BLOCK_F, KERNEL, PROJ_PREC)
+            pk, _ = _key_features(kx, ksq, kstab, wt_ptr, f0, offs_d, M, k_ok, M_PAD, BLOCK_F, KERNEL, D_PAD, N_SPLIT)
             if KERNEL == "softmax":
                 att = att * alpha[:, None]
             att += tl.dot(pq, tl.trans(pk), input_precision=DOT_PREC)
     if CAUSAL:
-        vis = (pos[None, :] <= pos[:, None]) & k_ok[None, :]
+        vis = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
         att = tl.where(vis, att, 0.0)
-        vx = _load_rows(v_ptr + bhk.to(tl.int64) * NK * DV, pos, k_ok, offs_v, NK, DV)
+        vx = _load_rows(v_ptr + bhk.to(tl.int64) * NK * DV, kpos, k_ok, offs_v, NK, DV).to(tl.float32)
         acc += tl.dot(att, vx, input_precision=DOT_PREC)
         den += tl.sum(att, 1)
     has_key = den > 0.0
@@ -419,9 +442,10 @@ def _bwd_dq_kernel(
     M_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    CHUNK: tl.constexpr,
     CAUSAL: tl.constexpr,
     KERNEL: tl.constexpr,
-    PROJ_PREC: tl.constexpr,
+    N_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """``dQ`` of one block of queries (same blocking as :func:`_fwd_kernel`).
@@ -435,8 +459,9 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, D_PAD)
     offs_v = tl.arange(0, DV_PAD)
     if CAUSAL:
-        t = pid + T0
-        pos = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        t = pid // (CHUNK // BLOCK_M) + T0
+        pos = t * CHUNK + (pid % (CHUNK // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
+        kpos = t * CHUNK + tl.arange(0, CHUNK)
         rows = pos - OFF
         slot = bhk * n_state + tl.maximum(t, 0)
     else:
@@ -444,30 +469,30 @@ def _bwd_dq_kernel(
         slot = bhk
     q_ok = (rows >= 0) & (rows < NQ)
     qx = _load_rows(q_ptr + bh.to(tl.int64) * NQ * D, rows, q_ok, offs_d, NQ, D)
-    qsq = tl.sum(qx * qx, 1) * half_s2
-    dox = _load_rows(do_ptr + bh.to(tl.int64) * NQ * DV, rows, q_ok, offs_v, NQ, DV)
+    qsq = _half_sqnorm(qx, half_s2)
+    dox = _load_rows(do_ptr + bh.to(tl.int64) * NQ * DV, rows, q_ok, offs_v, NQ, DV).to(tl.float32)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * NQ + rows, mask=q_ok, other=float("inf"))
     delta = tl.load(delta_ptr + bh.to(tl.int64) * NQ + rows, mask=q_ok, other=0.0)
     kstab = 0.0
     if KERNEL == "softmax":
         kstab = tl.load(kstab_ptr + bhk)
     if CAUSAL:
-        k_ok = (pos >= 0) & (pos < NK)
-        kx = _load_rows(k_ptr + bhk.to(tl.int64) * NK * D, pos, k_ok, offs_d, NK, D)
-        ksq = tl.sum(kx * kx, 1) * half_s2
-        vx = _load_rows(v_ptr + bhk.to(tl.int64) * NK * DV, pos, k_ok, offs_v, NK, DV)
-        vis = (pos[None, :] <= pos[:, None]) & k_ok[None, :]
+        k_ok = (kpos >= 0) & (kpos < NK)
+        kx = _load_rows(k_ptr + bhk.to(tl.int64) * NK * D, kpos, k_ok, offs_d, NK, D)
+        ksq = _half_sqnorm(kx, half_s2)
+        vx = _load_rows(v_ptr + bhk.to(tl.int64) * NK * DV, kpos, k_ok, offs_v, NK, DV).to(tl.float32)
+        vis = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
         datt = tl.dot(dox, tl.trans(vx), input_precision=DOT_PREC) - delta[:, None]
         datt = tl.where(vis, datt, 0.0)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     rs = tl.zeros([BLOCK_M], tl.float32)
     offs_fb = tl.arange(0, BLOCK_F)
     for f0 in range(0, M_PAD, BLOCK_F):
-        psi, u = _query_psi(qx, qsq, lse, wt_ptr, f0, offs_d, M, q_ok, M_PAD, BLOCK_F, KERNEL, PROJ_PREC)
+        psi, u = _query_psi(qx, qsq, lse, wt_ptr, f0, offs_d, M, q_ok, M_PAD, BLOCK_F, KERNEL, D_PAD, N_SPLIT)
         s, z = _load_state(s_ptr, z_ptr, slot, f0, M_PAD, DV_PAD, BLOCK_F)
         tt = tl.dot(dox, tl.trans(s), input_precision=DOT_PREC) - delta[:, None] * z[None, :]
         if CAUSAL:
-            pk, _ = _key_features(kx, ksq, kstab, wt_ptr, f0, offs_d, M, k_ok, M_PAD, BLOCK_F, KERNEL, PROJ_PREC)
+            pk, _ = _key_features(kx, ksq, kstab, wt_ptr, f0, offs_d, M, k_ok, M_PAD, BLOCK_F, KERNEL, D_PAD, N_SPLIT)
             tt += tl.dot(datt, pk, input_precision=DOT_PREC)
         dl = _feature_grad(psi, u, tt, f0, M, KERNEL, BLOCK_F)
         if KERNEL != "softmax":
@@ -477,7 +502,7 @@ def _bwd_dq_kernel(
         w = tl.load(w_ptr + (f0 + offs_fb)[:, None] * D_PAD + offs_d[None, :])
         dq += tl.dot(dl, w, input_precision=DOT_PREC)
     if KERNEL == "softmax":
-        dq -= (2.0 * half_s2) * qx * rs[:, None]
+        dq -= (2.0 * half_s2) * qx.to(tl.float32) * rs[:, None]
     dq_base = dq_ptr + bh.to(tl.int64) * NQ * D
     mask = q_ok[:, None] & (offs_d[None, :] < D)
     tl.store(dq_base + rows[:, None].to(tl.int64) * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask)
@@ -512,9 +537,10 @@ def _bwd_dkv_kernel(
     M_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    CHUNK: tl.constexpr,
     CAUSAL: tl.constexpr,
     KERNEL: tl.constexpr,
-    PROJ_PREC: tl.constexpr,
+    N_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """``dK, dV`` of one block of keys of key head ``bhk``, summed over its query heads.
@@ -531,12 +557,17 @@ def _bwd_dkv_kernel(
     offs_d = tl.arange(0, D_PAD)
     offs_v = tl.arange(0, DV_PAD)
     offs_fb = tl.arange(0, BLOCK_F)
-    pos = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if CAUSAL:
+        t = pid // (CHUNK // BLOCK_N)
+        pos = t * CHUNK + (pid % (CHUNK // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        slot = bhk * n_state + t
+    else:
+        pos = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        slot = bhk
     k_ok = pos < NK
-    slot = bhk * n_state + pid if CAUSAL else bhk
     kx = _load_rows(k_ptr + bhk.to(tl.int64) * NK * D, pos, k_ok, offs_d, NK, D)
-    ksq = tl.sum(kx * kx, 1) * half_s2
-    vx = _load_rows(v_ptr + bhk.to(tl.int64) * NK * DV, pos, k_ok, offs_v, NK, DV)
+    ksq = _half_sqnorm(kx, half_s2)
+    vx = _load_rows(v_ptr + bhk.to(tl.int64) * NK * DV, pos, k_ok, offs_v, NK, DV).to(tl.float32)
     kstab = 0.0
     if KERNEL == "softmax":
         kstab = tl.load(kstab_ptr + bhk)
@@ -544,7 +575,7 @@ def _bwd_dkv_kernel(
     dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
     rs = tl.zeros([BLOCK_N], tl.float32)
     for f0 in range(0, M_PAD, BLOCK_F):
-        pk, u = _key_features(kx, ksq, kstab, wt_ptr, f0, offs_d, M, k_ok, M_PAD, BLOCK_F, KERNEL, PROJ_PREC)
+        pk, u = _key_features(kx, ksq, kstab, wt_ptr, f0, offs_d, M, k_ok, M_PAD, BLOCK_F, KERNEL, D_PAD, N_SPLIT)
         r, rz = _load_state(r_ptr, rz_ptr, slot, f0, M_PAD, DV_PAD, BLOCK_F)
         dphi = tl.dot(vx, tl.trans(r), input_precision=DOT_PREC) - rz[None, :]
         dv += tl.dot(pk, r, input_precision=DOT_PREC)
@@ -554,22 +585,25 @@ def _bwd_dkv_kernel(
         w = tl.load(w_ptr + (f0 + offs_fb)[:, None] * D_PAD + offs_d[None, :])
         dk += tl.dot(dl, w, input_precision=DOT_PREC)
     if CAUSAL:
-        rows = pos - OFF
+        qpos = t * CHUNK + tl.arange(0, CHUNK)
+        rows = qpos - OFF
         q_ok = (rows >= 0) & (rows < NQ)
-        vis = (pos[None, :] >= pos[:, None]) & q_ok[None, :] & k_ok[:, None]  # (keys, queries)
+        vis = (qpos[None, :] >= pos[:, None]) & q_ok[None, :] & k_ok[:, None]  # (keys, queries)
         for g in range(0, G):
             bh = bhk * G + g
             qx = _load_rows(q_ptr + bh.to(tl.int64) * NQ * D, rows, q_ok, offs_d, NQ, D)
-            qsq = tl.sum(qx * qx, 1) * half_s2
-            dox = _load_rows(do_ptr + bh.to(tl.int64) * NQ * DV, rows, q_ok, offs_v, NQ, DV)
+            qsq = _half_sqnorm(qx, half_s2)
+            dox = _load_rows(do_ptr + bh.to(tl.int64) * NQ * DV, rows, q_ok, offs_v, NQ, DV).to(tl.float32)
             lse = tl.load(lse_ptr + bh.to(tl.int64) * NQ + rows, mask=q_ok, other=float("inf"))
             delta = tl.load(delta_ptr + bh.to(tl.int64) * NQ + rows, mask=q_ok, other=0.0)
             datt = tl.dot(vx, tl.trans(dox), input_precision=DOT_PREC) - delta[None, :]
             datt = tl.where(vis, datt, 0.0)
-            att = tl.zeros([BLOCK_N, BLOCK_N], tl.float32)
+            att = tl.zeros([BLOCK_N, CHUNK], tl.float32)
             for f0 in range(0, M_PAD, BLOCK_F):
-                pk, u = _key_features(kx, ksq, kstab, wt_ptr, f0, offs_d, M, k_ok, M_PAD, BLOCK_F, KERNEL, PROJ_PREC)
-                psi, _ = _query_psi(qx, qsq, lse, wt_ptr, f0, offs_d, M, q_ok, M_PAD, BLOCK_F, KERNEL, PROJ_PREC)
+                pk, u = _key_features(
+                    kx, ksq, kstab, wt_ptr, f0, offs_d, M, k_ok, M_PAD, BLOCK_F, KERNEL, D_PAD, N_SPLIT
+                )
+                psi, _ = _query_psi(qx, qsq, lse, wt_ptr, f0, offs_d, M, q_ok, M_PAD, BLOCK_F, KERNEL, D_PAD, N_SPLIT)
                 att += tl.dot(pk, tl.trans(psi), input_precision=DOT_PREC)
                 dphi = tl.dot(datt, psi, input_precision=DOT_PREC)
                 dl = _feature_grad(pk, u, dphi, f0, M, KERNEL, BLOCK_F)
@@ -580,7 +614,7 @@ def _bwd_dkv_kernel(
             att = tl.where(vis, att, 0.0)
             dv += tl.dot(att, dox, input_precision=DOT_PREC)
     if KERNEL == "softmax":
-        dk -= (2.0 * half_s2) * kx * rs[:, None]
+        dk -= (2.0 * half_s2) * kx.to(tl.float32) * rs[:, None]
     dk_base = dk_ptr + bhk.to(tl.int64) * NK * D
     dv_base = dv_ptr + bhk.to(tl.int64) * NK * DV
     row_off = pos[:, None].to(tl.int64)
@@ -603,45 +637,71 @@ def _bwd_dkv_kernel(
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tunable launch parameters of one kernel (block sizes of rows are fixed by the algorithm)."""
+    """Tunable launch parameters of one kernel.
 
+    ``block_m``: rows per program (queries of ``fwd`` and ``bwd_dq``, keys of ``bwd_dkv``; a
+    divisor of ``CHUNK`` when causal); the ``key_max`` and ``state`` kernels take their rows from
+    the algorithm (``BLOCK_ROWS`` / ``CHUNK``) and ignore it. ``block_f``: features per step.
+    """
+
+    block_m: int
     block_f: int
     num_warps: int
     num_stages: int
 
     @property
     def name(self) -> str:
-        return f"F{self.block_f}-w{self.num_warps}-s{self.num_stages}"
+        return f"M{self.block_m}-F{self.block_f}-w{self.num_warps}-s{self.num_stages}"
 
 
 CONFIGS: dict[str, tuple[KernelConfig, ...]] = {
-    "key_max": (KernelConfig(64, 4, 2), KernelConfig(32, 4, 2)),
-    "state": (KernelConfig(64, 4, 2), KernelConfig(32, 4, 2)),
-    "fwd": (KernelConfig(32, 4, 2), KernelConfig(64, 8, 2), KernelConfig(16, 4, 2)),
-    "bwd_dq": (KernelConfig(32, 4, 1), KernelConfig(32, 8, 1), KernelConfig(16, 4, 1)),
-    "bwd_dkv": (KernelConfig(32, 4, 1), KernelConfig(32, 8, 1), KernelConfig(16, 4, 1)),
+    "key_max": (KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 2)),
+    "state": (KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 2)),
+    "fwd": (
+        KernelConfig(64, 32, 4, 2),
+        KernelConfig(64, 64, 8, 2),
+        KernelConfig(32, 32, 4, 2),
+        KernelConfig(32, 16, 4, 2),
+    ),
+    "bwd_dq": (KernelConfig(64, 32, 8, 1), KernelConfig(32, 32, 4, 1), KernelConfig(32, 16, 4, 1)),
+    "bwd_dkv": (KernelConfig(64, 32, 8, 1), KernelConfig(32, 32, 4, 1), KernelConfig(32, 16, 4, 1)),
 }
+_ROW_BLOCK = {"fwd": "BLOCK_M", "bwd_dq": "BLOCK_M", "bwd_dkv": "BLOCK_N"}
 
 
-def keep(kernel: str, cfg: KernelConfig, m_pad: int, d_pad: int, dv_pad: int) -> bool:
-    """Whether ``cfg`` is worth launching for these padded sizes.
+@dataclass(frozen=True)
+class LaunchShape:
+    """What :func:`keep` looks at: padded feature count and head dims, and the form."""
 
-    A feature block wider than the (padded) features only wastes work; wide feature blocks
-    with wide heads need the register file of 8 warps.
+    m_pad: int
+    d_pad: int
+    dv_pad: int
+    causal: bool
+
+
+def keep(kernel: str, cfg: KernelConfig, shape: LaunchShape) -> bool:
+    """Whether ``cfg`` is worth launching for ``shape``.
+
+    A feature block wider than the padded features only wastes work. The causal kernels hold
+    the diagonal chunk (``CHUNK`` keys) next to their accumulators, so they take row blocks of
+    half a chunk unless 8 warps share the tiles. Head dims above 64 double every tile.
     """
-    if cfg.block_f > m_pad:
+    if cfg.block_f > shape.m_pad:
         return False
-    if kernel in ("fwd", "bwd_dq", "bwd_dkv") and max(d_pad, dv_pad) > 64 and cfg.block_f > 32:
-        return cfg.num_warps >= 8
-    return True
+    if kernel not in _ROW_BLOCK:
+        return True
+    if shape.causal and CHUNK % cfg.block_m:
+        return False
+    weight = cfg.block_m * (2 if shape.causal else 1) * max(shape.d_pad, shape.dv_pad) // 64
+    return weight <= 32 * cfg.num_warps // 4 or (weight <= 64 * cfg.num_warps // 4 and cfg.block_f <= 32)
 
 
-def kept_configs(kernel: str, m_pad: int, d_pad: int, dv_pad: int) -> list[KernelConfig]:
+def kept_configs(kernel: str, shape: LaunchShape) -> list[KernelConfig]:
     """The configs of ``kernel`` that :func:`keep` accepts, in list order (never empty)."""
-    kept = [c for c in CONFIGS[kernel] if keep(kernel, c, m_pad, d_pad, dv_pad)]
-    if not kept:  # few features: the narrowest config, its feature block clipped to m_pad
-        narrow = min(CONFIGS[kernel], key=lambda c: c.block_f)
-        kept = [replace(narrow, block_f=min(narrow.block_f, m_pad))]
+    kept = [c for c in CONFIGS[kernel] if keep(kernel, c, shape)]
+    if not kept:  # the narrowest config, its feature block clipped to m_pad
+        narrow = min(CONFIGS[kernel], key=lambda c: (c.block_m, c.block_f))
+        kept = [replace(narrow, block_f=min(narrow.block_f, shape.m_pad))]
     return kept
 
 
@@ -650,24 +710,30 @@ _AUTOTUNED: dict[tuple, object] = {}
 _TUNE_KEYS = ("D_PAD", "DV_PAD", "M_PAD")
 
 
-def _launch(kernel_name: str, fn, grid, args: tuple, sizes: tuple[int, int, int], **constexprs) -> None:
-    """Launch ``fn[grid](*args, **constexprs)`` with the kept configs of ``kernel_name``.
+def _launch(kernel_name: str, fn, grid_fn, args: tuple, shape: LaunchShape, **constexprs) -> None:
+    """Launch ``fn`` with the kept configs of ``kernel_name``; ``grid_fn(block_m, block_f)`` gives the grid.
 
     Under the interpreter (and when one config is kept) the first kept config runs directly;
     on GPU the kept configs are autotuned (every kernel only stores, so re-running is safe).
     """
-    kept = kept_configs(kernel_name, *sizes)
+    kept = kept_configs(kernel_name, shape)
+    row = _ROW_BLOCK.get(kernel_name)
+
+    def params(cfg: KernelConfig) -> dict[str, int]:
+        return {"BLOCK_F": cfg.block_f, **({row: cfg.block_m} if row else {})}
+
     if interpreter_enabled() or len(kept) == 1:
         cfg = kept[0]
-        fn[grid](*args, **constexprs, BLOCK_F=cfg.block_f, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        grid = grid_fn(cfg.block_m, cfg.block_f)
+        fn[grid](*args, **constexprs, **params(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return
     key = (kernel_name, tuple(kept), tuple(sorted((k, str(v)) for k, v in constexprs.items())))
     tuned = _AUTOTUNED.get(key)
     if tuned is None:
-        configs = [triton.Config({"BLOCK_F": c.block_f}, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
+        configs = [triton.Config(params(c), num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
         tuned = triton.autotune(configs=configs, key=list(_TUNE_KEYS))(fn)
         _AUTOTUNED[key] = tuned
-    tuned[grid](*args, **constexprs)  # type: ignore[index]
+    tuned[lambda meta: grid_fn(meta.get(row, 64) if row else 64, meta["BLOCK_F"])](*args, **constexprs)  # type: ignore[index]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,24 +794,39 @@ class _Geometry:
     def off(self) -> int:
         return self.nk - self.nq
 
-    @property
-    def sizes(self) -> tuple[int, int, int]:
-        return (self.m_pad, self.d_pad, self.dv_pad)
+    def shape(self, causal: bool) -> LaunchShape:
+        return LaunchShape(self.m_pad, self.d_pad, self.dv_pad, causal)
 
 
 def _pad_pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _precisions(dtype: torch.dtype) -> dict[str, str]:
-    return {"PROJ_PREC": "tf32x3", "DOT_PREC": "tf32x3" if dtype == torch.float32 else "tf32"}
+# Terms of the split projection per input dtype (0: float32 and three-TF32 products).
+N_SPLIT = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 3}
 
 
-def _prepare_projection(w: Tensor, opts: FavorOptions, geo: _Geometry) -> tuple[Tensor, Tensor]:
-    """``Ws = W * scale ** 0.5`` zero-padded to ``(M_PAD, D_PAD)`` and its transpose, float32."""
-    ws = torch.zeros(geo.m_pad, geo.d_pad, device=w.device, dtype=torch.float32)
-    ws[: w.shape[0], : w.shape[1]] = w.to(torch.float32) * math.sqrt(opts.scale)
-    return ws, ws.t().contiguous()
+def _precisions(dtype: torch.dtype) -> dict[str, object]:
+    """Constexprs fixing the product precisions for inputs of ``dtype`` (see the module docstring)."""
+    return {"N_SPLIT": N_SPLIT[dtype], "DOT_PREC": "tf32x3" if dtype == torch.float32 else "tf32"}
+
+
+def _prepare_projection(w: Tensor, dtype: torch.dtype, opts: FavorOptions, geo: _Geometry) -> tuple[Tensor, Tensor]:
+    """``Ws = W * scale ** 0.5`` zero-padded to ``(M_PAD, D_PAD)`` (float32, for the backward), and
+    ``Ws^T`` as the kernels' projection operand: ``(N_SPLIT, D_PAD, M_PAD)`` terms in ``dtype``
+    that add up to ``Ws^T`` (float32 inputs: one float32 term).
+    """
+    ws = torch.zeros(geo.m_pad, geo.d_pad, device=w.device, dtype=torch.float64)
+    ws[: w.shape[0], : w.shape[1]] = w.to(torch.float64) * math.sqrt(opts.scale)
+    rest = ws.t().contiguous()
+    n_split = N_SPLIT[dtype]
+    if n_split == 0:
+        return ws.float(), rest.float()[None].contiguous()
+    terms = []
+    for _ in range(n_split):
+        terms.append(rest.to(dtype))
+        rest = rest - terms[-1].double()
+    return ws.float(), torch.stack(terms).contiguous()
 
 
 def _key_stabiliser(k: Tensor, wt: Tensor, opts: FavorOptions, geo: _Geometry) -> Tensor:
@@ -758,13 +839,13 @@ def _key_stabiliser(k: Tensor, wt: Tensor, opts: FavorOptions, geo: _Geometry) -
     _launch(
         "key_max",
         _key_max_kernel,
-        (n_blocks, bhk),
+        lambda bm, bf: (n_blocks, bhk),
         (k, wt, part, geo.nk, geo.d, opts.m, opts.half_s2, n_blocks),
-        geo.sizes,
+        geo.shape(opts.causal),
         D_PAD=geo.d_pad,
         M_PAD=geo.m_pad,
         BLOCK_N=BLOCK_ROWS,
-        PROJ_PREC="tf32x3",
+        N_SPLIT=N_SPLIT[k.dtype],
     )
     return part.amax(dim=1)
 
@@ -788,14 +869,10 @@ def _segment_sums(
     bh = x.shape[0] * x.shape[1]
     s = torch.empty(bh, n_seg, geo.m_pad, geo.dv_pad, device=x.device, dtype=torch.float32)
     z = torch.empty(bh, n_seg, geo.m_pad, device=x.device, dtype=torch.float32)
-    kept = kept_configs("state", *geo.sizes)
-    grid = lambda meta: (geo.m_pad // meta["BLOCK_F"], n_seg, bh)
-    if interpreter_enabled() or len(kept) == 1:
-        grid = (geo.m_pad // kept[0].block_f, n_seg, bh)
     _launch(
         "state",
         _state_kernel,
-        grid,
+        lambda bm, bf: (geo.m_pad // bf, n_seg, bh),
         (
             x,
             y,
@@ -813,7 +890,7 @@ def _segment_sums(
             opts.half_s2,
             n_seg,
         ),
-        geo.sizes,
+        geo.shape(opts.causal),
         D_PAD=geo.d_pad,
         DV_PAD=geo.dv_pad,
         M_PAD=geo.m_pad,
@@ -891,25 +968,32 @@ def _query_states(q, dout, lse, delta, wt, opts: FavorOptions, geo: _Geometry):
     return r, rz, 1
 
 
-def _query_grid(opts: FavorOptions, geo: _Geometry, bh: int) -> tuple[tuple[int, int], int]:
-    """Grid of the query-block kernels and the first chunk index ``T0`` (causal)."""
+def _first_chunk(opts: FavorOptions, geo: _Geometry) -> int:
+    """Chunk ``T0`` of the first query position (floor: negative when Nq > Nk, whose leading
+    queries see no key); 0 when not causal."""
+    return geo.off // CHUNK if opts.causal else 0
+
+
+def _query_grid(opts: FavorOptions, geo: _Geometry):
+    """``grid_fn(block_m, block_f)`` of the query-block kernels (``fwd``, ``bwd_dq``)."""
+    bh = geo.b * geo.h
     if opts.causal:
-        t0 = geo.off // CHUNK  # floor: negative when Nq > Nk (leading queries see no key)
-        return (triton.cdiv(geo.nk, CHUNK) - t0, bh), t0
-    return (triton.cdiv(geo.nq, BLOCK_ROWS), bh), 0
+        n_chunks = triton.cdiv(geo.nk, CHUNK) - _first_chunk(opts, geo)
+        return lambda bm, bf: (n_chunks * (CHUNK // bm), bh)
+    return lambda bm, bf: (triton.cdiv(geo.nq, bm), bh)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, opts: FavorOptions, geo: _Geometry):
-    ws, wt = _prepare_projection(w, opts, geo)
+    ws, wt = _prepare_projection(w, q.dtype, opts, geo)
     kstab = _key_stabiliser(k, wt, opts, geo)
     s, z, n_state = _key_states(k, v, wt, kstab, opts, geo)
     out = torch.empty(geo.b, geo.h, geo.nq, geo.dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(geo.b, geo.h, geo.nq, device=q.device, dtype=torch.float32)
-    grid, t0 = _query_grid(opts, geo, geo.b * geo.h)
+    t0 = _first_chunk(opts, geo)
     _launch(
         "fwd",
         _fwd_kernel,
-        grid,
+        _query_grid(opts, geo),
         (
             q,
             k,
@@ -931,11 +1015,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, opts: FavorOptions, geo
             opts.half_s2,
             geo.groups,
         ),
-        geo.sizes,
+        geo.shape(opts.causal),
         D_PAD=geo.d_pad,
         DV_PAD=geo.dv_pad,
         M_PAD=geo.m_pad,
-        BLOCK_M=CHUNK if opts.causal else BLOCK_ROWS,
+        CHUNK=CHUNK,
         CAUSAL=opts.causal,
         KERNEL=opts.kernel,
         **_precisions(q.dtype),
@@ -950,11 +1034,12 @@ def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOp
     else:
         s, z, n_state = _key_states(k, v, wt, kstab, opts, geo)
     dq = torch.empty_like(q)
-    grid, t0 = _query_grid(opts, geo, geo.b * geo.h)
+    t0 = _first_chunk(opts, geo)
     common = {
         "D_PAD": geo.d_pad,
         "DV_PAD": geo.dv_pad,
         "M_PAD": geo.m_pad,
+        "CHUNK": CHUNK,
         "CAUSAL": opts.causal,
         "KERNEL": opts.kernel,
         **_precisions(q.dtype),
@@ -962,7 +1047,7 @@ def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOp
     _launch(
         "bwd_dq",
         _bwd_dq_kernel,
-        grid,
+        _query_grid(opts, geo),
         (
             q,
             k,
@@ -987,18 +1072,16 @@ def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOp
             opts.half_s2,
             geo.groups,
         ),
-        geo.sizes,
-        BLOCK_M=CHUNK if opts.causal else BLOCK_ROWS,
+        geo.shape(opts.causal),
         **common,
     )
     r, rz, n_state = _query_states(q, dout, lse, delta, wt, opts, geo)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    block_n = CHUNK if opts.causal else BLOCK_ROWS
     _launch(
         "bwd_dkv",
         _bwd_dkv_kernel,
-        (triton.cdiv(geo.nk, block_n), geo.b * geo.hk),
+        lambda bm, bf: (triton.cdiv(geo.nk, bm), geo.b * geo.hk),
         (
             q,
             k,
@@ -1023,8 +1106,7 @@ def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOp
             opts.half_s2,
             geo.groups,
         ),
-        geo.sizes,
-        BLOCK_N=block_n,
+        geo.shape(opts.causal),
         **common,
     )
     return dq, dk, dv
