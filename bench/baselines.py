@@ -159,10 +159,15 @@ def flex_fn(variant: av.AttentionVariant, q: Tensor, k: Tensor, causal: bool) ->
 
 
 def dense_bytes(variant: str, backend: str, batch: int, heads: int, nq: int, nk: int, elem: int, grad: bool) -> int:
-    """Rough bytes of the N x N tensors a dense backend builds (0 for the ones that do not)."""
+    """Rough bytes of the N x N tensors a dense backend builds (0 for the ones that do not).
+
+    ``reference``: scores, probabilities and a mask per (batch, head), twice with autograd.
+    ``sdpa`` with the band mask: the bool mask, which the CPU kernel also converts once to a
+    float additive mask (shared by all heads; measured), plus its gradient-path copy.
+    """
     if backend == "reference":
-        per = batch * heads * nq * nk * max(elem, 4) * 3  # scores, probabilities, mask/temporaries
+        per = batch * heads * nq * nk * max(elem, 4) * 3
         return per * (2 if grad else 1)
     if backend == "sdpa" and variant == "sliding_window":
-        return nq * nk * (1 + (8 if grad else 0)) + batch * heads * nq * nk * (4 if grad else 0)
+        return nq * nk * (1 + 4 + (4 if grad else 0))
     return 0

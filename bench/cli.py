@@ -139,7 +139,8 @@ def sweep(
             progress=progress,
         )
     except KeyboardInterrupt:
-        console.print(f"\n[yellow]Interrupted: finished rows are in {results_path}; continue with --resume")
+        again = f"attn-bench sweep --preset {preset} --out {out} --resume"
+        console.print(f"\n[yellow]Interrupted: finished rows are in {results_path}; continue with: {again}")
         raise typer.Exit(130) from None
     counts: dict[str, int] = {}
     for r in results:

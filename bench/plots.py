@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -13,7 +14,9 @@ import pandas as pd
 
 from .analysis import LINE, SETTING, line_label, ok_rows, setting_label, speedups
 
-STYLE = {"full": "-", "sliding_window": "--", "performer": ":"}
+# Colour says the variant, line style and marker the backend.
+COLOR = {"full": "tab:blue", "sliding_window": "tab:green", "performer": "tab:red"}
+STYLE = {"torch": "-", "triton": "-", "auto": "-", "sdpa": "--", "flex": "-.", "reference": ":"}
 MARKER = {"torch": "o", "triton": "s", "sdpa": "^", "flex": "D", "reference": "x", "auto": "v"}
 
 
@@ -32,7 +35,8 @@ def _lines(ax, df: pd.DataFrame, ycol: str, scale: float = 1.0) -> bool:
         ax.plot(
             g["seq_len"],
             y,
-            linestyle=STYLE.get(first["variant"], "-"),
+            color=COLOR.get(first["variant"]),
+            linestyle=STYLE.get(first["backend"], "-"),
             marker=MARKER.get(first["backend"], "o"),
             label=line_label(first),
         )
@@ -66,10 +70,15 @@ def _figure(
         sub = df[df["pass"] == p]
         if _lines(ax, sub, ycol, scale):
             drew = True
+            if ycol == "speedup":
+                ax.axhline(1.0, color="0.5", linewidth=0.8)
             if guides:
                 _guides(ax, sub, ycol, scale)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        lengths = sorted(sub["seq_len"].unique())
+        ax.set_xticks(lengths, [str(int(n)) for n in lengths], rotation=45, fontsize=7)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("sequence length N")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{p}")
@@ -88,6 +97,8 @@ def _figure(
 def sweep_plots(df: pd.DataFrame, out: Path, baseline: str = "sdpa") -> dict[str, list[Path]]:
     """Time, memory, speed-up and FLOP/s vs N, one figure per setting; returns the files by kind."""
     ok = ok_rows(df)
+    # The Performer's SDPA baseline is full attention's SDPA row: drawn once, as full / sdpa.
+    ok = ok[~((ok["variant"] == "performer") & (ok["backend"] == "sdpa"))]
     files: dict[str, list[Path]] = {"time": [], "memory": [], "speedup": [], "flops": []}
     sp = speedups(df, baseline)
     for _, s in ok.groupby(SETTING, dropna=False, sort=False):

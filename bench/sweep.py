@@ -275,7 +275,7 @@ class _Progress:
 
     def advance(self, message: str) -> None:
         if self.progress is not None:
-            self.progress.console.log(message)
+            self.progress.console.print(message)
             self.progress.advance(self.task)
 
     def __exit__(self, *exc) -> None:

@@ -95,8 +95,16 @@ class WorkerPool:
         child.close()
         self.conn = parent
         # Importing torch can take a while on a loaded machine; that is not the config's time.
-        if not parent.poll(STARTUP_TIMEOUT_S) or parent.recv() != "ready":
-            raise RuntimeError(f"the benchmark worker did not start within {STARTUP_TIMEOUT_S} s")
+        try:
+            ready = parent.poll(STARTUP_TIMEOUT_S) and parent.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            code = self.proc.exitcode
+            self._kill()
+            raise RuntimeError(
+                f"the benchmark worker did not start (exit code {code}); see {self.log_path or 'its stderr'}"
+            )
 
     def _kill(self) -> None:
         if self.proc is not None:
