@@ -82,26 +82,32 @@ class KernelConfig:
         return f"M{self.block_m}-N{self.block_n}-w{self.num_warps}-s{self.num_stages}"
 
 
-# Candidates in order of preference; the first one that ``keep`` accepts is launched. They follow
-# FlashAttention-2 / the Triton tutorial's choices for A100/H100 (128x64 tiles for head dims up
-# to 128, smaller tiles where the K/V tiles of large head dims or float32 would not fit).
-FWD_CONFIGS: tuple[KernelConfig, ...] = (
-    KernelConfig(128, 64, 4, 3),
-    KernelConfig(128, 64, 8, 3),
-    KernelConfig(128, 32, 8, 2),
-    KernelConfig(64, 32, 4, 2),
-    KernelConfig(64, 64, 4, 2),
-    KernelConfig(32, 32, 4, 2),
-    KernelConfig(16, 16, 4, 1),
+@dataclass(frozen=True)
+class Candidate:
+    """A launch configuration and the inputs it is meant for (16-bit or float32, head dims)."""
+
+    config: KernelConfig
+    elem_bytes: int
+    max_head_dim: int
+
+
+# Candidates in order of preference; the first one that ``keep`` accepts is launched. The
+# tiles follow FlashAttention-2 / the Triton tutorial, shrunk until ``ptxas`` reports no
+# spills in the forward for sm_80 and sm_90 in the specialisation with the most live state
+# (tests/test_flash_compile.py prints the numbers). float32 uses IEEE products on the CUDA
+# cores, hence its small tiles: it is the accuracy path, 16-bit inputs are the fast path.
+FWD_CANDIDATES: tuple[Candidate, ...] = (
+    Candidate(KernelConfig(128, 64, 8, 3), 2, 64),
+    Candidate(KernelConfig(128, 32, 8, 2), 2, 128),
+    Candidate(KernelConfig(32, 32, 8, 2), 2, 256),
+    Candidate(KernelConfig(32, 16, 8, 1), 4, 256),
 )
-# The backward holds more tiles live (q, k, v, do and two accumulators), so its tiles are smaller.
-BWD_CONFIGS: tuple[KernelConfig, ...] = (
-    KernelConfig(64, 64, 4, 2),
-    KernelConfig(32, 64, 4, 2),
-    KernelConfig(64, 32, 8, 2),
-    KernelConfig(32, 32, 4, 2),
-    KernelConfig(32, 32, 8, 1),
-    KernelConfig(16, 16, 4, 1),
+# The backward holds more tiles live (q, k, v, dO and two accumulators): smaller tiles.
+BWD_CANDIDATES: tuple[Candidate, ...] = (
+    Candidate(KernelConfig(64, 32, 4, 2), 2, 64),
+    Candidate(KernelConfig(32, 32, 4, 2), 2, 128),
+    Candidate(KernelConfig(32, 32, 8, 1), 2, 256),
+    Candidate(KernelConfig(16, 16, 4, 1), 4, 256),
 )
 # Under the interpreter: small tiles with block_m != block_n, so that tests at N <= 200 cover
 # several blocks, edge blocks and interior blocks of both shapes.
@@ -113,69 +119,52 @@ class ConfigKey:
     """What the launch configuration is chosen on."""
 
     n: int  # max(Nq, Nk)
-    head_dim: int  # padded head dim, max(D, Dv) rounded up to a power of two (>= 16)
+    head_dim: int  # max(D, Dv)
     elem_bytes: int  # 2 (float16/bfloat16) or 4 (float32)
     causal: bool
     window: int | None  # left + right + 1, None for full attention
 
 
-def keep(cfg: KernelConfig, key: ConfigKey, backward: bool) -> bool:
-    """Whether ``cfg`` is a sensible launch for ``key`` (the predicate that prunes the list)."""
-    d, eb = key.head_dim, key.elem_bytes
-    small_n = max(16, triton.next_power_of_2(key.n)) if triton is not None else 16
-    if cfg.block_m > small_n and cfg.block_m > 16:
-        return False  # a tile larger than the whole sequence wastes the block
-    if key.window is not None and cfg.block_n > 16 and cfg.block_n >= 2 * key.window:
-        return False  # a narrow band: large key tiles are mostly masked
-    if not backward:
-        if d >= 256 and (cfg.block_n > 32 or cfg.block_m > 64):
-            return False
-        if eb == 4 and d >= 128 and (cfg.block_n > 32 or cfg.block_m > 64):
-            return False
-        if d >= 128 and eb == 2 and cfg.num_warps < 8 and cfg.block_m >= 128:
-            return False
-        return not (d <= 64 and cfg.num_warps > 4 and cfg.block_m >= 128)
-    if d >= 256 and (cfg.block_m > 32 or cfg.block_n > 32):
+def keep(candidate: Candidate, key: ConfigKey) -> bool:
+    """Whether ``candidate`` may run ``key``: the predicate that prunes the candidate lists."""
+    cfg = candidate.config
+    if key.elem_bytes != candidate.elem_bytes or key.head_dim > candidate.max_head_dim:
         return False
-    if d >= 128 and eb == 4 and (cfg.block_m > 32 or cfg.block_n > 32):
-        return False
-    if d >= 128 and cfg.block_m * cfg.block_n > 32 * 64:
-        return False
-    return not (d >= 256 and cfg.num_warps < 8 and cfg.block_m >= 32)
+    if key.window is not None and key.window <= 32 and cfg.block_n >= 64:
+        return False  # a narrow band: most of a wide key tile would be masked
+    return not (key.n <= 64 and cfg.block_m >= 128)  # a short sequence: one small tile suffices
+
+
+def gathered_config(cfg: KernelConfig) -> KernelConfig:
+    """Launch of the gathered global rows: half the query tile (gathered row indices cost
+    registers that the band kernel does not need; the compile tests showed spills otherwise)."""
+    return KernelConfig(max(16, cfg.block_m // 2), cfg.block_n, cfg.num_warps, cfg.num_stages)
+
+
+def _select_gpu(key: ConfigKey, backward: bool) -> KernelConfig:
+    for candidate in BWD_CANDIDATES if backward else FWD_CANDIDATES:
+        if keep(candidate, key):
+            return candidate.config
+    raise AssertionError(f"no launch configuration for {key}")  # the lists end with catch-alls
 
 
 def select_config(key: ConfigKey, backward: bool) -> KernelConfig:
-    """The launch configuration for ``key``: the first candidate ``keep`` accepts."""
+    """The launch configuration for ``key`` (a fixed one under the interpreter: no autotuning)."""
     if interpreter_enabled():
         return INTERPRETER_CONFIG
     return _select_gpu(key, backward)
 
 
 def shipped_configs() -> list[tuple[str, KernelConfig, int, torch.dtype]]:
-    """Every (kernel, config, padded head dim, dtype) that ``select_config`` can launch on a GPU.
-
-    The compile tests build each of them for sm_80 and sm_90.
-    """
-    seen: dict[tuple[str, KernelConfig, int, torch.dtype], None] = {}
-    for dtype in SUPPORTED_DTYPES:
-        eb = torch.finfo(dtype).bits // 8
-        for d in (16, 32, 64, 128, 256):
-            for n in (16, 64, 128, 4096):
-                for window in (None, 8, 256):
-                    for causal in (False, True):
-                        key = ConfigKey(n, d, eb, causal, window)
-                        for backward, kernels in ((False, ("fwd",)), (True, ("bwd_dq", "bwd_dkdv"))):
-                            cfg = _select_gpu(key, backward)
-                            for kernel in kernels:
-                                seen[(kernel, cfg, d, dtype)] = None
-    return list(seen)
-
-
-def _select_gpu(key: ConfigKey, backward: bool) -> KernelConfig:
-    for cfg in BWD_CONFIGS if backward else FWD_CONFIGS:
-        if keep(cfg, key, backward):
-            return cfg
-    return KernelConfig(16, 16, 4, 1)
+    """``(kernel, config, head dim, dtype)`` of every launch ``select_config`` can make on a GPU,
+    at the largest head dim the config serves (the most live state); 16-bit configs are listed
+    with bfloat16, the dtype the interpreter cannot check. The compile tests build each one."""
+    out = []
+    for kernels, candidates in ((("fwd",), FWD_CANDIDATES), (("bwd_dq", "bwd_dkdv"), BWD_CANDIDATES)):
+        for c in candidates:
+            dtype = torch.bfloat16 if c.elem_bytes == 2 else torch.float32
+            out.extend((kernel, c.config, c.max_head_dim, dtype) for kernel in kernels)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +214,7 @@ def query_block_schedule(
     causal: bool,
     window: tuple[int, int] | None,
     global_idx: Tensor | None = None,
+    global_block: int | None = None,
 ) -> Tensor:
     """Key ranges visited by each query program of the forward and ``dq`` kernels.
 
@@ -233,7 +223,8 @@ def query_block_schedule(
     which ``[lo, hi)`` are seen entirely by every row of the program. Programs
     ``0 .. ceil(nq / block_m) - 1`` are the query blocks (their band, causal applied);
     with ``global_idx`` (sorted positions of the global tokens, ``nq == nk``) the next
-    ``ceil(g / block_m)`` programs are the gathered global rows, which see every key
+    ``ceil(g / global_block)`` programs (``global_block`` defaults to ``block_m``) are the
+    gathered global rows, which see every key
     (causal applied). The band programs also visit the global keys, which are not listed here.
     """
     off = nk - nq
@@ -245,7 +236,7 @@ def query_block_schedule(
     lefts = torch.full_like(m, left)
     rights = torch.full_like(m, right)
     if global_idx is not None and global_idx.numel():
-        g_lo, g_hi = _gathered_blocks(global_idx.long().cpu(), block_m)
+        g_lo, g_hi = _gathered_blocks(global_idx.long().cpu(), global_block or block_m)
         p_lo = torch.cat([p_lo, g_lo + off])
         p_hi = torch.cat([p_hi, g_hi + off])
         lefts = torch.cat([lefts, torch.full_like(g_lo, big)])
@@ -907,7 +898,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _config_key(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> ConfigKey:
     window = None if opts.window is None else opts.window[0] + opts.window[1] + 1
-    d = _block_d(max(q.shape[-1], v.shape[-1]))
+    d = max(q.shape[-1], v.shape[-1])
     return ConfigKey(max(q.shape[2], k.shape[2]), d, q.element_size(), opts.causal, window)
 
 
@@ -927,12 +918,14 @@ def _last_dim_unit(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launches(sched: Tensor, n_band: int, has_global: bool) -> list[tuple[Tensor, int, bool, bool]]:
-    """``(schedule rows, programs, HAS_GLOBAL, GATHERED)`` of the band launch and, with global
-    tokens, of the gathered launch (a separate specialisation keeps the band kernel lean)."""
-    out = [(sched[:n_band], n_band, has_global, False)]
+def _launches(
+    sched: Tensor, n_band: int, has_global: bool, block: int, gathered_block: int
+) -> list[tuple[Tensor, int, bool, bool, int]]:
+    """``(schedule rows, programs, HAS_GLOBAL, GATHERED, tile)`` of the band launch and, with
+    global tokens, of the gathered launch (a separate specialisation keeps the band kernel lean)."""
+    out = [(sched[:n_band], n_band, has_global, False, block)]
     if has_global and sched.shape[0] > n_band:
-        out.append((sched[n_band:], sched.shape[0] - n_band, False, True))
+        out.append((sched[n_band:], sched.shape[0] - n_band, False, True, gathered_block))
     return out
 
 
@@ -941,14 +934,16 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple[Tenso
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = select_config(_config_key(q, k, v, opts), backward=False)
     gidx, gflag, ng = _global_args(opts, q.device)
+    gblock = gathered_config(cfg).block_m
     sched = query_block_schedule(
         nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window,
-        global_idx=opts.global_idx if ng else None,
+        global_idx=opts.global_idx if ng else None, global_block=gblock,
     ).to(q.device)  # fmt: skip
     out = torch.empty(bsz, h, nq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, h, nq, dtype=torch.float32, device=q.device)
     left, right = _left_right(opts, nq, nk)
-    for rows, programs, has_global, gathered in _launches(sched, triton.cdiv(nq, cfg.block_m), ng > 0):
+    n_band = triton.cdiv(nq, cfg.block_m)
+    for rows, programs, has_global, gathered, block_m in _launches(sched, n_band, ng > 0, cfg.block_m, gblock):
         _fwd_kernel[(programs, bsz * h)](
             q, k, v, out, lse, rows, gidx, gflag,
             q.stride(0), q.stride(1), q.stride(2),
@@ -956,7 +951,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple[Tenso
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             h, h // hk, nq, nk, ng, left, right, opts.scale * _LOG2E,
-            CAUSAL=opts.causal, HAS_GLOBAL=has_global, GATHERED=gathered, BLOCK_M=cfg.block_m,
+            CAUSAL=opts.causal, HAS_GLOBAL=has_global, GATHERED=gathered, BLOCK_M=block_m,
             BLOCK_N=cfg.block_n, BLOCK_D=_block_d(d), BLOCK_DV=_block_d(dv), HEAD_D=d, HEAD_DV=dv,
             PREC=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -979,16 +974,19 @@ def _backward(
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dvv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     common = dict(
-        CAUSAL=opts.causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(d),
+        CAUSAL=opts.causal, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(d),
         BLOCK_DV=_block_d(dv), HEAD_D=d, HEAD_DV=dv, PREC=_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     qk_scale = opts.scale * _LOG2E
 
+    gblock = gathered_config(cfg).block_m
     sched_q = query_block_schedule(
-        nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window, global_idx=global_idx
-    ).to(q.device)
-    for rows, programs, has_global, gathered in _launches(sched_q, triton.cdiv(nq, cfg.block_m), ng > 0):
+        nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window, global_idx=global_idx,
+        global_block=gblock,
+    ).to(q.device)  # fmt: skip
+    n_band = triton.cdiv(nq, cfg.block_m)
+    for rows, programs, has_global, gathered, block_m in _launches(sched_q, n_band, ng > 0, cfg.block_m, gblock):
         _bwd_dq_kernel[(programs, bsz * h)](
             q, k, v, dout, dq, lse, delta, rows, gidx, gflag,
             q.stride(0), q.stride(1), q.stride(2),
@@ -997,12 +995,13 @@ def _backward(
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             h, h // hk, nq, nk, ng, left, right, opts.scale, qk_scale,
-            HAS_GLOBAL=has_global, GATHERED=gathered, **common,
+            HAS_GLOBAL=has_global, GATHERED=gathered, BLOCK_M=block_m, **common,
         )  # fmt: skip
     sched_k = key_block_schedule(
         nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window, global_idx=global_idx
     ).to(q.device)
-    for cols, programs, has_global, gathered in _launches(sched_k, triton.cdiv(nk, cfg.block_n), ng > 0):
+    n_band = triton.cdiv(nk, cfg.block_n)
+    for cols, programs, has_global, gathered, _ in _launches(sched_k, n_band, ng > 0, cfg.block_n, cfg.block_n):
         _bwd_dkdv_kernel[(programs, bsz * hk)](
             q, k, v, dout, dk, dvv, lse, delta, cols, gidx, gflag,
             q.stride(0), q.stride(1), q.stride(2),
@@ -1012,7 +1011,7 @@ def _backward(
             dk.stride(0), dk.stride(1), dk.stride(2),
             dvv.stride(0), dvv.stride(1), dvv.stride(2),
             h, hk, h // hk, nq, nk, ng, left, right, opts.scale, qk_scale,
-            HAS_GLOBAL=has_global, GATHERED=gathered, **common,
+            HAS_GLOBAL=has_global, GATHERED=gathered, BLOCK_M=cfg.block_m, **common,
         )  # fmt: skip
     return dq, dk, dvv
 
@@ -1083,8 +1082,11 @@ def unsupported_reason(variant: object, device: torch.device, dtype: torch.dtype
 
 __all__ = [
     "FlashOptions",
+    "Candidate",
+    "ConfigKey",
     "KernelConfig",
     "flash_attention",
+    "gathered_config",
     "key_block_schedule",
     "query_block_schedule",
     "select_config",

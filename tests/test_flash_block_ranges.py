@@ -37,14 +37,15 @@ def _check_row(sched: torch.Tensor, block: int, total: int) -> tuple[int, int, i
     return start, lo, hi, end
 
 
-def check_query_schedule(nq, nk, bm, bn, causal, window, positions) -> None:
+def check_query_schedule(nq, nk, bm, bn, causal, window, positions, gb=None) -> None:
     gm = _gmask(nq, positions)
     dense = masks.dense_mask(nq, nk, causal=causal, window=window, global_mask=gm)
     band = masks.dense_mask(nq, nk, causal=causal, window=window)  # what the band loops compute
     gidx = gm.nonzero().flatten() if gm is not None else None
-    sched = fa.query_block_schedule(nq, nk, bm, bn, causal=causal, window=window, global_idx=gidx)
+    sched = fa.query_block_schedule(nq, nk, bm, bn, causal=causal, window=window, global_idx=gidx, global_block=gb)
+    gb = gb or bm
     n_band = math.ceil(nq / bm)
-    n_glob = 0 if gidx is None else math.ceil(gidx.numel() / bm)
+    n_glob = 0 if gidx is None else math.ceil(gidx.numel() / gb)
     assert sched.shape == (n_band + n_glob, 4) and sched.dtype == torch.int32
     is_global = gm if gm is not None else torch.zeros(nq, dtype=torch.bool)
     for prog in range(n_band + n_glob):
@@ -64,8 +65,8 @@ def check_query_schedule(nq, nk, bm, bn, causal, window, positions) -> None:
                 assert math.ceil((end - start) / bn) <= limit, f"program {prog} visits too many blocks"
         else:
             assert gidx is not None
-            t = (prog - n_band) * bm
-            rows = gidx[t : t + bm]
+            t = (prog - n_band) * gb
+            rows = gidx[t : t + gb]
             covered = torch.zeros(nk, dtype=torch.bool)
             covered[start:end] = True
             assert not (dense[rows] & ~covered).any(), f"global program {prog} misses a visible key"
@@ -140,7 +141,7 @@ def test_schedules_cover_the_dense_mask(case, causal: bool, blocks) -> None:
     nq, nk, window, positions = case
     if window is not None:
         window = masks.window_bounds(window, causal)
-    check_query_schedule(nq, nk, *blocks, causal, window, positions)
+    check_query_schedule(nq, nk, *blocks, causal, window, positions, gb=max(16, blocks[0] // 2))
     check_key_schedule(nq, nk, *blocks, causal, window, positions)
 
 
@@ -153,15 +154,16 @@ def test_schedules_cover_the_dense_mask(case, causal: bool, blocks) -> None:
     causal=st.booleans(),
     window=st.one_of(st.none(), st.tuples(st.integers(0, 160), st.integers(0, 160))),
     gseed=st.integers(0, 3),
+    gb=st.sampled_from([None, 16]),
 )
-def test_schedules_random(nq, nk, bm, bn, causal, window, gseed) -> None:
+def test_schedules_random(nq, nk, bm, bn, causal, window, gseed, gb) -> None:
     positions = None
     if window is not None and gseed and nq == nk:
         gen = torch.Generator().manual_seed(gseed)
         positions = sorted(set(torch.randint(0, nq, (gseed * 2,), generator=gen).tolist()))
     if window is not None:
         window = masks.window_bounds(window, causal)
-    check_query_schedule(nq, nk, bm, bn, causal, window, positions)
+    check_query_schedule(nq, nk, bm, bn, causal, window, positions, gb=gb)
     check_key_schedule(nq, nk, bm, bn, causal, window, positions)
 
 

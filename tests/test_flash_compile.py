@@ -1,0 +1,74 @@
+"""Every shipped launch configuration of the fused softmax kernels, compiled ahead of time.
+
+No GPU needed: ``kernels.aot.compile_for`` lowers each kernel to PTX for sm_80 (A100) and
+sm_90 (H100) and runs the wheel's ``ptxas -v`` on it. Registers, shared memory and spills are
+printed (``pytest -s`` shows them); a forward kernel that spills fails the test. Each config
+is compiled in the specialisation with the most live state (causal, global tokens), and the
+forward also in its gathered-global-rows specialisation (with its own, halved query tile).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+fa = pytest.importorskip("kernels.flash_attention")
+aot = pytest.importorskip("kernels.aot")
+
+ARCHS = [pytest.param(80, id="sm80"), pytest.param(90, id="sm90")]
+_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _specs() -> list:
+    specs = []
+    for kernel, cfg, head_dim, dtype in fa.shipped_configs():
+        name = f"{cfg}-D{head_dim}-{_DT[dtype]}"
+        specs.append(pytest.param((kernel, cfg, head_dim, dtype, False), id=f"{kernel}-{name}"))
+        if kernel == "fwd":
+            gcfg = fa.gathered_config(cfg)
+            gname = f"{gcfg}-D{head_dim}-{_DT[dtype]}"
+            specs.append(pytest.param((kernel, gcfg, head_dim, dtype, True), id=f"{kernel}_gathered-{gname}"))
+    return specs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("spec", _specs())
+def test_shipped_config_compiles(spec, arch: int) -> None:
+    kernel, cfg, head_dim, dtype, gathered = spec
+    fn, signature, constexprs = fa.aot_spec(kernel, cfg, head_dim, dtype, gathered=gathered)
+    stats = aot.compile_for(fn, signature, constexprs, arch=arch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    print(
+        f"\n{kernel}{'_gathered' if gathered else ''} {cfg} D{head_dim} {_DT[dtype]} sm_{arch}: "
+        f"{stats.registers} registers, {stats.spill_bytes} B spilled, {stats.shared_mem} B shared"
+    )
+    assert stats.arch == arch
+    assert ".entry" in stats.ptx and f"sm_{arch}" in stats.ptx
+    assert stats.registers > 0
+    if kernel == "fwd":
+        assert stats.spill_bytes == 0, f"forward kernel spills {stats.spill_bytes} bytes"
+
+
+def test_every_selected_config_is_shipped() -> None:
+    """select_config only launches configs that the compile test builds, at a head dim at least
+    as large (16-bit configs are compiled in bfloat16, float32 ones in float32)."""
+    shipped = {(k, c, torch.finfo(t).bits // 8): d for k, c, d, t in fa.shipped_configs()}
+    for dtype in fa.SUPPORTED_DTYPES:
+        eb = torch.finfo(dtype).bits // 8
+        for head_dim in (16, 40, 64, 80, 96, 128, 200, 256):
+            for n in (1, 100, 4096, 65536):
+                for window in (None, 16, 1024):
+                    for causal in (False, True):
+                        key = fa.ConfigKey(n, head_dim, eb, causal, window)
+                        for backward, kernels in ((False, ("fwd",)), (True, ("bwd_dq", "bwd_dkdv"))):
+                            cfg = fa._select_gpu(key, backward)
+                            for kernel in kernels:
+                                assert (kernel, cfg, eb) in shipped, (kernel, cfg, key)
+                                assert head_dim <= shipped[(kernel, cfg, eb)]
+
+
+def test_compile_for_rejects_a_bad_signature() -> None:
+    cfg = fa.KernelConfig(64, 32, 4, 2)
+    fn, signature, constexprs = fa.aot_spec("fwd", cfg, 64, torch.float16)
+    signature.pop("NQ")
+    with pytest.raises(ValueError, match="NQ"):
+        aot.compile_for(fn, signature, constexprs, arch=80)
