@@ -655,52 +655,64 @@ class KernelConfig:
 
 
 CONFIGS: dict[str, tuple[KernelConfig, ...]] = {
-    "key_max": (KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 2)),
-    "state": (KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 2)),
+    "key_max": (KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 2), KernelConfig(64, 32, 8, 2)),
+    "state": (
+        KernelConfig(64, 64, 4, 2),
+        KernelConfig(64, 32, 4, 2),
+        KernelConfig(64, 32, 8, 1),
+        KernelConfig(64, 16, 8, 1),
+    ),
     "fwd": (
         KernelConfig(64, 32, 4, 2),
         KernelConfig(64, 64, 8, 2),
+        KernelConfig(32, 32, 8, 2),
+        KernelConfig(64, 16, 8, 2),
         KernelConfig(32, 32, 4, 2),
-        KernelConfig(32, 16, 4, 2),
+        KernelConfig(16, 16, 8, 1),
     ),
-    "bwd_dq": (KernelConfig(64, 32, 8, 1), KernelConfig(32, 32, 4, 1), KernelConfig(32, 16, 4, 1)),
-    "bwd_dkv": (KernelConfig(64, 32, 8, 1), KernelConfig(32, 32, 4, 1), KernelConfig(32, 16, 4, 1)),
+    "bwd_dq": (KernelConfig(32, 32, 8, 1), KernelConfig(64, 32, 8, 1), KernelConfig(16, 16, 4, 1)),
+    "bwd_dkv": (KernelConfig(32, 32, 8, 1), KernelConfig(64, 32, 8, 1), KernelConfig(16, 16, 8, 1)),
 }
 _ROW_BLOCK = {"fwd": "BLOCK_M", "bwd_dq": "BLOCK_M", "bwd_dkv": "BLOCK_N"}
 
 
 @dataclass(frozen=True)
 class LaunchShape:
-    """What :func:`keep` looks at: padded feature count and head dims, and the form."""
+    """What :func:`keep` looks at: padded feature count and head dims, the form, the input width."""
 
     m_pad: int
     d_pad: int
     dv_pad: int
     causal: bool
+    fp32: bool = False
 
 
 def keep(kernel: str, cfg: KernelConfig, shape: LaunchShape) -> bool:
-    """Whether ``cfg`` is worth launching for ``shape``.
+    """Whether ``cfg`` is worth launching for ``shape`` (calibrated on ``ptxas -v`` for sm_80/sm_90).
 
-    A feature block wider than the padded features only wastes work. The causal kernels hold
-    the diagonal chunk (``CHUNK`` keys) next to their accumulators, so they take row blocks of
-    half a chunk unless 8 warps share the tiles. Head dims above 64 double every tile.
+    A feature block wider than the padded features only wastes work. The register model: the
+    rows a program holds (its row block, plus the diagonal chunk of ``CHUNK`` keys when causal)
+    times the head dim, per warp, must fit a budget that float32 inputs halve (their three-TF32
+    products split every operand); float32 inputs also keep feature blocks to 32.
     """
     if cfg.block_f > shape.m_pad:
         return False
-    if kernel not in _ROW_BLOCK:
-        return True
-    if shape.causal and CHUNK % cfg.block_m:
+    rows = cfg.block_m if kernel in _ROW_BLOCK else BLOCK_ROWS
+    if shape.causal and kernel in _ROW_BLOCK:
+        if CHUNK % cfg.block_m or cfg.block_f > 32:
+            return False
+        rows += CHUNK
+    if shape.fp32 and cfg.block_f > 32:
         return False
-    weight = cfg.block_m * (2 if shape.causal else 1) * max(shape.d_pad, shape.dv_pad) // 64
-    return weight <= 32 * cfg.num_warps // 4 or (weight <= 64 * cfg.num_warps // 4 and cfg.block_f <= 32)
+    budget = 512 if shape.fp32 else 1024
+    return rows * max(shape.d_pad, shape.dv_pad) // cfg.num_warps <= budget
 
 
 def kept_configs(kernel: str, shape: LaunchShape) -> list[KernelConfig]:
     """The configs of ``kernel`` that :func:`keep` accepts, in list order (never empty)."""
     kept = [c for c in CONFIGS[kernel] if keep(kernel, c, shape)]
-    if not kept:  # the narrowest config, its feature block clipped to m_pad
-        narrow = min(CONFIGS[kernel], key=lambda c: (c.block_m, c.block_f))
+    if not kept:  # the narrowest config (most warps), its feature block clipped to m_pad
+        narrow = min(CONFIGS[kernel], key=lambda c: (c.block_m, c.block_f, -c.num_warps))
         kept = [replace(narrow, block_f=min(narrow.block_f, shape.m_pad))]
     return kept
 
@@ -785,6 +797,7 @@ class _Geometry:
     m_pad: int
     d_pad: int
     dv_pad: int
+    fp32: bool
 
     @property
     def groups(self) -> int:
@@ -795,15 +808,16 @@ class _Geometry:
         return self.nk - self.nq
 
     def shape(self, causal: bool) -> LaunchShape:
-        return LaunchShape(self.m_pad, self.d_pad, self.dv_pad, causal)
+        return LaunchShape(self.m_pad, self.d_pad, self.dv_pad, causal, self.fp32)
 
 
 def _pad_pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-# Terms of the split projection per input dtype (0: float32 and three-TF32 products).
-N_SPLIT = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 3}
+# Terms of the split projection per input dtype (0: float32 and three-TF32 products). Two bfloat16
+# terms carry 16 bits of Ws: a logit error near 1e-4, far below bfloat16's own rounding.
+N_SPLIT = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 2}
 
 
 def _precisions(dtype: torch.dtype) -> dict[str, object]:
@@ -1133,7 +1147,8 @@ class _FavorFunction(torch.autograd.Function):
 def _geometry(q: Tensor, k: Tensor, v: Tensor, opts: FavorOptions) -> _Geometry:
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    return _Geometry(b, h, hk, nq, nk, d, dv, _pad_pow2(opts.m), _pad_pow2(d), _pad_pow2(dv))
+    fp32 = q.dtype == torch.float32
+    return _Geometry(b, h, hk, nq, nk, d, dv, _pad_pow2(opts.m), _pad_pow2(d), _pad_pow2(dv), fp32)
 
 
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, *, causal: bool, scale: float, kernel: str) -> Tensor:

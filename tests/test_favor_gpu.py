@@ -1,0 +1,78 @@
+"""FAVOR+ Triton kernels on a CUDA device at real sizes (run with ``-m gpu``; skipped without CUDA).
+
+- moderate lengths: forward and backward against the float64 dense reference, every dtype
+  including bfloat16, causal and not, GQA, relu;
+- long sequences (to 64k tokens): forward against the float64 ``torch`` backend (linear memory),
+  finite gradients, peak memory far below one ``N x m x Dv`` tensor, time linear in N.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import check_backend, make_qkv
+
+import attention_variants as av
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize(
+    ("b", "h", "hk", "n", "d", "m", "causal", "kernel"),
+    [
+        (2, 8, 8, 1024, 64, 256, False, "softmax"),
+        (2, 8, 8, 1024, 64, 256, True, "softmax"),
+        (1, 8, 2, 2000, 128, 256, True, "softmax"),
+        (1, 4, 4, 1537, 40, 64, False, "softmax"),
+        (1, 4, 1, 1024, 64, 128, True, "relu"),
+    ],
+    ids=lambda x: str(x),
+)
+def test_matches_reference(b, h, hk, n, d, m, causal, kernel, dtype) -> None:
+    variant = av.PerformerAttention(num_features=m, kernel=kernel)
+    q, k, v = make_qkv(b, h, hk, n, n, d, dtype=dtype, device="cuda")
+    check_backend(variant, "triton", q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("n", [16384, 65536], ids=lambda n: f"N{n}")
+def test_long_sequences(n: int, causal: bool) -> None:
+    b, h, d, m = 1, 4, 64, 256
+    variant = av.PerformerAttention(num_features=m)
+    q, k, v = make_qkv(b, h, h, n, n, d, dtype=torch.bfloat16, device="cuda")
+    ref = variant(q.double(), k.double(), v.double(), causal=causal, backend="torch")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = variant(q, k, v, causal=causal, backend="triton")
+    torch.cuda.synchronize()
+    peak_fwd = torch.cuda.max_memory_allocated() - base
+    err = (out.double() - ref).abs().max().item()
+    assert err < 3e-2 * ref.abs().max().item(), f"max err {err:.3g}"
+    out.backward(torch.randn_like(out))
+    for t in (q, k, v):
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+    # One N x m x Dv float32 tensor per head would be n * m * d * 4 bytes; we stay far below.
+    one_nmd = b * h * n * m * d * 4
+    assert peak_fwd < one_nmd / 8, f"forward peak {peak_fwd / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_time_is_linear_in_n(causal: bool) -> None:
+    from triton.testing import do_bench
+
+    variant = av.PerformerAttention(num_features=256)
+    times = {}
+    for n in (8192, 32768):
+        q, k, v = make_qkv(1, 8, 8, n, n, 64, dtype=torch.bfloat16, device="cuda")
+        variant(q, k, v, causal=causal, backend="triton")  # autotune outside the timing
+        times[n] = do_bench(lambda q=q, k=k, v=v: variant(q, k, v, causal=causal, backend="triton"))
+    assert times[32768] < 6 * times[8192], times
