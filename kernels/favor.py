@@ -718,8 +718,26 @@ def kept_configs(kernel: str, shape: LaunchShape) -> list[KernelConfig]:
 
 
 _AUTOTUNED: dict[tuple, object] = {}
-# Autotuning keys: the padded sizes (constexprs); the flags are part of the cache key via _AUTOTUNED.
+# Autotuning keys (those among a kernel's arguments): the padded sizes. The flags are constexprs
+# fixed per call site, and each call site gets its own autotuner (the cache key below).
 _TUNE_KEYS = ("D_PAD", "DV_PAD", "M_PAD")
+
+
+def _params(kernel_name: str, cfg: KernelConfig) -> dict[str, int]:
+    """The constexprs ``cfg`` sets: ``BLOCK_F`` and the row block where the kernel takes one."""
+    row = _ROW_BLOCK.get(kernel_name)
+    return {"BLOCK_F": cfg.block_f, **({row: cfg.block_m} if row else {})}
+
+
+def autotuner(kernel_name: str, fn, kept: list[KernelConfig], flags: dict[str, object]):
+    """``triton.autotune`` over the ``kept`` configs of ``fn``, one per (config set, constexpr flags)."""
+    cache_key = (kernel_name, tuple(kept), tuple(sorted((k, str(v)) for k, v in flags.items())))
+    tuned = _AUTOTUNED.get(cache_key)
+    if tuned is None:
+        configs = [triton.Config(_params(kernel_name, c), num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
+        keys = [k for k in _TUNE_KEYS if k in fn.arg_names]
+        tuned = _AUTOTUNED[cache_key] = triton.autotune(configs=configs, key=keys)(fn)
+    return tuned
 
 
 def _launch(kernel_name: str, fn, grid_fn, args: tuple, shape: LaunchShape, **constexprs) -> None:
@@ -729,23 +747,15 @@ def _launch(kernel_name: str, fn, grid_fn, args: tuple, shape: LaunchShape, **co
     on GPU the kept configs are autotuned (every kernel only stores, so re-running is safe).
     """
     kept = kept_configs(kernel_name, shape)
-    row = _ROW_BLOCK.get(kernel_name)
-
-    def params(cfg: KernelConfig) -> dict[str, int]:
-        return {"BLOCK_F": cfg.block_f, **({row: cfg.block_m} if row else {})}
-
     if interpreter_enabled() or len(kept) == 1:
         cfg = kept[0]
         grid = grid_fn(cfg.block_m, cfg.block_f)
-        fn[grid](*args, **constexprs, **params(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        fn[grid](*args, **constexprs, **_params(kernel_name, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return
-    key = (kernel_name, tuple(kept), tuple(sorted((k, str(v)) for k, v in constexprs.items())))
-    tuned = _AUTOTUNED.get(key)
-    if tuned is None:
-        configs = [triton.Config(params(c), num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
-        tuned = triton.autotune(configs=configs, key=list(_TUNE_KEYS))(fn)
-        _AUTOTUNED[key] = tuned
-    tuned[lambda meta: grid_fn(meta.get(row, 64) if row else 64, meta["BLOCK_F"])](*args, **constexprs)  # type: ignore[index]
+    row = _ROW_BLOCK.get(kernel_name)
+    tuned = autotuner(kernel_name, fn, kept, constexprs)
+    grid = lambda meta: grid_fn(meta[row] if row else BLOCK_ROWS, meta["BLOCK_F"])
+    tuned[grid](*args, **constexprs)  # type: ignore[index]
 
 
 # ---------------------------------------------------------------------------------------------

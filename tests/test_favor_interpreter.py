@@ -62,7 +62,7 @@ CASES = [
     Case(1, 2, 2, 200, 200, 40, 64, causal=True),  # three boundaries inside
     Case(1, 1, 1, 200, 200, 64, 16, causal=False),
     # grouped-query attention
-    Case(2, 4, 2, 113, 113, 64, 64, causal=True),
+    Case(1, 4, 2, 113, 113, 64, 64, causal=True),
     Case(1, 4, 1, 64, 64, 16, 64, causal=False),
     # bottom-right alignment: more keys than queries, and more queries than keys (empty rows)
     Case(1, 2, 1, 17, 113, 40, 64, causal=True),
@@ -152,3 +152,37 @@ def test_keys_with_a_large_common_offset(causal: bool) -> None:
     out = variant(q.float(), shifted.float(), v.float(), causal=causal, backend="triton")
     ref = variant(q, shifted, v, causal=causal, backend="reference")
     assert (out.double() - ref).abs().max().item() < 1e-4
+
+
+KERNEL_FNS = {
+    "key_max": favor._key_max_kernel,
+    "state": favor._state_kernel,
+    "fwd": favor._fwd_kernel,
+    "bwd_dq": favor._bwd_dq_kernel,
+    "bwd_dkv": favor._bwd_dkv_kernel,
+}
+
+
+@pytest.mark.parametrize(
+    ("kernel", "causal"),
+    [(kernel, causal) for kernel in favor.CONFIGS for causal in (False, True) if (kernel, causal) != ("key_max", True)],
+    ids=lambda x: x if isinstance(x, str) else ("causal" if x else "noncausal"),
+)
+def test_every_shipped_config(kernel: str, causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each config of ``kernel`` alone (the others' first kept config) on a shape with boundaries."""
+    variant = av.PerformerAttention(num_features=64, seed=3)
+    q, k, v = make_qkv(1, 2, 1, 100, 100, 32)
+    for cfg in favor.CONFIGS[kernel]:
+        if causal and kernel in ("fwd", "bwd_dq", "bwd_dkv") and favor.CHUNK % cfg.block_m:
+            continue
+        monkeypatch.setitem(favor.CONFIGS, kernel, (cfg,))
+        check_backend(variant, "triton", q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("kernel", list(favor.CONFIGS))
+def test_autotuner_builds(kernel: str) -> None:
+    """The GPU path wraps each kernel in ``triton.autotune`` with keys that are its arguments."""
+    shape = favor.LaunchShape(256, 64, 64, causal=False)
+    tuned = favor.autotuner(kernel, KERNEL_FNS[kernel], favor.CONFIGS[kernel], {"test": True})
+    assert len(tuned.configs) == len(favor.CONFIGS[kernel])
+    assert favor.kept_configs(kernel, shape)
