@@ -216,7 +216,8 @@ class AccuracyStudy:
     head_dim: int = 64
     heads: int = 4
     num_features: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
-    sharpness: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)
+    features_sharpness: float = 0.25  # logit standard deviation of the error-vs-features study
+    sharpness: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
     sharpness_features: int = 256
     seeds: int = 4
     causal: tuple[bool, ...] = (False,)

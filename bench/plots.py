@@ -135,7 +135,7 @@ def accuracy_plots(acc: pd.DataFrame, out: Path) -> list[Path]:
     files = []
     for study, xcol, xlabel in (
         ("features", "num_features", "number of random features m"),
-        ("sharpness", "sharpness", "sharpness s (std of the attention logits)"),
+        ("sharpness", "sharpness", "sharpness s (standard deviation of the attention logits)"),
     ):
         sub = acc[acc["study"] == study]
         if sub.empty:
@@ -150,12 +150,12 @@ def accuracy_plots(acc: pd.DataFrame, out: Path) -> list[Path]:
             xs = np.array([sub[xcol].min(), sub[xcol].max()], dtype=float)
             y0 = sub[sub[xcol] == xs[0]]["rel_err"].mean()
             ax.plot(xs, y0 * (xs / xs[0]) ** -0.5, color="0.7", linewidth=0.8, label="m^-1/2")
-            ax.set_xscale("log", base=2)
+        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("relative error ||out - exact|| / ||exact||")
+        ax.set_ylabel("output error rms(out - exact) / rms(v)")
         first = sub.iloc[0]
-        extra = f", m={int(first['num_features'])}" if study == "sharpness" else ""
+        extra = f", m={int(first['num_features'])}" if study == "sharpness" else f", s={first['sharpness']:g}"
         ax.set_title(f"Performer vs exact softmax: N={int(first['seq_len'])}, D={int(first['head_dim'])}{extra}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
