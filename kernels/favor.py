@@ -247,7 +247,9 @@ def _state_kernel(
     DV,
     M,
     half_s2,
-    n_seg,
+    n_slots,
+    slot0,
+    slot_step,
     D_PAD: tl.constexpr,
     DV_PAD: tl.constexpr,
     M_PAD: tl.constexpr,
@@ -259,7 +261,8 @@ def _state_kernel(
     N_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """One segment of positions ``[t SEG, (t+1) SEG)`` (rows ``i = p - OFF``), one feature block.
+    """One segment of positions ``[t SEG, (t+1) SEG)`` (rows ``i = p - OFF``), one feature block,
+    stored in slot ``slot0 + slot_step * t`` of ``n_slots`` per head.
 
     ``S[f, :] = sum_i f_i[f] y_i``, ``z[f] = sum_i f_i[f] w_i`` with ``f_i`` the features of
     ``x_i`` divided by ``exp(stab)``: STAB 0 none, 1 one value per head (keys), 2 per row (the
@@ -303,7 +306,7 @@ def _state_kernel(
             zacc += tl.sum(feat * wgt[:, None], 0)
         else:
             zacc += tl.sum(feat, 0)
-    slot = (bh.to(tl.int64) * n_seg + t) * M_PAD + f0
+    slot = (bh.to(tl.int64) * n_slots + slot0 + slot_step * t) * M_PAD + f0
     offs_f = tl.arange(0, BLOCK_F)
     tl.store(s_ptr + (slot + offs_f[:, None]) * DV_PAD + offs_v[None, :], acc)
     tl.store(z_ptr + slot + offs_f, zacc)
@@ -325,6 +328,8 @@ def _fwd_kernel(
     OFF,
     T0,
     n_state,
+    slot0,
+    slot_step,
     D,
     DV,
     M,
@@ -357,10 +362,10 @@ def _fwd_kernel(
         pos = t * CHUNK + (pid % (CHUNK // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
         kpos = t * CHUNK + tl.arange(0, CHUNK)
         rows = pos - OFF
-        slot = bhk * n_state + tl.maximum(t, 0)
+        slot = bhk * n_state + slot0 + slot_step * tl.maximum(t, 0)
     else:
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        slot = bhk
+        slot = bhk * n_state + slot0
     q_ok = (rows >= 0) & (rows < NQ)
     qx = _load_rows(q_ptr + bh.to(tl.int64) * NQ * D, rows, q_ok, offs_d, NQ, D)
     qsq = _half_sqnorm(qx, half_s2)
@@ -432,6 +437,8 @@ def _bwd_dq_kernel(
     OFF,
     T0,
     n_state,
+    slot0,
+    slot_step,
     D,
     DV,
     M,
@@ -463,10 +470,10 @@ def _bwd_dq_kernel(
         pos = t * CHUNK + (pid % (CHUNK // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
         kpos = t * CHUNK + tl.arange(0, CHUNK)
         rows = pos - OFF
-        slot = bhk * n_state + tl.maximum(t, 0)
+        slot = bhk * n_state + slot0 + slot_step * tl.maximum(t, 0)
     else:
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        slot = bhk
+        slot = bhk * n_state + slot0
     q_ok = (rows >= 0) & (rows < NQ)
     qx = _load_rows(q_ptr + bh.to(tl.int64) * NQ * D, rows, q_ok, offs_d, NQ, D)
     qsq = _half_sqnorm(qx, half_s2)
@@ -527,6 +534,8 @@ def _bwd_dkv_kernel(
     NK,
     OFF,
     n_state,
+    slot0,
+    slot_step,
     D,
     DV,
     M,
@@ -560,10 +569,10 @@ def _bwd_dkv_kernel(
     if CAUSAL:
         t = pid // (CHUNK // BLOCK_N)
         pos = t * CHUNK + (pid % (CHUNK // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
-        slot = bhk * n_state + t
+        slot = bhk * n_state + slot0 + slot_step * t
     else:
         pos = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        slot = bhk
+        slot = bhk * n_state + slot0
     k_ok = pos < NK
     kx = _load_rows(k_ptr + bhk.to(tl.int64) * NK * D, pos, k_ok, offs_d, NK, D)
     ksq = _half_sqnorm(kx, half_s2)
@@ -874,6 +883,21 @@ def _key_stabiliser(k: Tensor, wt: Tensor, opts: FavorOptions, geo: _Geometry) -
     return part.amax(dim=1)
 
 
+@dataclass(frozen=True)
+class _Slots:
+    """Where per-segment states live: ``n`` slots per head; segment/chunk ``t`` uses ``first + step * t``."""
+
+    n: int
+    first: int = 0
+    step: int = 1
+
+    def args(self) -> tuple[int, int, int]:
+        return (self.n, self.first, self.step)
+
+
+_TOTAL = _Slots(1, 0, 0)  # one total state per head
+
+
 def _segment_sums(
     x: Tensor,
     y: Tensor,
@@ -887,12 +911,16 @@ def _segment_sums(
     off: int,
     seg: int,
     n_seg: int,
+    slots: _Slots,
     stab_mode: int,
 ) -> tuple[Tensor, Tensor]:
-    """Per segment of ``seg`` positions: ``(S (BH, n_seg, M_PAD, DV_PAD), z (BH, n_seg, M_PAD))``."""
+    """Per segment of ``seg`` positions: ``S (BH, slots.n, M_PAD, DV_PAD)``, ``z (BH, slots.n, M_PAD)``.
+
+    Slots that no segment writes are left for the caller to fill.
+    """
     bh = x.shape[0] * x.shape[1]
-    s = torch.empty(bh, n_seg, geo.m_pad, geo.dv_pad, device=x.device, dtype=torch.float32)
-    z = torch.empty(bh, n_seg, geo.m_pad, device=x.device, dtype=torch.float32)
+    s = torch.empty(bh, slots.n, geo.m_pad, geo.dv_pad, device=x.device, dtype=torch.float32)
+    z = torch.empty(bh, slots.n, geo.m_pad, device=x.device, dtype=torch.float32)
     _launch(
         "state",
         _state_kernel,
@@ -912,7 +940,7 @@ def _segment_sums(
             y.shape[-1],
             opts.m,
             opts.half_s2,
-            n_seg,
+            *slots.args(),
         ),
         geo.shape(opts.causal),
         D_PAD=geo.d_pad,
@@ -936,60 +964,64 @@ def _n_splits(n: int, programs: int, device: torch.device) -> int:
     return max(1, min(blocks, triton.cdiv(2 * sms, max(programs, 1))))
 
 
+def _split_segments(n: int, programs: int, device: torch.device) -> tuple[int, int]:
+    """``(seg, n_seg)``: N cut into whole row blocks for the non-causal state pass."""
+    splits = _n_splits(n, programs, device)
+    seg = BLOCK_ROWS * triton.cdiv(triton.cdiv(n, BLOCK_ROWS), splits)
+    return seg, triton.cdiv(n, seg)
+
+
 def _key_states(k: Tensor, v: Tensor, wt: Tensor, kstab: Tensor, opts: FavorOptions, geo: _Geometry):
-    """Key states read by the query pass: total (non-causal) or exclusive prefix per chunk (causal)."""
+    """Key states of the query pass: ``(S, z, slots)``, one total (non-causal) or, causal, the
+    exclusive prefix of chunk ``t`` in slot ``t``.
+
+    Causal, without a copy: chunk ``t`` writes its local state to slot ``t + 1``, slot 0 is
+    zero, and an in-place cumulative sum over the slots leaves the exclusive prefixes.
+    """
     if opts.causal:
         n_seg = triton.cdiv(geo.nk, CHUNK)
         s, z = _segment_sums(
-            k, v, kstab, None, wt, opts, geo, n_rows=geo.nk, off=0, seg=CHUNK, n_seg=n_seg, stab_mode=1
-        )
-        s_ex, z_ex = torch.zeros_like(s), torch.zeros_like(z)
-        s_ex[:, 1:] = s[:, :-1].cumsum(dim=1)
-        z_ex[:, 1:] = z[:, :-1].cumsum(dim=1)
-        return s_ex, z_ex, n_seg
-    splits = _n_splits(geo.nk, geo.b * geo.hk * (geo.m_pad // 32), k.device)
-    seg = BLOCK_ROWS * triton.cdiv(triton.cdiv(geo.nk, BLOCK_ROWS), splits)
-    n_seg = triton.cdiv(geo.nk, seg)
-    s, z = _segment_sums(k, v, kstab, None, wt, opts, geo, n_rows=geo.nk, off=0, seg=seg, n_seg=n_seg, stab_mode=1)
-    return s.sum(dim=1).contiguous(), z.sum(dim=1).contiguous(), 1
+            k, v, kstab, None, wt, opts, geo, n_rows=geo.nk, off=0, seg=CHUNK, n_seg=n_seg,
+            slots=_Slots(n_seg + 1, 1, 1), stab_mode=1,
+        )  # fmt: skip
+        s[:, 0], z[:, 0] = 0.0, 0.0
+        return s.cumsum_(dim=1), z.cumsum_(dim=1), _Slots(n_seg + 1, 0, 1)
+    seg, n_seg = _split_segments(geo.nk, geo.b * geo.hk * (geo.m_pad // 32), k.device)
+    s, z = _segment_sums(
+        k, v, kstab, None, wt, opts, geo, n_rows=geo.nk, off=0, seg=seg, n_seg=n_seg, slots=_Slots(n_seg), stab_mode=1
+    )
+    return s.sum(dim=1).contiguous(), z.sum(dim=1).contiguous(), _TOTAL
 
 
 def _query_states(q, dout, lse, delta, wt, opts: FavorOptions, geo: _Geometry):
     """Query-side states of the backward, per key head (summed over its query heads).
 
-    ``R = sum_i psi_i dO_i^T``, ``r = sum_i psi_i delta_i``: total (non-causal) or the exclusive
-    suffix over later chunks (causal).
+    ``R = sum_i psi_i dO_i^T``, ``r = sum_i psi_i delta_i``: one total (non-causal) or, causal,
+    the exclusive suffix over the chunks after ``t``. Causal: chunk ``t`` writes slot
+    ``NT - t`` (reversed), slot 0 is zero, and after an in-place cumulative sum slot ``NT - 1 - t``
+    holds the sum over chunks ``> t``.
     """
     b, hk, g = geo.b, geo.hk, geo.groups
     if opts.causal:
         n_seg = triton.cdiv(geo.nk, CHUNK)
+        slots = _Slots(n_seg + 1, n_seg, -1)
         r, rz = _segment_sums(
-            q,
-            dout,
-            lse,
-            delta,
-            wt,
-            opts,
-            geo,
-            n_rows=geo.nk - geo.off,
-            off=geo.off,
-            seg=CHUNK,
-            n_seg=n_seg,
-            stab_mode=2,
-        )
-        r = r.view(b, hk, g, n_seg, geo.m_pad, geo.dv_pad).sum(dim=2)
-        rz = rz.view(b, hk, g, n_seg, geo.m_pad).sum(dim=2)
-        r_ex, rz_ex = torch.zeros_like(r), torch.zeros_like(rz)
-        r_ex[:, :, :-1] = r[:, :, 1:].flip(2).cumsum(2).flip(2)
-        rz_ex[:, :, :-1] = rz[:, :, 1:].flip(2).cumsum(2).flip(2)
-        return r_ex.reshape(b * hk, n_seg, geo.m_pad, geo.dv_pad), rz_ex.reshape(b * hk, n_seg, geo.m_pad), n_seg
-    splits = _n_splits(geo.nq, geo.b * geo.h * (geo.m_pad // 32), q.device)
-    seg = BLOCK_ROWS * triton.cdiv(triton.cdiv(geo.nq, BLOCK_ROWS), splits)
-    n_seg = triton.cdiv(geo.nq, seg)
-    r, rz = _segment_sums(q, dout, lse, delta, wt, opts, geo, n_rows=geo.nq, off=0, seg=seg, n_seg=n_seg, stab_mode=2)
+            q, dout, lse, delta, wt, opts, geo, n_rows=geo.nq, off=geo.off, seg=CHUNK, n_seg=n_seg,
+            slots=slots, stab_mode=2,
+        )  # fmt: skip
+        r[:, 0], rz[:, 0] = 0.0, 0.0
+        if g > 1:
+            r = r.view(b * hk, g, *r.shape[1:]).sum(dim=1)
+            rz = rz.view(b * hk, g, *rz.shape[1:]).sum(dim=1)
+        return r.cumsum_(dim=1), rz.cumsum_(dim=1), _Slots(n_seg + 1, n_seg - 1, -1)
+    seg, n_seg = _split_segments(geo.nq, geo.b * geo.h * (geo.m_pad // 32), q.device)
+    r, rz = _segment_sums(
+        q, dout, lse, delta, wt, opts, geo, n_rows=geo.nq, off=0, seg=seg, n_seg=n_seg, slots=_Slots(n_seg),
+        stab_mode=2,
+    )  # fmt: skip
     r = r.view(b * hk, g * n_seg, geo.m_pad, geo.dv_pad).sum(dim=1).contiguous()
     rz = rz.view(b * hk, g * n_seg, geo.m_pad).sum(dim=1).contiguous()
-    return r, rz, 1
+    return r, rz, _TOTAL
 
 
 def _first_chunk(opts: FavorOptions, geo: _Geometry) -> int:
@@ -1010,7 +1042,7 @@ def _query_grid(opts: FavorOptions, geo: _Geometry):
 def _forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, opts: FavorOptions, geo: _Geometry):
     ws, wt = _prepare_projection(w, q.dtype, opts, geo)
     kstab = _key_stabiliser(k, wt, opts, geo)
-    s, z, n_state = _key_states(k, v, wt, kstab, opts, geo)
+    s, z, slots = _key_states(k, v, wt, kstab, opts, geo)
     out = torch.empty(geo.b, geo.h, geo.nq, geo.dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(geo.b, geo.h, geo.nq, device=q.device, dtype=torch.float32)
     t0 = _first_chunk(opts, geo)
@@ -1032,7 +1064,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, opts: FavorOptions, geo
             geo.nk,
             geo.off,
             t0,
-            n_state,
+            *slots.args(),
             geo.d,
             geo.dv,
             opts.m,
@@ -1054,9 +1086,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, opts: FavorOptions, geo
 def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOptions, geo: _Geometry):
     delta = (dout.float() * out.float()).sum(dim=-1)
     if saved_state is not None:
-        s, z, n_state = *saved_state, 1
+        s, z, slots = *saved_state, _TOTAL
     else:
-        s, z, n_state = _key_states(k, v, wt, kstab, opts, geo)
+        s, z, slots = _key_states(k, v, wt, kstab, opts, geo)
     dq = torch.empty_like(q)
     t0 = _first_chunk(opts, geo)
     common = {
@@ -1089,7 +1121,7 @@ def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOp
             geo.nk,
             geo.off,
             t0,
-            n_state,
+            *slots.args(),
             geo.d,
             geo.dv,
             opts.m,
@@ -1099,7 +1131,7 @@ def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOp
         geo.shape(opts.causal),
         **common,
     )
-    r, rz, n_state = _query_states(q, dout, lse, delta, wt, opts, geo)
+    r, rz, slots = _query_states(q, dout, lse, delta, wt, opts, geo)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     _launch(
@@ -1123,7 +1155,7 @@ def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOp
             geo.nq,
             geo.nk,
             geo.off,
-            n_state,
+            *slots.args(),
             geo.d,
             geo.dv,
             opts.m,
