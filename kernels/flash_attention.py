@@ -45,6 +45,7 @@ before the ``P @ V`` product, as in FlashAttention.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -112,6 +113,8 @@ BWD_CANDIDATES: tuple[Candidate, ...] = (
 # Under the interpreter: small tiles with block_m != block_n, so that tests at N <= 200 cover
 # several blocks, edge blocks and interior blocks of both shapes.
 INTERPRETER_CONFIG = KernelConfig(32, 16, 4, 1)
+# The small kernel that computes the backward's row term delta (block_n is unused).
+DELTA_CONFIG = KernelConfig(64, 16, 4, 1)
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,7 @@ def shipped_configs() -> list[tuple[str, KernelConfig, int, torch.dtype]]:
         for c in candidates:
             dtype = torch.bfloat16 if c.elem_bytes == 2 else torch.float32
             out.extend((kernel, c.config, c.max_head_dim, dtype) for kernel in kernels)
+    out.extend(("bwd_delta", DELTA_CONFIG, MAX_HEAD_DIM, dtype) for dtype in (torch.bfloat16, torch.float32))
     return out
 
 
@@ -343,7 +347,6 @@ if triton is not None:
         start,
         end,
         n_valid,
-        key_off,
         IDX,
         left,
         right,
@@ -375,7 +378,7 @@ if triton is not None:
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_use = m_new
             else:
-                vis = _visible(pos_q[:, None], cols[None, :] + key_off, valid[None, :], left, right, CAUSAL, MODE)
+                vis = _visible(pos_q[:, None], cols[None, :], valid[None, :], left, right, CAUSAL, MODE)
                 s = tl.where(vis, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows so far
@@ -443,8 +446,6 @@ if triton is not None:
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        key_off = 0  # key index -> aligned position (queries carry the Nk - Nq shift)
-
         if GATHERED:  # the global rows, gathered by index: they see every key (causal applies)
             t = pid * BLOCK_M + offs_m
             row_valid = t < NG
@@ -472,15 +473,15 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, start, lo, NK, key_off, GIDX,
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, start, lo, NK, GIDX,
             left, right, qk_scale, CAUSAL, 1, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC,
         )  # fmt: skip
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, lo, hi, NK, key_off, GIDX,
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, lo, hi, NK, GIDX,
             left, right, qk_scale, CAUSAL, 0, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC,
         )  # fmt: skip
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, hi, end, NK, key_off, GIDX,
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, hi, end, NK, GIDX,
             left, right, qk_scale, CAUSAL, 1, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC,
         )  # fmt: skip
         store_mask = row_valid
@@ -488,7 +489,7 @@ if triton is not None:
             # Band programs add the global keys outside the band and leave the global rows to the
             # gathered launch.
             acc, l_i, m_i = _fwd_inner(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, 0, NG, NG, key_off, GIDX,
+                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, 0, NG, NG, GIDX,
                 left, right, qk_scale, CAUSAL, 2, True, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC,
             )  # fmt: skip
             # Global rows are stored by the programs that gather them.
@@ -671,6 +672,36 @@ if triton is not None:
         tl.store(
             dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=store_mask[:, None] & (offs_d[None, :] < HEAD_D)
         )
+
+    @triton.jit
+    def _bwd_delta_kernel(
+        O,
+        DO,
+        DELTA,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        stride_dob,
+        stride_doh,
+        stride_dom,
+        H,
+        NQ,
+        BLOCK_M: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+        HEAD_DV: tl.constexpr,
+    ):
+        """``delta_i = sum_d dO_id O_id`` (float32), the row term of the softmax backward."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        mask = (rows[:, None] < NQ) & (offs_dv[None, :] < HEAD_DV)
+        o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :], mask=mask)
+        do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :], mask=mask)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + (b * H + h) * NQ + rows, delta, mask=rows < NQ)
 
     @triton.jit
     def _dkdv_inner(
@@ -891,9 +922,14 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+# Precision of tl.dot: IEEE float32 products for float32 inputs (no TF32, so float32 is as
+# accurate as PyTorch's float32 matmul); for float16/bfloat16 inputs the setting has no effect
+# (their products are exact in the float32 accumulator).
+DOT_PRECISION = "ieee"
+
+
 def _precision(dtype: torch.dtype) -> str:
-    # IEEE float32 products for float32 inputs (no TF32); fp16/bf16 products are exact in fp32.
-    return "ieee"
+    return DOT_PRECISION
 
 
 def _config_key(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> ConfigKey:
@@ -910,12 +946,32 @@ def _global_args(opts: FlashOptions, device: torch.device) -> tuple[Tensor, Tens
     return dummy, dummy.to(torch.int8), 0
 
 
-def _left_right(opts: FlashOptions, nq: int, nk: int) -> tuple[int, int]:
-    return _reach(opts.window, nq, nk)
-
-
 def _last_dim_unit(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_schedule(
+    keys: bool, nq: int, nk: int, bm: int, bn: int, causal: bool, window: tuple[int, int] | None, device: str
+) -> Tensor:
+    fn = key_block_schedule if keys else query_block_schedule
+    return fn(nq, nk, bm, bn, causal=causal, window=window).to(device)
+
+
+def _schedule(keys: bool, nq: int, nk: int, cfg: KernelConfig, opts: FlashOptions, device: torch.device) -> Tensor:
+    """The schedule on ``device``; cached per shape when there are no global tokens."""
+    if not opts.num_global:
+        return _cached_schedule(keys, nq, nk, cfg.block_m, cfg.block_n, opts.causal, opts.window, str(device))
+    if keys:
+        sched = key_block_schedule(
+            nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window, global_idx=opts.global_idx
+        )
+    else:
+        sched = query_block_schedule(
+            nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window, global_idx=opts.global_idx,
+            global_block=gathered_config(cfg).block_m,
+        )  # fmt: skip
+    return sched.to(device)
 
 
 def _launches(
@@ -935,13 +991,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple[Tenso
     cfg = select_config(_config_key(q, k, v, opts), backward=False)
     gidx, gflag, ng = _global_args(opts, q.device)
     gblock = gathered_config(cfg).block_m
-    sched = query_block_schedule(
-        nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window,
-        global_idx=opts.global_idx if ng else None, global_block=gblock,
-    ).to(q.device)  # fmt: skip
+    sched = _schedule(False, nq, nk, cfg, opts, q.device)
     out = torch.empty(bsz, h, nq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, h, nq, dtype=torch.float32, device=q.device)
-    left, right = _left_right(opts, nq, nk)
+    left, right = _reach(opts.window, nq, nk)
     n_band = triton.cdiv(nq, cfg.block_m)
     for rows, programs, has_global, gathered, block_m in _launches(sched, n_band, ng > 0, cfg.block_m, gblock):
         _fwd_kernel[(programs, bsz * h)](
@@ -966,10 +1019,15 @@ def _backward(
     dout = _last_dim_unit(dout)
     cfg = select_config(_config_key(q, k, v, opts), backward=True)
     gidx, gflag, ng = _global_args(opts, q.device)
-    global_idx = opts.global_idx if ng else None
-    left, right = _left_right(opts, nq, nk)
-    # delta_i = sum_d dO_id O_id, the row term of the softmax backward.
-    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    left, right = _reach(opts.window, nq, nk)
+    delta = torch.empty(bsz, h, nq, dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(triton.cdiv(nq, DELTA_CONFIG.block_m), bsz * h)](
+        out, dout, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        h, nq, BLOCK_M=DELTA_CONFIG.block_m, BLOCK_DV=_block_d(dv), HEAD_DV=dv,
+        num_warps=DELTA_CONFIG.num_warps, num_stages=DELTA_CONFIG.num_stages,
+    )  # fmt: skip
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dvv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -981,10 +1039,7 @@ def _backward(
     qk_scale = opts.scale * _LOG2E
 
     gblock = gathered_config(cfg).block_m
-    sched_q = query_block_schedule(
-        nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window, global_idx=global_idx,
-        global_block=gblock,
-    ).to(q.device)  # fmt: skip
+    sched_q = _schedule(False, nq, nk, cfg, opts, q.device)
     n_band = triton.cdiv(nq, cfg.block_m)
     for rows, programs, has_global, gathered, block_m in _launches(sched_q, n_band, ng > 0, cfg.block_m, gblock):
         _bwd_dq_kernel[(programs, bsz * h)](
@@ -997,9 +1052,7 @@ def _backward(
             h, h // hk, nq, nk, ng, left, right, opts.scale, qk_scale,
             HAS_GLOBAL=has_global, GATHERED=gathered, BLOCK_M=block_m, **common,
         )  # fmt: skip
-    sched_k = key_block_schedule(
-        nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window, global_idx=global_idx
-    ).to(q.device)
+    sched_k = _schedule(True, nq, nk, cfg, opts, q.device)
     n_band = triton.cdiv(nk, cfg.block_n)
     for cols, programs, has_global, gathered, _ in _launches(sched_k, n_band, ng > 0, cfg.block_n, cfg.block_n):
         _bwd_dkdv_kernel[(programs, bsz * hk)](
@@ -1097,6 +1150,7 @@ __all__ = [
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _KERNEL_POINTERS = {
+    "bwd_delta": ("O", "DO"),
     "fwd": ("Q", "K", "V", "O"),
     "bwd_dq": ("Q", "K", "V", "DO", "DQ"),
     "bwd_dkdv": ("Q", "K", "V", "DO", "DK", "DV"),
@@ -1113,13 +1167,23 @@ def aot_spec(
     has_global: bool = True,
     gathered: bool = False,
 ) -> tuple[object, dict[str, str], dict[str, object]]:
-    """``(fn, signature, constexprs)`` of one kernel specialisation, for :func:`kernels.aot.compile_for`.
+    """``(fn, signature, constexprs)`` of one kernel specialisation, for ``kernels.aot.compile_for``.
 
-    ``kernel`` is ``"fwd"``, ``"bwd_dq"`` or ``"bwd_dkdv"``; the default flags (causal, global
-    tokens) give the specialisation with the most live state.
+    ``kernel`` is ``"fwd"``, ``"bwd_dq"``, ``"bwd_dkdv"`` or ``"bwd_delta"``; the default flags
+    (causal, global tokens) give the specialisation with the most live state.
     """
-    fn = {"fwd": _fwd_kernel, "bwd_dq": _bwd_dq_kernel, "bwd_dkdv": _bwd_dkdv_kernel}[kernel]
+    fn = {
+        "fwd": _fwd_kernel,
+        "bwd_dq": _bwd_dq_kernel,
+        "bwd_dkdv": _bwd_dkdv_kernel,
+        "bwd_delta": _bwd_delta_kernel,
+    }[kernel]
     sig = dict.fromkeys(_KERNEL_POINTERS[kernel], "*" + _TRITON_TYPES[dtype])
+    bd = _block_d(head_dim)
+    if kernel == "bwd_delta":
+        sig.update(DELTA="*fp32", H="i32", NQ="i32")
+        sig.update((name, "i32") for name in fn.arg_names if name.startswith("stride_"))
+        return fn, sig, dict(BLOCK_M=cfg.block_m, BLOCK_DV=bd, HEAD_DV=head_dim)
     sig.update(LSE="*fp32", SCHED="*i32", GIDX="*i32", GFLAG="*i8")
     if kernel != "fwd":
         sig["DELTA"] = "*fp32"
@@ -1128,7 +1192,6 @@ def aot_spec(
             sig[name] = "i32"
         elif name in ("qk_scale", "sm_scale"):
             sig[name] = "fp32"
-    bd = _block_d(head_dim)
     constexprs: dict[str, object] = dict(
         CAUSAL=causal, HAS_GLOBAL=has_global and not gathered, GATHERED=gathered, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, HEAD_D=head_dim, HEAD_DV=head_dim, PREC=_precision(dtype),
