@@ -113,8 +113,14 @@ BWD_CANDIDATES: tuple[Candidate, ...] = (
 # Under the interpreter: small tiles with block_m != block_n, so that tests at N <= 200 cover
 # several blocks, edge blocks and interior blocks of both shapes.
 INTERPRETER_CONFIG = KernelConfig(32, 16, 4, 1)
-# The small kernel that computes the backward's row term delta (block_n is unused).
+# The small kernel that computes the backward's row term delta: 4096 elements per tile
+# (block_m = 4096 / padded Dv rows; block_n is unused).
 DELTA_CONFIG = KernelConfig(64, 16, 4, 1)
+
+
+def _delta_config(dv: int) -> KernelConfig:
+    rows = max(16, min(128, 4096 // max(16, 1 << (dv - 1).bit_length())))
+    return KernelConfig(rows, DELTA_CONFIG.block_n, DELTA_CONFIG.num_warps, DELTA_CONFIG.num_stages)
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,8 @@ def shipped_configs() -> list[tuple[str, KernelConfig, int, torch.dtype]]:
         for c in candidates:
             dtype = torch.bfloat16 if c.elem_bytes == 2 else torch.float32
             out.extend((kernel, c.config, c.max_head_dim, dtype) for kernel in kernels)
-    out.extend(("bwd_delta", DELTA_CONFIG, MAX_HEAD_DIM, dtype) for dtype in (torch.bfloat16, torch.float32))
+    delta = _delta_config(MAX_HEAD_DIM)
+    out.extend(("bwd_delta", delta, MAX_HEAD_DIM, dtype) for dtype in (torch.bfloat16, torch.float32))
     return out
 
 
@@ -1021,12 +1028,13 @@ def _backward(
     gidx, gflag, ng = _global_args(opts, q.device)
     left, right = _reach(opts.window, nq, nk)
     delta = torch.empty(bsz, h, nq, dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(triton.cdiv(nq, DELTA_CONFIG.block_m), bsz * h)](
+    dcfg = _delta_config(dv)
+    _bwd_delta_kernel[(triton.cdiv(nq, dcfg.block_m), bsz * h)](
         out, dout, delta,
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
-        h, nq, BLOCK_M=DELTA_CONFIG.block_m, BLOCK_DV=_block_d(dv), HEAD_DV=dv,
-        num_warps=DELTA_CONFIG.num_warps, num_stages=DELTA_CONFIG.num_stages,
+        h, nq, BLOCK_M=dcfg.block_m, BLOCK_DV=_block_d(dv), HEAD_DV=dv,
+        num_warps=dcfg.num_warps, num_stages=dcfg.num_stages,
     )  # fmt: skip
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -1128,6 +1136,8 @@ def unsupported_reason(variant: object, device: torch.device, dtype: torch.dtype
         return f"the Triton softmax kernels support {names}, not {dtype}"
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         return f"the Triton softmax kernels support head dims up to {MAX_HEAD_DIM}, got {head_dim}"
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return "bfloat16 tl.dot gives wrong results under the Triton interpreter; use a CUDA device"
     if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
         return "bfloat16 needs a GPU of compute capability 8.0 or newer"
     return None

@@ -133,6 +133,7 @@ def test_unsupported_configs_say_why() -> None:
     assert softmax_unsupported_reason(full, cpu, torch.float16, 64) is None
     assert "float64" in softmax_unsupported_reason(full, cpu, torch.float64, 64)
     assert "256" in softmax_unsupported_reason(full, cpu, torch.float32, 320)
+    assert "interpreter" in softmax_unsupported_reason(full, cpu, torch.bfloat16, 64)
     q, k, v = make_qkv(1, 1, 1, 8, 8, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="triton"):
         full(q, k, v, backend="triton")
