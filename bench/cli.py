@@ -26,7 +26,9 @@ app = typer.Typer(
     no_args_is_help=False,
     invoke_without_command=True,
 )
-console = Console(stderr=False)
+console = Console()
+if not console.is_terminal:  # logs and pipes: wide enough for the tables
+    console.width = 160
 
 
 def _split(text: str | None, conv=str) -> list | None:

@@ -208,6 +208,8 @@ def main(quick: bool = False, flex: bool = True) -> bool:
     from .sweep import cpu_model
 
     console = Console()
+    if not console.is_terminal:
+        console.width = 160
     console.print(
         f"CPU performance targets on {cpu_model()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}; B={B} H={H} D={D} float32"
