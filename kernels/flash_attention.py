@@ -29,10 +29,13 @@ the number of global positions and ``V = causal & (band | global row | global co
 - band programs (every query block): the band loop above, then the global *keys* gathered by
   index with the mask ``~band & causal`` (so no key counts twice); they do not store the rows
   that are global.
-- global-row programs (extra programs over the gathered global rows): every key, causal only.
+- a second, "gathered" launch (``GATHERED=True``, half the query tile) over the global rows,
+  gathered by index: every key, causal only.
 - for ``dk``/``dv`` the same split transposed: band key blocks add the gathered global *rows*
-  outside the band and do not store global keys; extra programs over the gathered global keys
-  see every query row.
+  outside the band and do not store global keys; the gathered launch over the global keys
+  sees every query row.
+
+The row term ``delta = rowsum(dO * O)`` of the backward comes from a small kernel of its own.
 
 A row with no visible key gets output 0 and log-sum-exp ``+inf``, so the backward's
 recomputed probabilities are 0 there and every gradient of that row is 0.
@@ -235,8 +238,8 @@ def query_block_schedule(
     ``0 .. ceil(nq / block_m) - 1`` are the query blocks (their band, causal applied);
     with ``global_idx`` (sorted positions of the global tokens, ``nq == nk``) the next
     ``ceil(g / global_block)`` programs (``global_block`` defaults to ``block_m``) are the
-    gathered global rows, which see every key
-    (causal applied). The band programs also visit the global keys, which are not listed here.
+    gathered global rows, which see every key (causal applied). The band programs also visit
+    the global keys, which are not listed here.
     """
     off = nk - nq
     left, right = _reach(window, nq, nk)
