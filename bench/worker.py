@@ -41,6 +41,17 @@ def _inject_fault(cfg: BenchConfig) -> None:
             measure.PERTURB = 1e-2
 
 
+def _release_memory() -> None:
+    """Free what the last config left behind before the next one is measured."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _worker_main(conn, settings: RunSettings, log_path: str | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if log_path:  # keep the terminal for the progress bar: library chatter goes to the log
@@ -67,8 +78,8 @@ def _worker_main(conn, settings: RunSettings, log_path: str | None) -> None:
             res = run_config(cfg, settings)
         except Exception as exc:  # run_config records its own failures; this is a last resort
             res = BenchResult(cfg, "error", error=f"{type(exc).__name__}: {exc}")
-        row = res.to_row()
-        conn.send(row)
+        conn.send(res.to_row())
+        _release_memory()
 
 
 class WorkerPool:
