@@ -95,10 +95,11 @@ def _project(
     offs_f = f0 + tl.arange(0, BLOCK_F)
     offs = offs_d[:, None] * M_PAD + offs_f[None, :]
     if N_SPLIT == 0:
-        return tl.dot(x, tl.load(wt_ptr + offs), input_precision="tf32x3")
-    u = tl.dot(x, tl.load(wt_ptr + offs))
-    for i in tl.static_range(1, N_SPLIT):
-        u = tl.dot(x, tl.load(wt_ptr + i * D_PAD * M_PAD + offs), acc=u)
+        u = tl.dot(x, tl.load(wt_ptr + offs), input_precision="tf32x3")
+    else:
+        u = tl.dot(x, tl.load(wt_ptr + offs))
+        for i in tl.static_range(1, N_SPLIT):
+            u = tl.dot(x, tl.load(wt_ptr + i * D_PAD * M_PAD + offs), acc=u)
     return u
 
 
@@ -179,9 +180,11 @@ def _query_psi(
 def _feature_grad(phi, u, dphi, f0, M, KERNEL: tl.constexpr, BLOCK_F: tl.constexpr):
     """Gradient w.r.t. the logit (softmax: ``phi * dphi``) or projection (relu: ``dphi * [u > 0]``)."""
     if KERNEL == "softmax":
-        return phi * dphi
-    offs_f = f0 + tl.arange(0, BLOCK_F)
-    return tl.where((u > 0.0) & (offs_f[None, :] < M), dphi, 0.0)
+        grad = phi * dphi
+    else:
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        grad = tl.where((u > 0.0) & (offs_f[None, :] < M), dphi, 0.0)
+    return grad
 
 
 @triton.jit
@@ -711,7 +714,7 @@ def keep(kernel: str, cfg: KernelConfig, shape: LaunchShape) -> bool:
         if CHUNK % cfg.block_m or cfg.block_f > 32:
             return False
         rows += CHUNK
-    if shape.fp32 and cfg.block_f > 32:
+    if shape.fp32 and cfg.block_f > (16 if kernel == "state" else 32):
         return False
     budget = 512 if shape.fp32 else 1024
     return rows * max(shape.d_pad, shape.dv_pad) // cfg.num_warps <= budget
