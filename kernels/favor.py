@@ -35,15 +35,25 @@ is chunked along positions with chunk ``C``::
                                                            its own key chunk under a j <= p mask
                                                            (intra, C x C)
 
-The state kernel writes one local state per chunk; an exclusive prefix sum over chunks on the
-host gives the state each chunk reads: ``(N / C) * P * Dv`` floats per head, O(N m) for
-``C >= Dv``, never an ``N x m x Dv`` tensor. The backward is the same linear-attention algebra run
+The state kernel writes one local state per chunk into slot ``t + 1`` of a buffer whose slot 0
+is zero; an in-place cumulative sum over the slots leaves the exclusive prefix each chunk reads:
+``(N / C + 1) * P * Dv`` floats per head, O(N m) for ``C >= Dv``, never an ``N x m x Dv``
+tensor. A query chunk runs as ``C / BLOCK_M`` programs, each holding the whole diagonal key
+chunk. The backward is the same linear-attention algebra run
 twice: ``dQ`` reads the key prefix states, ``dK, dV`` read the query suffix states
 ``sum_i psi_i dO_i^T`` and ``sum_i psi_i (dO_i . O_i)`` with ``psi_i = phi(q_i) / den_i``.
 
-Precision: the projection uses ``tf32x3`` (three TF32 products, about float32 accuracy on
-tensor cores; exact for 16-bit inputs, whose mantissas fit TF32); the other products use TF32
-for 16-bit inputs and ``tf32x3`` for float32 inputs. Everything accumulates in float32.
+Precision: the feature map must be float32-accurate (an error ``e`` in a logit is a relative
+error ``e`` in ``phi``, and logits reach tens). 16-bit inputs are exact in their own dtype, so
+``Ws`` is split on the host into two terms of that dtype (``hi + lo``: 22 bits for float16,
+16 for bfloat16, a logit error near 1e-4) and the projection takes two native tensor-core
+products; float32 inputs take one ``tf32x3`` product. The products of features (``phi S``,
+``phi(Q) phi(K)^T``, ``A V`` and their backward) use TF32 operands for 16-bit inputs (float32
+range, so small features do not flush as they would in float16) and ``tf32x3`` for float32
+inputs. Everything accumulates in float32.
+
+Rows with no visible key have ``den == 0``: the output is 0 and ``lse = +inf`` makes their
+backward features exactly 0.
 """
 
 from __future__ import annotations
@@ -123,7 +133,7 @@ def _relu_features(u, f0, M, row_ok, BLOCK_F: tl.constexpr):
     """``relu(u) + eps``; zero on padded features and rows."""
     offs_f = f0 + tl.arange(0, BLOCK_F)
     ok = row_ok[:, None] & (offs_f[None, :] < M)
-    return tl.where(ok, tl.maximum(u, 0.0) + 1e-3, 0.0)
+    return tl.where(ok, tl.maximum(u, 0.0) + 1e-3, 0.0)  # RELU_EPS
 
 
 @triton.jit
@@ -411,7 +421,7 @@ def _fwd_kernel(
         den += tl.sum(att, 1)
     has_key = den > 0.0
     out = acc / tl.where(has_key, den, 1.0)[:, None]
-    lse = tl.log(tl.maximum(den, 1e-30))
+    lse = tl.log(tl.maximum(den, 1e-30))  # DEN_FLOOR
     if KERNEL == "softmax":
         lse += m_i
     lse = tl.where(has_key, lse, float("inf"))
