@@ -186,3 +186,24 @@ def test_autotuner_builds(kernel: str) -> None:
     tuned = favor.autotuner(kernel, KERNEL_FNS[kernel], favor.CONFIGS[kernel], {"test": True})
     assert len(tuned.configs) == len(favor.CONFIGS[kernel])
     assert favor.kept_configs(kernel, shape)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_buffers_stay_linear_in_n(causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No buffer the kernels allocate approaches ``N x m x Dv``: the largest are ``O(N (m + Dv))``."""
+    b, h, n, d, dv, m = 1, 2, 256, 32, 32, 64
+    sizes: list[int] = []
+    for name in ("empty", "zeros", "empty_like", "zeros_like"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, **kw: _record(sizes, _real(*a, **kw)))
+    variant = av.PerformerAttention(num_features=m)
+    q, k, v = (t.requires_grad_() for t in make_qkv(b, h, h, n, n, d, dv))
+    variant(q, k, v, causal=causal, backend="triton").sum().backward()
+    chunk_states = b * h * (n // favor.CHUNK + 1) * m * dv
+    assert max(sizes) <= max(chunk_states, b * h * n * max(d, dv)), max(sizes)
+    assert max(sizes) * 8 <= b * h * n * m * dv
+
+
+def _record(sizes: list[int], t: torch.Tensor) -> torch.Tensor:
+    sizes.append(t.numel())
+    return t
