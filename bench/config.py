@@ -202,6 +202,7 @@ class RunSettings:
 
     min_run_time: float = 0.2  # seconds per torch.utils.benchmark blocked_autorange
     min_repeats: int = 3  # at least this many timed calls, for the spread
+    max_timed_s: float = 10.0  # long calls: stop adding repeats (beyond 2) once this much is timed
     timeout_s: float = 300.0  # per config, including compilation and the numerics gate
     mem_limit_gb: float = 4.0  # dense N x N work predicted above this is recorded as oom, not run
     check_elems: int = 1 << 26  # float64 reference elements per check (B*H*rows*Nk); rows are cut to fit

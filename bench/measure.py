@@ -38,6 +38,9 @@ CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated() after reset_peak_memory_
 # attention (5 matmuls in the backward including the recomputation of P, against 2 forward); the
 # Performer's linear form has no recomputation, so the usual 2x of a matmul's backward.
 BWD_FACTOR = {"full": 2.5, "sliding_window": 2.5, "performer": 2.0}
+# A call at least this long (s) is timed one call per measurement, its first call included (the
+# numerics check has already run it once).
+LONG_CALL_S = 0.5
 # Added to every output when nonzero: fault injection for the harness's own tests (see worker.py).
 PERTURB = 0.0
 
@@ -59,10 +62,17 @@ def time_fn(fn: Callable[[], object], device: torch.device, settings: RunSetting
     from torch.utils import benchmark
 
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=settings.min_run_time)
-    times = list(m.times)
-    while len(times) < settings.min_repeats:
-        times.extend(timer.timeit(1).times)
+    first = timer.timeit(1).times[0]  # warm-up, and tells a long call from a short one
+    if first >= LONG_CALL_S:
+        # Long calls: one call per measurement (blocked_autorange would spend a discarded warm-up
+        # call on estimating a block size of 1); stop at min_repeats or after max_timed_s.
+        times = [first]
+        while len(times) < settings.min_repeats and (len(times) < 2 or sum(times) < settings.max_timed_s):
+            times.extend(timer.timeit(1).times)
+    else:
+        times = list(timer.blocked_autorange(min_run_time=settings.min_run_time).times)
+        while len(times) < settings.min_repeats:
+            times.extend(timer.timeit(1).times)
     arr = np.asarray(times) * 1e3
     return float(np.median(arr)), float(np.percentile(arr, 10)), float(np.percentile(arr, 90)), len(times)
 
