@@ -78,6 +78,14 @@ def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[(df["status"] == "ok") & df["time_ms"].notna()].copy()
 
 
+def without_copies(df: pd.DataFrame) -> pd.DataFrame:
+    """Drop rows copied from an identical computation (the Performer's SDPA baseline is the
+    ``full`` SDPA row): they would repeat a line in tables and plots."""
+    if "note" not in df:
+        return df
+    return df[~df["note"].fillna("").astype(str).str.contains("measured once")]
+
+
 def line_label(row) -> str:
     name = str(row["variant"])
     if not pd.isna(row.get("window")) and int(row["window"]) >= 0:
@@ -101,7 +109,7 @@ def exponents(df: pd.DataFrame, tail: int = 3) -> pd.DataFrame:
     """Fitted exponents of time and memory in N per line: over all lengths and over the ``tail``
     largest (small N is dominated by fixed overheads)."""
     rows = []
-    for _, g in _groups(ok_rows(df), SETTING + LINE):
+    for _, g in _groups(without_copies(ok_rows(df)), SETTING + LINE):
         g = g.sort_values("seq_len")
         if g["seq_len"].nunique() < 2:
             continue
@@ -129,7 +137,7 @@ def crossovers(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, g in _groups(ok[ok["variant"].isin(EFFICIENT)], SETTING + LINE):
         first = g.iloc[0]
-        if first["backend"] in ("reference",):
+        if first["backend"] in ("reference", "sdpa"):  # dense computations: no crossover to find
             continue
         same = (ok[SETTING] == first[SETTING]).all(axis=1) & (ok["pass"] == first["pass"]) & (ok["variant"] == "full")
         for against in dict.fromkeys([first["backend"], "sdpa"]):

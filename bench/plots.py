@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .analysis import LINE, SETTING, line_label, ok_rows, setting_label, speedups
+from .analysis import LINE, SETTING, line_label, ok_rows, setting_label, speedups, without_copies
 
 # Colour says the variant, line style and marker the backend.
 COLOR = {"full": "tab:blue", "sliding_window": "tab:green", "performer": "tab:red"}
@@ -96,9 +96,7 @@ def _figure(
 
 def sweep_plots(df: pd.DataFrame, out: Path, baseline: str = "sdpa") -> dict[str, list[Path]]:
     """Time, memory, speed-up and FLOP/s vs N, one figure per setting; returns the files by kind."""
-    ok = ok_rows(df)
-    # The Performer's SDPA baseline is full attention's SDPA row: drawn once, as full / sdpa.
-    ok = ok[~((ok["variant"] == "performer") & (ok["backend"] == "sdpa"))]
+    ok = without_copies(ok_rows(df))  # a copied row (Performer's SDPA = full's SDPA) is drawn once
     files: dict[str, list[Path]] = {"time": [], "memory": [], "speedup": [], "flops": []}
     sp = speedups(df, baseline)
     for _, s in ok.groupby(SETTING, dropna=False, sort=False):

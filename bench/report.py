@@ -19,6 +19,7 @@ from .analysis import (
     ok_rows,
     setting_label,
     speedups,
+    without_copies,
 )
 from .plots import accuracy_plots, sweep_plots
 
@@ -49,7 +50,7 @@ def _mib(x) -> float:
 
 def time_tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """Median time (ms) per line x N, one table per setting and pass."""
-    ok = ok_rows(df)
+    ok = without_copies(ok_rows(df))
     out = []
     for _, s in ok.groupby([*SETTING, "pass"], dropna=False, sort=False):
         first = s.iloc[0]
@@ -62,7 +63,7 @@ def time_tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 def headline(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Per setting and pass, at the largest N each line reached: time, memory, speed-up."""
-    ok = ok_rows(df)
+    ok = without_copies(ok_rows(df))
     sp = speedups(df, baseline)
     rows = []
     for _, g in ok.groupby([*SETTING, *LINE], dropna=False, sort=False):
