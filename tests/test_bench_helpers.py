@@ -163,3 +163,17 @@ def test_cpu_peak_memory_sees_allocations() -> None:
         return a + b  # 4 MiB more
 
     assert cpu_peak_memory(alloc) >= 3 * 4 * n
+
+
+def test_time_fn_short_and_long_calls() -> None:
+    import time
+
+    from bench.config import RunSettings
+    from bench.measure import time_fn
+
+    cpu = torch.device("cpu")
+    med, p10, p90, reps = time_fn(lambda: torch.ones(64).sum(), cpu, RunSettings(min_run_time=0.01, min_repeats=3))
+    assert reps >= 3 and 0 < p10 <= med <= p90
+    # A long call is timed once per measurement and stops at two once max_timed_s is spent.
+    med, p10, p90, reps = time_fn(lambda: time.sleep(0.55), cpu, RunSettings(min_repeats=5, max_timed_s=1.0))
+    assert reps == 2 and med >= 550
