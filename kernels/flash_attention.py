@@ -344,6 +344,15 @@ if triton is not None:
         return idx, valid
 
     @triton.jit
+    def _load_interior(ptrs, pad_mask, PADDED: tl.constexpr):
+        """Load a tile whose rows are all in range: masked only along a padded head dim."""
+        if PADDED:  # noqa: SIM108 - constexpr branches read better in kernels
+            x = tl.load(ptrs, mask=pad_mask, other=0.0)
+        else:
+            x = tl.load(ptrs)
+        return x
+
+    @triton.jit
     def _fwd_inner(
         acc,
         l_i,
@@ -380,7 +389,7 @@ if triton is not None:
             kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
             v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :]
             if MODE == 0:
-                kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_D, other=0.0)
+                kt = _load_interior(kt_ptrs, offs_d[:, None] < HEAD_D, HEAD_D < BLOCK_D)
             else:
                 kt = tl.load(kt_ptrs, mask=valid[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)
             s = tl.dot(q, kt, input_precision=PREC) * qk_scale
@@ -396,7 +405,7 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             if MODE == 0:
-                v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
+                v = _load_interior(v_ptrs, offs_dv[None, :] < HEAD_DV, HEAD_DV < BLOCK_DV)
             else:
                 v = tl.load(v_ptrs, mask=valid[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -551,8 +560,8 @@ if triton is not None:
             kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
             vt_ptrs = v_base + cols[None, :] * stride_vn + offs_dv[:, None]
             if MODE == 0:
-                kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_D, other=0.0)
-                vt = tl.load(vt_ptrs, mask=offs_dv[:, None] < HEAD_DV, other=0.0)
+                kt = _load_interior(kt_ptrs, offs_d[:, None] < HEAD_D, HEAD_D < BLOCK_D)
+                vt = _load_interior(vt_ptrs, offs_dv[:, None] < HEAD_DV, HEAD_DV < BLOCK_DV)
             else:
                 kt = tl.load(kt_ptrs, mask=valid[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)
                 vt = tl.load(vt_ptrs, mask=valid[None, :] & (offs_dv[:, None] < HEAD_DV), other=0.0)
@@ -754,8 +763,8 @@ if triton is not None:
             q_ptrs = q_base + rows[:, None] * stride_qm + offs_d[None, :]
             do_ptrs = do_base + rows[:, None] * stride_dom + offs_dv[None, :]
             if MODE == 0:
-                q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_D, other=0.0)
-                do = tl.load(do_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
+                q = _load_interior(q_ptrs, offs_d[None, :] < HEAD_D, HEAD_D < BLOCK_D)
+                do = _load_interior(do_ptrs, offs_dv[None, :] < HEAD_DV, HEAD_DV < BLOCK_DV)
                 lse = tl.load(LSE + stats_base + rows)
                 delta = tl.load(DELTA + stats_base + rows)
             else:
