@@ -2,7 +2,8 @@
 
 - Fresh allocations made through ``torch.empty*`` are poisoned with NaN, so an output a
   backend forgets to write fails loudly instead of passing by luck.
-- Tests marked ``gpu`` are skipped cleanly without CUDA.
+- Tests marked ``gpu`` are skipped cleanly without CUDA, and in runs that use the Triton
+  interpreter: run them on their own with ``pytest -m gpu``.
 - Triton kernels run under the interpreter on CPU tensors (``TRITON_INTERPRET=1``) unless the
   run selects the GPU tests (``-m gpu``); Triton reads the variable when a kernel is defined,
   so it is set here, before any kernel module is imported.
@@ -24,9 +25,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        reason = "needs a CUDA device"
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        reason = "this run uses the Triton interpreter; run the GPU tests on their own: pytest -m gpu"
+    else:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
