@@ -1,0 +1,1 @@
+"""The benchmark harness behind ``attn-bench``: sweeps, baselines, numerics gate, plots and reports."""
