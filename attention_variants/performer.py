@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -55,29 +55,87 @@ def draw_projection(num_features: int, head_dim: int, *, ortho: bool = True, see
     return rows * norms[:, None]
 
 
-def feature_map(x: Tensor, w: Tensor, scale: float, kernel: str, is_query: bool) -> Tensor:
-    """FAVOR+ features ``phi(x)``: ``x (..., N, D)``, ``w (m, D)`` -> ``(..., N, m)`` in ``w``'s dtype."""
-    x = x.to(w.dtype)
-    proj = torch.matmul(x, (w * scale**0.5).T)  # W x'
+def _project(x: Tensor, ws: Tensor) -> Tensor:
+    return torch.matmul(x.to(ws.dtype), ws.T)  # W x', with ws = W * sqrt(scale)
+
+
+def query_features(x: Tensor, ws: Tensor, scale: float, kernel: str) -> Tensor:
+    """``phi(q)`` for ``x (..., N, D)`` and the scaled projection ``ws = W * sqrt(scale)``."""
+    proj = _project(x, ws)
     if kernel == "relu":
         return torch.relu(proj) + RELU_EPS
-    # exp(W x' - |x'|^2/2 - c) / sqrt(m) as one shift and one exp. For queries c is the row max
-    # of the exponent, so the shift is the row max of W x' (|x'|^2/2 is constant along the row).
-    log_sqrt_m = 0.5 * math.log(w.shape[0])
+    # exp(W x' - |x'|^2/2 - c) / sqrt(m) with c the row max of the exponent: since |x'|^2/2 is
+    # constant along a row, that is exp(W x' - rowmax(W x')) / sqrt(m): one shift, one exp.
     with torch.no_grad():
-        row_max = proj.amax(dim=-1, keepdim=True)
+        shift = proj.amax(dim=-1, keepdim=True) + 0.5 * math.log(ws.shape[0])
+    return torch.exp(proj - shift)
+
+
+def key_shift(k: Tensor, ws: Tensor, scale: float, kernel: str, rows: int | None = None) -> Tensor | None:
+    """``c + log(sqrt(m))`` per (batch, key head), ``(B, Hk, 1, 1)``: c is the max of the exponent
+    ``W k' - |k'|^2/2`` over all keys and features. Computed ``rows`` keys at a time, no grad."""
+    if kernel == "relu":
+        return None
+    n = k.shape[-2]
+    rows = rows or max(n, 1)
+    with torch.no_grad():
+        best = None
+        for start in range(0, n, rows):
+            x = k[..., start : start + rows, :].to(ws.dtype)
+            expo = _project(x, ws).amax(dim=-1) - (0.5 * scale) * x.square().sum(dim=-1)
+            piece = expo.amax(dim=-1, keepdim=True)[..., None]
+            best = piece if best is None else torch.maximum(best, piece)
+        assert best is not None
+        return best + 0.5 * math.log(ws.shape[0])
+
+
+def key_features(x: Tensor, ws: Tensor, scale: float, kernel: str, shift: Tensor | None) -> Tensor:
+    """``phi(k)`` for ``x (B, Hk, N, D)`` with the shift of :func:`key_shift`."""
+    proj = _project(x, ws)
+    if kernel == "relu":
+        return torch.relu(proj) + RELU_EPS
+    assert shift is not None
+    half_sq = (0.5 * scale) * x.to(ws.dtype).square().sum(dim=-1, keepdim=True)
+    return torch.exp(proj - (half_sq + shift))
+
+
+def feature_map(x: Tensor, w: Tensor, scale: float, kernel: str, is_query: bool) -> Tensor:
+    """FAVOR+ features ``phi(x)``: ``x (..., N, D)``, ``w (m, D)`` -> ``(..., N, m)`` in ``w``'s dtype."""
+    ws = w * scale**0.5
     if is_query:
-        return torch.exp(proj - (row_max + log_sqrt_m))
-    half_sq = (0.5 * scale) * x.square().sum(dim=-1, keepdim=True)
-    c = (row_max - half_sq.detach()).amax(dim=(-2, -1), keepdim=True)
-    return torch.exp(proj - (half_sq + (c + log_sqrt_m)))
+        return query_features(x, ws, scale, kernel)
+    return key_features(x, ws, scale, kernel, key_shift(x, ws, scale, kernel))
+
+
+class _SafeDiv(torch.autograd.Function):
+    """``num / den`` with ``den (..., 1)``: rows with no visible key (den == 0, hence num == 0)
+    give 0 and zero gradients. In the backward, ``den`` is floored at ``BACKWARD_DEN_FLOOR``:
+    large-norm float16 inputs can make the normaliser of an early causal row subnormal in
+    float32, and ``g / den`` would overflow to inf. The forward is exact; the gradient of such
+    a row (mathematically near zero there) is damped instead of infinite."""
+
+    @staticmethod
+    def forward(ctx, num: Tensor, den: Tensor) -> Tensor:  # type: ignore[override]
+        empty = den == 0
+        out = torch.where(empty, 0.0, num / torch.where(empty, 1.0, den))
+        ctx.save_for_backward(out, den, empty)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        out, den, empty = ctx.saved_tensors
+        safe = torch.where(empty, 1.0, den.clamp_min(BACKWARD_DEN_FLOOR[den.dtype]))
+        g_num = torch.where(empty, 0.0, g / safe)
+        g_den = torch.where(empty, 0.0, -(g * out).sum(dim=-1, keepdim=True) / safe)
+        return g_num, g_den
+
+
+BACKWARD_DEN_FLOOR = {torch.float64: 1e-300, torch.float32: 1e-30, torch.bfloat16: 1e-30, torch.float16: 0.0}
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den``, where rows with no visible key (den == 0, hence num == 0) give 0 and a zero
-    gradient rather than NaN (phi > 0, so den == 0 only when no key is visible)."""
-    empty = den == 0
-    return torch.where(empty, 0.0, num / torch.where(empty, 1.0, den))
+    """``num / den`` per row (``den (..., 1)``); see :class:`_SafeDiv`."""
+    return _SafeDiv.apply(num, den)
 
 
 @register_variant("performer")
@@ -216,10 +274,20 @@ register_backend(PerformerAttention, "reference")(_reference)
 @register_backend(PerformerAttention, "torch")
 def _performer_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
     assert isinstance(variant, PerformerAttention)
-    phi_q = variant.features(q, scale, True)
-    phi_k = variant.features(k, scale, False)
-    out = favor_causal(phi_q, phi_k, v.to(phi_k.dtype)) if causal else favor_noncausal(phi_q, phi_k, v.to(phi_k.dtype))
-    return out.to(q.dtype)
+    dtype = compute_dtype(q.dtype)
+    ws = variant.projection_matrix(q.shape[-1], q.device, dtype) * scale**0.5
+    rows = piece_rows(q.shape[0] * q.shape[1], variant.num_features)
+    shift = key_shift(k, ws, scale, variant.kernel, rows)
+
+    def phi_q(start: int, end: int) -> Tensor:
+        return query_features(q[:, :, start:end], ws, scale, variant.kernel)
+
+    def phi_k(start: int, end: int) -> Tensor:
+        return key_features(k[:, :, start:end], ws, scale, variant.kernel, shift)
+
+    v1 = _with_ones(v.to(dtype))
+    favor = favor_causal if causal else favor_noncausal
+    return favor(phi_q, phi_k, v1, q.shape[1], q.shape[2], rows).to(q.dtype)
 
 
 def _favor_triton_check(
@@ -239,6 +307,18 @@ def _performer_triton(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor
     return favor_attention(q, k, v, w, causal=causal, scale=scale, kernel=variant.kernel)
 
 
+PIECE_ELEMENTS = 1 << 21
+"""Feature elements per piece of rows (8 MB in float32). The PyTorch backend walks the sequence in
+pieces so that no intermediate grows past glibc's mmap threshold (32 MB at most): larger
+tensors are mapped fresh on every allocation, and the page faults made time superlinear in N."""
+
+
+def piece_rows(heads: int, num_features: int) -> int:
+    """Rows per piece for ``heads = B * H`` heads of ``num_features`` features (a multiple of CHUNK)."""
+    rows = PIECE_ELEMENTS // max(1, heads * num_features)
+    return max(CHUNK, rows // CHUNK * CHUNK)
+
+
 def _group(phi_q: Tensor, hk: int) -> Tensor:
     """``(B, H, N, m) -> (B, Hk, G, N, m)``: query heads grouped under their key head."""
     b, h, n, m = phi_q.shape
@@ -254,49 +334,70 @@ def _normalise(num_den: Tensor) -> Tensor:
     return _safe_div(num_den[..., :-1], num_den[..., -1:])
 
 
-def favor_noncausal(phi_q: Tensor, phi_k: Tensor, v: Tensor) -> Tensor:
-    """``phi_q (B,H,Nq,m)``, ``phi_k (B,Hk,Nk,m)``, ``v (B,Hk,Nk,Dv)`` -> ``(B,H,Nq,Dv)`` in O(N m Dv)."""
-    b, h, nq, _ = phi_q.shape
-    hk = phi_k.shape[1]
-    kv = torch.matmul(phi_k.transpose(-1, -2), _with_ones(v))  # (B, Hk, m, Dv + 1)
-    out = _normalise(torch.matmul(_group(phi_q, hk), kv[:, :, None]))
-    return out.reshape(b, h, nq, v.shape[-1])
+FeatureFn = Callable[[int, int], Tensor]
 
 
-def _exclusive_cumsum(x: Tensor, init: Tensor) -> Tensor:
-    """``init + sum(x[:, :, :c])`` for every chunk ``c`` along dim 2 (not cumsum - x: that cancels)."""
-    return torch.cat([init[:, :, None], torch.cumsum(x[:, :, :-1], dim=2) + init[:, :, None]], dim=2)
+def favor_noncausal(phi_q: FeatureFn, phi_k: FeatureFn, v1: Tensor, h: int, nq: int, rows: int) -> Tensor:
+    """Non-causal FAVOR+: ``phi(K)^T [V, 1]`` over key pieces, then one readout per query piece.
 
-
-def favor_causal(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk: int = CHUNK) -> Tensor:
-    """Causal (bottom-right) FAVOR+ by chunks: exact within a chunk, running state across chunks.
-
-    Memory O(N (m + Dv) + (N / chunk) m Dv); no N x m x Dv tensor.
+    ``phi_q(start, end)`` / ``phi_k(start, end)`` give the features of rows ``[start, end)``
+    (``(B, H, n, m)`` / ``(B, Hk, n, m)``); ``v1 = [V, 1]`` is ``(B, Hk, Nk, Dv + 1)``.
+    Returns ``(B, H, Nq, Dv)``; O(N m Dv) time, O(rows m + m Dv) working memory.
     """
-    b, h, nq, m = phi_q.shape
-    hk, nk, dv = phi_k.shape[1], phi_k.shape[2], v.shape[-1]
-    off = nk - nq
-    if off < 0:  # the first -off queries see no key
-        head = phi_q.new_zeros(b, h, -off, dv)
-        return torch.cat([head, favor_causal(phi_q[:, :, -off:], phi_k, v, chunk)], dim=2)
-    v1 = _with_ones(v)
-    # Keys before the aligned diagonal are visible to every query: they seed the state.
-    state0 = torch.matmul(phi_k[:, :, :off].transpose(-1, -2), v1[:, :, :off])  # (B, Hk, m, Dv + 1)
-    phi_k, v1 = phi_k[:, :, off:], v1[:, :, off:]
+    b, hk, nk, dv1 = v1.shape
+    kv = sum(
+        torch.matmul(phi_k(s, s + rows).transpose(-1, -2), v1[:, :, s : s + rows]) for s in range(0, nk, rows)
+    )  # (B, Hk, m, Dv + 1)
+    outs = []
+    for s in range(0, nq, rows):
+        pq = phi_q(s, s + rows)
+        outs.append(_normalise(torch.matmul(_group(pq, hk), kv[:, :, None])).reshape(b, h, pq.shape[2], dv1 - 1))
+    return torch.cat(outs, dim=2)
 
-    n = nq
-    c = min(chunk, n)
+
+def favor_causal(phi_q: FeatureFn, phi_k: FeatureFn, v1: Tensor, h: int, nq: int, rows: int) -> Tensor:
+    """Causal (bottom-right) FAVOR+, piece by piece with a running state (arguments as
+    :func:`favor_noncausal`). Within a piece: chunks of ``CHUNK``, exact inside a chunk, prefix
+    states across chunks. No N x m x Dv tensor; O(rows (m + CHUNK) + (rows / CHUNK) m Dv) working memory.
+    """
+    b, hk, nk, dv1 = v1.shape
+    off = nk - nq
+    outs = []
+    q0 = 0
+    if off < 0:  # the first -off queries see no key
+        outs.append(v1.new_zeros(b, h, -off, dv1 - 1))
+        q0, off = -off, 0
+    # Keys before the aligned diagonal are visible to every query: they seed the state.
+    state = v1.new_zeros(b, hk, 1, dv1) if off == 0 else 0
+    for s in range(0, off, rows):
+        e = min(off, s + rows)
+        state = state + torch.matmul(phi_k(s, e).transpose(-1, -2), v1[:, :, s:e])
+    for s in range(0, nq - q0, rows):
+        e = min(nq - q0, s + rows)
+        out, state = _causal_piece(phi_q(q0 + s, q0 + e), phi_k(off + s, off + e), v1[:, :, off + s : off + e], state)
+        outs.append(out)
+    return torch.cat(outs, dim=2)
+
+
+def _causal_piece(pq: Tensor, pk: Tensor, pv: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """Causal FAVOR+ on aligned rows: ``pq (B,H,n,m)``, ``pk (B,Hk,n,m)``, ``pv (B,Hk,n,Dv+1)``,
+    ``state (B,Hk,m,Dv+1)`` (or broadcastable) from earlier keys. Returns ``(out, new state)``."""
+    b, h, n, m = pq.shape
+    hk, dv1 = pk.shape[1], pv.shape[-1]
+    c = min(CHUNK, n)
     nc = math.ceil(n / c)
     pad = nc * c - n
-    pq = torch.nn.functional.pad(phi_q, (0, 0, 0, pad)).view(b, hk, h // hk, nc, c, m)
-    pk = torch.nn.functional.pad(phi_k, (0, 0, 0, pad)).view(b, hk, nc, c, m)
-    pv = torch.nn.functional.pad(v1, (0, 0, 0, pad)).view(b, hk, nc, c, dv + 1)
+    pq = torch.nn.functional.pad(pq, (0, 0, 0, pad)).view(b, hk, h // hk, nc, c, m)
+    pk = torch.nn.functional.pad(pk, (0, 0, 0, pad)).view(b, hk, nc, c, m)
+    pv = torch.nn.functional.pad(pv, (0, 0, 0, pad)).view(b, hk, nc, c, dv1)
 
     kv = torch.matmul(pk.transpose(-1, -2), pv)  # (B, Hk, nc, m, Dv + 1)
-    states = _exclusive_cumsum(kv, state0)  # state before each chunk
+    # State before each chunk: state + sum of earlier chunks (not cumsum - kv: that cancels).
+    prefix = torch.cumsum(kv, dim=2)
+    states = torch.cat([state.expand(b, hk, m, dv1)[:, :, None], prefix[:, :, :-1] + state[:, :, None]], dim=2)
     num_den = torch.matmul(pq, states[:, :, None])  # (B, Hk, G, nc, c, Dv + 1)
-    tril = torch.ones(c, c, dtype=torch.bool, device=phi_q.device).tril()
+    tril = torch.ones(c, c, dtype=torch.bool, device=pq.device).tril()
     a = torch.matmul(pq, pk[:, :, None].transpose(-1, -2)) * tril  # (B, Hk, G, nc, c, c)
     num_den = num_den + torch.matmul(a, pv[:, :, None])
-    out = _normalise(num_den).reshape(b, h, nc * c, dv)
-    return out[:, :, :n]
+    out = _normalise(num_den).reshape(b, h, nc * c, dv1 - 1)[:, :, :n]
+    return out, prefix[:, :, -1] + state

@@ -20,9 +20,9 @@ from .base import _reference_forward as _reference
 from .full import _softmax_triton_check, softmax_dense
 
 # Query block of the blocked PyTorch backend. Each block of BLOCK_Q queries attends to a
-# window of BLOCK_Q + left + right keys in one fused SDPA call; 64 balances the wasted
+# window of BLOCK_Q + left + right keys in one fused SDPA call; 32 balances the wasted
 # corner work (which grows with the block) against GEMM efficiency (which falls below it).
-BLOCK_Q = 64
+BLOCK_Q = 32
 
 
 @register_variant("sliding_window")

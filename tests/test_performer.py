@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_qkv, max_err
+from helpers import check_backend, make_qkv, max_err
 
 import attention_variants as av
 from attention_variants.performer import draw_projection
@@ -114,3 +114,15 @@ def test_relu_kernel_features():
     w = p.projection_matrix(4, "cpu", torch.float64)
     phi = p.features(x, 1.0, is_query=True)
     assert torch.allclose(phi, torch.relu(x @ w.T) + 1e-3)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("nq", "nk"), [(700, 700), (300, 650), (650, 300)])
+def test_torch_backend_in_many_pieces(monkeypatch, causal, nq, nk):
+    """The PyTorch backend walks long sequences in pieces; force several, with ragged ends."""
+    from attention_variants import performer
+
+    monkeypatch.setattr(performer, "PIECE_ELEMENTS", 2 * 2 * 16 * 256)  # 256 rows per piece here
+    assert performer.piece_rows(4, 16) == 256
+    q, k, v = make_qkv(1, 4, 2, nq, nk, 16)
+    check_backend(av.PerformerAttention(num_features=16), "torch", q, k, v, causal=causal)
