@@ -396,8 +396,7 @@ def _causal_piece(pq: Tensor, pk: Tensor, pv: Tensor, state: Tensor) -> tuple[Te
     prefix = torch.cumsum(kv, dim=2)
     states = torch.cat([state.expand(b, hk, m, dv1)[:, :, None], prefix[:, :, :-1] + state[:, :, None]], dim=2)
     num_den = torch.matmul(pq, states[:, :, None])  # (B, Hk, G, nc, c, Dv + 1)
-    tril = torch.ones(c, c, dtype=torch.bool, device=pq.device).tril()
-    a = torch.matmul(pq, pk[:, :, None].transpose(-1, -2)) * tril  # (B, Hk, G, nc, c, c)
+    a = torch.matmul(pq, pk[:, :, None].transpose(-1, -2)).tril_()  # (B, Hk, G, nc, c, c), causal
     num_den = num_den + torch.matmul(a, pv[:, :, None])
     out = _normalise(num_den).reshape(b, h, nc * c, dv1 - 1)[:, :, :n]
     return out, prefix[:, :, -1] + state
