@@ -1,7 +1,7 @@
 """``attn-bench``: sweeps, reports, the numerics gate, and listings.
 
 With no subcommand, ``attn-bench`` runs the default preset (``cpu-quick``) into
-``reports/cpu-quick`` and writes its report there.
+``runs/cpu-quick-<date>-<time>`` and writes its report there.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def sweep(
     window: Annotated[str | None, typer.Option(help="comma list of sliding-window sizes")] = None,
     num_features: Annotated[str | None, typer.Option(help="comma list of Performer feature counts")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
-    out: Annotated[Path | None, typer.Option(help="output directory [default: reports/<preset>]")] = None,
+    out: Annotated[Path | None, typer.Option(help="output directory [default: runs/<preset>-<date>-<time>]")] = None,
     resume: Annotated[bool, typer.Option(help="skip configs already in DIR/results.csv")] = False,
     overwrite: Annotated[bool, typer.Option(help="start afresh even if DIR/results.csv exists")] = False,
     timeout: Annotated[float | None, typer.Option(help="per-config timeout in seconds")] = None,
@@ -106,7 +106,8 @@ def sweep(
     settings = p.settings
     changes = {"timeout_s": timeout, "min_run_time": min_run_time, "mem_limit_gb": mem_limit_gb}
     settings = RunSettings(**{**settings.__dict__, **{k: v for k, v in changes.items() if v is not None}})
-    out = out or Path("reports") / preset
+    # A fresh directory by default, so a run never collides with an earlier one or a committed report.
+    out = out or Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     results_path = out / "results.csv"
     if results_path.exists() and not (resume or overwrite):
         console.print(f"[red]{results_path} exists: pass --resume to continue it or --overwrite to start afresh")
