@@ -2,7 +2,7 @@
 
 Run: ``pytest bench/benchmarks --benchmark-only`` (add ``--benchmark-autosave`` to keep a run and
 ``--benchmark-compare`` to compare with the last one). B=1, H=4, D=64, float32; the SDPA rows
-are the baselines of the same session. ``-k 4096`` or ``-k performer`` select a subset.
+are the baselines of the same run. ``-k 4096`` or ``-k performer`` select a subset.
 """
 
 from __future__ import annotations
