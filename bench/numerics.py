@@ -51,7 +51,10 @@ def _max_abs(x: Tensor, ref: Tensor) -> float:
     return (x.double() - ref.double()).abs().max().item()
 
 
-def _run(fn, q: Tensor, k: Tensor, v: Tensor, dout: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+def run_with_grads(
+    fn, q: Tensor, k: Tensor, v: Tensor, dout: Tensor | None
+) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """``fn(q, k, v)`` and, when ``dout`` is given, the gradients of q, k, v (zeros where unused)."""
     if dout is None:
         with torch.no_grad():
             return fn(q, k, v), None
@@ -91,16 +94,16 @@ def check_target(
     gen = torch.Generator(device="cpu").manual_seed(1234)
     dout = torch.randn(q.shape[0], q.shape[1], nq, v.shape[-1], generator=gen).to(q.device, dtype) if grads else None
 
-    out, g = _run(target.fn, q, k, v, dout)
+    out, g = run_with_grads(target.fn, q, k, v, dout)
     out_rows = out[:, :, nq - rows :]
     qs = q[:, :, nq - rows :]
 
     def ref_fn(a, b, c):
         return truth.reference(a, b, c, causal=causal)
 
-    ref, ref_g = _run(ref_fn, qs.double(), k.double(), v.double(), None if dout is None else dout.double())
+    ref, ref_g = run_with_grads(ref_fn, qs.double(), k.double(), v.double(), None if dout is None else dout.double())
     pts = [
-        _run(lambda a, b, c, up=up: truth.dense(a, b, c, causal, scale, upcast=up), qs, k, v, dout)
+        run_with_grads(lambda a, b, c, up=up: truth.dense(a, b, c, causal, scale, upcast=up), qs, k, v, dout)
         for up in (False, True)
     ]
 

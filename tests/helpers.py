@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 
 from attention_variants import AttentionVariant
+from bench.numerics import ATOL, BWD_FACTOR, FWD_FACTOR, run_with_grads  # one tolerance policy: the harness's gate
 
-# Floor of the error criterion, per dtype.
-ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 # Relative RMS ceiling, per dtype.
 RMS_RATIO = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
@@ -72,13 +71,8 @@ class Run:
 
 
 def run(fn, q: Tensor, k: Tensor, v: Tensor, dout: Tensor | None) -> Run:
-    q, k, v = (t.detach().clone().requires_grad_(dout is not None) for t in (q, k, v))
-    out = fn(q, k, v)
-    if dout is None:
-        return Run(out.detach(), None)
-    (gq, gk, gv) = torch.autograd.grad(out, (q, k, v), dout.to(out.dtype), allow_unused=True)
-    grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip((gq, gk, gv), (q, k, v), strict=True))
-    return Run(out.detach(), grads)  # type: ignore[arg-type]
+    out, grads = run_with_grads(fn, q, k, v, dout)
+    return Run(out, grads)  # type: ignore[arg-type]
 
 
 def check_backend(
@@ -91,8 +85,8 @@ def check_backend(
     causal: bool,
     scale: float | None = None,
     grad: bool = True,
-    fwd_factor: float = 2.0,
-    bwd_factor: float = 3.0,
+    fwd_factor: float = FWD_FACTOR,
+    bwd_factor: float = BWD_FACTOR,
 ) -> None:
     """Compare ``variant(..., backend=backend)`` with the float64 reference, output and gradients.
 
