@@ -1,7 +1,7 @@
-"""``attn-bench``: sweeps, reports, the numerics gate, and listings.
+"""``attn-bench``: sweeps, reports, the numerics gate, the GPU check, and listings.
 
-With no subcommand, ``attn-bench`` runs the default preset (``cpu-quick``) into
-``runs/cpu-quick-<date>-<time>`` and writes its report there.
+With no subcommand, ``attn-bench`` runs the default preset (``gpu-quick`` where CUDA is
+available, ``cpu-quick`` otherwise) into ``runs/<preset>-<date>-<time>`` and writes its report there.
 """
 
 from __future__ import annotations
@@ -19,6 +19,18 @@ from rich.table import Table
 from .config import PASSES, RunSettings, all_backends, expand, load_presets, validate_names
 
 DEFAULT_PRESET = "cpu-quick"
+GPU_PRESET = "gpu-quick"
+
+
+def default_preset() -> tuple[str, str]:
+    """``(preset, why)``: ``gpu-quick`` when CUDA is available, else ``cpu-quick``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return GPU_PRESET, f"CUDA is available ({torch.cuda.get_device_name(0)})"
+    why = "this PyTorch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+    return DEFAULT_PRESET, f"{why}; on a GPU the default is {GPU_PRESET}"
+
 
 app = typer.Typer(
     help="Benchmark full, sliding-window and Performer attention: sweeps, reports, numerics.",
@@ -39,14 +51,17 @@ def _split(text: str | None, conv=str) -> list | None:
 
 @app.callback()
 def _root(ctx: typer.Context) -> None:
-    """With no subcommand: run the default sweep (cpu-quick) and write its report."""
+    """With no subcommand: run the default sweep (gpu-quick with CUDA, else cpu-quick) and write its report."""
     if ctx.invoked_subcommand is None:
         ctx.invoke(sweep)
 
 
 @app.command()
 def sweep(
-    preset: Annotated[str, typer.Option(help="preset name from presets.toml (see `attn-bench list`)")] = DEFAULT_PRESET,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="presets.toml name (`attn-bench list`) [default: gpu-quick with CUDA, else cpu-quick]"),
+    ] = None,
     preset_file: Annotated[Path | None, typer.Option(help="presets TOML to read instead of the shipped one")] = None,
     variants: Annotated[str | None, typer.Option(help="comma list, e.g. full,sliding_window,performer")] = None,
     backends: Annotated[str | None, typer.Option(help="comma list of torch,triton,reference,auto,sdpa,flex")] = None,
@@ -70,9 +85,17 @@ def sweep(
     accuracy: Annotated[bool, typer.Option(help="run the preset's Performer accuracy study")] = True,
     report: Annotated[bool, typer.Option(help="write the report (plots + README.md) when done")] = True,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+    budget_s: Annotated[
+        float | None, typer.Option(help="seconds for the whole sweep; configs not started in time are rows 'skipped'")
+    ] = None,
 ) -> None:
     """Run a sweep: results.csv + metadata.json in the output directory, then the report."""
     presets = load_presets(preset_file.read_text() if preset_file else None)
+    if preset is None:
+        preset, why = default_preset()
+        console.print(f"preset [cyan]{preset}[/] (the default here: {why})")
+    if budget_s is not None and budget_s <= 0:
+        raise typer.BadParameter(f"must be positive, got {budget_s:g}", param_hint="--budget-s")
     if preset not in presets:
         raise typer.BadParameter(f"unknown preset {preset!r}; presets are {', '.join(presets)}", param_hint="--preset")
     p = presets[preset]
@@ -140,6 +163,7 @@ def sweep(
             meta=meta,
             accuracy=p.accuracy if want_accuracy else None,
             progress=progress,
+            budget_s=budget_s,
         )
     except KeyboardInterrupt:
         again = f"attn-bench sweep --preset {preset} --out {out} --resume"
@@ -188,6 +212,9 @@ def verify(
     quick: Annotated[bool, typer.Option(help="one shape instead of three")] = False,
     grads: Annotated[bool, typer.Option(help="check gradients too")] = True,
     show: Annotated[str, typer.Option(help="all | failures: which rows to print")] = "all",
+    csv_out: Annotated[
+        Path | None, typer.Option("--csv", help="also write every check to this CSV, a row as it finishes")
+    ] = None,
 ) -> None:
     """The numerics gate: every variant x backend against the float64 reference; exit 1 on failure."""
     import attention_variants as av
@@ -207,8 +234,17 @@ def verify(
     failures = 0
     counts: dict[str, int] = {}
     t0 = time.perf_counter()
+    sink = VerifyCsv(csv_out) if csv_out is not None else None
+    done = []
     for case in cases:
         res = run_case(case, device=device, grads=grads)
+        if sink is not None:
+            sink.add(res, device)
+        done.append(res)
+    order = {name: i for i, name in enumerate(av.list_variants())}
+    done.sort(key=lambda r: (order.get(r.case.variant, 99), str(r.case.options), r.case.backend, r.case.dtype))
+    for res in done:
+        case = res.case
         counts[res.status] = counts.get(res.status, 0) + 1
         bad = res.status in ("wrong", "error")
         failures += bad
@@ -235,6 +271,60 @@ def verify(
     if failures:
         console.print(f"[red]{failures} check(s) failed")
         raise typer.Exit(1)
+
+
+VERIFY_COLUMNS = [
+    "variant",
+    "options",
+    "shape",
+    "device",
+    "dtype",
+    "backend",
+    "backend_used",
+    "causal",
+    "status",
+    "max_err",
+    "bound",
+    "grad_err",
+    "grad_bound",
+    "message",
+]
+
+
+class VerifyCsv:
+    """``attn-bench verify --csv``: one row per check, flushed as it finishes (a killed run keeps them)."""
+
+    def __init__(self, path: Path) -> None:
+        import csv
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "w", newline="")  # noqa: SIM115 - closed at exit; rows are flushed one by one
+        self.writer = csv.DictWriter(self.file, fieldnames=VERIFY_COLUMNS, lineterminator="\n")
+        self.writer.writeheader()
+        self.file.flush()
+
+    def add(self, res, device: str) -> None:
+        case, c = res.case, res.check
+        _, shape = case.label()
+        self.writer.writerow(
+            {
+                "variant": case.variant,
+                "options": ",".join(f"{k}={v}" for k, v in case.options),
+                "shape": shape,
+                "device": device,
+                "dtype": case.dtype,
+                "backend": case.backend,
+                "backend_used": res.backend_used,
+                "causal": case.causal,
+                "status": res.status,
+                "max_err": "" if c is None or c.max_err is None else repr(c.max_err),
+                "bound": "" if c is None or c.bound is None else repr(c.bound),
+                "grad_err": "" if c is None or c.grad_err is None else repr(c.grad_err),
+                "grad_bound": "" if c is None or c.grad_bound is None else repr(c.grad_bound),
+                "message": res.message,
+            }
+        )
+        self.file.flush()
 
 
 def _num(x: float | None) -> str:
@@ -275,9 +365,30 @@ def list_cmd(device: str = typer.Option("cpu", help="device to check availabilit
     pt.add_column("preset")
     pt.add_column("configs", justify="right")
     pt.add_column("description", overflow="fold")
+    default, _ = default_preset()
     for name, p in load_presets().items():
-        pt.add_row(name + (" (default)" if name == DEFAULT_PRESET else ""), str(len(expand(p.groups))), p.description)
+        tag = " (default here)" if name == default else " (default with CUDA)" if name == GPU_PRESET else ""
+        pt.add_row(name + tag, str(len(expand(p.groups))), p.description)
     console.print(pt)
+
+
+@app.command("device-check")
+def device_check_cmd(
+    out: Annotated[Path, typer.Option(help="folder for SUMMARY.md, the logs and the packed run (at most 6 files)")],
+    budget_s: Annotated[float, typer.Option(help="seconds for all steps together")] = 480.0,
+    work: Annotated[Path | None, typer.Option(help="where the run directory is built [default: a temp folder]")] = None,
+) -> None:
+    """The GPU check in one command: environment and ceilings, GPU tests, verify, gpu-quick sweep, report.
+
+    Each step runs in its own time box; failures are recorded and the next step still runs.
+    Without CUDA it runs dry (GPU steps recorded as skipped) and still writes its files."""
+    from .device_check import device_check
+
+    if budget_s < 30:
+        raise typer.BadParameter(f"must be at least 30 s, got {budget_s:g}", param_hint="--budget-s")
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
+    raise typer.Exit(device_check(out, budget_s=budget_s, work=work, echo=console.print))
 
 
 @app.command()

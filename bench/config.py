@@ -27,7 +27,8 @@ import attention_variants as av
 # Baselines live in the harness, next to the project's own backends from the registry.
 BASELINES: tuple[str, ...] = ("sdpa", "flex")
 PASSES: tuple[str, ...] = ("fwd", "fwd_bwd")
-STATUSES: tuple[str, ...] = ("ok", "oom", "unsupported", "timeout", "wrong", "error")
+# ``skipped``: not reached before the sweep's time budget (``--budget-s``) ran out.
+STATUSES: tuple[str, ...] = ("ok", "oom", "unsupported", "timeout", "wrong", "error", "skipped")
 DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -207,6 +208,7 @@ class RunSettings:
     mem_limit_gb: float = 4.0  # dense N x N work predicted above this is recorded as oom, not run
     check_elems: int = 1 << 26  # float64 reference elements per check (B*H*rows*Nk); rows are cut to fit
     seed: int = 0
+    autotune_max: int = 0  # >0: the Triton autotuners try at most this many configs per kernel
 
 
 @dataclass(frozen=True)
@@ -292,9 +294,10 @@ def expand(groups: Iterable[dict[str, Any]], overrides: dict[str, Any] | None = 
     for group in groups:
         g = {**group, **overrides}
         caps = g.get("max_seq_len", {})
-        for variant, backend, n, dtype, causal, pass_, batch, heads, head_dim in itertools.product(
+        # Backends vary fastest: the lines compared at one point are measured one after another, so a
+        # sweep cut short by its time budget still holds whole comparisons.
+        for variant, n, dtype, causal, pass_, batch, heads, head_dim, backend in itertools.product(
             _as_list(g.get("variants", av.list_variants())),
-            _as_list(g.get("backends", ["torch"])),
             _as_list(g.get("seq_lens", [1024])),
             _as_list(g.get("dtypes", ["float32"])),
             _as_list(g.get("causal", [False])),
@@ -302,6 +305,7 @@ def expand(groups: Iterable[dict[str, Any]], overrides: dict[str, Any] | None = 
             _as_list(g.get("batch", [1])),
             _as_list(g.get("heads", [4])),
             _as_list(g.get("head_dim", [64])),
+            _as_list(g.get("backends", ["torch"])),
         ):
             if backend in caps and n > caps[backend]:
                 continue

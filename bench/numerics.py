@@ -185,8 +185,9 @@ def verify_cases(
 ) -> list[VerifyCase]:
     shapes = VERIFY_SHAPES[:1] if quick else VERIFY_SHAPES
     cases = []
-    grid = itertools.product(VERIFY_VARIANTS, backends, dtypes, shapes, (False, True))
-    for (name, opts), backend, dtype, shape, causal in grid:
+    # Shape-major: a run stopped early (a time box) has covered every variant, backend and dtype once.
+    grid = itertools.product(shapes, dtypes, VERIFY_VARIANTS, backends, (False, True))
+    for shape, dtype, (name, opts), backend, causal in grid:
         if variants and name not in variants:
             continue
         b, h, hk, nq, nk, d = shape

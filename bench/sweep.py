@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import platform
 import subprocess
@@ -31,6 +32,10 @@ RESULTS = "results.csv"
 METADATA = "metadata.json"
 ACCURACY = "performer_accuracy.csv"
 WORKER_LOG = "worker.log"
+# Under a time budget, a config is started only if at least this many seconds are left.
+MIN_CONFIG_S = 2.0
+# ... and the Performer accuracy study only if this many are left.
+ACCURACY_MIN_S = 30.0
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -160,10 +165,14 @@ def run_sweep(
     accuracy: AccuracyStudy | None = None,
     progress: bool = True,
     on_result: Callable[[BenchResult], None] | None = None,
+    budget_s: float | None = None,
 ) -> list[BenchResult]:
     """Run ``configs`` (skipping those already in ``out/results.csv`` when ``resume``), writing
     every row as it finishes. Returns all rows of the file. KeyboardInterrupt is re-raised after
-    the rows and the metadata are saved."""
+    the rows and the metadata are saved.
+
+    ``budget_s``: wall-clock seconds for the whole sweep. A config's timeout is cut to what is
+    left, and the configs not started in time are recorded with status ``skipped``."""
     from .worker import WorkerPool
 
     out.mkdir(parents=True, exist_ok=True)
@@ -183,20 +192,28 @@ def run_sweep(
     meta["status"] = "running"
     write_metadata(out, meta)
 
+    if budget_s is not None:
+        meta["budget_s"] = budget_s
     pool = WorkerPool(settings, str(out / WORKER_LOG))
     interrupted = False
     bar = _Progress(len(todo), enabled=progress)
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     try:
         with bar:
             for cfg in todo:
                 bar.start(cfg.label())
-                res = _copy_of_same_computation(cfg, results) or pool.run(cfg)
+                left = math.inf if deadline is None else deadline - time.monotonic()
+                if left < MIN_CONFIG_S:
+                    res = BenchResult(cfg, "skipped", error=f"not reached: the sweep's {budget_s:g} s budget ran out")
+                else:
+                    res = _copy_of_same_computation(cfg, results) or pool.run(cfg, timeout_s=left)
                 results.append(res)
                 write_results(path, results)
                 if on_result is not None:
                     on_result(res)
                 bar.advance(f"{cfg.label()}: {res.status}" + (f" {res.time_ms:.3g} ms" if res.time_ms else ""))
-        if accuracy is not None and not (out / ACCURACY).exists():
+        out_of_time = deadline is not None and deadline - time.monotonic() < ACCURACY_MIN_S
+        if accuracy is not None and not (out / ACCURACY).exists() and not out_of_time:
             from .accuracy import run_accuracy
 
             bar_msg = "Performer accuracy study"

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from .config import BenchConfig, BenchResult, RunSettings
 
 FAULT_ENV = "ATTN_BENCH_FAULT"
+AUTOTUNE_ENV = "ATTN_TRITON_AUTOTUNE_MAX"  # read by kernels.favor: at most this many configs tuned
 STARTUP_TIMEOUT_S = 300
 
 
@@ -52,8 +53,19 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+# After these errors the process's CUDA context is unusable: every later call would fail too.
+_STICKY_CUDA_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned")
+
+
+def _context_lost(error: str) -> bool:
+    text = error.lower()
+    return any(e in text for e in _STICKY_CUDA_ERRORS)
+
+
 def _worker_main(conn, settings: RunSettings, log_path: str | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if settings.autotune_max > 0:
+        os.environ[AUTOTUNE_ENV] = str(settings.autotune_max)
     if log_path:  # keep the terminal for the progress bar: library chatter goes to the log
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 1)
@@ -79,6 +91,8 @@ def _worker_main(conn, settings: RunSettings, log_path: str | None) -> None:
         except Exception as exc:  # run_config records its own failures; this is a last resort
             res = BenchResult(cfg, "error", error=f"{type(exc).__name__}: {exc}")
         conn.send(res.to_row())
+        if res.status == "error" and _context_lost(res.error):
+            return  # a fresh worker (and CUDA context) takes the next config
         _release_memory()
 
 
@@ -135,7 +149,9 @@ class WorkerPool:
                 pass
         self._kill()
 
-    def run(self, cfg: BenchConfig) -> BenchResult:
+    def run(self, cfg: BenchConfig, timeout_s: float | None = None) -> BenchResult:
+        """Run ``cfg`` in the worker; ``timeout_s`` (default: the settings') caps its wall time."""
+        limit = self.settings.timeout_s if timeout_s is None else min(timeout_s, self.settings.timeout_s)
         if self.proc is None or not self.proc.is_alive():
             self._kill()
             self._start()
@@ -147,7 +163,7 @@ class WorkerPool:
         except (BrokenPipeError, OSError) as exc:
             self._kill()
             return BenchResult(cfg, "error", error=f"could not reach the worker: {exc}")
-        deadline = t0 + self.settings.timeout_s
+        deadline = t0 + limit
         while True:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
@@ -155,7 +171,9 @@ class WorkerPool:
                 return BenchResult(
                     cfg,
                     "timeout",
-                    error=f"no result after {self.settings.timeout_s:g} s; worker killed",
+                    error=f"no result after {limit:.3g} s"
+                    + ("" if limit == self.settings.timeout_s else " (what was left of the sweep's budget)")
+                    + "; worker killed",
                     elapsed_s=round(time.perf_counter() - t0, 3),
                 )
             try:

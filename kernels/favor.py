@@ -59,6 +59,7 @@ backward features exactly 0.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -739,6 +740,15 @@ def kept_configs(kernel: str, shape: LaunchShape) -> list[KernelConfig]:
     return kept
 
 
+def autotune_cap() -> int | None:
+    """At most this many configs are autotuned per kernel (``ATTN_TRITON_AUTOTUNE_MAX``; None: all).
+
+    Each tried config is one compilation: a benchmark run on a time budget caps them (the first
+    kept configs are the ones the ``ptxas`` calibration prefers)."""
+    text = os.environ.get("ATTN_TRITON_AUTOTUNE_MAX", "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
 _AUTOTUNED: dict[tuple, object] = {}
 # Autotuning keys (those among a kernel's arguments): the padded sizes. The flags are constexprs
 # fixed per call site, and each call site gets its own autotuner (the cache key below).
@@ -768,7 +778,7 @@ def _launch(kernel_name: str, fn, grid_fn, args: tuple, shape: LaunchShape, **co
     Under the interpreter (and when one config is kept) the first kept config runs directly;
     on GPU the kept configs are autotuned (every kernel only stores, so re-running is safe).
     """
-    kept = kept_configs(kernel_name, shape)
+    kept = kept_configs(kernel_name, shape)[: autotune_cap()]
     if interpreter_enabled() or len(kept) == 1:
         cfg = kept[0]
         grid = grid_fn(cfg.block_m, cfg.block_f)
