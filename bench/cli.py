@@ -215,11 +215,13 @@ def verify(
     csv_out: Annotated[
         Path | None, typer.Option("--csv", help="also write every check to this CSV, a row as it finishes")
     ] = None,
+    resume: Annotated[bool, typer.Option(help="with --csv: skip the checks already in that CSV")] = False,
 ) -> None:
     """The numerics gate: every variant x backend against the float64 reference; exit 1 on failure."""
     import attention_variants as av
 
     from .numerics import run_case, verify_cases
+    from .worker import context_lost
 
     backend_list = _split(backends) or [*av.list_backends(), "sdpa"]
     dtype_list = _split(dtypes) or []
@@ -234,13 +236,24 @@ def verify(
     failures = 0
     counts: dict[str, int] = {}
     t0 = time.perf_counter()
-    sink = VerifyCsv(csv_out) if csv_out is not None else None
+    if resume and csv_out is None:
+        raise typer.BadParameter("needs --csv (the file of the checks already done)", param_hint="--resume")
+    sink = VerifyCsv(csv_out, append=resume) if csv_out is not None else None
+    if sink is not None and resume:
+        cases = [c for c in cases if sink.key(c) not in sink.done]
     done = []
     for case in cases:
         res = run_case(case, device=device, grads=grads)
         if sink is not None:
             sink.add(res, device)
         done.append(res)
+        if res.status == "error" and context_lost(res.message):
+            # Every later CUDA call in this process would fail too: stop, so that a fresh process
+            # can go on (`--resume`); exit status 3 says so.
+            name, shape = case.label()
+            console.print(f"[red]{name} {shape} {case.dtype} {case.backend}: {res.message.splitlines()[0]}")
+            console.print("[red]The CUDA context is lost; continue in a fresh process with --csv FILE --resume")
+            raise typer.Exit(3)
     order = {name: i for i, name in enumerate(av.list_variants())}
     done.sort(key=lambda r: (order.get(r.case.variant, 99), str(r.case.options), r.case.backend, r.case.dtype))
     for res in done:
@@ -294,14 +307,34 @@ VERIFY_COLUMNS = [
 class VerifyCsv:
     """``attn-bench verify --csv``: one row per check, flushed as it finishes (a killed run keeps them)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, append: bool = False) -> None:
         import csv
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "w", newline="")  # noqa: SIM115 - closed at exit; rows are flushed one by one
+        self.done: set[tuple] = set()
+        if append and path.exists():
+            with open(path, newline="") as f:
+                self.done = {
+                    (r["variant"], r["options"], r["shape"], r["dtype"], r["backend"], r["causal"])
+                    for r in csv.DictReader(f)
+                }
+        fresh = not (append and path.exists())
+        self.file = open(path, "w" if fresh else "a", newline="")  # noqa: SIM115 - rows are flushed one by one
         self.writer = csv.DictWriter(self.file, fieldnames=VERIFY_COLUMNS, lineterminator="\n")
-        self.writer.writeheader()
+        if fresh:
+            self.writer.writeheader()
         self.file.flush()
+
+    @staticmethod
+    def key(case) -> tuple:
+        return (
+            case.variant,
+            ",".join(f"{k}={v}" for k, v in case.options),
+            case.label()[1],
+            case.dtype,
+            case.backend,
+            str(case.causal),
+        )
 
     def add(self, res, device: str) -> None:
         case, c = res.case, res.check

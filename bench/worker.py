@@ -57,7 +57,8 @@ def _release_memory() -> None:
 _STICKY_CUDA_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned")
 
 
-def _context_lost(error: str) -> bool:
+def context_lost(error: str) -> bool:
+    """True if ``error`` says the CUDA context is unusable (later calls in the process fail too)."""
     text = error.lower()
     return any(e in text for e in _STICKY_CUDA_ERRORS)
 
@@ -91,7 +92,7 @@ def _worker_main(conn, settings: RunSettings, log_path: str | None) -> None:
         except Exception as exc:  # run_config records its own failures; this is a last resort
             res = BenchResult(cfg, "error", error=f"{type(exc).__name__}: {exc}")
         conn.send(res.to_row())
-        if res.status == "error" and _context_lost(res.error):
+        if res.status == "error" and context_lost(res.error):
             return  # a fresh worker (and CUDA context) takes the next config
         _release_memory()
 
@@ -178,8 +179,10 @@ class WorkerPool:
                 )
             try:
                 if self.conn.poll(min(remaining, 0.5)):
-                    row = self.conn.recv()
-                    return BenchResult.from_row(row)
+                    res = BenchResult.from_row(self.conn.recv())
+                    if res.status == "error" and context_lost(res.error):
+                        self._kill()  # the worker is exiting; the next config starts a fresh one
+                    return res
             except (EOFError, OSError):
                 pass
             if not self.proc.is_alive():

@@ -685,16 +685,19 @@ CONFIGS: dict[str, tuple[KernelConfig, ...]] = {
         KernelConfig(64, 32, 8, 1),
         KernelConfig(64, 16, 8, 1),
     ),
+    # Left out after running every config alone on an H200 (Triton 3.6, head dim 64, 256 features,
+    # tests/test_favor_gpu.py::test_every_config): fwd M64-F16-w8-s2 reads shared memory out of
+    # bounds with float32 inputs; bwd_dq and bwd_dkv M64-F32-w8-s1 return garbage (relative error
+    # 1e20 and more) for bfloat16 and fault when causal. The interpreter cannot see either.
     "fwd": (
         KernelConfig(64, 32, 4, 2),
         KernelConfig(64, 64, 8, 2),
         KernelConfig(32, 32, 8, 2),
-        KernelConfig(64, 16, 8, 2),
         KernelConfig(32, 32, 4, 2),
         KernelConfig(16, 16, 8, 1),
     ),
-    "bwd_dq": (KernelConfig(32, 32, 8, 1), KernelConfig(64, 32, 8, 1), KernelConfig(16, 16, 4, 1)),
-    "bwd_dkv": (KernelConfig(32, 32, 8, 1), KernelConfig(64, 32, 8, 1), KernelConfig(16, 16, 8, 1)),
+    "bwd_dq": (KernelConfig(32, 32, 8, 1), KernelConfig(16, 16, 4, 1)),
+    "bwd_dkv": (KernelConfig(32, 32, 8, 1), KernelConfig(16, 16, 8, 1)),
 }
 _ROW_BLOCK = {"fwd": "BLOCK_M", "bwd_dq": "BLOCK_M", "bwd_dkv": "BLOCK_N"}
 

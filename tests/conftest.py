@@ -58,3 +58,23 @@ def poison_fresh_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
 def fresh_seed(request: pytest.FixtureRequest) -> None:
     """Fresh random inputs per test, reproducible from the test id."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_after_lost_cuda_context(request: pytest.FixtureRequest):
+    """After a GPU test that left the CUDA context unusable (an illegal memory access is sticky:
+    every later CUDA call in the process fails), end this process instead of failing every later
+    test with the same error: pytest-xdist replaces a crashed worker; a plain run stops."""
+    yield
+    if "gpu" not in request.keywords or not torch.cuda.is_available():
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception as exc:
+        from bench.worker import context_lost
+
+        if not context_lost(str(exc)):
+            raise
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            os._exit(3)
+        pytest.exit(f"the CUDA context is lost ({str(exc).splitlines()[0]}); rerun the remaining GPU tests", 3)
