@@ -54,6 +54,7 @@ VERIFY_BOX_S = 75.0
 REPORT_BOX_S = 45.0
 REPORT_RESERVE_S = 30.0
 SWEEP_GRACE_S = 30.0  # beyond the sweep's own budget: worker start-up, the last row, the CSV
+TEST_GIB_PER_WORKER = 32.0
 # Configs per autotuned Triton kernel during the check (each tried config is one compilation).
 AUTOTUNE_MAX = 2
 VERIFY_BACKENDS = "triton,torch,reference,sdpa"
@@ -103,6 +104,14 @@ def run_boxed(cmd: list[str], log: Path, box_s: float, env: dict[str, str] | Non
                     continue
             f.write(f"\n[device-check] stopped after its {box_s:.0f} s time box\n")
     return code, time.monotonic() - t0
+
+
+def gpu_test_workers(cpus: int, gpu_memory_gib: float | None) -> int:
+    """Parallel pytest workers for the GPU tests: compilation is CPU-bound, but the largest tests
+    hold up to ~30 GiB of GPU memory each (8 workers ran an H200 out of memory), so one worker
+    per TEST_GIB_PER_WORKER GiB, at most half the cores and 8."""
+    by_memory = int((gpu_memory_gib or 0) // TEST_GIB_PER_WORKER)
+    return max(1, min(8, cpus // 2, by_memory))
 
 
 def child_env() -> dict[str, str]:
@@ -306,7 +315,9 @@ def device_check(
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "--tb=short", "--maxfail=40"]
         cmd += ["-p", "no:cacheprovider", str(tests_dir)]
         if importlib.util.find_spec("xdist") is not None:  # compilation is CPU-bound: spread it
-            cmd += ["-n", str(min(8, max(1, (os.cpu_count() or 2) // 2))), "--max-worker-restart", "20"]
+            workers = gpu_test_workers(os.cpu_count() or 2, environment.get("memory_gib"))
+            if workers > 1:
+                cmd += ["-n", str(workers), "--max-worker-restart", "20"]
         code, secs = run_boxed(cmd, logs["gpu-tests"], box, env_vars)
         counts = pytest_counts(logs["gpu-tests"].read_text(errors="replace"))
         status = "timeout" if code is None else "ok" if code == 0 else "failed"

@@ -17,10 +17,17 @@ from typer.testing import CliRunner
 
 from bench.cli import app, default_preset
 from bench.config import BenchConfig, RunSettings
-from bench.device_check import MAX_FILES, SUMMARY, device_check, kernel_table, pytest_counts
+from bench.device_check import MAX_FILES, SUMMARY, device_check, gpu_test_workers, kernel_table, pytest_counts
 from bench.sweep import read_results, run_sweep
 
 runner = CliRunner()
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the dry run of a machine without CUDA")
 
 
@@ -64,13 +71,13 @@ def test_every_step_on_the_cpu(tmp_path: Path) -> None:
     steps = {s["name"]: s for s in record["steps"]}
     assert steps["sweep"]["status"] == "ok" and steps["report"]["status"] == "ok", steps
     assert steps["verify"]["status"] in ("ok", "timeout"), steps["verify"]
-    rows = list(csv.DictReader(open(tmp_path / "work" / "device-check" / "sweep" / "results.csv")))
+    rows = _rows(tmp_path / "work" / "device-check" / "sweep" / "results.csv")
     assert rows and {r["status"] for r in rows} <= {"ok", "unsupported"}
     summary = (out / SUMMARY).read_text()
     table = summary.split("## Triton vs SDPA vs FlexAttention")[1].split("## Steps")[0]
     assert "| full |" in table and "| sliding_window w=256 |" in table
     assert "sdpa ok" in table and "torch ok" in table
-    verify_rows = list(csv.DictReader(open(tmp_path / "work" / "device-check" / "verify.csv")))
+    verify_rows = _rows(tmp_path / "work" / "device-check" / "verify.csv")
     assert verify_rows and all(r["variant"] == "full" for r in verify_rows)
     with tarfile.open(out / "device-check.tar.gz") as tar:
         names = tar.getnames()
@@ -103,12 +110,12 @@ def test_verify_csv_and_resume(tmp_path: Path) -> None:
     args = ["verify", "--quick", "--variants", "full", "--dtypes", "float32", "--backends", "torch,sdpa"]
     res = runner.invoke(app, [*args, "--csv", str(path)])
     assert res.exit_code == 0, res.output
-    first = list(csv.DictReader(open(path)))
+    first = _rows(path)
     assert len(first) == 4 and {r["status"] for r in first} == {"ok"}
     assert all(float(r["max_err"]) <= float(r["bound"]) for r in first)
     res = runner.invoke(app, [*args, "--csv", str(path), "--resume"])
     assert res.exit_code == 0, res.output
-    assert len(list(csv.DictReader(open(path)))) == 4  # nothing run twice
+    assert len(_rows(path)) == 4  # nothing run twice
     res = runner.invoke(app, [*args, "--resume"])
     assert res.exit_code != 0 and "--csv" in res.output
 
@@ -151,3 +158,10 @@ def test_list_shows_gpu_quick_with_its_count() -> None:
     assert res.exit_code == 0
     line = next(ln for ln in res.output.splitlines() if "gpu-quick" in ln)
     assert "144" in line
+
+
+def test_gpu_test_workers_fit_the_gpu_memory() -> None:
+    assert gpu_test_workers(16, 139.8) == 4  # H200
+    assert gpu_test_workers(16, 79.6) == 2  # H100
+    assert gpu_test_workers(2, 139.8) == 1
+    assert gpu_test_workers(16, None) == 1
