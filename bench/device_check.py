@@ -591,16 +591,11 @@ def summary_markdown(record: dict, sweep_dir: Path, verify_csv: Path, tests_log:
             md.append("")
 
     if results.exists():
-        df = pd.read_csv(results)
-        bad = df[~df["status"].isin(["ok", "skipped"])]
-        md.append("\n## Sweep rows that failed\n")
-        if bad.empty:
-            md.append("_(none)_\n")
-        else:
-            from .analysis import line_label
+        from .report import failed_rows_table
 
-            view = bad.assign(line=bad.apply(line_label, axis=1))[["line", "pass", "seq_len", "status", "error"]]
-            md.append(md_table(view.assign(error=view["error"].fillna("").astype(str).str.slice(0, 160))))
+        df = pd.read_csv(results)
+        md.append("\n## Sweep rows that failed\n")
+        md.append(failed_rows_table(df, skip=("ok", "skipped"), width=160))
         comp = df[df["compile_s"].notna() & (df["status"] == "ok")]
         if len(comp):
             c = comp.groupby("backend")["compile_s"].agg(["count", "median", "max", "sum"]).reset_index()

@@ -48,6 +48,15 @@ def _mib(x) -> float:
     return float(x) / 2**20 if pd.notna(x) else math.nan
 
 
+def failed_rows_table(df: pd.DataFrame, skip: tuple[str, ...] = ("ok",), width: int = 140) -> str:
+    """Markdown table of the rows whose status is not in ``skip``, with their (cut) error."""
+    bad = df[~df["status"].isin(skip)]
+    if bad.empty:
+        return "_(none)_\n"
+    view = bad.assign(line=bad.apply(line_label, axis=1))[["line", "pass", "seq_len", "status", "error"]]
+    return md_table(view.assign(error=view["error"].fillna("").astype(str).str.slice(0, width)))
+
+
 def time_tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """Median time (ms) per line x N, one table per setting and pass."""
     ok = without_copies(ok_rows(df))
@@ -194,13 +203,8 @@ def write_report(
     for title, tab in time_tables(df):
         md.append(f"\n**{title}**\n\n{md_table(tab)}")
 
-    bad = df[df["status"] != "ok"]
     md.append("\n## Rows that did not run\n")
-    if bad.empty:
-        md.append("_(none)_\n")
-    else:
-        view = bad.assign(line=bad.apply(line_label, axis=1))[["line", "pass", "seq_len", "status", "error"]]
-        md.append(md_table(view.assign(error=view["error"].fillna("").astype(str).str.slice(0, 140))))
+    md.append(failed_rows_table(df))
 
     if compare is not None:
         old = load_results(compare)
