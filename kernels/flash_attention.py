@@ -61,7 +61,7 @@ except Exception:  # pragma: no cover - CPU-only installs without Triton still i
     triton = None
     tl = None
 
-from . import interpreter_enabled
+from . import interpreter_enabled, interpreter_range
 
 MAX_HEAD_DIM = 256
 MIN_HEAD_DIM = 1
@@ -314,6 +314,9 @@ def key_block_schedule(
 # ---------------------------------------------------------------------------------------------
 
 if triton is not None:
+    # Loops over runtime bounds (schedule rows, head groups, global tokens) use ``_range``: the
+    # loop ``range`` compiles to, and under the interpreter one that Triton 3.6 can run too.
+    _range = interpreter_range if interpreter_enabled() else tl.range
 
     @triton.jit
     def _visible(p, j, valid, left, right, CAUSAL: tl.constexpr, MODE: tl.constexpr):
@@ -384,7 +387,7 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        for n in range(start, end, BLOCK_N):
+        for n in _range(start, end, BLOCK_N):
             cols, valid = _positions(n, offs_n, n_valid, IDX, GATHER)
             kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
             v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :]
@@ -555,7 +558,7 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        for n in range(start, end, BLOCK_N):
+        for n in _range(start, end, BLOCK_N):
             cols, valid = _positions(n, offs_n, n_valid, IDX, GATHER)
             kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
             vt_ptrs = v_base + cols[None, :] * stride_vn + offs_dv[:, None]
@@ -758,7 +761,7 @@ if triton is not None:
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        for m in range(start, end, BLOCK_M):
+        for m in _range(start, end, BLOCK_M):
             rows, valid = _positions(m, offs_m, n_valid, IDX, GATHER)
             q_ptrs = q_base + rows[:, None] * stride_qm + offs_d[None, :]
             do_ptrs = do_base + rows[:, None] * stride_dom + offs_dv[None, :]
@@ -873,7 +876,7 @@ if triton is not None:
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-        for g in range(GROUPS):
+        for g in _range(GROUPS):
             h = hk * GROUPS + g
             q_base = Q + b * stride_qb + h * stride_qh
             do_base = DO + b * stride_dob + h * stride_doh
