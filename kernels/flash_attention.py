@@ -98,13 +98,17 @@ class Candidate:
 # Candidates in order of preference; the first one that ``keep`` accepts is launched. The
 # tiles follow FlashAttention-2 / the Triton tutorial, shrunk until ``ptxas`` reports no
 # spills in the forward for sm_80 and sm_90 in the specialisation with the most live state
-# (tests/test_flash_compile.py prints the numbers). float32 uses IEEE products on the CUDA
-# cores, hence its small tiles: it is the accuracy path, 16-bit inputs are the fast path.
+# (tests/test_flash_compile.py prints the numbers), under Triton 3.6 as well as the newest
+# release. float32 uses IEEE products on the CUDA cores, hence its small tiles: it is the
+# accuracy path, 16-bit inputs are the fast path. Head dims above 128: one stage for 16-bit
+# inputs (two stages barely pipelined anything there and spilled under Triton 3.6), two for
+# float32 (one stage spilled on sm_90 under Triton 3.6).
 FWD_CANDIDATES: tuple[Candidate, ...] = (
     Candidate(KernelConfig(128, 64, 8, 3), 2, 64),
     Candidate(KernelConfig(128, 32, 8, 2), 2, 128),
-    Candidate(KernelConfig(32, 32, 8, 2), 2, 256),
-    Candidate(KernelConfig(32, 16, 8, 1), 4, 256),
+    Candidate(KernelConfig(32, 32, 8, 1), 2, 256),
+    Candidate(KernelConfig(32, 16, 8, 1), 4, 128),
+    Candidate(KernelConfig(32, 16, 8, 2), 4, 256),
 )
 # The backward holds more tiles live (q, k, v, dO and two accumulators): smaller tiles.
 BWD_CANDIDATES: tuple[Candidate, ...] = (
