@@ -25,6 +25,25 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_range(start, end=None, step=1):
+    """``range`` over runtime (tensor) bounds for kernels run by Triton's interpreter.
+
+    The interpreter runs a kernel as Python, where ``range`` turns its bounds into ints. Triton
+    3.6's interpreter holds every runtime scalar (program ids, integer arguments, scalar loads)
+    as a 1-element NumPy array and converts it with ``int()``, which NumPy 2.4 refuses for arrays
+    of one dimension, so a loop whose bounds are not constants fails there (later interpreters
+    squeeze the array first). This walks the range by comparisons instead, which every version
+    accepts. The kernel modules use it in place of ``tl.range`` only under the interpreter: the
+    compiled kernels keep ``tl.range``, the same loop as ``range``.
+    """
+    if end is None:
+        start, end = 0, start
+    n = start
+    while n < end:
+        yield n
+        n = n + step
+
+
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """None if Triton kernels can run on ``device``, else a sentence saying why not."""
     if not HAS_TRITON:

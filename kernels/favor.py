@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import interpreter_enabled
+from . import interpreter_enabled, interpreter_range
 
 RELU_EPS = 1e-3  # the ``+ 1e-3`` of the relu feature map (attention_variants.performer.RELU_EPS)
 CHUNK = 64  # chunk length of the causal kernels (positions)
@@ -78,6 +78,9 @@ MAX_HEAD_DIM = 128
 # floor instead (a damped gradient) so the query-side states cannot overflow float32.
 DEN_FLOOR = 1e-30
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Loops over runtime bounds (segments, query heads of a group) use ``_range``: the loop ``range``
+# compiles to, and under the interpreter one that Triton 3.6 can run too.
+_range = interpreter_range if interpreter_enabled() else tl.range
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +297,7 @@ def _state_kernel(
     zacc = tl.zeros([BLOCK_F], tl.float32)
     if STAB == 1:
         hstab = tl.load(stab_ptr + bh)
-    for p0 in range(t * SEG, (t + 1) * SEG, BLOCK_N):
+    for p0 in _range(t * SEG, (t + 1) * SEG, BLOCK_N):
         rows = p0 + tl.arange(0, BLOCK_N) - OFF
         row_ok = (rows >= 0) & (rows < N)
         x = _load_rows(x_base, rows, row_ok, offs_d, N, D)
@@ -612,7 +615,7 @@ def _bwd_dkv_kernel(
         rows = qpos - OFF
         q_ok = (rows >= 0) & (rows < NQ)
         vis = (qpos[None, :] >= pos[:, None]) & q_ok[None, :] & k_ok[:, None]  # (keys, queries)
-        for g in range(0, G):
+        for g in _range(0, G):
             bh = bhk * G + g
             qx = _load_rows(q_ptr + bh.to(tl.int64) * NQ * D, rows, q_ok, offs_d, NQ, D)
             qsq = _half_sqnorm(qx, half_s2)

@@ -61,7 +61,7 @@ except Exception:  # pragma: no cover - CPU-only installs without Triton still i
     triton = None
     tl = None
 
-from . import interpreter_enabled
+from . import interpreter_enabled, interpreter_range
 
 MAX_HEAD_DIM = 256
 MIN_HEAD_DIM = 1
@@ -98,13 +98,17 @@ class Candidate:
 # Candidates in order of preference; the first one that ``keep`` accepts is launched. The
 # tiles follow FlashAttention-2 / the Triton tutorial, shrunk until ``ptxas`` reports no
 # spills in the forward for sm_80 and sm_90 in the specialisation with the most live state
-# (tests/test_flash_compile.py prints the numbers). float32 uses IEEE products on the CUDA
-# cores, hence its small tiles: it is the accuracy path, 16-bit inputs are the fast path.
+# (tests/test_flash_compile.py prints the numbers), under Triton 3.6 as well as the newest
+# release. float32 uses IEEE products on the CUDA cores, hence its small tiles: it is the
+# accuracy path, 16-bit inputs are the fast path. Head dims above 128: one stage for 16-bit
+# inputs (two stages barely pipelined anything there and spilled under Triton 3.6), two for
+# float32 (one stage spilled on sm_90 under Triton 3.6).
 FWD_CANDIDATES: tuple[Candidate, ...] = (
     Candidate(KernelConfig(128, 64, 8, 3), 2, 64),
     Candidate(KernelConfig(128, 32, 8, 2), 2, 128),
-    Candidate(KernelConfig(32, 32, 8, 2), 2, 256),
-    Candidate(KernelConfig(32, 16, 8, 1), 4, 256),
+    Candidate(KernelConfig(32, 32, 8, 1), 2, 256),
+    Candidate(KernelConfig(32, 16, 8, 1), 4, 128),
+    Candidate(KernelConfig(32, 16, 8, 2), 4, 256),
 )
 # The backward holds more tiles live (q, k, v, dO and two accumulators): smaller tiles.
 BWD_CANDIDATES: tuple[Candidate, ...] = (
@@ -314,6 +318,9 @@ def key_block_schedule(
 # ---------------------------------------------------------------------------------------------
 
 if triton is not None:
+    # Loops over runtime bounds (schedule rows, head groups, global tokens) use ``_range``: the
+    # loop ``range`` compiles to, and under the interpreter one that Triton 3.6 can run too.
+    _range = interpreter_range if interpreter_enabled() else tl.range
 
     @triton.jit
     def _visible(p, j, valid, left, right, CAUSAL: tl.constexpr, MODE: tl.constexpr):
@@ -384,7 +391,7 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        for n in range(start, end, BLOCK_N):
+        for n in _range(start, end, BLOCK_N):
             cols, valid = _positions(n, offs_n, n_valid, IDX, GATHER)
             kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
             v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :]
@@ -555,7 +562,7 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        for n in range(start, end, BLOCK_N):
+        for n in _range(start, end, BLOCK_N):
             cols, valid = _positions(n, offs_n, n_valid, IDX, GATHER)
             kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
             vt_ptrs = v_base + cols[None, :] * stride_vn + offs_dv[:, None]
@@ -758,7 +765,7 @@ if triton is not None:
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        for m in range(start, end, BLOCK_M):
+        for m in _range(start, end, BLOCK_M):
             rows, valid = _positions(m, offs_m, n_valid, IDX, GATHER)
             q_ptrs = q_base + rows[:, None] * stride_qm + offs_d[None, :]
             do_ptrs = do_base + rows[:, None] * stride_dom + offs_dv[None, :]
@@ -873,7 +880,7 @@ if triton is not None:
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-        for g in range(GROUPS):
+        for g in _range(GROUPS):
             h = hk * GROUPS + g
             q_base = Q + b * stride_qb + h * stride_qh
             do_base = DO + b * stride_dob + h * stride_doh

@@ -137,3 +137,11 @@ def test_unsupported_configs_say_why() -> None:
     q, k, v = make_qkv(1, 1, 1, 8, 8, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="triton"):
         full(q, k, v, backend="triton")
+
+
+def test_interpreter_range_walks_like_range() -> None:
+    """The loop the kernels run under the interpreter (bounds from schedules, groups, globals)."""
+    from kernels import interpreter_range
+
+    for args in [(5,), (0, 0), (3, 17, 4), (16, 48, 16), (7, 3, 2), (-5, 6, 3)]:
+        assert list(interpreter_range(*args)) == list(range(*args)), args
