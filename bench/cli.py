@@ -311,14 +311,11 @@ class VerifyCsv:
         import csv
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.done: set[tuple] = set()
-        if append and path.exists():
-            with open(path, newline="") as f:
-                self.done = {
-                    (r["variant"], r["options"], r["shape"], r["dtype"], r["backend"], r["causal"])
-                    for r in csv.DictReader(f)
-                }
         fresh = not (append and path.exists())
+        self.done: set[tuple] = set()
+        if not fresh:
+            with open(path, newline="") as f:
+                self.done = {self._key(r) for r in csv.DictReader(f)}
         self.file = open(path, "w" if fresh else "a", newline="")  # noqa: SIM115 - rows are flushed one by one
         self.writer = csv.DictWriter(self.file, fieldnames=VERIFY_COLUMNS, lineterminator="\n")
         if fresh:
@@ -326,34 +323,41 @@ class VerifyCsv:
         self.file.flush()
 
     @staticmethod
-    def key(case) -> tuple:
-        return (
-            case.variant,
-            ",".join(f"{k}={v}" for k, v in case.options),
-            case.label()[1],
-            case.dtype,
-            case.backend,
-            str(case.causal),
-        )
+    def _case_fields(case) -> dict[str, str]:
+        """The columns that name a check (its identity for ``--resume``)."""
+        options = ",".join(f"{k}={v}" for k, v in case.options)
+        return {
+            "variant": case.variant,
+            "options": options,
+            "shape": case.label()[1],
+            "dtype": case.dtype,
+            "backend": case.backend,
+            "causal": str(case.causal),
+        }
+
+    @staticmethod
+    def _key(row: dict[str, str]) -> tuple:
+        return tuple(row[c] for c in ("variant", "options", "shape", "dtype", "backend", "causal"))
+
+    def key(self, case) -> tuple:
+        return self._key(self._case_fields(case))
 
     def add(self, res, device: str) -> None:
-        case, c = res.case, res.check
-        _, shape = case.label()
+        c = res.check
+
+        def num(x: float | None) -> str:
+            return "" if x is None else repr(x)
+
         self.writer.writerow(
             {
-                "variant": case.variant,
-                "options": ",".join(f"{k}={v}" for k, v in case.options),
-                "shape": shape,
+                **self._case_fields(res.case),
                 "device": device,
-                "dtype": case.dtype,
-                "backend": case.backend,
                 "backend_used": res.backend_used,
-                "causal": case.causal,
                 "status": res.status,
-                "max_err": "" if c is None or c.max_err is None else repr(c.max_err),
-                "bound": "" if c is None or c.bound is None else repr(c.bound),
-                "grad_err": "" if c is None or c.grad_err is None else repr(c.grad_err),
-                "grad_bound": "" if c is None or c.grad_bound is None else repr(c.grad_bound),
+                "max_err": num(c and c.max_err),
+                "bound": num(c and c.bound),
+                "grad_err": num(c and c.grad_err),
+                "grad_bound": num(c and c.grad_bound),
                 "message": res.message,
             }
         )

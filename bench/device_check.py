@@ -40,6 +40,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kernels import AUTOTUNE_ENV
+
 SUMMARY = "SUMMARY.md"
 RECORD = "device-check.json"
 ARCHIVE = "device-check.tar.gz"
@@ -119,7 +121,7 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("ATTN_TRITON_AUTOTUNE_MAX", str(AUTOTUNE_MAX))
+    env.setdefault(AUTOTUNE_ENV, str(AUTOTUNE_MAX))
     env.pop("TRITON_INTERPRET", None)
     return env
 
@@ -337,7 +339,7 @@ def device_check(
             restarts += 1
             more, extra = run_boxed([*cmd, "--resume"], logs["verify"], box - secs, env_vars)
             code, secs = more, secs + extra
-        counts = _verify_counts(verify_csv)
+        counts = _status_counts(verify_csv)
         status = "timeout" if code is None else "ok" if code == 0 else "failed"
         detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         detail += f"; {restarts} restart(s) after a lost CUDA context" if restarts else ""
@@ -352,7 +354,7 @@ def device_check(
         cmd = [sys.executable, "-m", "bench.cli", "sweep", "--preset", PRESET, "--out", str(sweep_dir)]
         cmd += ["--budget-s", f"{sweep_budget:.0f}", "--no-report", "--overwrite", "--device", device, *sweep_args]
         code, secs = run_boxed(cmd, logs["sweep"], box, env_vars)
-        counts = _sweep_counts(sweep_dir)
+        counts = _status_counts(sweep_dir / "results.csv")
         status = "timeout" if code is None else "ok" if code == 0 else "failed"
         detail = f"budget {sweep_budget:.0f} s; rows: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         note(Step("sweep", status, secs, box, detail, code))
@@ -406,7 +408,7 @@ def pytest_counts(log: str) -> dict[str, int]:
         for part in final[-1].split(","):
             m = re.match(r"\s*(\d+) (\w+)", part)
             if m:
-                counts[m.group(2).rstrip("s") if m.group(2) in ("errors",) else m.group(2)] = int(m.group(1))
+                counts[{"errors": "error"}.get(m.group(2), m.group(2))] = int(m.group(1))
         return counts
     counts = {}
     for line in log.splitlines():
@@ -431,17 +433,8 @@ def _counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {s}" for s, n in counts.items()) + fin
 
 
-def _verify_counts(path: Path) -> dict[str, int]:
-    if not path.exists():
-        return {}
-    import pandas as pd
-
-    df = pd.read_csv(path)
-    return df["status"].value_counts().to_dict() if len(df) else {}
-
-
-def _sweep_counts(sweep_dir: Path) -> dict[str, int]:
-    path = sweep_dir / "results.csv"
+def _status_counts(path: Path) -> dict[str, int]:
+    """Rows per ``status`` of a results or verify CSV ({} when it does not exist)."""
     if not path.exists():
         return {}
     import pandas as pd
@@ -538,13 +531,13 @@ def summary_markdown(record: dict, sweep_dir: Path, verify_csv: Path, tests_log:
         )
 
     results = sweep_dir / "results.csv"
+    df = pd.read_csv(results) if results.exists() else None
     md.append("\n## Triton vs SDPA vs FlexAttention\n")
     md.append(
         "Median ms per call. `% of matmul`: the Triton kernel's TFLOP/s over the measured bf16 matmul rate. "
         "A line that did not run shows its status instead of a time, and its error under `gate`.\n"
     )
-    if results.exists():
-        df = pd.read_csv(results)
+    if df is not None:
         ran = df[df["status"] != "skipped"]
         md.append(md_table(kernel_table(ran, ceil)) if len(ran) else "_(no row ran)_\n")
         skipped = df[df["status"] == "skipped"]
@@ -590,10 +583,9 @@ def summary_markdown(record: dict, sweep_dir: Path, verify_csv: Path, tests_log:
                 )
             md.append("")
 
-    if results.exists():
+    if df is not None:
         from .report import failed_rows_table
 
-        df = pd.read_csv(results)
         md.append("\n## Sweep rows that failed\n")
         md.append(failed_rows_table(df, skip=("ok", "skipped"), width=160))
         comp = df[df["compile_s"].notna() & (df["status"] == "ok")]

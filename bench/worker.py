@@ -18,10 +18,11 @@ import signal
 import time
 from dataclasses import asdict
 
+from kernels import AUTOTUNE_ENV
+
 from .config import BenchConfig, BenchResult, RunSettings
 
 FAULT_ENV = "ATTN_BENCH_FAULT"
-AUTOTUNE_ENV = "ATTN_TRITON_AUTOTUNE_MAX"  # read by kernels.favor: at most this many configs tuned
 STARTUP_TIMEOUT_S = 300
 
 

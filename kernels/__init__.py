@@ -20,6 +20,11 @@ except Exception as exc:  # pragma: no cover - depends on the installation
     _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
+# Read by the FAVOR+ launcher: at most this many configs autotuned per kernel (each is one
+# compilation); set by benchmark runs on a time budget.
+AUTOTUNE_ENV = "ATTN_TRITON_AUTOTUNE_MAX"
+
+
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

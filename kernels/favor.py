@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import interpreter_enabled, interpreter_range
+from . import AUTOTUNE_ENV, interpreter_enabled, interpreter_range
 
 RELU_EPS = 1e-3  # the ``+ 1e-3`` of the relu feature map (attention_variants.performer.RELU_EPS)
 CHUNK = 64  # chunk length of the causal kernels (positions)
@@ -751,7 +751,7 @@ def autotune_cap() -> int | None:
 
     Each tried config is one compilation: a benchmark run on a time budget caps them (the first
     kept configs are the ones the ``ptxas`` calibration prefers)."""
-    text = os.environ.get("ATTN_TRITON_AUTOTUNE_MAX", "").strip()
+    text = os.environ.get(AUTOTUNE_ENV, "").strip()
     return int(text) if text.isdigit() and int(text) > 0 else None
 
 
