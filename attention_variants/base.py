@@ -18,8 +18,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .masks import MaskMod, dense_from_mod
+
 BACKENDS: tuple[str, ...] = ("reference", "torch", "triton")
-"""Concrete backends, in the order the harness reports them. ``"auto"`` picks one of them."""
+"""The project's concrete backends, in the order the harness reports them. ``"auto"`` picks one
+of them. A plug-in may register a backend under a new name; :func:`list_backends` lists those too."""
+_EXTRA_BACKENDS: list[str] = []
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -27,6 +31,21 @@ ForwardFn = Callable[["AttentionVariant", Tensor, Tensor, Tensor, bool, float], 
 CheckFn = Callable[["AttentionVariant", torch.device, torch.dtype, int], "str | None"]
 
 _VARIANTS: dict[str, type[AttentionVariant]] = {}
+
+
+@dataclass(frozen=True)
+class SweepOption:
+    """A constructor option the benchmark harness sweeps (e.g. the window, the feature count).
+
+    ``name`` is the constructor keyword, and also the CSV column, the preset key and the
+    command-line option (``--name``) of ``attn-bench sweep``; ``label`` prefixes its value in line
+    names (``"w"`` gives ``w=128``); ``default`` is the value a sweep uses when none is given.
+    """
+
+    name: str
+    default: int
+    help: str
+    label: str
 
 
 @dataclass(frozen=True)
@@ -45,7 +64,8 @@ def register_variant(name: str) -> Callable[[type[AttentionVariant]], type[Atten
         if name in _VARIANTS:
             raise ValueError(f"variant {name!r} is already registered")
         cls.name = name
-        cls._backends = {}
+        # Every variant has the dense ground truth; a variant overrides it by registering its own.
+        cls._backends = {"reference": Backend("reference", _reference_forward, _no_check)}
         _VARIANTS[name] = cls
         return cls
 
@@ -55,9 +75,14 @@ def register_variant(name: str) -> Callable[[type[AttentionVariant]], type[Atten
 def register_backend(
     variant_cls: type[AttentionVariant], name: str, check: CheckFn | None = None
 ) -> Callable[[ForwardFn], ForwardFn]:
-    """Function decorator: register ``forward`` as backend ``name`` of ``variant_cls``."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; backends are {', '.join(BACKENDS)}")
+    """Function decorator: register ``forward`` as backend ``name`` of ``variant_cls``.
+
+    ``name`` is one of :data:`BACKENDS`, or a new name (a plug-in's own backend), which then
+    appears in :func:`list_backends`."""
+    if not isinstance(name, str) or not name.isidentifier() or name == "auto":
+        raise ValueError(f"backend name must be an identifier other than 'auto', got {name!r}")
+    if name not in BACKENDS and name not in _EXTRA_BACKENDS:
+        _EXTRA_BACKENDS.append(name)
 
     def deco(fn: ForwardFn) -> ForwardFn:
         variant_cls._backends[name] = Backend(name, fn, check or _no_check)
@@ -83,7 +108,7 @@ def list_variants() -> list[str]:
 
 def list_backends() -> list[str]:
     """Names of the concrete backends (``"auto"`` chooses among them at call time)."""
-    return list(BACKENDS)
+    return [*BACKENDS, *_EXTRA_BACKENDS]
 
 
 def variant_class(name: str) -> type[AttentionVariant]:
@@ -209,6 +234,38 @@ class AttentionVariant:
     name: ClassVar[str]
     _backends: ClassVar[dict[str, Backend]]
 
+    # -- what the benchmark harness needs to know, declared by each variant ----------------------
+    sweep_options: ClassVar[tuple[SweepOption, ...]] = ()
+    """Options a sweep varies; their values are part of a benchmark row's identity."""
+    verify_options: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+    """Option sets ``attn-bench verify`` checks every backend with."""
+    softmax: ClassVar[bool] = False
+    """True if the variant is ``softmax(scale q k^T, masked by mask_mod) v`` exactly. The numerics
+    gate then computes its ground truth independently from :meth:`mask_mod`, and the SDPA and
+    FlexAttention baselines run the same mask."""
+    approximates: ClassVar[str | None] = None
+    """Name of the exact variant this one approximates (the Performer: ``"full"``), or None. The
+    baselines of an approximation compute the exact variant, and the gate reports ``approx_err``."""
+    compare_with: ClassVar[str | None] = "full"
+    """The variant whose line the report's crossover compares this one with (None: none)."""
+    backward_flops_ratio: ClassVar[float] = 2.5
+    """Backward FLOPs over forward FLOPs: 2.5 for softmax attention (FlashAttention's convention:
+    5 matmuls in the backward, P recomputed, against 2 forward); 2 for a linear form."""
+
+    def mask_mod(self, nq: int, nk: int, causal: bool, device: torch.device | str = "cpu") -> MaskMod | None:
+        """Softmax variants: the predicate of which keys each query sees (see
+        :mod:`attention_variants.masks`), None when all are. Others raise NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} is not a masked softmax; it has no mask predicate")
+
+    def exact(self) -> AttentionVariant:
+        """The exact computation this variant stands for: itself, or the variant it approximates."""
+        return self if self.approximates is None else get_variant(self.approximates)
+
+    @classmethod
+    def sweep_defaults(cls) -> dict[str, int]:
+        """The sweep options at their defaults (an instance to list or describe the variant with)."""
+        return {o.name: o.default for o in cls.sweep_options}
+
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
         """Constructor options this variant accepts (used to reject unknown ones)."""
@@ -230,14 +287,28 @@ class AttentionVariant:
     def dense(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, upcast: bool = True) -> Tensor:
         """Naive dense computation: the ``reference`` backend (``upcast=True``: float32/float64 math).
 
-        With ``upcast=False`` it computes in the input dtype, which the tests use as "PyTorch's own
-        error in this dtype" when setting tolerances.
+        With ``upcast=False`` it computes in the input dtype. A softmax variant gets it from
+        :meth:`mask_mod`; any other variant must override it.
         """
-        raise NotImplementedError
+        if not self.softmax:
+            raise NotImplementedError(f"{type(self).__name__} must define dense() (its reference backend)")
+        nq, nk = q.shape[2], k.shape[2]
+        mod = self.mask_mod(nq, nk, causal, q.device)
+        mask = None if mod is None else dense_from_mod(mod, nq, nk, q.device)
+        groups = q.shape[1] // k.shape[1]
+        dtype = compute_dtype(q.dtype) if upcast else q.dtype
+        out = dense_softmax_attention(
+            q.to(dtype), repeat_kv(k, groups).to(dtype), repeat_kv(v, groups).to(dtype), mask, scale
+        )
+        return out.to(q.dtype)
 
     def visible_pairs(self, nq: int, nk: int, causal: bool) -> int:
-        """Number of visible (query, key) pairs for one (batch, head)."""
-        return nq * nk
+        """Number of visible (query, key) pairs for one (batch, head); counted from the dense
+        mask for a softmax variant (variants with a closed form override it)."""
+        if not self.softmax:
+            return nq * nk
+        mod = self.mask_mod(nq, nk, causal)
+        return nq * nk if mod is None else int(dense_from_mod(mod, nq, nk).sum())
 
     def flops(
         self,

@@ -8,15 +8,7 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
 from . import masks
-from .base import (
-    AttentionVariant,
-    compute_dtype,
-    dense_softmax_attention,
-    register_backend,
-    register_variant,
-    repeat_kv,
-)
-from .base import _reference_forward as _reference
+from .base import AttentionVariant, register_backend, register_variant, repeat_kv
 
 
 @register_variant("full")
@@ -26,26 +18,14 @@ class FullAttention(AttentionVariant):
     O(N^2 d) time; the ``torch`` and ``triton`` backends use O(N) extra memory.
     """
 
-    def dense(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, upcast: bool = True) -> Tensor:
-        nq, nk = q.shape[2], k.shape[2]
-        mask = masks.dense_mask(nq, nk, causal=True, device=q.device) if causal else None
-        return softmax_dense(q, k, v, mask, scale, upcast)
+    softmax = True
+    compare_with = None
+
+    def mask_mod(self, nq: int, nk: int, causal: bool, device: torch.device | str = "cpu") -> masks.MaskMod | None:
+        return masks.mask_mod(nq, nk, causal=causal)
 
     def visible_pairs(self, nq: int, nk: int, causal: bool) -> int:
         return masks.visible_pairs(nq, nk, causal=causal)
-
-
-def softmax_dense(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, upcast: bool) -> Tensor:
-    """Dense softmax attention with GQA heads repeated; float32/float64 math when ``upcast``."""
-    groups = q.shape[1] // k.shape[1]
-    dtype = compute_dtype(q.dtype) if upcast else q.dtype
-    out = dense_softmax_attention(
-        q.to(dtype), repeat_kv(k, groups).to(dtype), repeat_kv(v, groups).to(dtype), mask, scale
-    )
-    return out.to(q.dtype)
-
-
-register_backend(FullAttention, "reference")(_reference)
 
 
 @register_backend(FullAttention, "torch")

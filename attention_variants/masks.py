@@ -40,13 +40,17 @@ attends to it; causal still applies. With window ``(1, 1)`` and global position 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 WindowArg = int | tuple[int, int]
 GlobalArg = int | Sequence[int] | Tensor | None
+MaskMod = Callable[[Tensor, Tensor], Tensor]
+"""A mask predicate ``mod(qi, ki) -> bool``: True where query ``qi`` sees key ``ki``. It takes integer
+tensors that broadcast against each other, so one definition gives the dense ``(Nq, Nk)`` mask
+(``qi`` a column, ``ki`` a row of indices) and a FlexAttention ``mask_mod`` (scalar indices)."""
 
 
 def _check_nonneg_int(value: object, name: str) -> int:
@@ -118,6 +122,57 @@ def global_mask(global_tokens: GlobalArg, n: int, device: torch.device | str = "
     return mask if bool(mask.any()) else None
 
 
+def mask_mod(
+    nq: int,
+    nk: int,
+    *,
+    causal: bool = False,
+    window: WindowArg | None = None,
+    global_mask: Tensor | None = None,
+) -> MaskMod | None:
+    """The predicate of the rules above for an ``(nq, nk)`` problem; None when every key is visible.
+
+    The one definition of these masks: the dense mask, the reference, the SDPA baseline and the
+    FlexAttention block mask all come from it.
+    """
+    if global_mask is not None and nq != nk:
+        raise ValueError(f"global tokens need Nq == Nk, got Nq={nq}, Nk={nk}")
+    if window is None:
+        global_mask = None  # every key is visible anyway
+    if window is None and not causal:
+        return None
+    off = nk - nq
+    bounds = None
+    if window is not None:
+        left, right = window_bounds(window, causal)
+        # A reach beyond the sequence sees nothing more; clamping keeps the index arithmetic in int64.
+        bounds = (min(left, nq + nk), min(right, nq + nk))
+
+    def mod(qi: Tensor, ki: Tensor) -> Tensor:
+        p = qi + off
+        keep = None
+        if bounds is not None:
+            keep = (ki >= p - bounds[0]) & (ki <= p + bounds[1])
+        if global_mask is not None:
+            assert keep is not None
+            keep = keep | global_mask[qi] | global_mask[ki]
+        if causal:
+            keep = ki <= p if keep is None else keep & (ki <= p)
+        assert keep is not None
+        return keep
+
+    return mod
+
+
+def dense_from_mod(mod: MaskMod | None, nq: int, nk: int, device: torch.device | str = "cpu") -> Tensor:
+    """Bool ``(nq, nk)`` matrix of a predicate (all True for None). O(nq * nk) memory."""
+    if mod is None:
+        return torch.ones(nq, nk, dtype=torch.bool, device=device)
+    qi = torch.arange(nq, device=device)[:, None]
+    ki = torch.arange(nk, device=device)[None, :]
+    return mod(qi, ki).expand(nq, nk)
+
+
 def dense_mask(
     nq: int,
     nk: int,
@@ -128,20 +183,8 @@ def dense_mask(
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """Bool ``(nq, nk)`` matrix, True where query ``i`` may see key ``j``. O(nq * nk) memory."""
-    p = torch.arange(nq, device=device)[:, None] + (nk - nq)
-    j = torch.arange(nk, device=device)[None, :]
-    visible = torch.ones(nq, nk, dtype=torch.bool, device=device)
-    if window is not None:
-        left, right = window_bounds(window, causal)
-        visible = (j >= p - left) & (j <= p + right)
-    if global_mask is not None:
-        if nq != nk:
-            raise ValueError(f"global tokens need Nq == Nk, got Nq={nq}, Nk={nk}")
-        g = global_mask.to(device)
-        visible = visible | g[:, None] | g[None, :]
-    if causal:
-        visible = visible & (j <= p)
-    return visible
+    gm = None if global_mask is None else global_mask.to(device)
+    return dense_from_mod(mask_mod(nq, nk, causal=causal, window=window, global_mask=gm), nq, nk, device)
 
 
 def visible_pairs(

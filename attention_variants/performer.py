@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 
 from . import masks
-from .base import AttentionVariant, _shape, compute_dtype, register_backend, register_variant
-from .base import _reference_forward as _reference
+from .base import AttentionVariant, SweepOption, _shape, compute_dtype, register_backend, register_variant
 
 KERNELS = ("softmax", "relu")
 RELU_EPS = 1e-3
@@ -151,6 +150,11 @@ class PerformerAttention(AttentionVariant):
         projection: a given ``W (m, D)``; overrides the draw (and ``num_features``).
     """
 
+    sweep_options = (SweepOption("num_features", 128, "number of random features m", "m"),)
+    verify_options = ({"num_features": 64},)
+    approximates = "full"
+    backward_flops_ratio = 2.0  # the linear form: a matmul's backward is twice its forward, no recomputation
+
     def __init__(
         self,
         num_features: int = 256,
@@ -266,9 +270,6 @@ class PerformerAttention(AttentionVariant):
         m = self.num_features
         feature = 2 * m * d * b * (h * nq + hk * nk)
         return feature + 2 * m * (dv + 1) * b * (hk * nk + h * nq)
-
-
-register_backend(PerformerAttention, "reference")(_reference)
 
 
 @register_backend(PerformerAttention, "torch")

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import masks
-from .base import AttentionVariant, register_backend, register_variant
-from .base import _reference_forward as _reference
-from .full import _softmax_triton_check, softmax_dense
+from .base import AttentionVariant, SweepOption, register_backend, register_variant
+from .full import _softmax_triton_check
 
 # Query block of the blocked PyTorch backend. Each block of BLOCK_Q queries attends to a
 # window of BLOCK_Q + left + right keys in one fused SDPA call; 32 balances the wasted
@@ -36,6 +35,10 @@ class SlidingWindowAttention(AttentionVariant):
             sequence/tensor of positions. Global positions attend everywhere and are attended
             by every query; they need ``Nq == Nk``.
     """
+
+    softmax = True
+    sweep_options = (SweepOption("window", 128, "sliding-window size w (keys each side; w back when causal)", "w"),)
+    verify_options = ({"window": (5, 3)}, {"window": 16, "global_tokens": 2})
 
     def __init__(self, window: masks.WindowArg, global_tokens: masks.GlobalArg = None) -> None:
         self.window = masks.check_window(window)
@@ -60,21 +63,17 @@ class SlidingWindowAttention(AttentionVariant):
             raise ValueError(f"global_tokens need Nq == Nk, got Nq={nq}, Nk={nk}")
         self.global_mask(nq)  # validates positions / mask length against N
 
+    def mask_mod(self, nq: int, nk: int, causal: bool, device: torch.device | str = "cpu") -> masks.MaskMod | None:
+        gm = self.global_mask(nq, device) if nq == nk else None
+        return masks.mask_mod(nq, nk, causal=causal, window=self.window, global_mask=gm)
+
     def dense_mask(self, nq: int, nk: int, causal: bool, device: torch.device | str = "cpu") -> Tensor:
         """Bool ``(nq, nk)`` visibility matrix of this variant (dense; for references and baselines)."""
-        gm = self.global_mask(nq, device) if nq == nk else None
-        return masks.dense_mask(nq, nk, causal=causal, window=self.window, global_mask=gm, device=device)
-
-    def dense(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, upcast: bool = True) -> Tensor:
-        mask = self.dense_mask(q.shape[2], k.shape[2], causal, q.device)
-        return softmax_dense(q, k, v, mask, scale, upcast)
+        return masks.dense_from_mod(self.mask_mod(nq, nk, causal, device), nq, nk, device)
 
     def visible_pairs(self, nq: int, nk: int, causal: bool) -> int:
         gm = self.global_mask(nq) if nq == nk else None
         return masks.visible_pairs(nq, nk, causal=causal, window=self.window, global_mask=gm)
-
-
-register_backend(SlidingWindowAttention, "reference")(_reference)
 
 
 @register_backend(SlidingWindowAttention, "torch")
