@@ -7,21 +7,39 @@ batch, heads, kv heads, head dim, causal): the times of a line along N.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+import attention_variants as av
+
+from .config import BenchResult, column, config_fields, option_columns
+
 SETTING = ["device", "dtype", "batch", "heads", "kv_heads", "head_dim", "causal"]
-LINE = ["variant", "window", "num_features", "backend", "pass"]
-KEY = [*SETTING, *LINE, "seq_len"]
-EFFICIENT = ("sliding_window", "performer")
+
+
+def option_cols(df: pd.DataFrame) -> list[str]:
+    """The variants' sweep-option columns of a results table (``window``, ``num_features``, a
+    plug-in's own): every column that is neither a declared config field nor a result field."""
+    known = {column(f) for f in config_fields()} | {f.name for f in dataclasses.fields(BenchResult)}
+    return [c for c in df.columns if c not in known]
+
+
+def line_cols(df: pd.DataFrame) -> list[str]:
+    """What makes a *line*: the variant with its options, the backend and the pass."""
+    return ["variant", *option_cols(df), "backend", "pass"]
+
+
+def key_cols(df: pd.DataFrame) -> list[str]:
+    return [*SETTING, *line_cols(df), "seq_len"]
 
 
 def load_results(directory: Path | str) -> pd.DataFrame:
     df = pd.read_csv(Path(directory) / "results.csv")
-    for col in ("window", "num_features"):  # -1: the option does not apply (keeps comparisons NA-free)
+    for col in option_cols(df):  # -1: the option does not apply (keeps comparisons NA-free)
         df[col] = pd.to_numeric(df[col], errors="coerce").fillna(-1).astype(int)
     df["causal"] = df["causal"].astype(str).str.lower().isin(["true", "1"])
     return df
@@ -86,12 +104,19 @@ def without_copies(df: pd.DataFrame) -> pd.DataFrame:
     return df[~df["note"].fillna("").astype(str).str.contains("measured once")]
 
 
+def _option_label(name: str) -> str:
+    for variant in av.list_variants():
+        for o in av.variant_class(variant).sweep_options:
+            if o.name == name:
+                return o.label
+    return name
+
+
 def line_label(row) -> str:
     name = str(row["variant"])
-    if not pd.isna(row.get("window")) and int(row["window"]) >= 0:
-        name += f" w={int(row['window'])}"
-    if not pd.isna(row.get("num_features")) and int(row["num_features"]) >= 0:
-        name += f" m={int(row['num_features'])}"
+    for col in option_columns():
+        if col in row.index and not pd.isna(row[col]) and int(row[col]) >= 0:
+            name += f" {_option_label(col)}={int(row[col])}"
     return f"{name} / {row['backend']}"
 
 
@@ -109,7 +134,7 @@ def exponents(df: pd.DataFrame, tail: int = 3) -> pd.DataFrame:
     """Fitted exponents of time and memory in N per line: over all lengths and over the ``tail``
     largest (small N is dominated by fixed overheads)."""
     rows = []
-    for _, g in _groups(without_copies(ok_rows(df)), SETTING + LINE):
+    for _, g in _groups(without_copies(ok_rows(df)), SETTING + line_cols(df)):
         g = g.sort_values("seq_len")
         if g["seq_len"].nunique() < 2:
             continue
@@ -130,16 +155,25 @@ def exponents(df: pd.DataFrame, tail: int = 3) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _compare_with(variant: str) -> str | None:
+    try:
+        return av.variant_class(variant).compare_with
+    except ValueError:  # a plug-in's variant, not loaded here
+        return "full"
+
+
 def crossovers(df: pd.DataFrame) -> pd.DataFrame:
-    """For each efficient line, the crossover against ``full`` on the same backend, and against
-    the ``full`` SDPA baseline."""
+    """For each line of a variant that declares ``compare_with`` (the efficient variants: full
+    attention), the crossover against that variant on the same backend, and against its SDPA
+    baseline."""
     ok = ok_rows(df)
     rows = []
-    for _, g in _groups(ok[ok["variant"].isin(EFFICIENT)], SETTING + LINE):
+    for _, g in _groups(ok, SETTING + line_cols(df)):
         first = g.iloc[0]
-        if first["backend"] in ("reference", "sdpa"):  # dense computations: no crossover to find
+        other = _compare_with(str(first["variant"]))
+        if other is None or first["backend"] in ("reference", "sdpa"):  # dense computations: no crossover
             continue
-        same = (ok[SETTING] == first[SETTING]).all(axis=1) & (ok["pass"] == first["pass"]) & (ok["variant"] == "full")
+        same = (ok[SETTING] == first[SETTING]).all(axis=1) & (ok["pass"] == first["pass"]) & (ok["variant"] == other)
         for against in dict.fromkeys([first["backend"], "sdpa"]):
             full = ok[same & (ok["backend"] == against)]
             if full.empty:
@@ -160,7 +194,7 @@ def crossovers(df: pd.DataFrame) -> pd.DataFrame:
                     "setting": setting_label(first),
                     "line": line_label(first),
                     "pass": first["pass"],
-                    "against": f"full / {against}",
+                    "against": f"{other} / {against}",
                     "crossover N": text,
                     "speed-up at largest N": f"{largest['time_ms_full'] / largest['time_ms']:.1f}x at "
                     f"N={int(largest['seq_len'])}",
@@ -172,10 +206,9 @@ def crossovers(df: pd.DataFrame) -> pd.DataFrame:
 def speedups(df: pd.DataFrame, baseline: str = "sdpa") -> pd.DataFrame:
     """Rows of ``df`` (ok) with ``speedup = time(baseline backend, same variant/config) / time``."""
     ok = ok_rows(df)
-    base = ok[ok["backend"] == baseline][[*SETTING, "variant", "window", "num_features", "pass", "seq_len", "time_ms"]]
-    m = ok[ok["backend"] != baseline].merge(
-        base, on=[*SETTING, "variant", "window", "num_features", "pass", "seq_len"], suffixes=("", "_base")
-    )
+    on = [*SETTING, "variant", *option_cols(df), "pass", "seq_len"]
+    base = ok[ok["backend"] == baseline][[*on, "time_ms"]]
+    m = ok[ok["backend"] != baseline].merge(base, on=on, suffixes=("", "_base"))
     m["speedup"] = m["time_ms_base"] / m["time_ms"]
     return m
 
@@ -183,8 +216,9 @@ def speedups(df: pd.DataFrame, baseline: str = "sdpa") -> pd.DataFrame:
 def compare_runs(new: pd.DataFrame, old: pd.DataFrame, threshold: float = 0.10) -> pd.DataFrame:
     """Rows of both runs joined on the config; ``ratio = time_new / time_old``; ``regression``
     when slower by more than ``threshold`` or when a row that was ok is no longer ok."""
-    cols = [*KEY, "status", "time_ms", "peak_mem_bytes", "max_err"]
-    m = new[cols].merge(old[cols], on=KEY, suffixes=("", "_old"), how="inner")
+    key = [c for c in key_cols(new) if c in old.columns]
+    cols = [*key, "status", "time_ms", "peak_mem_bytes", "max_err"]
+    m = new[cols].merge(old[cols], on=key, suffixes=("", "_old"), how="inner")
     m["ratio"] = m["time_ms"] / m["time_ms_old"]
     m["mem_ratio"] = m["peak_mem_bytes"] / m["peak_mem_bytes_old"]
     broke = (m["status_old"] == "ok") & (m["status"] != "ok")

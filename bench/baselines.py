@@ -1,12 +1,18 @@
 """Callables for every backend a sweep can name: the project's registry backends and the baselines.
 
-- ``reference`` / ``torch`` / ``triton`` / ``auto``: the variant itself, through the registry.
-- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on the dense problem: plain
-  (causal via ``is_causal``) for ``full``, with the dense band mask for ``sliding_window``,
-  and full softmax attention for ``performer`` (the computation it replaces).
-- ``flex``: ``torch.compile``-d FlexAttention with the matching block mask (``full`` and
-  ``sliding_window``; Performer has no block-sparse softmax equivalent). Compiled kernels and
-  block masks are cached per shape in the process, so only the first call of a shape compiles.
+- ``reference`` / ``torch`` / ``triton`` / ``auto`` (and a plug-in's own backends): the variant
+  itself, through the registry.
+- Baselines compute the *exact* computation a variant stands for (``variant.exact()``: itself,
+  or for the Performer the full softmax attention it approximates), with the variant's mask
+  predicate (``variant.mask_mod``):
+  - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on the dense problem, with the
+    dense mask (``is_causal`` when the mask is plain causal);
+  - ``flex``: ``torch.compile``-d FlexAttention with the block mask of the same predicate.
+    Compiled kernels and block masks are cached per shape in the process.
+- Peers (other libraries, :mod:`bench.peers`) register here too, with their own checks.
+
+A baseline is registered with :func:`register_baseline`: a ``check`` (None when it can run a
+variant here, else why not) and a ``make`` that builds ``fn(q, k, v) -> out``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import attention_variants as av
 from attention_variants import masks
 
 Fn = Callable[[Tensor, Tensor, Tensor], Tensor]
+BaselineCheck = Callable[[av.AttentionVariant, torch.device, torch.dtype, int, bool], "str | None"]
+BaselineMake = Callable[[av.AttentionVariant, Tensor, Tensor, bool], Fn]
 
 
 class Unsupported(Exception):
@@ -31,13 +39,58 @@ class Unsupported(Exception):
 @dataclass(frozen=True)
 class Target:
     """What a backend computes for a variant: the callable, the variant whose math it computes
-    (``truth``: its float64 reference is the ground truth for ``max_err``) and the backend
-    that actually runs."""
+    (``truth``: its float64 ground truth is what ``max_err`` is measured against), the backend that
+    actually runs, whether it materialises N x N (scores or mask), and a note on its semantics
+    (a peer's documented deviation, recorded with the row)."""
 
     fn: Fn
     truth: av.AttentionVariant
     backend_used: str
-    builds_dense: bool  # materialises N x N (scores or mask)
+    builds_dense: bool
+    note: str = ""
+    extra_tolerance: float = 0.0  # a peer's measured, documented deviation, added to the gate's bound
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A baseline backend: ``check(variant, device, dtype, head_dim, needs_grad)`` and ``make(variant,
+    q, k, causal) -> fn``. ``exact``: it computes the exact variant (an approximation's baseline rows
+    are copies of its exact variant's rows)."""
+
+    name: str
+    check: BaselineCheck
+    make: Callable[..., Target]
+    description: str
+    exact: bool = True
+
+
+_BASELINES: dict[str, Baseline] = {}
+
+
+def register_baseline(baseline: Baseline) -> Baseline:
+    if baseline.name in _BASELINES or baseline.name in (*av.list_backends(), "auto"):
+        raise ValueError(f"backend name {baseline.name!r} is already taken")
+    _BASELINES[baseline.name] = baseline
+    return baseline
+
+
+def baseline_names() -> list[str]:
+    """Registered baselines and peers, in registration order."""
+    _load_peers()
+    return list(_BASELINES)
+
+
+def get_baseline(name: str) -> Baseline | None:
+    _load_peers()
+    return _BASELINES.get(name)
+
+
+def _load_peers() -> None:
+    from . import peers  # noqa: F401  (registers the peer libraries' baselines)
+
+
+def exact_baselines() -> set[str]:
+    return {b.name for b in _BASELINES.values() if b.exact}
 
 
 def _flex_available() -> str | None:
@@ -45,6 +98,30 @@ def _flex_available() -> str | None:
         from torch.nn.attention import flex_attention  # noqa: F401
     except Exception as exc:  # pragma: no cover - depends on the installation
         return f"FlexAttention is not in this PyTorch ({torch.__version__}): {exc}"
+    return None
+
+
+def _softmax_exact(variant: av.AttentionVariant) -> av.AttentionVariant:
+    exact = variant.exact()
+    if not exact.softmax:
+        raise Unsupported(f"{variant.name} is not a masked softmax and approximates none; there is no exact baseline")
+    return exact
+
+
+def _sdpa_check(variant, device, dtype, head_dim, needs_grad) -> str | None:
+    if not variant.exact().softmax:
+        return f"{variant.name} is not a masked softmax and approximates none; SDPA has nothing to compute"
+    return None
+
+
+def _flex_check(variant, device, dtype, head_dim, needs_grad) -> str | None:
+    reason = _flex_available() or _sdpa_check(variant, device, dtype, head_dim, needs_grad)
+    if reason:
+        return reason
+    if dtype == torch.float64 and device.type == "cuda":
+        return "FlexAttention's CUDA kernels do not take float64"
+    if needs_grad and device.type == "cpu":
+        return f"FlexAttention has no backward on CPU in PyTorch {torch.__version__}"
     return None
 
 
@@ -57,21 +134,9 @@ def unsupported_reason(
     needs_grad: bool = False,
 ) -> str | None:
     """None if ``backend`` (registry or baseline) can run ``variant`` here, else why not."""
-    if backend == "sdpa":
-        return None
-    if backend == "flex":
-        reason = _flex_available()
-        if reason:
-            return reason
-        if variant.name == "performer":
-            return "FlexAttention computes exact softmax attention; a Performer has no block-mask equivalent"
-        if getattr(variant, "global_tokens", None) not in (None, 0):
-            return "the flex baseline does not model global tokens"
-        if dtype == torch.float64 and device.type == "cuda":
-            return "FlexAttention's CUDA kernels do not take float64"
-        if needs_grad and device.type == "cpu":
-            return f"FlexAttention has no backward on CPU in PyTorch {torch.__version__}"
-        return None
+    baseline = get_baseline(backend)
+    if baseline is not None:
+        return baseline.check(variant, device, dtype, head_dim, needs_grad)
     return variant.unsupported_reason(backend, device, dtype, head_dim)
 
 
@@ -81,30 +146,37 @@ def make_target(variant: av.AttentionVariant, backend: str, q: Tensor, k: Tensor
     reason = unsupported_reason(variant, backend, q.device, q.dtype, head_dim, needs_grad=q.requires_grad)
     if reason is not None:
         raise Unsupported(reason)
-    full = av.FullAttention()
-    if backend == "sdpa":
-        softmax_variant = variant if variant.name == "sliding_window" else full
-        return Target(sdpa_fn(softmax_variant, q, k, causal), softmax_variant, "sdpa", variant.name == "sliding_window")
-    if backend == "flex":
-        return Target(flex_fn(variant, q, k, causal), variant, "flex", False)
+    baseline = get_baseline(backend)
+    if baseline is not None:
+        return baseline.make(variant, q, k, v, causal)
     used = variant.resolve_backend(backend, q, v)
     fn = lambda a, b, c: variant(a, b, c, causal=causal, backend=used)
     return Target(fn, variant, used, used == "reference")
 
 
-def sdpa_fn(variant: av.AttentionVariant, q: Tensor, k: Tensor, causal: bool) -> Fn:
-    """Dense SDPA: ``is_causal`` for square causal full attention, else the variant's dense mask
-    (a 4-D bool mask, which the fused CPU kernel takes; 2-D masks fall back to the slow path)."""
+def _sdpa_target(variant: av.AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Target:
+    exact = _softmax_exact(variant)
+    fn, dense = sdpa_fn(exact, q, k, causal)
+    return Target(fn, exact, "sdpa", dense)
+
+
+def sdpa_fn(variant: av.AttentionVariant, q: Tensor, k: Tensor, causal: bool) -> tuple[Fn, bool]:
+    """Dense SDPA with ``variant``'s mask: ``is_causal`` when the mask is plain causal over a square
+    problem, else the dense mask as a 4-D bool tensor (the fused CPU kernel takes that; 2-D masks
+    fall back to the slow path). Returns ``(fn, builds_dense_mask)``."""
     nq, nk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if variant.name == "full" and (not causal or nq == nk):
-        return lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal, enable_gqa=gqa)
-    if variant.name == "full":
-        mask = masks.dense_mask(nq, nk, causal=True, device=q.device)
-    else:
-        mask = variant.dense_mask(nq, nk, causal, q.device)  # type: ignore[attr-defined]
-    mask4 = mask[None, None]
-    return lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask4, enable_gqa=gqa)
+    mod = variant.mask_mod(nq, nk, causal, q.device)
+    if mod is None or (causal and nq == nk and variant.mask_mod(nq, nk, False, q.device) is None):
+        is_causal = mod is not None
+        return lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=is_causal, enable_gqa=gqa), False
+    mask4 = masks.dense_from_mod(mod, nq, nk, q.device)[None, None]
+    return lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask4, enable_gqa=gqa), True
+
+
+def _flex_target(variant: av.AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Target:
+    exact = _softmax_exact(variant)
+    return Target(flex_fn(exact, q, k, causal), exact, "flex", False)
 
 
 _FLEX_COMPILED: dict[str, Callable] = {}
@@ -125,30 +197,17 @@ def _compiled_flex() -> Callable:
 
 
 def flex_block_mask(variant: av.AttentionVariant, nq: int, nk: int, causal: bool, device: torch.device):
-    """FlexAttention block mask with the variant's semantics (bottom-right causal, window band)."""
+    """FlexAttention block mask of the variant's mask predicate (None when every key is visible)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    window = getattr(variant, "window", None)
-    bounds = masks.window_bounds(window, causal) if window is not None else None
-    key = (nq, nk, causal, bounds, str(device))
-    if key in _BLOCK_MASKS:
-        return _BLOCK_MASKS[key]
-    off = nk - nq
-    if bounds is None and not causal:
+    key = (variant.name, repr(variant.options()), nq, nk, causal, str(device))
+    if key not in _BLOCK_MASKS:
+        mod = variant.mask_mod(nq, nk, causal, device)
         bm = None
-    else:
-        left, right = bounds if bounds is not None else (nk, nk)
-
-        def mask_mod(b, h, qi, ki):
-            p = qi + off
-            keep = (ki >= p - left) & (ki <= p + right)
-            if causal:
-                keep = keep & (ki <= p)
-            return keep
-
-        bm = create_block_mask(mask_mod, None, None, nq, nk, device=str(device))
-    _BLOCK_MASKS[key] = bm
-    return bm
+        if mod is not None:
+            bm = create_block_mask(lambda b, h, qi, ki: mod(qi, ki), None, None, nq, nk, device=str(device))
+        _BLOCK_MASKS[key] = bm
+    return _BLOCK_MASKS[key]
 
 
 def flex_fn(variant: av.AttentionVariant, q: Tensor, k: Tensor, causal: bool) -> Fn:
@@ -158,16 +217,33 @@ def flex_fn(variant: av.AttentionVariant, q: Tensor, k: Tensor, causal: bool) ->
     return lambda a, b, c: flex(a, b, c, block_mask=bm, enable_gqa=gqa)
 
 
-def dense_bytes(variant: str, backend: str, batch: int, heads: int, nq: int, nk: int, elem: int, grad: bool) -> int:
+def dense_bytes(
+    variant: av.AttentionVariant, backend: str, batch: int, heads: int, n: int, elem: int, grad: bool
+) -> int:
     """Rough bytes of the N x N tensors a dense backend builds (0 for the ones that do not).
 
     ``reference``: scores, probabilities and a mask per (batch, head), twice with autograd.
-    ``sdpa`` with the band mask: the bool mask, which the CPU kernel also converts once to a
-    float additive mask (shared by all heads; measured), plus its gradient-path copy.
+    ``sdpa`` with a mask: the bool mask, which the CPU kernel also converts once to a float
+    additive mask (shared by all heads; measured), plus its gradient-path copy.
     """
     if backend == "reference":
-        per = batch * heads * nq * nk * max(elem, 4) * 3
+        per = batch * heads * n * n * max(elem, 4) * 3
         return per * (2 if grad else 1)
-    if backend == "sdpa" and variant == "sliding_window":
-        return nq * nk * (1 + 4 + (4 if grad else 0))
+    if backend == "sdpa" and variant.exact().softmax:
+        mod = variant.exact().mask_mod(n, n, False)
+        if mod is not None:
+            return n * n * (1 + 4 + (4 if grad else 0))
     return 0
+
+
+register_baseline(
+    Baseline(
+        "sdpa",
+        _sdpa_check,
+        _sdpa_target,
+        "dense SDPA with the variant's mask (an approximation: the exact attention it approximates)",
+    )
+)
+register_baseline(
+    Baseline("flex", _flex_check, _flex_target, "compiled FlexAttention with the block mask of the variant's predicate")
+)

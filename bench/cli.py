@@ -6,17 +6,31 @@ available, ``cpu-quick`` otherwise) into ``runs/<preset>-<date>-<time>`` and wri
 
 from __future__ import annotations
 
+import inspect
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import PASSES, RunSettings, all_backends, expand, load_presets, validate_names
+from .config import (
+    PASSES,
+    RunSettings,
+    all_backends,
+    config_fields,
+    expand,
+    load_presets,
+    name_problems,
+    parse_bool,
+    parse_device,
+    parse_option,
+    sweep_options,
+    validate_names,
+)
 
 DEFAULT_PRESET = "cpu-quick"
 GPU_PRESET = "gpu-quick"
@@ -49,33 +63,102 @@ def _split(text: str | None, conv=str) -> list | None:
     return [conv(x.strip()) for x in text.split(",") if x.strip()]
 
 
+def _values(text: str | None, option: str, parse) -> list | None:
+    """A comma list of one option, each value parsed; exit 2 naming the option on a bad value."""
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise typer.BadParameter("needs at least one value", param_hint=option)
+    try:
+        return [parse(x) for x in items]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+PLUGIN_HELP = "a module name or a .py file that registers variants or backends (repeat for several)"
+
+
+def load_plugins(specs: list[str] | None) -> tuple[str, ...]:
+    """Import each plug-in; exit 2 naming ``--plugin`` if one cannot be imported. Returns the specs
+    as the worker processes import them (files as absolute paths)."""
+    from .plugins import PluginError, load_plugin
+
+    out = []
+    for spec in specs or []:
+        try:
+            out.append(load_plugin(spec))
+        except PluginError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--plugin") from None
+    return tuple(out)
+
+
 @app.callback()
 def _root(ctx: typer.Context) -> None:
     """With no subcommand: run the default sweep (gpu-quick with CUDA, else cpu-quick) and write its report."""
     if ctx.invoked_subcommand is None:
-        ctx.invoke(sweep)
+        ctx.invoke(_sweep_command())
 
 
-@app.command()
-def sweep(
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _config_parameters() -> list[inspect.Parameter]:
+    """``attn-bench sweep`` options derived from the config declarations (bench/config.py) and from
+    every registered variant's sweep options: each takes a comma list and replaces that key in
+    every group of the preset."""
+    params = []
+    for f in config_fields():
+        key = f.metadata["group"]
+        if f.metadata["parse"] is parse_bool:
+            opt = typer.Option(f"{_flag(key)}/--no-{key.replace('_', '-')}", help=f"only {key} / only not {key}")
+            params.append(inspect.Parameter(key, KW, default=None, annotation=Annotated[bool | None, opt]))
+            continue
+        decls = [_flag(key), *([_flag(f.metadata["alias"])] if f.metadata["alias"] else [])]
+        opt = typer.Option(*decls, help=f.metadata["help"])
+        params.append(inspect.Parameter(key, KW, default=None, annotation=Annotated[str | None, opt]))
+    for o in sweep_options():
+        opt = typer.Option(_flag(o.name), help=f"comma list: {o.help} (variants that take `{o.name}`)")
+        params.append(inspect.Parameter(o.name, KW, default=None, annotation=Annotated[str | None, opt]))
+    return params
+
+
+KW = inspect.Parameter.KEYWORD_ONLY
+
+
+def _overrides(values: dict) -> dict:
+    """Preset-group overrides from the generated options, each value parsed and validated."""
+    overrides: dict = {}
+    for f in config_fields():
+        key = f.metadata["group"]
+        if values.get(key) is None:
+            continue
+        if f.metadata["parse"] is parse_bool:
+            overrides[key] = [values[key]]
+        else:
+            overrides[key] = _values(values[key], _flag(key), f.metadata["parse"])
+    for o in sweep_options():
+        if values.get(o.name) is not None:
+            overrides[o.name] = _values(values[o.name], _flag(o.name), parse_option)
+    names = {k: overrides.get(k) or [] for k in ("variants", "backends", "passes", "dtypes")}
+    for key, message in name_problems(names["variants"], names["backends"], names["passes"], names["dtypes"]):
+        raise typer.BadParameter(message, param_hint=_flag(key))
+    return overrides
+
+
+def _positive(value: float | None, option: str) -> None:
+    if value is not None and not (value > 0 and value < float("inf")):
+        raise typer.BadParameter(f"must be a positive number of seconds or GB, got {value:g}", param_hint=option)
+
+
+def _sweep(
     preset: Annotated[
         str | None,
         typer.Option(help="presets.toml name (`attn-bench list`) [default: gpu-quick with CUDA, else cpu-quick]"),
     ] = None,
     preset_file: Annotated[Path | None, typer.Option(help="presets TOML to read instead of the shipped one")] = None,
-    variants: Annotated[str | None, typer.Option(help="comma list, e.g. full,sliding_window,performer")] = None,
-    backends: Annotated[str | None, typer.Option(help="comma list of torch,triton,reference,auto,sdpa,flex")] = None,
-    seq_lens: Annotated[str | None, typer.Option(help="comma list of sequence lengths, e.g. 256,1024,4096")] = None,
-    dtype: Annotated[str | None, typer.Option(help="comma list of float32,float16,bfloat16,float64")] = None,
-    causal: Annotated[bool | None, typer.Option("--causal/--no-causal", help="only causal / only non-causal")] = None,
-    passes: Annotated[str | None, typer.Option(help="comma list of fwd,fwd_bwd")] = None,
-    batch: Annotated[int | None, typer.Option(help="batch size B")] = None,
-    heads: Annotated[int | None, typer.Option(help="query heads H")] = None,
-    kv_heads: Annotated[int | None, typer.Option(help="key/value heads (grouped-query attention)")] = None,
-    head_dim: Annotated[str | None, typer.Option(help="comma list of head dims")] = None,
-    window: Annotated[str | None, typer.Option(help="comma list of sliding-window sizes")] = None,
-    num_features: Annotated[str | None, typer.Option(help="comma list of Performer feature counts")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
+    plugin: Annotated[list[str] | None, typer.Option(help=PLUGIN_HELP)] = None,
     out: Annotated[Path | None, typer.Option(help="output directory [default: runs/<preset>-<date>-<time>]")] = None,
     resume: Annotated[bool, typer.Option(help="skip configs already in DIR/results.csv")] = False,
     overwrite: Annotated[bool, typer.Option(help="start afresh even if DIR/results.csv exists")] = False,
@@ -88,46 +171,37 @@ def sweep(
     budget_s: Annotated[
         float | None, typer.Option(help="seconds for the whole sweep; configs not started in time are rows 'skipped'")
     ] = None,
+    **fields: Any,
 ) -> None:
-    """Run a sweep: results.csv + metadata.json in the output directory, then the report."""
-    presets = load_presets(preset_file.read_text() if preset_file else None)
+    """Run a sweep: results.csv + metadata.json in the output directory, then the report.
+
+    The config options (--variants ... --device) and the variants' own sweep options (--window,
+    --num-features, a plug-in's) each take a comma list that replaces that key in every group of
+    the preset; they are derived from the config declarations and the variant registry."""
+    plugins = load_plugins(plugin)
+    if preset_file is not None and not preset_file.is_file():
+        raise typer.BadParameter(f"{preset_file} is not a readable file", param_hint="--preset-file")
+    try:
+        presets = load_presets(preset_file.read_text() if preset_file else None)
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--preset-file" if preset_file else "--preset") from None
     if preset is None:
         preset, why = default_preset()
         console.print(f"preset [cyan]{preset}[/] (the default here: {why})")
     if budget_s is not None and budget_s <= 0:
         raise typer.BadParameter(f"must be positive, got {budget_s:g}", param_hint="--budget-s")
+    _positive(timeout, "--timeout")
+    _positive(min_run_time, "--min-run-time")
+    _positive(mem_limit_gb, "--mem-limit-gb")
     if preset not in presets:
         raise typer.BadParameter(f"unknown preset {preset!r}; presets are {', '.join(presets)}", param_hint="--preset")
     p = presets[preset]
-    overrides = {
-        "variants": _split(variants),
-        "backends": _split(backends),
-        "seq_lens": _split(seq_lens, int),
-        "dtypes": _split(dtype),
-        "causal": None if causal is None else [causal],
-        "passes": _split(passes),
-        "batch": batch,
-        "heads": heads,
-        "kv_heads": kv_heads,
-        "head_dim": _split(head_dim, int),
-        "window": _split(window, int),
-        "num_features": _split(num_features, int),
-        "device": device,
-    }
-    try:
-        validate_names(
-            overrides["variants"] or [],
-            overrides["backends"] or [],
-            overrides["passes"] or [],
-            overrides["dtypes"] or [],
-        )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    if overrides["seq_lens"]:  # explicit lengths override the preset's per-backend caps too
+    overrides = _overrides(fields)
+    if overrides.get("seq_lens"):  # explicit lengths override the preset's per-backend caps too
         overrides["max_seq_len"] = {}
     configs = expand(p.groups, overrides)
     settings = p.settings
-    changes = {"timeout_s": timeout, "min_run_time": min_run_time, "mem_limit_gb": mem_limit_gb}
+    changes = {"timeout_s": timeout, "min_run_time": min_run_time, "mem_limit_gb": mem_limit_gb, "plugins": plugins}
     settings = RunSettings(**{**settings.__dict__, **{k: v for k, v in changes.items() if v is not None}})
     # A fresh directory by default, so a run never collides with an earlier one or a committed report.
     out = out or Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -181,6 +255,38 @@ def sweep(
         console.print(f"Report: [bold]{page}[/]")
 
 
+def _sweep_command():
+    """``attn-bench sweep`` with its options derived from the declarations and the registry as it
+    is now (call again after loading plug-ins that declare sweep options)."""
+    base = [
+        p
+        for p in inspect.signature(_sweep, eval_str=True).parameters.values()
+        if p.kind != inspect.Parameter.VAR_KEYWORD
+    ]
+    params = [p.replace(kind=KW) for p in base] + _config_parameters()
+
+    def sweep(**kwargs: Any) -> None:
+        harness = {p.name for p in base}
+        _sweep(
+            **{k: v for k, v in kwargs.items() if k in harness}, **{k: v for k, v in kwargs.items() if k not in harness}
+        )
+
+    sweep.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    sweep.__doc__ = _sweep.__doc__
+    return sweep
+
+
+def _install_sweep_command() -> None:
+    for info in app.registered_commands:
+        if info.name == "sweep":
+            info.callback = _sweep_command()
+            return
+    app.command("sweep")(_sweep_command())
+
+
+_install_sweep_command()
+
+
 @app.command()
 def report(
     directory: Annotated[Path, typer.Argument(help="a sweep's output directory")],
@@ -216,10 +322,12 @@ def verify(
         Path | None, typer.Option("--csv", help="also write every check to this CSV, a row as it finishes")
     ] = None,
     resume: Annotated[bool, typer.Option(help="with --csv: skip the checks already in that CSV")] = False,
+    plugin: Annotated[list[str] | None, typer.Option(help=PLUGIN_HELP)] = None,
 ) -> None:
-    """The numerics gate: every variant x backend against the float64 reference; exit 1 on failure."""
+    """The numerics gate: every variant x backend against the float64 ground truth; exit 1 on failure."""
     import attention_variants as av
 
+    load_plugins(plugin)
     from .numerics import run_case, verify_cases
     from .worker import context_lost
 
@@ -369,20 +477,28 @@ def _num(x: float | None) -> str:
 
 
 @app.command("list")
-def list_cmd(device: str = typer.Option("cpu", help="device to check availability on")) -> None:
-    """Variants, backends (available here or why not), and presets."""
+def list_cmd(
+    device: Annotated[str, typer.Option(help="device to check availability on")] = "cpu",
+    plugin: Annotated[list[str] | None, typer.Option(help=PLUGIN_HELP)] = None,
+) -> None:
+    """Variants, backends (available here or why not), baselines and peers, and presets."""
     import torch
 
     import attention_variants as av
 
-    from .baselines import unsupported_reason
+    from .baselines import baseline_names, get_baseline, unsupported_reason
 
+    load_plugins(plugin)
+    try:
+        parse_device(device)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from None
     dev = torch.device(device)
     table = Table(title=f"variants x backends on {device} (float32, head dim 64)")
     for col in ("variant", "options", "backend", "available here"):
         table.add_column(col, overflow="fold")
     for name in av.list_variants():
-        var = av.get_variant(name, window=128) if name == "sliding_window" else av.get_variant(name)
+        var = av.get_variant(name, **av.variant_class(name).sweep_defaults())
         for i, b in enumerate(all_backends()):
             if b == "auto":
                 q = torch.zeros(1, 1, 1, 64, device=dev) if dev.type == "cpu" or torch.cuda.is_available() else None
@@ -393,10 +509,8 @@ def list_cmd(device: str = typer.Option("cpu", help="device to check availabilit
             opts = ", ".join(type(var).option_names()) if i == 0 else ""
             table.add_row(name if i == 0 else "", opts, b, cell)
     console.print(table)
-    console.print(
-        "baselines: sdpa = dense SDPA (band mask for the window, full softmax for Performer); "
-        "flex = compiled FlexAttention with the matching block mask"
-    )
+    for name in baseline_names():
+        console.print(f"{name}: {get_baseline(name).description}")
     console.print(f"passes: {', '.join(PASSES)}")
     pt = Table(title="presets (bench/presets.toml)")
     pt.add_column("preset")
@@ -442,6 +556,20 @@ def targets(
 
 
 def main() -> None:
+    # Plug-ins may declare sweep options (each an `attn-bench sweep` option): import them before
+    # the command line is parsed, then rebuild the sweep command with them.
+    args = sys.argv[1:]
+    specs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--plugin"]
+    specs += [a.split("=", 1)[1] for a in args if a.startswith("--plugin=")]
+    if specs:
+        from .plugins import PluginError, load_plugins
+
+        try:
+            load_plugins(specs)
+        except PluginError as exc:
+            console.print(f"[red]Error: --plugin: {exc}")
+            raise SystemExit(2) from None
+        _install_sweep_command()
     app()
 
 

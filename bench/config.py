@@ -12,8 +12,8 @@ import dataclasses
 import itertools
 import math
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,6 @@ else:  # pragma: no cover
 
 import attention_variants as av
 
-# Baselines live in the harness, next to the project's own backends from the registry.
-BASELINES: tuple[str, ...] = ("sdpa", "flex")
 PASSES: tuple[str, ...] = ("fwd", "fwd_bwd")
 # ``skipped``: not reached before the sweep's time budget (``--budget-s``) ran out.
 STATUSES: tuple[str, ...] = ("ok", "oom", "unsupported", "timeout", "wrong", "error", "skipped")
@@ -33,78 +31,186 @@ DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
 
 
 def all_backends() -> list[str]:
-    """The project's backends (from the registry), ``auto``, then the baselines."""
-    return [*av.list_backends(), "auto", *BASELINES]
+    """The project's backends (from the registry), ``auto``, then the baselines and peers."""
+    from .baselines import baseline_names
+
+    return [*av.list_backends(), "auto", *baseline_names()]
+
+
+# -- parsing one value of a field, from the command line, a preset or a CSV cell ----------------
+
+
+def _text(x: Any) -> str:
+    if isinstance(x, float) and math.isnan(x):
+        return ""
+    return str(x).strip()
+
+
+def parse_name(x: Any) -> str:
+    text = _text(x)
+    if not text:
+        raise ValueError("expected a name, got an empty value")
+    return text
+
+
+def parse_count(x: Any) -> int:
+    """A positive int (also from ``"64"`` or ``64.0``); ValueError otherwise."""
+    if isinstance(x, bool):
+        raise ValueError(f"expected a positive integer, got {x!r}")
+    text = _text(x)
+    try:
+        value = float(text) if not isinstance(x, int) else x
+    except ValueError:
+        raise ValueError(f"expected a positive integer, got {text!r}") from None
+    if not (isinstance(value, int) or (math.isfinite(value) and value == int(value))) or value < 1:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return int(value)
+
+
+def parse_option(x: Any) -> int:
+    """A variant's sweep-option value: a non-negative int (the variant's constructor checks the rest)."""
+    text = _text(x)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value == int(value) and value >= 0):
+        raise ValueError(f"expected a non-negative integer, got {text!r}")
+    return int(value)
+
+
+def parse_device(x: Any) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``."""
+    text = _text(x)
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise ValueError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def parse_bool(x: Any) -> bool:
+    if isinstance(x, bool):
+        return x
+    text = _text(x).lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _field(
+    group: str,
+    default: list,
+    parse: Callable[[Any], Any],
+    help: str,
+    value: Any = MISSING,
+    column: str | None = None,
+    alias: str | None = None,
+) -> Any:
+    """A config field's declaration: its preset key (``group``, a list), the list a sweep uses when
+    a preset gives none, its parser, help text, the dataclass default ``value`` and its CSV column
+    (default: the field name); ``alias``: a second command-line spelling of the group key."""
+    meta = {"group": group, "default": default, "parse": parse, "help": help, "column": column, "alias": alias}
+    return field(default=value, metadata=meta)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One measured configuration. ``window`` is set for ``sliding_window`` only and
-    ``num_features`` for ``performer`` only (None elsewhere), so keys stay canonical."""
+    """One measured configuration. Each field is declared once, here: the CSV columns, the preset
+    keys, the ``attn-bench sweep`` options and the parsing of rows are derived from these
+    declarations. ``options`` holds the variant's own sweep options (e.g. ``(("window", 128),)``,
+    declared by the variant as :class:`attention_variants.SweepOption`), each its own column."""
 
-    variant: str
-    backend: str
-    seq_len: int
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch: int = 1
-    heads: int = 4
-    kv_heads: int = 4
-    head_dim: int = 64
-    causal: bool = False
-    pass_: str = "fwd"
-    window: int | None = None
-    num_features: int | None = None
+    variant: str = _field("variants", [], parse_name, "comma list of variants [default: all]")
+    backend: str = _field("backends", ["torch"], parse_name, "comma list of backends (`attn-bench list`)")
+    seq_len: int = _field("seq_lens", [1024], parse_count, "comma list of sequence lengths, e.g. 256,1024,4096")
+    device: str = _field("device", ["cpu"], parse_device, "cpu or cuda", "cpu")
+    dtype: str = _field(
+        "dtypes", ["float32"], parse_name, "comma list of float32,float16,bfloat16,float64", "float32", alias="dtype"
+    )
+    batch: int = _field("batch", [1], parse_count, "comma list of batch sizes B", 1)
+    heads: int = _field("heads", [4], parse_count, "comma list of query head counts H", 4)
+    kv_heads: int = _field("kv_heads", [None], parse_count, "comma list of key/value head counts [default: H]", 4)
+    head_dim: int = _field("head_dim", [64], parse_count, "comma list of head dims", 64)
+    causal: bool = _field("causal", [False], parse_bool, "comma list of true,false", False)
+    pass_: str = _field("passes", ["fwd"], parse_name, "comma list of fwd,fwd_bwd", "fwd", column="pass")
+    options: tuple[tuple[str, int], ...] = ()
 
     def key(self) -> tuple:
         """Identity of the row (used by ``--resume`` and ``report --compare``)."""
         return dataclasses.astuple(self)
 
     def variant_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {}
-        if self.window is not None:
-            opts["window"] = self.window
-        if self.num_features is not None:
-            opts["num_features"] = self.num_features
-        return opts
+        return dict(self.options)
+
+    def option(self, name: str) -> int | None:
+        return dict(self.options).get(name)
 
     def label(self) -> str:
         """Short human-readable name for progress bars and logs."""
-        opt = f" w={self.window}" if self.window is not None else ""
-        opt += f" m={self.num_features}" if self.num_features is not None else ""
+        labels = {o.name: o.label for o in sweep_options()}
+        opt = "".join(f" {labels.get(k, k)}={v}" for k, v in self.options)
         causal = " causal" if self.causal else ""
         return f"{self.variant}{opt}/{self.backend} N={self.seq_len} {self.dtype}{causal} {self.pass_}"
 
     def to_row(self) -> dict[str, Any]:
-        row = dataclasses.asdict(self)
-        row["pass"] = row.pop("pass_")
+        row = {column(f): getattr(self, f.name) for f in config_fields()}
+        row.update(self.options)
         return row
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> BenchConfig:
-        def opt_int(x: Any) -> int | None:
-            if x is None or x == "" or (isinstance(x, float) and math.isnan(x)):
-                return None
-            return int(x)
+        """Parse a CSV row (or a dict of strings); ValueError naming the column on a bad value."""
+        kwargs: dict[str, Any] = {}
+        for f in config_fields():
+            col = column(f)
+            if col not in row:
+                raise ValueError(f"missing column {col!r}")
+            try:
+                kwargs[f.name] = f.metadata["parse"](row[col])
+            except ValueError as exc:
+                raise ValueError(f"column {col!r}: {exc}") from None
+        options = []
+        for o in _variant_sweep_options(kwargs["variant"]):
+            x = row.get(o.name)
+            if x is None or _text(x) in ("", "-1"):
+                continue
+            try:
+                options.append((o.name, parse_option(x)))
+            except ValueError as exc:
+                raise ValueError(f"column {o.name!r}: {exc}") from None
+        return cls(**kwargs, options=tuple(options))
 
-        causal = row["causal"]
-        if isinstance(causal, str):
-            causal = causal.strip().lower() in ("true", "1", "yes")
-        return cls(
-            variant=str(row["variant"]),
-            backend=str(row["backend"]),
-            seq_len=int(row["seq_len"]),
-            device=str(row["device"]),
-            dtype=str(row["dtype"]),
-            batch=int(row["batch"]),
-            heads=int(row["heads"]),
-            kv_heads=int(row["kv_heads"]),
-            head_dim=int(row["head_dim"]),
-            causal=bool(causal),
-            pass_=str(row["pass"]),
-            window=opt_int(row.get("window")),
-            num_features=opt_int(row.get("num_features")),
-        )
+
+def config_fields() -> list[dataclasses.Field]:
+    """The declared fields of :class:`BenchConfig` (all but ``options``), in column order."""
+    return [f for f in dataclasses.fields(BenchConfig) if f.name != "options"]
+
+
+def column(f: dataclasses.Field) -> str:
+    return f.metadata["column"] or f.name
+
+
+def sweep_options() -> list[av.SweepOption]:
+    """Every registered variant's sweep options, one per name, in registration order."""
+    seen: dict[str, av.SweepOption] = {}
+    for name in av.list_variants():
+        for o in av.variant_class(name).sweep_options:
+            seen.setdefault(o.name, o)
+    return list(seen.values())
+
+
+def _variant_sweep_options(variant: str) -> tuple[av.SweepOption, ...]:
+    try:
+        return av.variant_class(variant).sweep_options
+    except ValueError:
+        return ()
+
+
+def option_columns() -> list[str]:
+    """CSV columns of the variants' sweep options (``window``, ``num_features``, plug-ins' own)."""
+    return [o.name for o in sweep_options()]
 
 
 @dataclass(frozen=True)
@@ -114,21 +220,21 @@ class BenchResult:
 
     config: BenchConfig
     status: str
-    backend_used: str = ""
     time_ms: float | None = None
     time_ms_p10: float | None = None
     time_ms_p90: float | None = None
-    repeats: int | None = None
-    compile_s: float | None = None
     peak_mem_bytes: int | None = None
     flops: int | None = None
     tflops: float | None = None
     max_err: float | None = None
+    error: str = ""
+    backend_used: str = ""
+    approx_err: float | None = None
     grad_err: float | None = None
     err_bound: float | None = None
-    approx_err: float | None = None
     checked_rows: int | None = None
-    error: str = ""
+    compile_s: float | None = None
+    repeats: int | None = None
     note: str = ""
     elapsed_s: float | None = None
 
@@ -158,43 +264,14 @@ class BenchResult:
         return cls(config=BenchConfig.from_row(row), **kwargs)
 
 
-# CSV column order: the issue's required columns first, then the extras.
-CONFIG_COLUMNS = [
-    "variant",
-    "backend",
-    "device",
-    "dtype",
-    "batch",
-    "heads",
-    "kv_heads",
-    "seq_len",
-    "head_dim",
-    "causal",
-    "pass",
-    "window",
-    "num_features",
-]
-COLUMNS = [
-    *CONFIG_COLUMNS,
-    "status",
-    "time_ms",
-    "time_ms_p10",
-    "time_ms_p90",
-    "peak_mem_bytes",
-    "flops",
-    "tflops",
-    "max_err",
-    "error",
-    "backend_used",
-    "approx_err",
-    "grad_err",
-    "err_bound",
-    "checked_rows",
-    "compile_s",
-    "repeats",
-    "note",
-    "elapsed_s",
-]
+def config_columns() -> list[str]:
+    """CSV columns of a config: the declared fields, then the registered variants' sweep options."""
+    return [*(column(f) for f in config_fields()), *option_columns()]
+
+
+def result_columns() -> list[str]:
+    """All CSV columns of ``results.csv``, in order: the config's, then :class:`BenchResult`'s fields."""
+    return [*config_columns(), *(f.name for f in dataclasses.fields(BenchResult) if f.name != "config")]
 
 
 @dataclass(frozen=True)
@@ -209,6 +286,7 @@ class RunSettings:
     check_elems: int = 1 << 26  # float64 reference elements per check (B*H*rows*Nk); rows are cut to fit
     seed: int = 0
     autotune_max: int = 0  # >0: the Triton autotuners try at most this many configs per kernel
+    plugins: tuple[str, ...] = ()  # modules or .py files the worker imports (user variants / backends)
 
 
 @dataclass(frozen=True)
@@ -235,22 +313,10 @@ class Preset:
     accuracy: AccuracyStudy | None = None
 
 
-GROUP_KEYS = {
-    "variants",
-    "backends",
-    "seq_lens",
-    "dtypes",
-    "causal",
-    "passes",
-    "batch",
-    "heads",
-    "kv_heads",
-    "head_dim",
-    "window",
-    "num_features",
-    "device",
-    "max_seq_len",
-}
+def group_keys() -> set[str]:
+    """Keys a preset group may hold: the declared fields' keys, the variants' sweep options, and
+    ``max_seq_len`` (a table backend -> largest N)."""
+    return {*(f.metadata["group"] for f in config_fields()), *option_columns(), "max_seq_len"}
 
 
 def _as_list(x: Any) -> list[Any]:
@@ -266,9 +332,9 @@ def load_presets(text: str | None = None) -> dict[str, Preset]:
     for name, spec in data.get("presets", {}).items():
         groups = tuple(spec.get("groups", []))
         for g in groups:
-            unknown = set(g) - GROUP_KEYS
+            unknown = set(g) - group_keys()
             if unknown:
-                known = ", ".join(sorted(GROUP_KEYS))
+                known = ", ".join(sorted(group_keys()))
                 raise ValueError(f"preset {name!r}: unknown group key(s) {sorted(unknown)}; known: {known}")
         settings = RunSettings(**spec.get("settings", {}))
         acc = spec.get("accuracy")
@@ -284,67 +350,57 @@ def load_presets(text: str | None = None) -> dict[str, Preset]:
 def expand(groups: Iterable[dict[str, Any]], overrides: dict[str, Any] | None = None) -> list[BenchConfig]:
     """Cross product of each group (with ``overrides`` replacing group fields), deduplicated, in order.
 
-    ``max_seq_len`` (a table backend -> N) caps the lengths of expensive backends, e.g. the
-    dense ``reference`` builds the N x N matrix. Window only applies to ``sliding_window`` and
-    the number of features only to ``performer``.
+    Fields vary in their declared order, with the backend fastest: the lines compared at one point
+    are measured one after another, so a sweep cut short by its time budget still holds whole
+    comparisons. A variant's sweep options apply to that variant only (default: the option's
+    declared default). ``kv_heads`` defaults to H. ``max_seq_len`` (a table backend -> N) caps the
+    lengths of expensive backends, e.g. the dense ``reference`` builds the N x N matrix.
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    fields = [f for f in config_fields() if f.name != "backend"]
     seen: set[tuple] = set()
     out: list[BenchConfig] = []
     for group in groups:
         g = {**group, **overrides}
         caps = g.get("max_seq_len", {})
-        # Backends vary fastest: the lines compared at one point are measured one after another, so a
-        # sweep cut short by its time budget still holds whole comparisons.
-        for variant, n, dtype, causal, pass_, batch, heads, head_dim, backend in itertools.product(
-            _as_list(g.get("variants", av.list_variants())),
-            _as_list(g.get("seq_lens", [1024])),
-            _as_list(g.get("dtypes", ["float32"])),
-            _as_list(g.get("causal", [False])),
-            _as_list(g.get("passes", ["fwd"])),
-            _as_list(g.get("batch", [1])),
-            _as_list(g.get("heads", [4])),
-            _as_list(g.get("head_dim", [64])),
-            _as_list(g.get("backends", ["torch"])),
-        ):
-            if backend in caps and n > caps[backend]:
-                continue
-            windows = _as_list(g.get("window", [128])) if variant == "sliding_window" else [None]
-            features = _as_list(g.get("num_features", [128])) if variant == "performer" else [None]
-            kv_heads_list = _as_list(g.get("kv_heads", [None]))
-            for window, m, kv in itertools.product(windows, features, kv_heads_list):
-                cfg = BenchConfig(
-                    variant=variant,
-                    backend=backend,
-                    seq_len=int(n),
-                    device=str(g.get("device", "cpu")),
-                    dtype=str(dtype),
-                    batch=int(batch),
-                    heads=int(heads),
-                    kv_heads=int(heads if kv is None else kv),
-                    head_dim=int(head_dim),
-                    causal=bool(causal),
-                    pass_=str(pass_),
-                    window=None if window is None else int(window),
-                    num_features=None if m is None else int(m),
-                )
-                if cfg.key() not in seen:
-                    seen.add(cfg.key())
-                    out.append(cfg)
+        lists = [_as_list(g.get(f.metadata["group"], f.metadata["default"] or av.list_variants())) for f in fields]
+        for values in itertools.product(*lists):
+            base = {f.name: None if x is None else f.metadata["parse"](x) for f, x in zip(fields, values, strict=True)}
+            if base["kv_heads"] is None:  # the default: one key/value head per query head
+                base["kv_heads"] = base["heads"]
+            declared = _variant_sweep_options(base["variant"])
+            option_lists = [[(o.name, parse_option(x)) for x in _as_list(g.get(o.name, o.default))] for o in declared]
+            for options in itertools.product(*option_lists):
+                for backend in _as_list(g.get("backends", ["torch"])):
+                    if backend in caps and base["seq_len"] > caps[backend]:
+                        continue
+                    cfg = BenchConfig(**base, backend=str(backend), options=tuple(options))
+                    if cfg.key() not in seen:
+                        seen.add(cfg.key())
+                        out.append(cfg)
     return out
 
 
-def validate_names(variants: Sequence[str], backends: Sequence[str], passes: Sequence[str], dtypes: Sequence[str]):
-    """ValueError naming the bad value and what exists, for CLI arguments."""
+def name_problems(
+    variants: Sequence[str], backends: Sequence[str], passes: Sequence[str], dtypes: Sequence[str]
+) -> list[tuple[str, str]]:
+    """``(key, message)`` for each unknown name, the message naming it and what exists."""
+    problems = []
     for name in variants:
-        av.variant_class(name)  # raises with the list of variants
+        try:
+            av.variant_class(name)
+        except ValueError as exc:
+            problems.append(("variants", str(exc)))
     known = all_backends()
-    for b in backends:
-        if b not in known:
-            raise ValueError(f"unknown backend {b!r}; backends are {', '.join(known)}")
-    for p in passes:
-        if p not in PASSES:
-            raise ValueError(f"unknown pass {p!r}; passes are {', '.join(PASSES)}")
-    for d in dtypes:
-        if d not in DTYPES:
-            raise ValueError(f"unknown dtype {d!r}; dtypes are {', '.join(DTYPES)}")
+    problems += [
+        ("backends", f"unknown backend {b!r}; backends are {', '.join(known)}") for b in backends if b not in known
+    ]
+    problems += [("passes", f"unknown pass {p!r}; passes are {', '.join(PASSES)}") for p in passes if p not in PASSES]
+    problems += [("dtypes", f"unknown dtype {d!r}; dtypes are {', '.join(DTYPES)}") for d in dtypes if d not in DTYPES]
+    return problems
+
+
+def validate_names(variants: Sequence[str], backends: Sequence[str], passes: Sequence[str], dtypes: Sequence[str]):
+    """ValueError naming the first unknown name and what exists, for CLI arguments."""
+    for _, message in name_problems(variants, backends, passes, dtypes):
+        raise ValueError(message)

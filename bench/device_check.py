@@ -462,19 +462,18 @@ def kernel_table(df, matmul_tflops: float | None):
     its error in the gate column."""
     import pandas as pd
 
-    from .analysis import setting_label
+    from .analysis import line_label, option_cols, setting_label
 
     rows = []
-    keys = ["variant", "window", "num_features", "dtype", "heads", "kv_heads", "head_dim", "causal", "pass", "seq_len"]
+    options = option_cols(df)
+    keys = ["variant", *options, "dtype", "heads", "kv_heads", "head_dim", "causal", "pass", "seq_len"]
     df = df.copy()
-    for c in ("window", "num_features"):
-        df[c] = df[c].astype("Int64")
+    for c in options:
+        df[c] = pd.to_numeric(df[c], errors="coerce").fillna(-1).astype(int)
     for _, g in df.groupby(keys, dropna=False, sort=False):
         first = g.iloc[0]
-        opt = f" w={int(first['window'])}" if pd.notna(first["window"]) else ""
-        opt += f" m={int(first['num_features'])}" if pd.notna(first["num_features"]) else ""
         row = {
-            "variant": f"{first['variant']}{opt}",
+            "variant": line_label(first).rsplit(" / ", 1)[0],
             "setting": setting_label(first).replace(f"{first['device']}-", ""),
             "pass": first["pass"],
             "N": int(first["seq_len"]),

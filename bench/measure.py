@@ -34,10 +34,6 @@ from .numerics import check_target
 CPU_MEMORY_METHOD = "torch.profiler(profile_memory=True): peak of the running sum of CPU allocator events"
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the inputs"
 
-# Backward FLOPs as a multiple of forward FLOPs: FlashAttention's benchmark convention for softmax
-# attention (5 matmuls in the backward including the recomputation of P, against 2 forward); the
-# Performer's linear form has no recomputation, so the usual 2x of a matmul's backward.
-BWD_FACTOR = {"full": 2.5, "sliding_window": 2.5, "performer": 2.0}
 # A call at least this long (s) is timed one call per measurement, its first call included (the
 # numerics check has already run it once).
 LONG_CALL_S = 0.5
@@ -45,11 +41,12 @@ LONG_CALL_S = 0.5
 PERTURB = 0.0
 
 
-def pass_flops(fwd_flops: int, variant: str, pass_: str) -> int:
-    """Analytic FLOPs of a pass from the forward FLOPs (``fwd`` or ``fwd_bwd``)."""
+def pass_flops(fwd_flops: int, variant: av.AttentionVariant, pass_: str) -> int:
+    """Analytic FLOPs of a pass (``fwd`` or ``fwd_bwd``) from the forward FLOPs, with the variant's
+    declared ``backward_flops_ratio``."""
     if pass_ == "fwd":
         return int(fwd_flops)
-    return round(fwd_flops * (1.0 + BWD_FACTOR.get(variant, 2.0)))
+    return round(fwd_flops * (1.0 + variant.backward_flops_ratio))
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, settings: RunSettings) -> tuple[float, float, float, int]:
@@ -153,7 +150,7 @@ def run_config(cfg: BenchConfig, settings: RunSettings) -> BenchResult:
     grad = cfg.pass_ == "fwd_bwd"
     dtype = getattr(torch, cfg.dtype)
     elem = torch.finfo(dtype).bits // 8
-    need = dense_bytes(cfg.variant, cfg.backend, cfg.batch, cfg.heads, cfg.seq_len, cfg.seq_len, elem, grad)
+    need = dense_bytes(variant, cfg.backend, cfg.batch, cfg.heads, cfg.seq_len, elem, grad)
     limit = settings.mem_limit_gb * 2**30
     if need > limit:
         return result(
@@ -170,8 +167,8 @@ def run_config(cfg: BenchConfig, settings: RunSettings) -> BenchResult:
         if PERTURB:
             fn0 = target.fn
             target = dataclasses.replace(target, fn=lambda a, b, c: fn0(a, b, c) + PERTURB)
-        fwd_flops = (av.FullAttention() if target.truth.name == "full" else variant).flops(q, k, v, causal=cfg.causal)
-        flops = pass_flops(fwd_flops, target.truth.name, cfg.pass_)
+        # FLOPs of what actually runs: a baseline of the Performer computes full attention.
+        flops = pass_flops(target.truth.flops(q, k, v, causal=cfg.causal), target.truth, cfg.pass_)
         inputs = (q, k, v)
 
         if grad:

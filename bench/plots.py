@@ -12,10 +12,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .analysis import LINE, SETTING, line_label, ok_rows, setting_label, speedups, without_copies
+import attention_variants as av
 
-# Colour says the variant, line style and marker the backend.
-COLOR = {"full": "tab:blue", "sliding_window": "tab:green", "performer": "tab:red"}
+from .analysis import SETTING, line_cols, line_label, ok_rows, setting_label, speedups, without_copies
+
+# Colour says the variant (in registration order: full blue, sliding window green, Performer red,
+# then plug-ins), line style and marker the backend.
+PALETTE = ["tab:blue", "tab:green", "tab:red", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive"]
+
+
+def color(variant: str) -> str | None:
+    names = av.list_variants()
+    return PALETTE[names.index(variant) % len(PALETTE)] if variant in names else None
+
+
 STYLE = {"torch": "-", "triton": "-", "auto": "-", "sdpa": "--", "flex": "-.", "reference": ":"}
 MARKER = {"torch": "o", "triton": "s", "sdpa": "^", "flex": "D", "reference": "x", "auto": "v"}
 
@@ -26,7 +36,7 @@ def _slug(text: str) -> str:
 
 def _lines(ax, df: pd.DataFrame, ycol: str, scale: float = 1.0) -> bool:
     drew = False
-    for _, g in df.groupby(LINE, dropna=False, sort=False):
+    for _, g in df.groupby(line_cols(df), dropna=False, sort=False):
         g = g.sort_values("seq_len")
         y = g[ycol].astype(float) * scale
         if y.notna().sum() == 0:
@@ -35,7 +45,7 @@ def _lines(ax, df: pd.DataFrame, ycol: str, scale: float = 1.0) -> bool:
         ax.plot(
             g["seq_len"],
             y,
-            color=COLOR.get(first["variant"]),
+            color=color(first["variant"]),
             linestyle=STYLE.get(first["backend"], "-"),
             marker=MARKER.get(first["backend"], "o"),
             label=line_label(first),

@@ -1,7 +1,7 @@
 """Running a sweep: configs through the worker, rows written atomically, metadata, resume.
 
 Files in the output directory:
-- ``results.csv``: one row per config (columns in :data:`bench.config.COLUMNS`), rewritten
+- ``results.csv``: one row per config (columns from :func:`bench.config.result_columns`), rewritten
   whole after every row (temporary file + ``os.replace``), so it is never half-written and an
   interrupted sweep keeps every finished row.
 - ``metadata.json``: machine, versions, git commit, command line, preset, times.
@@ -26,7 +26,10 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import COLUMNS, AccuracyStudy, BenchConfig, BenchResult, RunSettings
+import attention_variants as av
+
+from .baselines import exact_baselines
+from .config import AccuracyStudy, BenchConfig, BenchResult, RunSettings, result_columns
 
 RESULTS = "results.csv"
 METADATA = "metadata.json"
@@ -62,7 +65,8 @@ def _fmt(x: object) -> str:
     return str(x)
 
 
-def rows_to_csv(rows: Iterable[dict], columns: list[str] = COLUMNS) -> str:
+def rows_to_csv(rows: Iterable[dict], columns: list[str] | None = None) -> str:
+    columns = columns or result_columns()
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -235,10 +239,12 @@ def run_sweep(
 
 
 def same_computation(cfg: BenchConfig) -> BenchConfig | None:
-    """The config that computes exactly the same thing, if any: the ``sdpa`` baseline of a
-    Performer is full softmax attention, i.e. the ``full`` variant's ``sdpa`` row."""
-    if cfg.backend == "sdpa" and cfg.variant == "performer":
-        return dataclasses.replace(cfg, variant="full", num_features=None)
+    """The config that computes exactly the same thing, if any: the ``sdpa`` and ``flex`` baselines
+    of an approximation (the Performer) compute the exact variant it approximates (full softmax
+    attention), i.e. that variant's row."""
+    exact = av.variant_class(cfg.variant).approximates
+    if exact is not None and cfg.backend in exact_baselines():
+        return dataclasses.replace(cfg, variant=exact, options=())
     return None
 
 

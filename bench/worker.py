@@ -74,7 +74,9 @@ def _worker_main(conn, settings: RunSettings, log_path: str | None) -> None:
         os.dup2(fd, 2)
         os.close(fd)
     from .measure import run_config
+    from .plugins import load_plugins
 
+    load_plugins(settings.plugins)
     conn.send("ready")
     while True:
         try:

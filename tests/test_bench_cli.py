@@ -201,8 +201,8 @@ def test_verify_fails_on_wrong_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     real = baselines.sdpa_fn
 
     def broken(variant, q, k, causal):
-        fn = real(variant, q, k, causal)
-        return lambda a, b, c: fn(a, b, c) * 1.01
+        fn, dense = real(variant, q, k, causal)
+        return (lambda a, b, c: fn(a, b, c) * 1.01), dense
 
     monkeypatch.setattr(baselines, "sdpa_fn", broken)
     res = runner.invoke(app, ["verify", "--quick", "--dtypes", "float32", "--backends", "sdpa", "--variants", "full"])

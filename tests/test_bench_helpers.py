@@ -93,9 +93,9 @@ def test_pass_and_mask_aware_flops() -> None:
     assert causal == pytest.approx(full / 2, rel=1e-3)
     sw = av.SlidingWindowAttention(window=128).flops(shape, shape, shape)
     assert sw < full / 10  # counts the band only
-    assert pass_flops(full, "full", "fwd") == full
-    assert pass_flops(full, "full", "fwd_bwd") == round(3.5 * full)
-    assert pass_flops(full, "performer", "fwd_bwd") == 3 * full
+    assert pass_flops(full, av.FullAttention(), "fwd") == full
+    assert pass_flops(full, av.FullAttention(), "fwd_bwd") == round(3.5 * full)
+    assert pass_flops(full, av.PerformerAttention(), "fwd_bwd") == 3 * full
 
 
 def test_presets_are_valid() -> None:
@@ -110,8 +110,8 @@ def test_presets_are_valid() -> None:
     assert {c.dtype for c in gpu} == {"bfloat16"} and {64, 128} <= {c.head_dim for c in gpu}
     assert max(c.seq_len for c in gpu) == 65536 and {c.causal for c in gpu} == {False, True}
     # Options apply to their own variant only, so keys stay canonical.
-    assert all(c.window is None for c in quick if c.variant != "sliding_window")
-    assert all(c.num_features is None for c in quick if c.variant != "performer")
+    assert all(c.option("window") is None for c in quick if c.variant != "sliding_window")
+    assert all(c.option("num_features") is None for c in quick if c.variant != "performer")
 
 
 def test_expand_overrides_and_dedup() -> None:
@@ -121,10 +121,12 @@ def test_expand_overrides_and_dedup() -> None:
 
 
 def test_results_round_trip(tmp_path) -> None:
-    cfg = BenchConfig("sliding_window", "torch", 1024, window=128, causal=True, pass_="fwd_bwd")
+    cfg = BenchConfig("sliding_window", "torch", 1024, causal=True, pass_="fwd_bwd", options=(("window", 128),))
     res = [
         BenchResult(cfg, "ok", backend_used="torch", time_ms=1.5, time_ms_p10=1.4, time_ms_p90=1.7, flops=10),
-        BenchResult(BenchConfig("performer", "triton", 64, num_features=16), "unsupported", error="no, x"),
+        BenchResult(
+            BenchConfig("performer", "triton", 64, options=(("num_features", 16),)), "unsupported", error="no, x"
+        ),
     ]
     write_results(tmp_path / "r.csv", res)
     assert read_results(tmp_path / "r.csv") == res

@@ -1,0 +1,1 @@
+"""Other libraries' implementations of the variants, registered as baselines (none yet)."""
