@@ -51,7 +51,7 @@ def crossover(n: list | np.ndarray, t_eff: list | np.ndarray, t_full: list | np.
     ratio = np.asarray(t_eff, dtype=float) / np.asarray(t_full, dtype=float)
     order = np.argsort(n)
     n, ratio = n[order], ratio[order]
-    keep = np.isfinite(ratio)
+    keep = np.isfinite(ratio) & (ratio > 0) & (n > 0)  # N = 0 has no place on a log scale
     n, ratio = n[keep], ratio[keep]
     if len(n) == 0:
         return "none", math.nan
@@ -83,7 +83,7 @@ def without_copies(df: pd.DataFrame) -> pd.DataFrame:
     ``full`` SDPA row): they would repeat a line in tables and plots."""
     if "note" not in df:
         return df
-    return df[~df["note"].fillna("").astype(str).str.contains("measured once")]
+    return df[~df["note"].astype("string").fillna("").str.contains("measured once")]
 
 
 def line_label(row) -> str:
