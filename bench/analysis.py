@@ -7,6 +7,7 @@ batch, heads, kv heads, head dim, causal): the times of a line along N.
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -20,7 +21,15 @@ EFFICIENT = ("sliding_window", "performer")
 
 
 def load_results(directory: Path | str) -> pd.DataFrame:
-    df = pd.read_csv(Path(directory) / "results.csv")
+    """``results.csv`` as a DataFrame, read through :func:`bench.sweep.read_results`: lines that are
+    not whole rows are left out (with a ``file:line`` message on stderr), and a foreign column set
+    raises :class:`bench.sweep.ResultsFileError`."""
+    from .config import COLUMNS
+    from .sweep import read_results, rows_to_csv
+
+    rows = read_results(Path(directory) / "results.csv")
+    # Through CSV text again, so the columns get the types pandas gives the file itself.
+    df = pd.read_csv(io.StringIO(rows_to_csv((r.to_row() for r in rows), COLUMNS)))
     for col in ("window", "num_features"):  # -1: the option does not apply (keeps comparisons NA-free)
         df[col] = pd.to_numeric(df[col], errors="coerce").fillna(-1).astype(int)
     df["causal"] = df["causal"].astype(str).str.lower().isin(["true", "1"])

@@ -139,7 +139,7 @@ def sweep(
         results_path.unlink()
         for name in ("performer_accuracy.csv",):
             (out / name).unlink(missing_ok=True)
-    from .sweep import machine_metadata, now, run_sweep
+    from .sweep import ResultsFileError, machine_metadata, now, run_sweep
 
     dev = configs[0].device if configs else "cpu"
     meta = {
@@ -169,6 +169,9 @@ def sweep(
         again = f"attn-bench sweep --preset {preset} --out {out} --resume"
         console.print(f"\n[yellow]Interrupted: finished rows are in {results_path}; continue with: {again}")
         raise typer.Exit(130) from None
+    except ResultsFileError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
@@ -190,10 +193,15 @@ def report(
 ) -> None:
     """Plots (PNG) and a Markdown page (README.md) in DIR; --compare DIR2 flags regressions."""
     from .report import write_report
+    from .sweep import ResultsFileError
 
     if not (directory / "results.csv").exists():
         raise typer.BadParameter(f"{directory / 'results.csv'} does not exist", param_hint="DIRECTORY")
-    page = write_report(directory, baseline=baseline, compare=compare, threshold=threshold)
+    try:
+        page = write_report(directory, baseline=baseline, compare=compare, threshold=threshold)
+    except ResultsFileError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
     console.print(f"Report: [bold]{page}[/]")
     if compare is not None:
         from .analysis import compare_runs, load_results

@@ -3,7 +3,7 @@
 Files in the output directory:
 - ``results.csv``: one row per config (columns in :data:`bench.config.COLUMNS`), rewritten
   whole after every row (temporary file + ``os.replace``), so it is never half-written and an
-  interrupted sweep keeps every finished row.
+  interrupted sweep keeps every finished row. Reading it back validates every line.
 - ``metadata.json``: machine, versions, git commit, command line, preset, times.
 - ``performer_accuracy.csv``: the Performer accuracy study (when the preset has one).
 - ``worker.log``: what the worker processes printed (compiler and profiler chatter, tracebacks).
@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import COLUMNS, AccuracyStudy, BenchConfig, BenchResult, RunSettings
+from .config import COLUMNS, PASSES, STATUSES, AccuracyStudy, BenchConfig, BenchResult, RunSettings
 
 RESULTS = "results.csv"
 METADATA = "metadata.json"
@@ -36,22 +37,73 @@ WORKER_LOG = "worker.log"
 MIN_CONFIG_S = 2.0
 # ... and the Performer accuracy study only if this many are left.
 ACCURACY_MIN_S = 30.0
+# Earlier column sets of results.csv that can be read, with the function that maps such a row
+# to the current columns. None so far: the columns have not changed since the first release.
+MIGRATIONS: dict[frozenset[str], Callable[[dict[str, str]], dict[str, str]]] = {}
+
+
+class ResultsFileError(ValueError):
+    """A results.csv that cannot be used as it is (a foreign column set); names the file and line."""
+
+    def __init__(self, path: Path, line: int, problem: str) -> None:
+        super().__init__(f"{path}:{line}: {problem}")
+        self.path = path
+        self.line = line
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``.
+
+    The file gets the permissions a plain ``open`` would give it (0666 less the umask). The
+    temporary file's name carries this process's id, so :func:`remove_stale_temp_files` can
+    tell a leftover of a killed run from a file being written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True
+
+
+def remove_stale_temp_files(directory: Path, names: Iterable[str] = (RESULTS, METADATA, ACCURACY)) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` left in ``directory`` when its process was
+    killed (the writer's process is gone, or the name predates the process id); returns them."""
+    removed = []
+    for name in names:
+        pattern = re.compile(rf"^\.{re.escape(name)}\.(?:(\d+)\.)?[A-Za-z0-9_]+$")
+        for f in directory.glob(f".{name}.*"):
+            m = pattern.match(f.name)
+            if m is None or (m.group(1) is not None and _pid_alive(int(m.group(1)))):
+                continue
+            try:
+                f.unlink()
+                removed.append(f)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def _fmt(x: object) -> str:
@@ -75,11 +127,89 @@ def write_results(path: Path, results: list[BenchResult]) -> None:
     atomic_write(path, rows_to_csv(r.to_row() for r in results))
 
 
-def read_results(path: Path) -> list[BenchResult]:
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _row_problem(row: dict[str, str]) -> str | None:
+    """Why a CSV record with the right number of fields is still not a whole row, or None."""
+    for c in ("variant", "backend", "device", "dtype"):
+        if not row[c]:
+            return f"empty {c}"
+    if row["pass"] not in PASSES:
+        return f"pass {row['pass']!r} is not one of {', '.join(PASSES)}"
+    if row["status"] not in STATUSES:
+        return f"status {row['status']!r} is not one of {', '.join(STATUSES)}"
+    if row["causal"].strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+        return f"causal {row['causal']!r} is not a boolean"
+    if row["status"] == "ok" and not row["time_ms"]:
+        return "an ok row without time_ms"
+    return None
+
+
+def read_results(path: Path, warn: Callable[[str], None] | None = _stderr) -> list[BenchResult]:
+    """The rows of a results.csv, each line checked.
+
+    A row that is not whole (a garbage or truncated line, a value that does not parse) is
+    left out with a ``file:line`` message to ``warn``, so that ``--resume`` runs its config
+    again. A file whose columns are not :data:`COLUMNS` (in any order) raises
+    :class:`ResultsFileError`, unless :data:`MIGRATIONS` knows its column set."""
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return [BenchResult.from_row(row) for row in csv.DictReader(f)]
+    results: list[BenchResult] = []
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return []
+        except csv.Error as exc:
+            raise ResultsFileError(path, 1, f"unreadable header: {exc}") from None
+        migrate = None
+        if set(header) != set(COLUMNS) or len(header) != len(COLUMNS):
+            migrate = MIGRATIONS.get(frozenset(header))
+            if migrate is None:
+                missing = [c for c in COLUMNS if c not in header]
+                extra = [c for c in header if c not in COLUMNS]
+                raise ResultsFileError(
+                    path,
+                    1,
+                    "not the columns of a results.csv"
+                    + (f"; missing {', '.join(missing)}" if missing else "")
+                    + (f"; unknown {', '.join(extra)}" if extra else "")
+                    + "; move it away or pass --overwrite",
+                )
+        end = reader.line_num
+        while True:
+            first = end + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                end = reader.line_num
+                if warn is not None:
+                    warn(f"{path}:{first}: skipped, not a CSV row ({exc})")
+                continue
+            end = reader.line_num
+            where = f"{path}:{first}" + (f"-{end}" if end > first else "")
+            if not fields:
+                continue  # an empty line
+            if len(fields) != len(header):
+                problem = f"{len(fields)} fields, expected {len(header)}"
+            else:
+                row = dict(zip(header, fields, strict=True))
+                if migrate is not None:
+                    row = migrate(row)
+                problem = _row_problem(row)
+            if problem is None:
+                try:
+                    results.append(BenchResult.from_row(row))
+                except (ValueError, TypeError, KeyError) as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+            if problem is not None and warn is not None:
+                warn(f"{where}: skipped, not a whole row ({problem}); its config runs again on --resume")
+    return results
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -176,6 +306,8 @@ def run_sweep(
     from .worker import WorkerPool
 
     out.mkdir(parents=True, exist_ok=True)
+    for f in remove_stale_temp_files(out):
+        _stderr(f"removed {f}, left behind by a run that was killed")
     path = out / RESULTS
     results = read_results(path) if resume else []
     done = {r.config.key() for r in results}
