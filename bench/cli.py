@@ -7,6 +7,7 @@ available, ``cpu-quick`` otherwise) into ``runs/<preset>-<date>-<time>`` and wri
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -140,6 +141,7 @@ def sweep(
         for name in ("performer_accuracy.csv",):
             (out / name).unlink(missing_ok=True)
     from .sweep import ResultsFileError, machine_metadata, now, run_sweep
+    from .worker import WorkerStartError
 
     dev = configs[0].device if configs else "cpu"
     meta = {
@@ -165,13 +167,20 @@ def sweep(
             progress=progress,
             budget_s=budget_s,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
         again = f"attn-bench sweep --preset {preset} --out {out} --resume"
-        console.print(f"\n[yellow]Interrupted: finished rows are in {results_path}; continue with: {again}")
-        raise typer.Exit(130) from None
+        console.print(
+            f"\n[yellow]Interrupted ({signal.Signals(signum).name}): finished rows are in {results_path}; "
+            f"continue with: {again}"
+        )
+        raise typer.Exit(128 + signum) from None
     except ResultsFileError as exc:
         console.print(f"[red]{exc}")
         raise typer.Exit(2) from None
+    except WorkerStartError as exc:
+        console.print(f"[red]Sweep stopped: {exc}. Finished rows are in {results_path}.")
+        raise typer.Exit(1) from None
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1

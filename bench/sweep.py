@@ -4,9 +4,14 @@ Files in the output directory:
 - ``results.csv``: one row per config (columns in :data:`bench.config.COLUMNS`), rewritten
   whole after every row (temporary file + ``os.replace``), so it is never half-written and an
   interrupted sweep keeps every finished row. Reading it back validates every line.
-- ``metadata.json``: machine, versions, git commit, command line, preset, times.
+- ``metadata.json``: machine, versions, git commit, command line, preset, times, status
+  (``running``, ``complete``, ``interrupted`` or ``failed``).
 - ``performer_accuracy.csv``: the Performer accuracy study (when the preset has one).
 - ``worker.log``: what the worker processes printed (compiler and profiler chatter, tracebacks).
+
+SIGTERM and SIGHUP stop a sweep like Ctrl-C: the worker is killed, the finished rows and the
+metadata (``interrupted``) are kept, and :class:`SweepInterrupted` is raised. A second signal
+while that is done exits at once.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -37,6 +44,8 @@ WORKER_LOG = "worker.log"
 MIN_CONFIG_S = 2.0
 # ... and the Performer accuracy study only if this many are left.
 ACCURACY_MIN_S = 30.0
+# Signals that stop a sweep the way Ctrl-C does.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Earlier column sets of results.csv that can be read, with the function that maps such a row
 # to the current columns. None so far: the columns have not changed since the first release.
 MIGRATIONS: dict[frozenset[str], Callable[[dict[str, str]], dict[str, str]]] = {}
@@ -49,6 +58,14 @@ class ResultsFileError(ValueError):
         super().__init__(f"{path}:{line}: {problem}")
         self.path = path
         self.line = line
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep was stopped by a signal (SIGINT, SIGTERM or SIGHUP); ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def _umask() -> int:
@@ -285,6 +302,21 @@ def write_metadata(out: Path, meta: dict) -> None:
     atomic_write(out / METADATA, json.dumps(meta, indent=2, default=str) + "\n")
 
 
+def _set_handlers(handler) -> dict[int, object]:
+    """Install ``handler`` for :data:`STOP_SIGNALS`; returns the old handlers (none off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise SweepInterrupted(signum)
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
+
+
 def run_sweep(
     configs: list[BenchConfig],
     out: Path,
@@ -298,12 +330,17 @@ def run_sweep(
     budget_s: float | None = None,
 ) -> list[BenchResult]:
     """Run ``configs`` (skipping those already in ``out/results.csv`` when ``resume``), writing
-    every row as it finishes. Returns all rows of the file. KeyboardInterrupt is re-raised after
-    the rows and the metadata are saved.
+    every row as it finishes. Returns all rows of the file.
+
+    Ctrl-C, SIGTERM and SIGHUP kill the worker at once (the config in flight is not recorded, so
+    ``resume`` runs it again), save the metadata as ``interrupted`` and raise KeyboardInterrupt
+    (:class:`SweepInterrupted` for SIGTERM and SIGHUP). After :data:`~bench.worker.MAX_START_FAILURES`
+    failed worker starts in a row, :class:`~bench.worker.WorkerStartError` is raised and the
+    metadata says ``failed``.
 
     ``budget_s``: wall-clock seconds for the whole sweep. A config's timeout is cut to what is
     left, and the configs not started in time are recorded with status ``skipped``."""
-    from .worker import WorkerPool
+    from .worker import WorkerPool, WorkerStartError
 
     out.mkdir(parents=True, exist_ok=True)
     for f in remove_stale_temp_files(out):
@@ -322,14 +359,16 @@ def run_sweep(
     meta["settings"] = dataclasses.asdict(settings)
     meta["configs"] = len(configs)
     meta["status"] = "running"
-    write_metadata(out, meta)
-
+    meta.pop("error", None)
     if budget_s is not None:
         meta["budget_s"] = budget_s
+    write_metadata(out, meta)
+
     pool = WorkerPool(settings, str(out / WORKER_LOG))
-    interrupted = False
+    status, error = "complete", None
     bar = _Progress(len(todo), enabled=progress)
     deadline = None if budget_s is None else time.monotonic() + budget_s
+    old_handlers = _set_handlers(_raise_interrupted)
     try:
         with bar:
             for cfg in todo:
@@ -344,6 +383,8 @@ def run_sweep(
                 if on_result is not None:
                     on_result(res)
                 bar.advance(f"{cfg.label()}: {res.status}" + (f" {res.time_ms:.3g} ms" if res.time_ms else ""))
+                if pool.gave_up:
+                    raise WorkerStartError(f"{res.error} ({pool.start_failures} failed starts in a row)")
         out_of_time = deadline is not None and deadline - time.monotonic() < ACCURACY_MIN_S
         if accuracy is not None and not (out / ACCURACY).exists() and not out_of_time:
             from .accuracy import run_accuracy
@@ -354,15 +395,28 @@ def run_sweep(
             rows = run_accuracy(accuracy)
             atomic_write(out / ACCURACY, rows_to_csv(rows, list(rows[0].keys()) if rows else []))
     except KeyboardInterrupt:
-        interrupted = True
+        status = "interrupted"
+        _set_handlers(_exit_now)  # a second Ctrl-C while the rest is saved exits at once
+        raise
+    except BaseException as exc:
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        pool.close()
-        meta["finished"] = now()
-        meta["status"] = "interrupted" if interrupted else "complete"
-        meta["worker_restarts"] = pool.restarts
-        meta["rows"] = len(results)
-        write_metadata(out, meta)
+        try:
+            if status == "complete":
+                pool.close()
+            else:
+                pool.kill()  # do not wait for the config in flight
+            meta["finished"] = now()
+            meta["status"] = status
+            if error is not None:
+                meta["error"] = error
+            meta["worker_restarts"] = pool.restarts
+            meta["rows"] = len(results)
+            write_metadata(out, meta)
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
     return results
 
 
