@@ -79,6 +79,9 @@ def sweep(
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
     out: Annotated[Path | None, typer.Option(help="output directory [default: runs/<preset>-<date>-<time>]")] = None,
     resume: Annotated[bool, typer.Option(help="skip configs already in DIR/results.csv")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option(help="with --resume: run again the configs whose rows are timeout, oom or error")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="start afresh even if DIR/results.csv exists")] = False,
     timeout: Annotated[float | None, typer.Option(help="per-config timeout in seconds")] = None,
     min_run_time: Annotated[float | None, typer.Option(help="seconds per torch.utils.benchmark block (CPU)")] = None,
@@ -95,6 +98,8 @@ def sweep(
     if preset is None:
         preset, why = default_preset()
         console.print(f"preset [cyan]{preset}[/] (the default here: {why})")
+    if retry_failed and not resume:
+        raise typer.BadParameter("needs --resume", param_hint="--retry-failed")
     if budget_s is not None and budget_s <= 0:
         raise typer.BadParameter(f"must be positive, got {budget_s:g}", param_hint="--budget-s")
     if preset not in presets:
@@ -162,6 +167,7 @@ def sweep(
             out,
             settings,
             resume=resume,
+            retry_failed=retry_failed,
             meta=meta,
             accuracy=p.accuracy if want_accuracy else None,
             progress=progress,

@@ -5,7 +5,7 @@ Files in the output directory:
   whole after every row (temporary file + ``os.replace``), so it is never half-written and an
   interrupted sweep keeps every finished row. Reading it back validates every line.
 - ``metadata.json``: machine, versions, git commit, command line, preset, times, status
-  (``running``, ``complete``, ``interrupted`` or ``failed``).
+  (``running``, ``complete``, ``interrupted`` or ``failed``) and the list of resumes.
 - ``performer_accuracy.csv``: the Performer accuracy study (when the preset has one).
 - ``worker.log``: what the worker processes printed (compiler and profiler chatter, tracebacks).
 
@@ -44,6 +44,8 @@ WORKER_LOG = "worker.log"
 MIN_CONFIG_S = 2.0
 # ... and the Performer accuracy study only if this many are left.
 ACCURACY_MIN_S = 30.0
+# Rows that ``--retry-failed`` runs again.
+RETRY_STATUSES = ("timeout", "oom", "error")
 # Signals that stop a sweep the way Ctrl-C does.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Earlier column sets of results.csv that can be read, with the function that maps such a row
@@ -317,12 +319,23 @@ def _exit_now(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
+def _read_metadata(out: Path) -> dict:
+    try:
+        return json.loads((out / METADATA).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        _stderr(f"{out / METADATA}: unreadable ({exc}); starting its record afresh")
+        return {}
+
+
 def run_sweep(
     configs: list[BenchConfig],
     out: Path,
     settings: RunSettings,
     *,
     resume: bool = False,
+    retry_failed: bool = False,
     meta: dict | None = None,
     accuracy: AccuracyStudy | None = None,
     progress: bool = True,
@@ -331,6 +344,9 @@ def run_sweep(
 ) -> list[BenchResult]:
     """Run ``configs`` (skipping those already in ``out/results.csv`` when ``resume``), writing
     every row as it finishes. Returns all rows of the file.
+
+    ``retry_failed`` (with ``resume``): configs whose rows say ``timeout``, ``oom`` or ``error``
+    run again, and the new row replaces the old one.
 
     Ctrl-C, SIGTERM and SIGHUP kill the worker at once (the config in flight is not recorded, so
     ``resume`` runs it again), save the metadata as ``interrupted`` and raise KeyboardInterrupt
@@ -347,15 +363,19 @@ def run_sweep(
         _stderr(f"removed {f}, left behind by a run that was killed")
     path = out / RESULTS
     results = read_results(path) if resume else []
-    done = {r.config.key() for r in results}
-    todo = [c for c in configs if c.key() not in done]
+    where = {r.config.key(): i for i, r in enumerate(results)}
+    rerun = {k for k, i in where.items() if retry_failed and results[i].status in RETRY_STATUSES}
+    todo = [c for c in configs if c.key() not in where or c.key() in rerun]
     meta = dict(meta or {})
-    old_meta = {}
-    if resume and (out / METADATA).exists():
-        old_meta = json.loads((out / METADATA).read_text())
-    meta.setdefault("started", old_meta.get("started", now()))
+    old_meta = _read_metadata(out) if resume else {}
+    if "started" in old_meta:
+        meta["started"] = old_meta["started"]  # the run's start; each resume is listed below
+    meta.setdefault("started", now())
     if resume:
-        meta["resumed"] = [*old_meta.get("resumed", []), now()]
+        earlier = old_meta.get("resumes", [{"started": t} for t in old_meta.get("resumed", [])])
+        this = {"started": now(), "command": meta.get("command"), "git_commit": meta.get("git_commit")}
+        this |= {"previous_status": old_meta.get("status"), "retry_failed": retry_failed}
+        meta["resumes"] = [*earlier, this]
     meta["settings"] = dataclasses.asdict(settings)
     meta["configs"] = len(configs)
     meta["status"] = "running"
@@ -378,7 +398,11 @@ def run_sweep(
                     res = BenchResult(cfg, "skipped", error=f"not reached: the sweep's {budget_s:g} s budget ran out")
                 else:
                     res = _copy_of_same_computation(cfg, results) or pool.run(cfg, timeout_s=left)
-                results.append(res)
+                if cfg.key() in where:
+                    results[where[cfg.key()]] = res
+                else:
+                    where[cfg.key()] = len(results)
+                    results.append(res)
                 write_results(path, results)
                 if on_result is not None:
                     on_result(res)

@@ -1,5 +1,5 @@
 """The sweep's processes under faults: worker start-up failures, signals, the parent's death, kills that are
-not OOM."""
+not OOM, and the resume bookkeeping (start time, resumes, --retry-failed)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from bench.sweep import (
     SweepInterrupted,
     read_results,
     run_sweep,
+    write_results,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,6 +250,7 @@ def test_parent_killed_mid_sweep_leaves_no_worker_and_no_lost_row(tmp_path: Path
     assert [r["seq_len"] for r in rows()] == ["32"]
     meta = _meta(out)
     assert meta["status"] == "interrupted"
+    started = meta["started"]
 
     kill_mid_config(["--resume"], "hang:64", 2, signal.SIGKILL)
     assert [(r["seq_len"], r["status"]) for r in rows()] == [("32", "ok"), ("48", "ok")]
@@ -257,7 +259,9 @@ def test_parent_killed_mid_sweep_leaves_no_worker_and_no_lost_row(tmp_path: Path
     res = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert [(r["seq_len"], r["status"]) for r in rows()] == [("32", "ok"), ("48", "ok"), ("64", "ok")]
-    assert _meta(out)["status"] == "complete"
+    meta = _meta(out)
+    assert meta["status"] == "complete" and meta["started"] == started
+    assert [r["previous_status"] for r in meta["resumes"]] == ["interrupted", "running"]
 
 
 # -- a SIGKILL is an OOM kill only with evidence -------------------------------------------------
@@ -290,3 +294,40 @@ def test_oom_evidence(tmp_path: Path) -> None:
     assert "memory.events went from 0 to 1" in worker_mod.oom_evidence(before, after, None, None)
     assert worker_mod.oom_evidence(before, before, 1 << 30, 2 << 30) is None
     assert "peak RSS" in worker_mod.oom_evidence(before, before, 2 << 30, 2 << 30)
+
+
+# -- resume bookkeeping ---------------------------------------------------------------------
+
+
+def test_resume_keeps_started_and_lists_resumes(tmp_path: Path) -> None:
+    cfgs = _cfgs(32, 48)
+    run_sweep(cfgs, tmp_path, SETTINGS, meta={"started": "first", "command": "a"}, progress=False, budget_s=0.1)
+    for i in range(2):
+        meta = {"started": f"resume {i}", "command": f"b{i}"}
+        run_sweep(cfgs, tmp_path, SETTINGS, resume=True, meta=meta, progress=False, budget_s=0.1)
+    meta = _meta(tmp_path)
+    assert meta["started"] == "first"
+    assert [r["command"] for r in meta["resumes"]] == ["b0", "b1"]
+    assert all(r["previous_status"] == "complete" for r in meta["resumes"])
+
+
+def test_retry_failed(tmp_path: Path) -> None:
+    cfgs = _cfgs(32, 48, 64, 80, 96)
+    old = [
+        _ok(cfgs[0]),
+        BenchResult(cfgs[1], "timeout", error="no result after 1 s"),
+        BenchResult(cfgs[2], "error", error="worker crashed"),
+        BenchResult(cfgs[3], "wrong", error="max err"),
+        BenchResult(cfgs[4], "oom", error="worker killed by the out-of-memory killer"),
+    ]
+    write_results(tmp_path / RESULTS, old)
+    ran: list[BenchResult] = []
+    assert run_sweep(cfgs, tmp_path, SETTINGS, resume=True, progress=False, on_result=ran.append) == old
+    assert ran == []  # a plain resume keeps failed rows
+    rows = run_sweep(cfgs, tmp_path, SETTINGS, resume=True, retry_failed=True, progress=False, on_result=ran.append)
+    assert [r.config for r in ran] == [cfgs[1], cfgs[2], cfgs[4]]
+    assert [r.config for r in rows] == cfgs  # replaced in place
+    assert [r.status for r in rows] == ["ok", "ok", "ok", "wrong", "ok"] and rows[0] == old[0]
+    assert _meta(tmp_path)["resumes"][-1]["retry_failed"] is True
+    res = runner.invoke(app, ["sweep", "--out", str(tmp_path), "--retry-failed"])
+    assert res.exit_code == 2 and "--resume" in res.output
