@@ -8,6 +8,7 @@ batch, heads, kv heads, head dim, causal): the times of a line along N.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pandas as pd
 
 import attention_variants as av
 
-from .config import BenchResult, column, config_fields, option_columns
+from .config import BenchResult, column, config_fields, option_columns, result_columns
 
 SETTING = ["device", "dtype", "batch", "heads", "kv_heads", "head_dim", "causal"]
 
@@ -38,7 +39,19 @@ def key_cols(df: pd.DataFrame) -> list[str]:
 
 
 def load_results(directory: Path | str) -> pd.DataFrame:
-    df = pd.read_csv(Path(directory) / "results.csv")
+    """``results.csv`` as a DataFrame, read through :func:`bench.sweep.read_results`: lines that are
+    not whole rows are left out (with a ``file:line`` message on stderr), and a foreign column set
+    raises :class:`bench.sweep.ResultsFileError`."""
+    from .sweep import read_results, rows_to_csv
+
+    path = Path(directory) / "results.csv"
+    with open(path, newline="") as f:
+        header = f.readline().strip().split(",")
+    rows = read_results(path)
+    # Through CSV text again, so the columns get the types pandas gives the file itself; the
+    # file's own option columns are kept (a plug-in's, even when it is not loaded here).
+    columns = [*result_columns(), *(c for c in header if c not in result_columns())]
+    df = pd.read_csv(io.StringIO(rows_to_csv((r.to_row() for r in rows), columns)))
     for col in option_cols(df):  # -1: the option does not apply (keeps comparisons NA-free)
         df[col] = pd.to_numeric(df[col], errors="coerce").fillna(-1).astype(int)
     df["causal"] = df["causal"].astype(str).str.lower().isin(["true", "1"])
@@ -69,7 +82,7 @@ def crossover(n: list | np.ndarray, t_eff: list | np.ndarray, t_full: list | np.
     ratio = np.asarray(t_eff, dtype=float) / np.asarray(t_full, dtype=float)
     order = np.argsort(n)
     n, ratio = n[order], ratio[order]
-    keep = np.isfinite(ratio)
+    keep = np.isfinite(ratio) & (ratio > 0) & (n > 0)  # N = 0 has no place on a log scale
     n, ratio = n[keep], ratio[keep]
     if len(n) == 0:
         return "none", math.nan
@@ -101,7 +114,7 @@ def without_copies(df: pd.DataFrame) -> pd.DataFrame:
     ``full`` SDPA row): they would repeat a line in tables and plots."""
     if "note" not in df:
         return df
-    return df[~df["note"].fillna("").astype(str).str.contains("measured once")]
+    return df[~df["note"].astype("string").fillna("").str.contains("measured once")]
 
 
 def _option_label(name: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -161,6 +162,9 @@ def _sweep(
     plugin: Annotated[list[str] | None, typer.Option(help=PLUGIN_HELP)] = None,
     out: Annotated[Path | None, typer.Option(help="output directory [default: runs/<preset>-<date>-<time>]")] = None,
     resume: Annotated[bool, typer.Option(help="skip configs already in DIR/results.csv")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option(help="with --resume: run again the configs whose rows are timeout, oom or error")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="start afresh even if DIR/results.csv exists")] = False,
     timeout: Annotated[float | None, typer.Option(help="per-config timeout in seconds")] = None,
     min_run_time: Annotated[float | None, typer.Option(help="seconds per torch.utils.benchmark block (CPU)")] = None,
@@ -188,6 +192,8 @@ def _sweep(
     if preset is None:
         preset, why = default_preset()
         console.print(f"preset [cyan]{preset}[/] (the default here: {why})")
+    if retry_failed and not resume:
+        raise typer.BadParameter("needs --resume", param_hint="--retry-failed")
     if budget_s is not None and budget_s <= 0:
         raise typer.BadParameter(f"must be positive, got {budget_s:g}", param_hint="--budget-s")
     _positive(timeout, "--timeout")
@@ -213,7 +219,8 @@ def _sweep(
         results_path.unlink()
         for name in ("performer_accuracy.csv",):
             (out / name).unlink(missing_ok=True)
-    from .sweep import machine_metadata, now, run_sweep
+    from .sweep import ResultsFileError, machine_metadata, now, run_sweep
+    from .worker import WorkerStartError
 
     dev = configs[0].device if configs else "cpu"
     meta = {
@@ -234,15 +241,26 @@ def _sweep(
             out,
             settings,
             resume=resume,
+            retry_failed=retry_failed,
             meta=meta,
             accuracy=p.accuracy if want_accuracy else None,
             progress=progress,
             budget_s=budget_s,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
         again = f"attn-bench sweep --preset {preset} --out {out} --resume"
-        console.print(f"\n[yellow]Interrupted: finished rows are in {results_path}; continue with: {again}")
-        raise typer.Exit(130) from None
+        console.print(
+            f"\n[yellow]Interrupted ({signal.Signals(signum).name}): finished rows are in {results_path}; "
+            f"continue with: {again}"
+        )
+        raise typer.Exit(128 + signum) from None
+    except ResultsFileError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
+    except WorkerStartError as exc:
+        console.print(f"[red]Sweep stopped: {exc}. Finished rows are in {results_path}.")
+        raise typer.Exit(1) from None
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
@@ -296,10 +314,15 @@ def report(
 ) -> None:
     """Plots (PNG) and a Markdown page (README.md) in DIR; --compare DIR2 flags regressions."""
     from .report import write_report
+    from .sweep import ResultsFileError
 
     if not (directory / "results.csv").exists():
         raise typer.BadParameter(f"{directory / 'results.csv'} does not exist", param_hint="DIRECTORY")
-    page = write_report(directory, baseline=baseline, compare=compare, threshold=threshold)
+    try:
+        page = write_report(directory, baseline=baseline, compare=compare, threshold=threshold)
+    except ResultsFileError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
     console.print(f"Report: [bold]{page}[/]")
     if compare is not None:
         from .analysis import compare_runs, load_results

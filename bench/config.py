@@ -156,6 +156,7 @@ class BenchConfig:
 
     def to_row(self) -> dict[str, Any]:
         row = {column(f): getattr(self, f.name) for f in config_fields()}
+        row.update(dict.fromkeys(option_columns()))  # every option column, empty where it does not apply
         row.update(self.options)
         return row
 

@@ -39,7 +39,7 @@ def _lines(ax, df: pd.DataFrame, ycol: str, scale: float = 1.0) -> bool:
     for _, g in df.groupby(line_cols(df), dropna=False, sort=False):
         g = g.sort_values("seq_len")
         y = g[ycol].astype(float) * scale
-        if y.notna().sum() == 0:
+        if not (y > 0).any():  # nothing to show on a log scale
             continue
         first = g.iloc[0]
         ax.plot(
@@ -61,6 +61,8 @@ def _guides(ax, df: pd.DataFrame, ycol: str, scale: float = 1.0) -> None:
     if y.empty:
         return
     n0, n1 = df["seq_len"].min(), df["seq_len"].max()
+    if n0 <= 0:
+        return
     y0 = y.min()
     xs = np.array([n0, n1], dtype=float)
     for p in (1, 2):
@@ -78,7 +80,8 @@ def _figure(
     drew = False
     for ax, p in zip(axes[0], passes, strict=True):
         sub = df[df["pass"] == p]
-        if _lines(ax, sub, ycol, scale):
+        drawn = _lines(ax, sub, ycol, scale)
+        if drawn:
             drew = True
             if ycol == "speedup":
                 ax.axhline(1.0, color="0.5", linewidth=0.8)
@@ -93,7 +96,8 @@ def _figure(
         ax.set_ylabel(ylabel)
         ax.set_title(f"{p}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if drawn:  # an empty legend is a warning
+            ax.legend(fontsize=7)
     if not drew:
         plt.close(fig)
         return None
@@ -107,8 +111,10 @@ def _figure(
 def sweep_plots(df: pd.DataFrame, out: Path, baseline: str = "sdpa") -> dict[str, list[Path]]:
     """Time, memory, speed-up and FLOP/s vs N, one figure per setting; returns the files by kind."""
     ok = without_copies(ok_rows(df))  # a copied row (Performer's SDPA = full's SDPA) is drawn once
+    ok = ok[ok["seq_len"] > 0]  # the N axis is logarithmic
     files: dict[str, list[Path]] = {"time": [], "memory": [], "speedup": [], "flops": []}
     sp = speedups(df, baseline)
+    sp = sp[sp["seq_len"] > 0] if len(sp) else sp
     for _, s in ok.groupby(SETTING, dropna=False, sort=False):
         first = s.iloc[0]
         label = setting_label(first)

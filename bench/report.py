@@ -54,7 +54,7 @@ def failed_rows_table(df: pd.DataFrame, skip: tuple[str, ...] = ("ok",), width: 
     if bad.empty:
         return "_(none)_\n"
     view = bad.assign(line=bad.apply(line_label, axis=1))[["line", "pass", "seq_len", "status", "error"]]
-    return md_table(view.assign(error=view["error"].fillna("").astype(str).str.slice(0, width)))
+    return md_table(view.assign(error=view["error"].astype("string").fillna("").str.slice(0, width)))
 
 
 def time_tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:

@@ -3,10 +3,15 @@
 Files in the output directory:
 - ``results.csv``: one row per config (columns from :func:`bench.config.result_columns`), rewritten
   whole after every row (temporary file + ``os.replace``), so it is never half-written and an
-  interrupted sweep keeps every finished row.
-- ``metadata.json``: machine, versions, git commit, command line, preset, times.
+  interrupted sweep keeps every finished row. Reading it back validates every line.
+- ``metadata.json``: machine, versions, git commit, command line, preset, times, status
+  (``running``, ``complete``, ``interrupted`` or ``failed``) and the list of resumes.
 - ``performer_accuracy.csv``: the Performer accuracy study (when the preset has one).
 - ``worker.log``: what the worker processes printed (compiler and profiler chatter, tracebacks).
+
+SIGTERM and SIGHUP stop a sweep like Ctrl-C: the worker is killed, the finished rows and the
+metadata (``interrupted``) are kept, and :class:`SweepInterrupted` is raised. A second signal
+while that is done exits at once.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ import json
 import math
 import os
 import platform
+import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -29,7 +37,16 @@ from pathlib import Path
 import attention_variants as av
 
 from .baselines import exact_baselines
-from .config import AccuracyStudy, BenchConfig, BenchResult, RunSettings, result_columns
+from .config import (
+    PASSES,
+    STATUSES,
+    AccuracyStudy,
+    BenchConfig,
+    BenchResult,
+    RunSettings,
+    option_columns,
+    result_columns,
+)
 
 RESULTS = "results.csv"
 METADATA = "metadata.json"
@@ -39,22 +56,85 @@ WORKER_LOG = "worker.log"
 MIN_CONFIG_S = 2.0
 # ... and the Performer accuracy study only if this many are left.
 ACCURACY_MIN_S = 30.0
+# Rows that ``--retry-failed`` runs again.
+RETRY_STATUSES = ("timeout", "oom", "error")
+# Signals that stop a sweep the way Ctrl-C does.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Earlier column sets of results.csv that can be read, with the function that maps such a row
+# to the current columns. None so far: the columns have not changed since the first release.
+MIGRATIONS: dict[frozenset[str], Callable[[dict[str, str]], dict[str, str]]] = {}
+
+
+class ResultsFileError(ValueError):
+    """A results.csv that cannot be used as it is (a foreign column set); names the file and line."""
+
+    def __init__(self, path: Path, line: int, problem: str) -> None:
+        super().__init__(f"{path}:{line}: {problem}")
+        self.path = path
+        self.line = line
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep was stopped by a signal (SIGINT, SIGTERM or SIGHUP); ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``.
+
+    The file gets the permissions a plain ``open`` would give it (0666 less the umask). The
+    temporary file's name carries this process's id, so :func:`remove_stale_temp_files` can
+    tell a leftover of a killed run from a file being written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True
+
+
+def remove_stale_temp_files(directory: Path, names: Iterable[str] = (RESULTS, METADATA, ACCURACY)) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` left in ``directory`` when its process was
+    killed (the writer's process is gone, or the name predates the process id); returns them."""
+    removed = []
+    for name in names:
+        pattern = re.compile(rf"^\.{re.escape(name)}\.(?:(\d+)\.)?[A-Za-z0-9_]+$")
+        for f in directory.glob(f".{name}.*"):
+            m = pattern.match(f.name)
+            if m is None or (m.group(1) is not None and _pid_alive(int(m.group(1)))):
+                continue
+            try:
+                f.unlink()
+                removed.append(f)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def _fmt(x: object) -> str:
@@ -79,11 +159,92 @@ def write_results(path: Path, results: list[BenchResult]) -> None:
     atomic_write(path, rows_to_csv(r.to_row() for r in results))
 
 
-def read_results(path: Path) -> list[BenchResult]:
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _row_problem(row: dict[str, str]) -> str | None:
+    """Why a CSV record with the right number of fields is still not a whole row, or None."""
+    for c in ("variant", "backend", "device", "dtype"):
+        if not row[c]:
+            return f"empty {c}"
+    if row["pass"] not in PASSES:
+        return f"pass {row['pass']!r} is not one of {', '.join(PASSES)}"
+    if row["status"] not in STATUSES:
+        return f"status {row['status']!r} is not one of {', '.join(STATUSES)}"
+    if row["causal"].strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+        return f"causal {row['causal']!r} is not a boolean"
+    if row["status"] == "ok" and not row["time_ms"]:
+        return "an ok row without time_ms"
+    return None
+
+
+def read_results(path: Path, warn: Callable[[str], None] | None = _stderr) -> list[BenchResult]:
+    """The rows of a results.csv, each line checked.
+
+    A row that is not whole (a garbage or truncated line, a value that does not parse) is
+    left out with a ``file:line`` message to ``warn``, so that ``--resume`` runs its config
+    again. A file without every column of :func:`bench.config.result_columns` (in any order;
+    the variants' option columns may be missing or extra, since plug-ins add their own) raises
+    :class:`ResultsFileError`, unless :data:`MIGRATIONS` knows its column set."""
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return [BenchResult.from_row(row) for row in csv.DictReader(f)]
+    results: list[BenchResult] = []
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return []
+        except csv.Error as exc:
+            raise ResultsFileError(path, 1, f"unreadable header: {exc}") from None
+        migrate = None
+        options = set(option_columns())
+        required = [c for c in result_columns() if c not in options]
+        if not set(required) <= set(header) or len(set(header)) != len(header):
+            migrate = MIGRATIONS.get(frozenset(header))
+            if migrate is None:
+                missing = [c for c in required if c not in header]
+                extra = [c for c in header if c not in required and c not in options]
+                raise ResultsFileError(
+                    path,
+                    1,
+                    "not the columns of a results.csv"
+                    + (f"; missing {', '.join(missing)}" if missing else "")
+                    + (f"; unknown {', '.join(extra)}" if extra else "")
+                    + "; move it away or pass --overwrite",
+                )
+        end = reader.line_num
+        while True:
+            first = end + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                end = reader.line_num
+                if warn is not None:
+                    warn(f"{path}:{first}: skipped, not a CSV row ({exc})")
+                continue
+            end = reader.line_num
+            where = f"{path}:{first}" + (f"-{end}" if end > first else "")
+            if not fields:
+                continue  # an empty line
+            if len(fields) != len(header):
+                problem = f"{len(fields)} fields, expected {len(header)}"
+            else:
+                row = dict(zip(header, fields, strict=True))
+                if migrate is not None:
+                    row = migrate(row)
+                problem = _row_problem(row)
+            if problem is None:
+                try:
+                    results.append(BenchResult.from_row(row))
+                except (ValueError, TypeError, KeyError) as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+            if problem is not None and warn is not None:
+                warn(f"{where}: skipped, not a whole row ({problem}); its config runs again on --resume")
+    return results
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -159,12 +320,38 @@ def write_metadata(out: Path, meta: dict) -> None:
     atomic_write(out / METADATA, json.dumps(meta, indent=2, default=str) + "\n")
 
 
+def _set_handlers(handler) -> dict[int, object]:
+    """Install ``handler`` for :data:`STOP_SIGNALS`; returns the old handlers (none off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise SweepInterrupted(signum)
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
+
+
+def _read_metadata(out: Path) -> dict:
+    try:
+        return json.loads((out / METADATA).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        _stderr(f"{out / METADATA}: unreadable ({exc}); starting its record afresh")
+        return {}
+
+
 def run_sweep(
     configs: list[BenchConfig],
     out: Path,
     settings: RunSettings,
     *,
     resume: bool = False,
+    retry_failed: bool = False,
     meta: dict | None = None,
     accuracy: AccuracyStudy | None = None,
     progress: bool = True,
@@ -172,36 +359,52 @@ def run_sweep(
     budget_s: float | None = None,
 ) -> list[BenchResult]:
     """Run ``configs`` (skipping those already in ``out/results.csv`` when ``resume``), writing
-    every row as it finishes. Returns all rows of the file. KeyboardInterrupt is re-raised after
-    the rows and the metadata are saved.
+    every row as it finishes. Returns all rows of the file.
+
+    ``retry_failed`` (with ``resume``): configs whose rows say ``timeout``, ``oom`` or ``error``
+    run again, and the new row replaces the old one.
+
+    Ctrl-C, SIGTERM and SIGHUP kill the worker at once (the config in flight is not recorded, so
+    ``resume`` runs it again), save the metadata as ``interrupted`` and raise KeyboardInterrupt
+    (:class:`SweepInterrupted` for SIGTERM and SIGHUP). After :data:`~bench.worker.MAX_START_FAILURES`
+    failed worker starts in a row, :class:`~bench.worker.WorkerStartError` is raised and the
+    metadata says ``failed``.
 
     ``budget_s``: wall-clock seconds for the whole sweep. A config's timeout is cut to what is
     left, and the configs not started in time are recorded with status ``skipped``."""
-    from .worker import WorkerPool
+    from .worker import WorkerPool, WorkerStartError
 
     out.mkdir(parents=True, exist_ok=True)
+    for f in remove_stale_temp_files(out):
+        _stderr(f"removed {f}, left behind by a run that was killed")
     path = out / RESULTS
     results = read_results(path) if resume else []
-    done = {r.config.key() for r in results}
-    todo = [c for c in configs if c.key() not in done]
+    where = {r.config.key(): i for i, r in enumerate(results)}
+    rerun = {k for k, i in where.items() if retry_failed and results[i].status in RETRY_STATUSES}
+    todo = [c for c in configs if c.key() not in where or c.key() in rerun]
     meta = dict(meta or {})
-    old_meta = {}
-    if resume and (out / METADATA).exists():
-        old_meta = json.loads((out / METADATA).read_text())
-    meta.setdefault("started", old_meta.get("started", now()))
+    old_meta = _read_metadata(out) if resume else {}
+    if "started" in old_meta:
+        meta["started"] = old_meta["started"]  # the run's start; each resume is listed below
+    meta.setdefault("started", now())
     if resume:
-        meta["resumed"] = [*old_meta.get("resumed", []), now()]
+        earlier = old_meta.get("resumes", [{"started": t} for t in old_meta.get("resumed", [])])
+        this = {"started": now(), "command": meta.get("command"), "git_commit": meta.get("git_commit")}
+        this |= {"previous_status": old_meta.get("status"), "retry_failed": retry_failed}
+        meta["resumes"] = [*earlier, this]
     meta["settings"] = dataclasses.asdict(settings)
     meta["configs"] = len(configs)
     meta["status"] = "running"
-    write_metadata(out, meta)
-
+    meta.pop("error", None)
     if budget_s is not None:
         meta["budget_s"] = budget_s
+    write_metadata(out, meta)
+
     pool = WorkerPool(settings, str(out / WORKER_LOG))
-    interrupted = False
+    status, error = "complete", None
     bar = _Progress(len(todo), enabled=progress)
     deadline = None if budget_s is None else time.monotonic() + budget_s
+    old_handlers = _set_handlers(_raise_interrupted)
     try:
         with bar:
             for cfg in todo:
@@ -211,11 +414,17 @@ def run_sweep(
                     res = BenchResult(cfg, "skipped", error=f"not reached: the sweep's {budget_s:g} s budget ran out")
                 else:
                     res = _copy_of_same_computation(cfg, results) or pool.run(cfg, timeout_s=left)
-                results.append(res)
+                if cfg.key() in where:
+                    results[where[cfg.key()]] = res
+                else:
+                    where[cfg.key()] = len(results)
+                    results.append(res)
                 write_results(path, results)
                 if on_result is not None:
                     on_result(res)
                 bar.advance(f"{cfg.label()}: {res.status}" + (f" {res.time_ms:.3g} ms" if res.time_ms else ""))
+                if pool.gave_up:
+                    raise WorkerStartError(f"{res.error} ({pool.start_failures} failed starts in a row)")
         out_of_time = deadline is not None and deadline - time.monotonic() < ACCURACY_MIN_S
         if accuracy is not None and not (out / ACCURACY).exists() and not out_of_time:
             from .accuracy import run_accuracy
@@ -226,15 +435,28 @@ def run_sweep(
             rows = run_accuracy(accuracy)
             atomic_write(out / ACCURACY, rows_to_csv(rows, list(rows[0].keys()) if rows else []))
     except KeyboardInterrupt:
-        interrupted = True
+        status = "interrupted"
+        _set_handlers(_exit_now)  # a second Ctrl-C while the rest is saved exits at once
+        raise
+    except BaseException as exc:
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        pool.close()
-        meta["finished"] = now()
-        meta["status"] = "interrupted" if interrupted else "complete"
-        meta["worker_restarts"] = pool.restarts
-        meta["rows"] = len(results)
-        write_metadata(out, meta)
+        try:
+            if status == "complete":
+                pool.close()
+            else:
+                pool.kill()  # do not wait for the config in flight
+            meta["finished"] = now()
+            meta["status"] = status
+            if error is not None:
+                meta["error"] = error
+            meta["worker_restarts"] = pool.restarts
+            meta["rows"] = len(results)
+            write_metadata(out, meta)
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
     return results
 
 

@@ -17,9 +17,12 @@ keeps a ratio honest on a machine with other load.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +69,25 @@ def _timed(fns: dict[str, Callable[[], object]], settings: RunSettings, rounds: 
         for k, fn in fns.items():
             best[k] = min(best[k], time_fn(fn, CPU, settings)[0])
     return best
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter() -> Iterator[None]:
+    """Hold back the ``USDT: ... profiler_start/stop`` lines Kineto writes to file descriptor 2 on
+    every profiled call (:func:`bench.measure.peak_memory`); anything else on stderr is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace")
+            sys.stderr.write("".join(ln for ln in text.splitlines(keepends=True) if not ln.startswith("USDT:")))
 
 
 def _sdpa(q, k, v, causal: bool):
@@ -127,7 +149,8 @@ def run_targets(quick: bool = False, flex: bool = True, log=print) -> list[Targe
         compile_s = time.perf_counter() - tc
         fns["flex"] = flex16
     t = _timed(fns, settings, rounds)
-    m4, m16 = peak_memory(ours4, CPU), peak_memory(ours16, CPU)
+    with _without_profiler_chatter():
+        m4, m16 = peak_memory(ours4, CPU), peak_memory(ours16, CPU)
     out.append(
         Target(
             "sliding_window w=128 time N=16384 / N=4096",
@@ -214,7 +237,9 @@ def main(quick: bool = False, flex: bool = True) -> bool:
         f"CPU performance targets on {cpu_model()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}; B={B} H={H} D={D} float32"
     )
-    results = run_targets(quick=quick, flex=flex, log=lambda t: console.print(f"  {t.name}: {t.value:.3g}"))
+    # Progress on a terminal only, and transient: the table below is where the results are.
+    with console.status("measuring the targets ...") as status:
+        results = run_targets(quick=quick, flex=flex, log=lambda t: status.update(f"measured: {t.name}"))
     table = Table(title="CPU performance targets (ratios measured in this run)")
     for col in ("target", "ratio", "goal", "result", "measured"):
         table.add_column(col, overflow="fold")
