@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the FAVOR+ kernels for sm_80 and sm_90 (no GPU needed).
 
-Every shipped configuration that :func:`kernels.favor.keep` accepts for the main shape (bfloat16,
+Every shipped configuration that :func:`kernels.favor_configs.keep` accepts for the main shape (bfloat16,
 head dim 64, 256 features, causal and not) is lowered to PTX and run through ``ptxas -v``;
 other dtypes, the relu kernel, the backward flavours of the state kernel and head dim 128 are
 spot-checked. Registers and spills are reported at the end of the module; the forward kernels
@@ -13,18 +13,21 @@ from dataclasses import dataclass
 
 import pytest
 
-from kernels import favor
+from kernels import favor_configs
+from kernels.favor_configs import FeatureConfig
+from kernels.launch import LaunchShape
 
+favor_kernels = pytest.importorskip("kernels.favor_kernels")
 aot = pytest.importorskip("kernels.aot")
 
 ARCHS = (80, 90)
 FORWARD_KERNELS = ("key_max", "state", "fwd")
 _FNS = {
-    "key_max": favor._key_max_kernel,
-    "state": favor._state_kernel,
-    "fwd": favor._fwd_kernel,
-    "bwd_dq": favor._bwd_dq_kernel,
-    "bwd_dkv": favor._bwd_dkv_kernel,
+    "key_max": favor_kernels._key_max_kernel,
+    "state": favor_kernels._state_kernel,
+    "fwd": favor_kernels._fwd_kernel,
+    "bwd_dq": favor_kernels._bwd_dq_kernel,
+    "bwd_dkv": favor_kernels._bwd_dkv_kernel,
 }
 _TRITON_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 _N_SPLIT = {"bf16": 2, "fp16": 2, "fp32": 0}
@@ -35,7 +38,7 @@ _DATA_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", 
 @dataclass(frozen=True)
 class Spec:
     kernel: str
-    cfg: favor.KernelConfig
+    cfg: FeatureConfig
     dtype: str = "bf16"
     causal: bool = False
     feature: str = "softmax"
@@ -74,7 +77,7 @@ class Spec:
         pad = {"D_PAD": self.d, "M_PAD": self.m}
         split = {"N_SPLIT": _N_SPLIT[self.dtype]}
         if self.kernel == "key_max":
-            return {**pad, **split, "BLOCK_N": favor.BLOCK_ROWS, "BLOCK_F": self.cfg.block_f}
+            return {**pad, **split, "BLOCK_N": favor_configs.BLOCK_ROWS, "BLOCK_F": self.cfg.block_f}
         common = {
             **pad,
             **split,
@@ -86,12 +89,12 @@ class Spec:
         if self.kernel == "state":
             return {
                 **common,
-                "BLOCK_N": favor.CHUNK if self.causal else favor.BLOCK_ROWS,
+                "BLOCK_N": favor_configs.CHUNK if self.causal else favor_configs.BLOCK_ROWS,
                 "STAB": 2 if self.backward_state else 1,
                 "HAS_WEIGHT": self.backward_state,
             }
         rows = "BLOCK_N" if self.kernel == "bwd_dkv" else "BLOCK_M"
-        return {**common, rows: self.cfg.block_m, "CHUNK": favor.CHUNK, "CAUSAL": self.causal}
+        return {**common, rows: self.cfg.block_m, "CHUNK": favor_configs.CHUNK, "CAUSAL": self.causal}
 
 
 def _specs() -> list[Spec]:
@@ -99,8 +102,8 @@ def _specs() -> list[Spec]:
     for kernel in _FNS:
         # key_max and state compile the same for both forms (CHUNK == BLOCK_ROWS rows).
         for causal in (False, True) if kernel in ("fwd", "bwd_dq", "bwd_dkv") else (False,):
-            shape = favor.LaunchShape(256, 64, 64, causal)
-            specs += [Spec(kernel, cfg, causal=causal) for cfg in favor.kept_configs(kernel, shape)]
+            shape = LaunchShape(64, 2, causal, m_pad=256)
+            specs += [Spec(kernel, cfg, causal=causal) for cfg in favor_configs.kept_configs(kernel, shape)]
     # Spot checks of the other specialisations, with the first config kept for them.
     for kernel, kw in [
         ("fwd", {"causal": True, "dtype": "fp16"}),
@@ -115,8 +118,8 @@ def _specs() -> list[Spec]:
         ("bwd_dkv", {"causal": True, "feature": "relu", "dtype": "fp16"}),
     ]:
         d = kw.get("d", 64)
-        shape = favor.LaunchShape(256, d, d, kw["causal"], kw.get("dtype") == "fp32")
-        specs.append(Spec(kernel, favor.kept_configs(kernel, shape)[0], **kw))
+        shape = LaunchShape(d, 4 if kw.get("dtype") == "fp32" else 2, kw["causal"], m_pad=256)
+        specs.append(Spec(kernel, favor_configs.kept_configs(kernel, shape)[0], **kw))
     return specs
 
 

@@ -79,9 +79,11 @@ def test_time_is_linear_in_n(causal: bool) -> None:
 
 
 def _every_config() -> list:
-    from kernels import favor
+    from kernels import favor_configs
 
-    return [pytest.param(name, cfg, id=f"{name}-{cfg.name}") for name, cfgs in favor.CONFIGS.items() for cfg in cfgs]
+    return [
+        pytest.param(name, cfg, id=f"{name}-{cfg.name}") for name, cfgs in favor_configs.CONFIGS.items() for cfg in cfgs
+    ]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
@@ -91,11 +93,12 @@ def test_every_config(kernel: str, cfg, dtype: torch.dtype, causal: bool, monkey
     """Each shipped launch config alone (the others at their first kept one), forward and backward,
     against the float64 ``torch`` backend: the autotuner may pick any of them, and a miscompiled
     config (seen: out-of-bounds shared-memory reads, garbage gradients) must not ship."""
-    from kernels import favor
+    from kernels import favor, favor_configs
+    from kernels.launch import LaunchShape
 
     b, h, n, d, m = 1, 4, 1024, 64, 256
-    shape = favor.LaunchShape(m, d, d, causal, dtype == torch.float32)
-    if not favor.keep(kernel, cfg, shape):
+    shape = LaunchShape(d, dtype.itemsize, causal, m_pad=m)
+    if not favor_configs.keep(kernel, cfg, shape):
         pytest.skip(f"{cfg.name} is not kept for {shape}")
     real = favor.kept_configs
     monkeypatch.setattr(favor, "kept_configs", lambda name, shp: [cfg] if name == kernel else real(name, shp)[:1])

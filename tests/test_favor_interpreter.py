@@ -1,7 +1,7 @@
 """Fused Triton FAVOR+ kernels under the interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
 
 Forward and backward against the float64 dense FAVOR+ formula with the same projection, through
-the shared tolerance policy. The causal kernels work in chunks of ``favor.CHUNK`` (64) positions,
+the shared tolerance policy. The causal kernels work in chunks of ``favor_configs.CHUNK`` (64) positions,
 so the lengths put chunk boundaries inside the sequence (113, 200) and at its end (64).
 bfloat16 is left to the compile and GPU tests: ``tl.dot`` on bfloat16 is wrong under the
 interpreter.
@@ -16,7 +16,7 @@ import torch
 from helpers import check_backend, make_qkv
 
 import attention_variants as av
-from kernels import favor
+from kernels import favor, favor_configs, favor_kernels, launch
 
 pytestmark = pytest.mark.interpreter
 
@@ -133,8 +133,8 @@ def test_supports_reasons() -> None:
     variant = av.PerformerAttention(num_features=64)
     assert favor.unsupported_reason(variant, cpu, torch.float16, 64) is None
     assert "float64" in favor.unsupported_reason(variant, cpu, torch.float64, 64)
-    assert "head dim" in favor.unsupported_reason(variant, cpu, torch.float32, favor.MAX_HEAD_DIM + 1)
-    too_many = av.PerformerAttention(num_features=favor.MAX_FEATURES + 1)
+    assert "head dim" in favor.unsupported_reason(variant, cpu, torch.float32, favor_configs.MAX_HEAD_DIM + 1)
+    too_many = av.PerformerAttention(num_features=favor_configs.MAX_FEATURES + 1)
     assert "random features" in favor.unsupported_reason(too_many, cpu, torch.float32, 64)
     # Through the public API: the reason reaches the error message.
     q, k, v = make_qkv(1, 1, 1, 8, 8, 16, dtype=torch.float64)
@@ -155,37 +155,44 @@ def test_keys_with_a_large_common_offset(causal: bool) -> None:
 
 
 KERNEL_FNS = {
-    "key_max": favor._key_max_kernel,
-    "state": favor._state_kernel,
-    "fwd": favor._fwd_kernel,
-    "bwd_dq": favor._bwd_dq_kernel,
-    "bwd_dkv": favor._bwd_dkv_kernel,
+    "key_max": favor_kernels._key_max_kernel,
+    "state": favor_kernels._state_kernel,
+    "fwd": favor_kernels._fwd_kernel,
+    "bwd_dq": favor_kernels._bwd_dq_kernel,
+    "bwd_dkv": favor_kernels._bwd_dkv_kernel,
 }
 
 
 @pytest.mark.parametrize(
     ("kernel", "causal"),
-    [(kernel, causal) for kernel in favor.CONFIGS for causal in (False, True) if (kernel, causal) != ("key_max", True)],
+    [
+        (kernel, causal)
+        for kernel in favor_configs.CONFIGS
+        for causal in (False, True)
+        if (kernel, causal) != ("key_max", True)
+    ],
     ids=lambda x: x if isinstance(x, str) else ("causal" if x else "noncausal"),
 )
 def test_every_shipped_config(kernel: str, causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each config of ``kernel`` alone (the others' first kept config) on a shape with boundaries."""
     variant = av.PerformerAttention(num_features=64, seed=3)
     q, k, v = make_qkv(1, 2, 1, 100, 100, 32)
-    for cfg in favor.CONFIGS[kernel]:
-        if causal and kernel in ("fwd", "bwd_dq", "bwd_dkv") and favor.CHUNK % cfg.block_m:
+    for cfg in favor_configs.CONFIGS[kernel]:
+        if causal and kernel in ("fwd", "bwd_dq", "bwd_dkv") and favor_configs.CHUNK % cfg.block_m:
             continue
-        monkeypatch.setitem(favor.CONFIGS, kernel, (cfg,))
+        monkeypatch.setitem(favor_configs.CONFIGS, kernel, (cfg,))
         check_backend(variant, "triton", q, k, v, causal=causal)
 
 
-@pytest.mark.parametrize("kernel", list(favor.CONFIGS))
+@pytest.mark.parametrize("kernel", list(favor_configs.CONFIGS))
 def test_autotuner_builds(kernel: str) -> None:
     """The GPU path wraps each kernel in ``triton.autotune`` with keys that are its arguments."""
-    shape = favor.LaunchShape(256, 64, 64, causal=False)
-    tuned = favor.autotuner(kernel, KERNEL_FNS[kernel], favor.CONFIGS[kernel], {"test": True})
-    assert len(tuned.configs) == len(favor.CONFIGS[kernel])
-    assert favor.kept_configs(kernel, shape)
+    shape = launch.LaunchShape(64, 2, causal=False, m_pad=256)
+    configs = favor_configs.CONFIGS[kernel]
+    row, keys = favor_configs.ROW_BLOCK.get(kernel), favor_configs.TUNE_KEYS
+    tuned = launch.autotuner(KERNEL_FNS[kernel], configs, {"test": True}, row=row, inner="BLOCK_F", tune_keys=keys)
+    assert len(tuned.configs) == len(favor_configs.CONFIGS[kernel])
+    assert favor_configs.kept_configs(kernel, shape)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
@@ -199,7 +206,7 @@ def test_buffers_stay_linear_in_n(causal: bool, monkeypatch: pytest.MonkeyPatch)
     variant = av.PerformerAttention(num_features=m)
     q, k, v = (t.requires_grad_() for t in make_qkv(b, h, h, n, n, d, dv))
     variant(q, k, v, causal=causal, backend="triton").sum().backward()
-    chunk_states = b * h * (n // favor.CHUNK + 1) * m * dv
+    chunk_states = b * h * (n // favor_configs.CHUNK + 1) * m * dv
     assert max(sizes) <= max(chunk_states, b * h * n * max(d, dv)), max(sizes)
     assert max(sizes) * 8 <= b * h * n * m * dv
 

@@ -16,8 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attention_variants import masks
-
-fa = pytest.importorskip("kernels.flash_attention")
+from kernels import flash_configs as fc
 
 
 def _gmask(n: int, positions: list[int] | None) -> torch.Tensor | None:
@@ -42,7 +41,7 @@ def check_query_schedule(nq, nk, bm, bn, causal, window, positions, gb=None) -> 
     dense = masks.dense_mask(nq, nk, causal=causal, window=window, global_mask=gm)
     band = masks.dense_mask(nq, nk, causal=causal, window=window)  # what the band loops compute
     gidx = gm.nonzero().flatten() if gm is not None else None
-    sched = fa.query_block_schedule(nq, nk, bm, bn, causal=causal, window=window, global_idx=gidx, global_block=gb)
+    sched = fc.query_block_schedule(nq, nk, bm, bn, causal=causal, window=window, global_idx=gidx, global_block=gb)
     gb = gb or bm
     n_band = math.ceil(nq / bm)
     n_glob = 0 if gidx is None else math.ceil(gidx.numel() / gb)
@@ -78,7 +77,7 @@ def check_key_schedule(nq, nk, bm, bn, causal, window, positions) -> None:
     dense = masks.dense_mask(nq, nk, causal=causal, window=window, global_mask=gm)
     band = masks.dense_mask(nq, nk, causal=causal, window=window)
     gidx = gm.nonzero().flatten() if gm is not None else None
-    sched = fa.key_block_schedule(nq, nk, bm, bn, causal=causal, window=window, global_idx=gidx)
+    sched = fc.key_block_schedule(nq, nk, bm, bn, causal=causal, window=window, global_idx=gidx)
     n_band = math.ceil(nk / bn)
     n_glob = 0 if gidx is None else math.ceil(gidx.numel() / bn)
     assert sched.shape == (n_band + n_glob, 4) and sched.dtype == torch.int32
@@ -171,6 +170,6 @@ def test_window_work_is_independent_of_n() -> None:
     """The number of visited key blocks per query block is set by the window, not by N."""
     visits = []
     for n in (1024, 8192):
-        sched = fa.query_block_schedule(n, n, 128, 64, causal=True, window=(256, 0))
+        sched = fc.query_block_schedule(n, n, 128, 64, causal=True, window=(256, 0))
         visits.append(int(((sched[:, 3] - sched[:, 0] + 63) // 64).max()))
     assert visits[0] == visits[1] <= math.ceil((256 + 128) / 64) + 1

@@ -12,7 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-fa = pytest.importorskip("kernels.flash_attention")
+from kernels import flash_configs
+from kernels.launch import KernelConfig, LaunchShape
+
+flash_kernels = pytest.importorskip("kernels.flash_kernels")
 aot = pytest.importorskip("kernels.aot")
 
 ARCHS = [pytest.param(80, id="sm80"), pytest.param(90, id="sm90")]
@@ -21,11 +24,11 @@ _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 def _specs() -> list:
     specs = []
-    for kernel, cfg, head_dim, dtype in fa.shipped_configs():
+    for kernel, cfg, head_dim, dtype in flash_configs.shipped_configs():
         name = f"{cfg}-D{head_dim}-{_DT[dtype]}"
         specs.append(pytest.param((kernel, cfg, head_dim, dtype, False), id=f"{kernel}-{name}"))
         if kernel == "fwd":
-            gcfg = fa.gathered_config(cfg)
+            gcfg = flash_configs.gathered_config(cfg)
             gname = f"{gcfg}-D{head_dim}-{_DT[dtype]}"
             specs.append(pytest.param((kernel, gcfg, head_dim, dtype, True), id=f"{kernel}_gathered-{gname}"))
     return specs
@@ -35,7 +38,7 @@ def _specs() -> list:
 @pytest.mark.parametrize("spec", _specs())
 def test_shipped_config_compiles(spec, arch: int) -> None:
     kernel, cfg, head_dim, dtype, gathered = spec
-    fn, signature, constexprs = fa.aot_spec(kernel, cfg, head_dim, dtype, gathered=gathered)
+    fn, signature, constexprs = flash_kernels.aot_spec(kernel, cfg, head_dim, dtype, gathered=gathered)
     stats = aot.compile_for(fn, signature, constexprs, arch=arch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     print(
         f"\n{kernel}{'_gathered' if gathered else ''} {cfg} D{head_dim} {_DT[dtype]} sm_{arch}: "
@@ -51,24 +54,24 @@ def test_shipped_config_compiles(spec, arch: int) -> None:
 def test_every_selected_config_is_shipped() -> None:
     """select_config only launches configs that the compile test builds, at a head dim at least
     as large (16-bit configs are compiled in bfloat16, float32 ones in float32)."""
-    shipped = {(k, c, torch.finfo(t).bits // 8): d for k, c, d, t in fa.shipped_configs()}
-    for dtype in fa.SUPPORTED_DTYPES:
+    shipped = {(k, c, torch.finfo(t).bits // 8): d for k, c, d, t in flash_configs.shipped_configs()}
+    for dtype in flash_configs.SUPPORTED_DTYPES:
         eb = torch.finfo(dtype).bits // 8
         for head_dim in (16, 40, 64, 80, 96, 128, 200, 256):
             for n in (1, 100, 4096, 65536):
                 for window in (None, 16, 1024):
                     for causal in (False, True):
-                        key = fa.ConfigKey(n, head_dim, eb, causal, window)
+                        shape = LaunchShape(head_dim, eb, causal, n=n, window=window)
                         for backward, kernels in ((False, ("fwd",)), (True, ("bwd_dq", "bwd_dkdv"))):
-                            cfg = fa._select_gpu(key, backward)
+                            cfg = flash_configs._select_gpu(shape, backward)
                             for kernel in kernels:
-                                assert (kernel, cfg, eb) in shipped, (kernel, cfg, key)
+                                assert (kernel, cfg, eb) in shipped, (kernel, cfg, shape)
                                 assert head_dim <= shipped[(kernel, cfg, eb)]
 
 
 def test_compile_for_rejects_a_bad_signature() -> None:
-    cfg = fa.KernelConfig(64, 32, 4, 2)
-    fn, signature, constexprs = fa.aot_spec("fwd", cfg, 64, torch.float16)
+    cfg = KernelConfig(64, 32, 4, 2)
+    fn, signature, constexprs = flash_kernels.aot_spec("fwd", cfg, 64, torch.float16)
     signature.pop("NQ")
     with pytest.raises(ValueError, match="NQ"):
         aot.compile_for(fn, signature, constexprs, arch=80)

@@ -1,0 +1,176 @@
+"""The launch layer shared by the kernel families (fused softmax, FAVOR+).
+
+- :class:`KernelConfig`: the tiles and launch options of one launch; :class:`LaunchShape`: what
+  a family's ``keep`` predicate chooses its configs on.
+- :func:`launch`: runs a kernel with the first of its kept configs (under the interpreter, or
+  when only one is kept) or autotunes over them, at most :func:`autotune_cap` of them.
+- :class:`LaunchOptions`: the non-tensor options every call carries; :func:`pad_pow2`: the
+  padding of head dims and feature counts; :data:`loop_range`: the loop over runtime bounds
+  that the kernels use.
+
+Importable without Triton (the block schedules and configs are plain Python): only
+:func:`launch` and :func:`autotuner` need it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from . import AUTOTUNE_ENV, interpreter_enabled, interpreter_range
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - CPU-only installs without Triton still import the package
+    triton = None
+    tl = None
+
+# Loops over runtime bounds (schedule rows, segments, head groups, global tokens) use this: the
+# loop ``range`` compiles to, and under the interpreter one that Triton 3.6 can run too.
+loop_range = interpreter_range if tl is None or interpreter_enabled() else tl.range
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch options of one kernel launch.
+
+    ``block_m``: rows per program; ``block_n``: the step of the program's inner loop (key or query
+    tiles of the softmax kernels; subclasses may name it otherwise, see ``INNER``).
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    INNER: ClassVar[str] = "N"  # letter of the inner tile in ``name``
+
+    @property
+    def name(self) -> str:
+        return f"M{self.block_m}-{self.INNER}{self.block_n}-w{self.num_warps}-s{self.num_stages}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def tiles(self, row: str | None = "BLOCK_M", inner: str | None = "BLOCK_N") -> dict[str, int]:
+        """The constexprs this config sets: ``block_m`` as ``row``, ``block_n`` as ``inner``
+        (a kernel that takes no such tile passes None for it)."""
+        out = {} if inner is None else {inner: self.block_n}
+        if row is not None:
+            out[row] = self.block_m
+        return out
+
+
+@dataclass(frozen=True)
+class LaunchShape:
+    """What a kernel family chooses its launch configs on; fields a family ignores keep their defaults."""
+
+    head_dim: int  # max(D, Dv), not padded
+    elem_bytes: int  # 2 (float16 / bfloat16) or 4 (float32)
+    causal: bool
+    n: int = 0  # softmax kernels: max(Nq, Nk)
+    window: int | None = None  # softmax kernels: left + right + 1 of the band, None for full attention
+    m_pad: int = 0  # FAVOR+ kernels: the random features, padded
+
+    @property
+    def fp32(self) -> bool:
+        return self.elem_bytes == 4
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """Non-tensor options of one attention call, passed to the autograd function as one object."""
+
+    causal: bool
+    scale: float
+
+
+def pad_pow2(n: int) -> int:
+    """``n`` rounded up to a power of two, at least 16 (the smallest ``tl.dot`` operand side)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints, ``b > 0`` (``triton.cdiv`` without importing Triton)."""
+    return -(-a // b)
+
+
+def autotune_cap() -> int | None:
+    """At most this many configs are autotuned per kernel (``ATTN_TRITON_AUTOTUNE_MAX``; None: all).
+
+    Each tried config is one compilation: a benchmark run on a time budget caps them (the first
+    kept configs are the ones the ``ptxas`` calibration prefers)."""
+    text = os.environ.get(AUTOTUNE_ENV, "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+_AUTOTUNED: dict[tuple, Any] = {}
+
+
+def autotuner(
+    fn: Any,
+    configs: Sequence[KernelConfig],
+    flags: Mapping[str, object],
+    *,
+    row: str | None = "BLOCK_M",
+    inner: str | None = "BLOCK_N",
+    tune_keys: Sequence[str] = (),
+) -> Any:
+    """``triton.autotune`` of ``fn`` over ``configs``, built once per (kernel, configs, tiles, flags).
+
+    ``flags`` are the constexprs of the call site (each call site gets its own autotuner);
+    ``tune_keys`` the arguments whose values start a new tuning (those ``fn`` does not take are
+    dropped).
+    """
+    cache_key = (fn, tuple(configs), row, inner, tuple(sorted((k, str(v)) for k, v in flags.items())))
+    tuned = _AUTOTUNED.get(cache_key)
+    if tuned is None:
+        tconfigs = [triton.Config(c.tiles(row, inner), num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
+        keys = [k for k in tune_keys if k in fn.arg_names]
+        tuned = _AUTOTUNED[cache_key] = triton.autotune(configs=tconfigs, key=keys)(fn)
+    return tuned
+
+
+def launch(
+    fn: Any,
+    configs: Sequence[KernelConfig],
+    grid: Callable[[Mapping[str, Any]], tuple[int, ...]],
+    args: tuple,
+    *,
+    row: str | None = "BLOCK_M",
+    inner: str | None = "BLOCK_N",
+    tune_keys: Sequence[str] = (),
+    **constexprs: Any,
+) -> None:
+    """Launch ``fn(*args, **constexprs)`` with the tiles and options of ``configs``.
+
+    ``configs`` are the kept configs in order of preference (at most :func:`autotune_cap` are
+    used). The first one runs directly under the interpreter or when it is the only one;
+    otherwise they are autotuned (so a kernel launched with several must only store: the tuner
+    reruns it). ``grid`` maps the constexprs of a launch (the tiles included) to the grid; ``row``
+    and ``inner`` name the constexprs that take ``block_m`` and ``block_n``.
+    """
+    configs = list(configs)[: autotune_cap()]
+    if interpreter_enabled() or len(configs) == 1:
+        cfg = configs[0]
+        meta = {**constexprs, **cfg.tiles(row, inner)}
+        fn[grid(meta)](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return
+    tuned = autotuner(fn, configs, constexprs, row=row, inner=inner, tune_keys=tune_keys)
+    tuned[grid](*args, **constexprs)
+
+
+__all__ = [
+    "KernelConfig",
+    "LaunchOptions",
+    "LaunchShape",
+    "autotune_cap",
+    "autotuner",
+    "cdiv",
+    "launch",
+    "loop_range",
+    "pad_pow2",
+]
