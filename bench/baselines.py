@@ -17,6 +17,7 @@ variant here, else why not) and a ``make`` that builds ``fn(q, k, v) -> out``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,7 +49,10 @@ class Target:
     backend_used: str
     builds_dense: bool
     note: str = ""
-    extra_tolerance: float = 0.0  # a peer's measured, documented deviation, added to the gate's bound
+    ground_truth: Fn | None = None
+    """float64 ground truth of ``fn`` on the full inputs, when it is not the truth variant's own (a
+    peer whose documented semantics differ, e.g. performer-pytorch's epsilons). The checker then
+    measures, and reports, how far that ground truth is from the truth variant's."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,33 @@ def get_baseline(name: str) -> Baseline | None:
     return _BASELINES.get(name)
 
 
+_PEERS_LOADED: list[bool] = []
+
+
 def _load_peers() -> None:
-    from . import peers  # noqa: F401  (registers the peer libraries' baselines)
+    """Register every peer library of :mod:`bench.peers` as a baseline (once)."""
+    if _PEERS_LOADED:
+        return
+    _PEERS_LOADED.append(True)
+    from .peers import PEERS
+
+    for peer in PEERS.values():
+        kind = "same semantics" if peer.exact else "documented deviation, measured"
+        what = f"peer {peer.module} ({', '.join(peer.variants)}; {'/'.join(peer.devices)}; {kind}; {peer.install})"
+        register_baseline(Baseline(peer.name, peer.check, functools.partial(_peer_target, peer), what, exact=False))
+
+
+def _peer_target(peer, variant: av.AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Target:
+    scale = q.shape[-1] ** -0.5
+    fn = peer.make(variant, q, k, v, causal, scale)
+    truth = None
+    if not peer.exact:
+        # Its own math in float64: the gate checks its rounding against that, and reports how
+        # far that math is from ours (its documented deviation) instead of hiding it.
+        def truth(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+            return peer.make(variant, a, b, c, causal, scale)(a, b, c)
+
+    return Target(fn, variant, peer.name, False, ground_truth=truth)
 
 
 def exact_baselines() -> set[str]:
@@ -241,7 +270,7 @@ register_baseline(
         "sdpa",
         _sdpa_check,
         _sdpa_target,
-        "dense SDPA with the variant's mask (an approximation: the exact attention it approximates)",
+        "dense SDPA with the variant's mask (for an approximation: the exact attention it approximates)",
     )
 )
 register_baseline(

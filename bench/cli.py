@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import (
@@ -528,12 +529,12 @@ def list_cmd(
                 cell = f"yes: runs {var.resolve_backend('auto', q)}" if q is not None else "no: no such device"
             else:
                 reason = unsupported_reason(var, b, dev, torch.float32, 64)
-                cell = "[green]yes[/]" if reason is None else f"[dim]no: {reason}[/]"
+                cell = "[green]yes[/]" if reason is None else f"[dim]no: {escape(reason)}[/]"
             opts = ", ".join(type(var).option_names()) if i == 0 else ""
             table.add_row(name if i == 0 else "", opts, b, cell)
     console.print(table)
     for name in baseline_names():
-        console.print(f"{name}: {get_baseline(name).description}")
+        console.print(f"{name}: {escape(get_baseline(name).description)}")
     console.print(f"passes: {', '.join(PASSES)}")
     pt = Table(title="presets (bench/presets.toml)")
     pt.add_column("preset")

@@ -231,6 +231,7 @@ class BenchResult:
     error: str = ""
     backend_used: str = ""
     approx_err: float | None = None
+    semantic_dev: float | None = None  # a peer's own float64 math against ours (its documented deviation)
     grad_err: float | None = None
     err_bound: float | None = None
     checked_rows: int | None = None

@@ -209,6 +209,7 @@ def run_config(cfg: BenchConfig, settings: RunSettings) -> BenchResult:
             grad_err=check.grad_err,
             err_bound=check.bound,
             approx_err=check.approx_err,
+            semantic_dev=check.semantic_dev,
             checked_rows=check.rows,
             compile_s=compile_s,
         )

@@ -44,6 +44,7 @@ from .config import (
     BenchConfig,
     BenchResult,
     RunSettings,
+    config_columns,
     option_columns,
     result_columns,
 )
@@ -200,12 +201,14 @@ def read_results(path: Path, warn: Callable[[str], None] | None = _stderr) -> li
             raise ResultsFileError(path, 1, f"unreadable header: {exc}") from None
         migrate = None
         options = set(option_columns())
-        required = [c for c in result_columns() if c not in options]
+        # The config's columns and the status make a row; result columns added in later releases
+        # may be missing (empty), and the variants' option columns come and go with plug-ins.
+        required = [*(c for c in config_columns() if c not in options), "status"]
         if not set(required) <= set(header) or len(set(header)) != len(header):
             migrate = MIGRATIONS.get(frozenset(header))
             if migrate is None:
                 missing = [c for c in required if c not in header]
-                extra = [c for c in header if c not in required and c not in options]
+                extra = [c for c in header if c not in result_columns() and c not in options]
                 raise ResultsFileError(
                     path,
                     1,
