@@ -9,6 +9,9 @@ B=1, H=4, D=64, float32, ``torch.utils.benchmark`` timing, peak memory as in the
   FlexAttention with the same block mask in steady state (its compile time is reported).
 - ``performer``, 128 features, causal and not: time at N=16384 at most 4.4x that at N=4096;
   at least 10x faster than full SDPA (same causal flag) at N=16384.
+- Against the peer libraries, where installed (``pip install .[peers]``): the sliding window at
+  least as fast as local-attention, and the non-causal Performer at least as fast as
+  performer-pytorch, at N=16384.
 
 Run with ``python -m bench.targets`` or ``attn-bench targets``; exit status 1 if a target fails.
 Each time is the smallest of ``rounds`` medians taken in alternation with its baseline, which
@@ -134,13 +137,17 @@ def run_targets(quick: bool = False, flex: bool = True, log=print) -> list[Targe
         log(out[-1])
 
     # Sliding window 128.
+    n_before = len(out)
     sw = av.SlidingWindowAttention(window=128)
     q4, k4, v4 = _qkv(4096)
     q16, k16, v16 = _qkv(16384)
     ours4 = _nograd(lambda a, b, c: sw(a, b, c, backend="torch"), q4, k4, v4)
     ours16 = _nograd(lambda a, b, c: sw(a, b, c, backend="torch"), q16, k16, v16)
-    band = _nograd(sdpa_fn(sw, q16, k16, False), q16, k16, v16)
+    band = _nograd(sdpa_fn(sw, q16, k16, False)[0], q16, k16, v16)
     fns = {"ours4": ours4, "ours16": ours16, "band": band}
+    local = _peer("local_attention", sw, q16, k16, v16, False)
+    if local is not None:
+        fns["local"] = local
     compile_s = None
     if flex:
         flex16 = _nograd(flex_fn(sw, q16, k16, False), q16, k16, v16)
@@ -188,7 +195,17 @@ def run_targets(quick: bool = False, flex: bool = True, log=print) -> list[Targe
                 f"{t['ours16']:.1f} ms vs {t['flex']:.1f} ms steady; flex compile {compile_s:.1f} s",
             )
         )
-    for target in out[-4:]:
+    if local is not None:
+        out.append(
+            Target(
+                "sliding_window w=128 speed-up over local-attention (peer), N=16384",
+                t["local"] / t["ours16"],
+                ">=",
+                1.0,
+                f"{t['local']:.1f} ms vs {t['ours16']:.1f} ms",
+            )
+        )
+    for target in out[n_before:]:
         log(target)
 
     # Performer, 128 features.
@@ -200,6 +217,10 @@ def run_targets(quick: bool = False, flex: bool = True, log=print) -> list[Targe
             "p16": _nograd(lambda a, b, c, cz=causal: perf(a, b, c, causal=cz, backend="torch"), q16, k16, v16),
             "sdpa": _nograd(lambda a, b, c, cz=causal: _sdpa(a, b, c, cz), q16, k16, v16),
         }
+        # performer-pytorch's causal form takes about 20x ours: compared non-causal only.
+        peer = None if causal else _peer("performer_pytorch", perf, q16, k16, v16, causal)
+        if peer is not None:
+            fns["peer"] = peer
         t = _timed(fns, settings, 1 if quick else 2)
         out.append(
             Target(
@@ -221,7 +242,31 @@ def run_targets(quick: bool = False, flex: bool = True, log=print) -> list[Targe
         )
         log(out[-2])
         log(out[-1])
+        if peer is not None:
+            out.append(
+                Target(
+                    f"performer m=128 {tag} speed-up over performer-pytorch (peer), N=16384",
+                    t["peer"] / t["p16"],
+                    ">=",
+                    1.0,
+                    f"{t['peer']:.1f} ms vs {t['p16']:.1f} ms",
+                )
+            )
+            log(out[-1])
     return out
+
+
+def _peer(name: str, variant: av.AttentionVariant, q, k, v, causal: bool) -> Callable[[], object] | None:
+    """A peer library's call on these inputs, or None (with a note) when it is not installed."""
+    from .baselines import get_baseline
+
+    baseline = get_baseline(name)
+    assert baseline is not None
+    reason = baseline.check(variant, q.device, q.dtype, q.shape[-1], False)
+    if reason is not None:
+        print(f"{name}: not compared ({reason})", file=sys.stderr)
+        return None
+    return _nograd(baseline.make(variant, q, k, v, causal).fn, q, k, v)
 
 
 def main(quick: bool = False, flex: bool = True) -> bool:
