@@ -77,6 +77,13 @@ def window_bounds(window: WindowArg, causal: bool) -> tuple[int, int]:
     return left, right
 
 
+def clamp_reach(left: int, right: int, nq: int, nk: int) -> tuple[int, int]:
+    """``(left, right)`` clamped to the sequences: with bottom-right alignment a reach of ``nk``
+    to the left or ``nq`` to the right already sees every key, so a wider one (up to any
+    Python int) gives the same mask while keeping index arithmetic inside int64."""
+    return min(left, nk), min(right, nq)
+
+
 def check_global_tokens(global_tokens: object) -> GlobalArg:
     """Validate the ``global_tokens`` option (count, positions, or bool mask) without knowing N."""
     if global_tokens is None:
@@ -132,7 +139,7 @@ def dense_mask(
     j = torch.arange(nk, device=device)[None, :]
     visible = torch.ones(nq, nk, dtype=torch.bool, device=device)
     if window is not None:
-        left, right = window_bounds(window, causal)
+        left, right = clamp_reach(*window_bounds(window, causal), nq, nk)
         visible = (j >= p - left) & (j <= p + right)
     if global_mask is not None:
         if nq != nk:
@@ -157,7 +164,7 @@ def visible_pairs(
     lo = torch.zeros_like(p)
     hi = torch.full_like(p, nk - 1)
     if window is not None:
-        left, right = window_bounds(window, causal)
+        left, right = clamp_reach(*window_bounds(window, causal), nq, nk)
         lo = (p - left).clamp(min=0)
         hi = (p + right).clamp(max=nk - 1)
     if causal:

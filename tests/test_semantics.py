@@ -277,3 +277,18 @@ def test_module_cross_attention_and_errors():
         av.AttentionLayer(32, 4, num_kv_heads=3)
     with pytest.raises(TypeError, match="unknown option"):
         av.AttentionLayer(32, 4, "full", window=3)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("window", [2**63 - 1, 2**63, 2**64, (2**70, 3), (1, 2**80)])
+def test_window_beyond_int64_is_clamped(window, causal):
+    """A reach wider than the sequences sees every key: the same as a window of N, on every CPU
+    backend and in flops(), however large the Python int (issue 14)."""
+    q, k, v = make_qkv(1, 2, 2, 16, 12, 8, dtype=torch.float64)
+    sw = av.SlidingWindowAttention(window)
+    wide = av.SlidingWindowAttention(tuple(min(w, 16) for w in window) if isinstance(window, tuple) else 16)
+    expected = wide.reference(q, k, v, causal=causal)
+    for backend in CPU_BACKENDS:
+        assert max_err(sw(q, k, v, causal=causal, backend=backend), expected) < 1e-12
+    assert sw.flops(q, k, v, causal=causal) == wide.flops(q, k, v, causal=causal)
+    assert int(sw.dense_mask(16, 12, causal).sum()) == int(wide.dense_mask(16, 12, causal).sum())
