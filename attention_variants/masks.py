@@ -89,6 +89,8 @@ def check_global_tokens(global_tokens: object) -> GlobalArg:
     if global_tokens is None:
         return None
     if isinstance(global_tokens, Tensor):
+        if global_tokens.is_meta:
+            raise ValueError("global_tokens must hold values (a bool mask or positions), got a meta tensor")
         if global_tokens.ndim != 1:
             raise ValueError(f"global_tokens as a tensor must be 1-D, got shape {tuple(global_tokens.shape)}")
         if global_tokens.dtype != torch.bool and (global_tokens.is_floating_point() or global_tokens.is_complex()):
@@ -106,11 +108,17 @@ def global_mask(global_tokens: GlobalArg, n: int, device: torch.device | str = "
     """Resolve ``global_tokens`` to a bool mask of shape ``(n,)``, or None when there are none."""
     if global_tokens is None:
         return None
+    if torch.device(device).type == "meta":
+        # Meta tensors hold no values; the positions do not depend on the data: resolve on the CPU.
+        mask = global_mask(global_tokens, n, "cpu")
+        return None if mask is None else mask.to(device)
     if isinstance(global_tokens, int):
         if global_tokens == 0:
             return None
+        if global_tokens > n:
+            raise ValueError(f"global_tokens={global_tokens} is more than the sequence length {n}")
         mask = torch.zeros(n, dtype=torch.bool, device=device)
-        mask[: min(global_tokens, n)] = True
+        mask[:global_tokens] = True
         return mask
     tokens = global_tokens.to(device)
     if tokens.dtype == torch.bool:

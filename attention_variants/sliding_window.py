@@ -80,6 +80,10 @@ register_backend(SlidingWindowAttention, "reference")(_reference)
 @register_backend(SlidingWindowAttention, "torch")
 def _sliding_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
     assert isinstance(variant, SlidingWindowAttention)
+    if q.is_meta:
+        # Meta tensors (shape inference) hold no values, and the blocked layout reads its masks:
+        # the dense formula gives the same shapes, dtype and autograd graph at no cost on meta.
+        return variant.dense(q, k, v, causal, scale, upcast=False)
     gm = variant.global_mask(q.shape[2], q.device) if q.shape[2] == k.shape[2] else None
     return banded_attention(q, k, v, variant.window, causal, scale, gm)
 

@@ -170,3 +170,17 @@ def test_reference_and_torch_take_float64():
     q, k, v = qkv(dtype=torch.float64)
     for backend in ("reference", "torch"):
         assert av.attention(q, k, v, backend=backend).dtype == torch.float64
+
+
+def test_global_token_count_beyond_the_sequence():
+    """An int count of global tokens beyond N raises, as a position beyond N does (issue 17)."""
+    q, k, v = qkv(nq=16, nk=16)
+    sw = av.SlidingWindowAttention(2, 100)
+    raises(ValueError, "global_tokens=100 is more than the sequence length 16", sw, q, k, v)
+    raises(ValueError, "global_tokens=100 is more than the sequence length 16", sw.flops, q, k, v)
+    raises(ValueError, "out of range for sequence length 16", av.SlidingWindowAttention(2, [100]), q, k, v)
+    assert av.SlidingWindowAttention(2, 16)(q, k, v).shape == (1, 4, 16, 16)  # every token: still valid
+
+
+def test_global_tokens_as_meta_tensor():
+    raises(ValueError, "global_tokens must hold values", av.SlidingWindowAttention, 2, torch.empty(4, device="meta"))
