@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -29,6 +30,11 @@ from .base import AttentionVariant, _shape, compute_dtype, register_backend, reg
 from .base import _reference_forward as _reference
 
 KERNELS = ("softmax", "relu")
+MAX_NUM_FEATURES = 1 << 20
+"""Upper bound on ``num_features``: the draw is one QR per ``head_dim`` features on the CPU and
+the projection ``m * head_dim * 8`` bytes (8 GiB at D = 1024); more features would take minutes
+and gigabytes before the first output. The Triton kernels take up to 1024."""
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
 RELU_EPS = 1e-3
 CHUNK = 128  # chunk length of the causal prefix form in the PyTorch backend
 
@@ -40,6 +46,8 @@ def draw_projection(num_features: int, head_dim: int, *, ortho: bool = True, see
     each row rescaled by an independent chi(head_dim) norm, so every row is marginally N(0, I).
     ``ortho=False``: i.i.d. N(0, I) rows.
     """
+    if head_dim == 0:
+        return torch.zeros(num_features, 0, dtype=torch.float64)  # q.k = 0: uniform attention, exactly
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if not ortho:
         return torch.randn(num_features, head_dim, generator=gen, dtype=torch.float64)
@@ -107,6 +115,33 @@ def feature_map(x: Tensor, w: Tensor, scale: float, kernel: str, is_query: bool)
     return key_features(x, ws, scale, kernel, key_shift(x, ws, scale, kernel))
 
 
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    lo, hi = SEED_RANGE
+    if not lo <= seed <= hi:
+        raise ValueError(f"seed must be an int in [-2**63, 2**64 - 1] (torch.Generator's range), got {seed}")
+    return int(seed)
+
+
+def _host_memory() -> int | None:
+    """Physical memory of this machine in bytes, None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_projection_memory(num_features: int, head_dim: int) -> None:
+    """Refuse a draw whose float64 projection alone exceeds this machine's memory."""
+    need, have = num_features * head_dim * 8, _host_memory()
+    if have is not None and need > have:
+        raise ValueError(
+            f"num_features={num_features} with head dim {head_dim} needs a {need / 2**30:.1f} GiB float64 "
+            f"projection, more than this machine's {have / 2**30:.1f} GiB of memory; use fewer features"
+        )
+
+
 class _SafeDiv(torch.autograd.Function):
     """``num / den`` with ``den (..., 1)``: rows with no visible key (den == 0, hence num == 0)
     give 0 and zero gradients. In the backward, ``den`` is floored at ``BACKWARD_DEN_FLOOR``:
@@ -143,11 +178,12 @@ class PerformerAttention(AttentionVariant):
     """FAVOR+ attention with ``num_features`` random features (see the module docstring).
 
     Args:
-        num_features: number of random features ``m`` (>= 1).
+        num_features: number of random features ``m``, 1 to ``2**20`` (and the float64
+            projection ``m * head_dim * 8`` bytes must fit in the machine's memory).
         kernel: ``"softmax"`` (positive random features) or ``"relu"``.
         ortho: orthogonal blocks with chi-distributed norms (True) or i.i.d. Gaussian rows.
-        seed: seed of the CPU draw; the same seed gives the same ``W`` on every backend,
-            device and dtype.
+        seed: seed of the CPU draw, an int in ``[-2**63, 2**64 - 1]``; the same seed gives the
+            same ``W`` on every backend, device and dtype.
         projection: a given ``W (m, D)``; overrides the draw (and ``num_features``).
     """
 
@@ -163,12 +199,16 @@ class PerformerAttention(AttentionVariant):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
+        if num_features > MAX_NUM_FEATURES:
+            raise ValueError(
+                f"num_features must be at most {MAX_NUM_FEATURES} (2**20), got {num_features}: the projection "
+                "is drawn on the CPU, num_features * head_dim * 8 bytes, before the first output"
+            )
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         if not isinstance(ortho, bool):
             raise TypeError(f"ortho must be a bool, got {type(ortho).__name__}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        seed = _check_seed(seed)
         if projection is not None:
             if not isinstance(projection, Tensor):
                 raise TypeError(f"projection must be a torch.Tensor, got {type(projection).__name__}")
@@ -206,7 +246,7 @@ class PerformerAttention(AttentionVariant):
         """Draw new random features (with ``seed``, or the next seed); returns ``self``."""
         if self.projection is not None:
             raise ValueError("this PerformerAttention was given a fixed projection; there is nothing to redraw")
-        self.seed = self.seed + 1 if seed is None else int(seed)
+        self.seed = _check_seed(self.seed + 1 if seed is None else seed)
         self._cache.clear()
         return self
 
@@ -218,6 +258,7 @@ class PerformerAttention(AttentionVariant):
             w = self.projection
         else:
             if head_dim not in self._cache:
+                _check_projection_memory(self.num_features, head_dim)
                 self._cache[head_dim] = draw_projection(self.num_features, head_dim, ortho=self.ortho, seed=self.seed)
             w = self._cache[head_dim]
         return w.to(device=device, dtype=dtype)

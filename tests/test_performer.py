@@ -126,3 +126,14 @@ def test_torch_backend_in_many_pieces(monkeypatch, causal, nq, nk):
     assert performer.piece_rows(4, 16) == 256
     q, k, v = make_qkv(1, 4, 2, nq, nk, 16)
     check_backend(av.PerformerAttention(num_features=16), "torch", q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_zero_head_dim_is_uniform_attention(causal):
+    """D = 0: q.k = 0, so the features are constant and the output is the mean of the visible
+    values, as full attention gives (issue 15)."""
+    q, k, v = make_qkv(1, 4, 2, 9, 7, 0, dv=5, dtype=torch.float64)
+    expected = av.FullAttention().reference(q, k, v, causal=causal)
+    for backend in ("reference", "torch"):
+        out = av.attention(q, k, v, "performer", causal=causal, backend=backend, num_features=16)
+        assert out.shape == (1, 4, 9, 5) and max_err(out, expected) < 1e-12
