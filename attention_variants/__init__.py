@@ -20,7 +20,7 @@ from .base import (
 )
 from .full import FullAttention
 from .module import AttentionLayer
-from .performer import PerformerAttention, draw_projection
+from .performer import PerformerAttention, PrecisionWarning, draw_projection
 from .sliding_window import SlidingWindowAttention
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "Backend",
     "FullAttention",
     "PerformerAttention",
+    "PrecisionWarning",
     "SlidingWindowAttention",
     "attention",
     "draw_projection",

@@ -81,11 +81,20 @@ def window_bounds(window: WindowArg, causal: bool) -> tuple[int, int]:
     return left, right
 
 
+def clamp_reach(left: int, right: int, nq: int, nk: int) -> tuple[int, int]:
+    """``(left, right)`` clamped to the sequences: with bottom-right alignment a reach of ``nk``
+    to the left or ``nq`` to the right already sees every key, so a wider one (up to any
+    Python int) gives the same mask while keeping index arithmetic inside int64."""
+    return min(left, nk), min(right, nq)
+
+
 def check_global_tokens(global_tokens: object) -> GlobalArg:
     """Validate the ``global_tokens`` option (count, positions, or bool mask) without knowing N."""
     if global_tokens is None:
         return None
     if isinstance(global_tokens, Tensor):
+        if global_tokens.is_meta:
+            raise ValueError("global_tokens must hold values (a bool mask or positions), got a meta tensor")
         if global_tokens.ndim != 1:
             raise ValueError(f"global_tokens as a tensor must be 1-D, got shape {tuple(global_tokens.shape)}")
         if global_tokens.dtype != torch.bool and (global_tokens.is_floating_point() or global_tokens.is_complex()):
@@ -103,11 +112,17 @@ def global_mask(global_tokens: GlobalArg, n: int, device: torch.device | str = "
     """Resolve ``global_tokens`` to a bool mask of shape ``(n,)``, or None when there are none."""
     if global_tokens is None:
         return None
+    if torch.device(device).type == "meta":
+        # Meta tensors hold no values; the positions do not depend on the data: resolve on the CPU.
+        mask = global_mask(global_tokens, n, "cpu")
+        return None if mask is None else mask.to(device)
     if isinstance(global_tokens, int):
         if global_tokens == 0:
             return None
+        if global_tokens > n:
+            raise ValueError(f"global_tokens={global_tokens} is more than the sequence length {n}")
         mask = torch.zeros(n, dtype=torch.bool, device=device)
-        mask[: min(global_tokens, n)] = True
+        mask[:global_tokens] = True
         return mask
     tokens = global_tokens.to(device)
     if tokens.dtype == torch.bool:
@@ -144,9 +159,7 @@ def mask_mod(
     off = nk - nq
     bounds = None
     if window is not None:
-        left, right = window_bounds(window, causal)
-        # A reach beyond the sequence sees nothing more; clamping keeps the index arithmetic in int64.
-        bounds = (min(left, nq + nk), min(right, nq + nk))
+        bounds = clamp_reach(*window_bounds(window, causal), nq, nk)
 
     def mod(qi: Tensor, ki: Tensor) -> Tensor:
         p = qi + off
@@ -200,7 +213,7 @@ def visible_pairs(
     lo = torch.zeros_like(p)
     hi = torch.full_like(p, nk - 1)
     if window is not None:
-        left, right = window_bounds(window, causal)
+        left, right = clamp_reach(*window_bounds(window, causal), nq, nk)
         lo = (p - left).clamp(min=0)
         hi = (p + right).clamp(max=nk - 1)
     if causal:

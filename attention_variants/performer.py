@@ -5,20 +5,37 @@ prefix form) and Triton backends side by side.
 
 With ``x' = x * scale ** 0.5`` and a projection ``W (m, D)``::
 
-    phi(x) = exp(W x' - |x'|^2 / 2 - c) / sqrt(m)        (kernel="softmax")
+    phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m)             (kernel="softmax")
     phi(x) = relu(W x') + 1e-3                            (kernel="relu")
     out_i  = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j)   over visible j
 
-``c`` is the maximum of the exponent ``W x' - |x'|^2 / 2``: per row for queries, and one
-value over all keys and features of a (batch, key head) for keys. Both cancel exactly in the
-ratio, so they are treated as constants in the backward pass. ``E[phi(q).phi(k)]`` equals
-``exp(q.k * scale)`` up to those constants, so the output approximates softmax attention.
+``E[phi(q).phi(k)]`` equals ``exp(q.k * scale)``, so the output approximates softmax attention.
+
+Stabilisers. The exponents are of the order of ``|x'|^2``, far outside the range of ``exp`` in
+float32 at large input norms, so both feature maps are shifted. Keys use one shift per feature
+``f`` (per batch and key head), ``c_f = max_j (W k_j' - |k_j'|^2 / 2)_f``: every feature column
+of ``phi(K)`` peaks at exactly 1. Queries add ``c_f`` back to their exponents, then subtract
+their row maximum ``r_i = max_f (W q_i' + c)_f``, so the product of features is unchanged but for
+the row constant ``exp(-r_i)``, which cancels in the ratio::
+
+    phi_k[j, f] = exp((W k_j' - |k_j'|^2 / 2)_f - c_f)
+    phi_q[i, f] = exp((W q_i')_f + c_f - r_i) / sqrt(m)        (|q_i'|^2 / 2 cancels with r_i)
+
+The largest term ``phi_q[i, f] phi_k[j, f]`` of every row is then exactly ``1 / sqrt(m)`` and
+both its factors are at least that large, so a term is lost to underflow only when it is below
+about ``1e-38`` (float32) of its row's largest: non-causal float32 follows float64 at any input
+norm. (With one key shift per (batch, head), as before, the key features of most keys underflowed
+at input standard deviation 30, D = 64.) A causal row sees only a prefix of the keys, whose
+largest term can be far below ``1 / sqrt(m)``: see ``PerformerAttention`` for that range.
+Shifts cancel exactly, so they are treated as constants in the backward pass.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,6 +45,11 @@ from . import masks
 from .base import AttentionVariant, SweepOption, _shape, compute_dtype, register_backend, register_variant
 
 KERNELS = ("softmax", "relu")
+MAX_NUM_FEATURES = 1 << 20
+"""Upper bound on ``num_features``: the draw is one QR per ``head_dim`` features on the CPU and
+the projection ``m * head_dim * 8`` bytes (8 GiB at D = 1024); more features would take minutes
+and gigabytes before the first output. The Triton kernels take up to 1024."""
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
 RELU_EPS = 1e-3
 CHUNK = 128  # chunk length of the causal prefix form in the PyTorch backend
 
@@ -39,6 +61,8 @@ def draw_projection(num_features: int, head_dim: int, *, ortho: bool = True, see
     each row rescaled by an independent chi(head_dim) norm, so every row is marginally N(0, I).
     ``ortho=False``: i.i.d. N(0, I) rows.
     """
+    if head_dim == 0:
+        return torch.zeros(num_features, 0, dtype=torch.float64)  # q.k = 0: uniform attention, exactly
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if not ortho:
         return torch.randn(num_features, head_dim, generator=gen, dtype=torch.float64)
@@ -58,52 +82,91 @@ def _project(x: Tensor, ws: Tensor) -> Tensor:
     return torch.matmul(x.to(ws.dtype), ws.T)  # W x', with ws = W * sqrt(scale)
 
 
-def query_features(x: Tensor, ws: Tensor, scale: float, kernel: str) -> Tensor:
-    """``phi(q)`` for ``x (..., N, D)`` and the scaled projection ``ws = W * sqrt(scale)``."""
+def _key_logits(x: Tensor, ws: Tensor, scale: float) -> Tensor:
+    """The key exponents ``W k' - |k'|^2 / 2``, ``(..., N, m)``: one expression for
+    :func:`key_shift` and :func:`key_features`, so the shifted maximum is exactly 0."""
+    x = x.to(ws.dtype)
+    return torch.matmul(x, ws.T).sub_((0.5 * scale) * x.square().sum(dim=-1, keepdim=True))
+
+
+def query_features(x: Tensor, ws: Tensor, scale: float, kernel: str, shift: Tensor | None = None) -> Tensor:
+    """``phi(q)`` for ``x (..., N, D)`` and the scaled projection ``ws = W * sqrt(scale)``.
+
+    ``shift`` is the per-feature key shift of :func:`key_shift`, repeated to the query heads
+    (``(..., 1, m)``); None gives the features of the definition up to a per-row constant.
+    """
     proj = _project(x, ws)
     if kernel == "relu":
         return torch.relu(proj) + RELU_EPS
-    # exp(W x' - |x'|^2/2 - c) / sqrt(m) with c the row max of the exponent: since |x'|^2/2 is
-    # constant along a row, that is exp(W x' - rowmax(W x')) / sqrt(m): one shift, one exp.
+    # exp(W x' + c - |x'|^2/2 - r) / sqrt(m) with r the row max: |x'|^2/2 is constant along a
+    # row and cancels with r, leaving exp(W x' + c - rowmax(W x' + c)) / sqrt(m).
+    if shift is not None:
+        proj = proj.add_(shift)
     with torch.no_grad():
-        shift = proj.amax(dim=-1, keepdim=True) + 0.5 * math.log(ws.shape[0])
-    return torch.exp(proj - shift)
+        row = proj.amax(dim=-1, keepdim=True) + 0.5 * math.log(ws.shape[0])
+    return proj.sub_(row).exp_()
 
 
 def key_shift(k: Tensor, ws: Tensor, scale: float, kernel: str, rows: int | None = None) -> Tensor | None:
-    """``c + log(sqrt(m))`` per (batch, key head), ``(B, Hk, 1, 1)``: c is the max of the exponent
-    ``W k' - |k'|^2/2`` over all keys and features. Computed ``rows`` keys at a time, no grad."""
+    """The per-feature key shift ``c (..., 1, m)``: the max of the exponent ``W k' - |k'|^2/2``
+    over the keys, for each feature. Computed ``rows`` keys at a time, no grad."""
     if kernel == "relu":
         return None
     n = k.shape[-2]
     rows = rows or max(n, 1)
     with torch.no_grad():
-        best = None
+        best = k.new_zeros(*k.shape[:-2], 1, ws.shape[0], dtype=ws.dtype) if n == 0 else None
         for start in range(0, n, rows):
-            x = k[..., start : start + rows, :].to(ws.dtype)
-            expo = _project(x, ws).amax(dim=-1) - (0.5 * scale) * x.square().sum(dim=-1)
-            piece = expo.amax(dim=-1, keepdim=True)[..., None]
+            piece = _key_logits(k[..., start : start + rows, :], ws, scale).amax(dim=-2, keepdim=True)
             best = piece if best is None else torch.maximum(best, piece)
         assert best is not None
-        return best + 0.5 * math.log(ws.shape[0])
+        return best
 
 
 def key_features(x: Tensor, ws: Tensor, scale: float, kernel: str, shift: Tensor | None) -> Tensor:
     """``phi(k)`` for ``x (B, Hk, N, D)`` with the shift of :func:`key_shift`."""
-    proj = _project(x, ws)
     if kernel == "relu":
-        return torch.relu(proj) + RELU_EPS
+        return torch.relu(_project(x, ws)) + RELU_EPS
     assert shift is not None
-    half_sq = (0.5 * scale) * x.to(ws.dtype).square().sum(dim=-1, keepdim=True)
-    return torch.exp(proj - (half_sq + shift))
+    return _key_logits(x, ws, scale).sub_(shift).exp_()
 
 
 def feature_map(x: Tensor, w: Tensor, scale: float, kernel: str, is_query: bool) -> Tensor:
-    """FAVOR+ features ``phi(x)``: ``x (..., N, D)``, ``w (m, D)`` -> ``(..., N, m)`` in ``w``'s dtype."""
+    """FAVOR+ features ``phi(x)``: ``x (..., N, D)``, ``w (m, D)`` -> ``(..., N, m)`` in ``w``'s dtype.
+
+    Each side on its own, up to constants: queries per row, keys per feature (see the module
+    docstring; the attention itself also adds the key shift to the query exponents)."""
     ws = w * scale**0.5
     if is_query:
         return query_features(x, ws, scale, kernel)
     return key_features(x, ws, scale, kernel, key_shift(x, ws, scale, kernel))
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    lo, hi = SEED_RANGE
+    if not lo <= seed <= hi:
+        raise ValueError(f"seed must be an int in [-2**63, 2**64 - 1] (torch.Generator's range), got {seed}")
+    return int(seed)
+
+
+def _host_memory() -> int | None:
+    """Physical memory of this machine in bytes, None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_projection_memory(num_features: int, head_dim: int) -> None:
+    """Refuse a draw whose float64 projection alone exceeds this machine's memory."""
+    need, have = num_features * head_dim * 8, _host_memory()
+    if have is not None and need > have:
+        raise ValueError(
+            f"num_features={num_features} with head dim {head_dim} needs a {need / 2**30:.1f} GiB float64 "
+            f"projection, more than this machine's {have / 2**30:.1f} GiB of memory; use fewer features"
+        )
 
 
 class _SafeDiv(torch.autograd.Function):
@@ -142,12 +205,24 @@ class PerformerAttention(AttentionVariant):
     """FAVOR+ attention with ``num_features`` random features (see the module docstring).
 
     Args:
-        num_features: number of random features ``m`` (>= 1).
+        num_features: number of random features ``m``, 1 to ``2**20`` (and the float64
+            projection ``m * head_dim * 8`` bytes must fit in the machine's memory).
         kernel: ``"softmax"`` (positive random features) or ``"relu"``.
         ortho: orthogonal blocks with chi-distributed norms (True) or i.i.d. Gaussian rows.
-        seed: seed of the CPU draw; the same seed gives the same ``W`` on every backend,
-            device and dtype.
+        seed: seed of the CPU draw, an int in ``[-2**63, 2**64 - 1]``; the same seed gives the
+            same ``W`` on every backend, device and dtype.
         projection: a given ``W (m, D)``; overrides the draw (and ``num_features``).
+
+    Precision (``kernel="softmax"``). Non-causal calls follow the float64 computation to float32
+    rounding at any input norm (per-feature key stabiliser, see the module docstring). Causal
+    calls need the key exponents ``W k' - scale * |k|^2 / 2`` to vary across the keys by less
+    than the compute dtype's exponent range (about 87 in float32, 708 in float64): a causal row
+    sees only a prefix of the keys, and keys far below the largest underflow. Measured against an
+    exact log-space evaluation (D = 64, N = 256, m = 128, three draws), float32: 2e-6 relative
+    error up to input standard deviation 7, 1e-2 to 0.15 at 8 to 10, about 0.4 at 30; float64:
+    4e-15 up to 10, 0.1 to 0.25 at 30. Such calls emit a :class:`PrecisionWarning`. Independently,
+    ``scale * |x|^2 / 2`` must be finite in the compute dtype (float32: below 3.4e38), or the
+    outputs are NaN.
     """
 
     sweep_options = (SweepOption("num_features", 128, "number of random features m", "m"),)
@@ -167,12 +242,16 @@ class PerformerAttention(AttentionVariant):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
+        if num_features > MAX_NUM_FEATURES:
+            raise ValueError(
+                f"num_features must be at most {MAX_NUM_FEATURES} (2**20), got {num_features}: the projection "
+                "is drawn on the CPU, num_features * head_dim * 8 bytes, before the first output"
+            )
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         if not isinstance(ortho, bool):
             raise TypeError(f"ortho must be a bool, got {type(ortho).__name__}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        seed = _check_seed(seed)
         if projection is not None:
             if not isinstance(projection, Tensor):
                 raise TypeError(f"projection must be a torch.Tensor, got {type(projection).__name__}")
@@ -210,7 +289,7 @@ class PerformerAttention(AttentionVariant):
         """Draw new random features (with ``seed``, or the next seed); returns ``self``."""
         if self.projection is not None:
             raise ValueError("this PerformerAttention was given a fixed projection; there is nothing to redraw")
-        self.seed = self.seed + 1 if seed is None else int(seed)
+        self.seed = _check_seed(self.seed + 1 if seed is None else seed)
         self._cache.clear()
         return self
 
@@ -222,6 +301,7 @@ class PerformerAttention(AttentionVariant):
             w = self.projection
         else:
             if head_dim not in self._cache:
+                _check_projection_memory(self.num_features, head_dim)
                 self._cache[head_dim] = draw_projection(self.num_features, head_dim, ortho=self.ortho, seed=self.seed)
             w = self._cache[head_dim]
         return w.to(device=device, dtype=dtype)
@@ -241,13 +321,17 @@ class PerformerAttention(AttentionVariant):
     def dense(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, upcast: bool = True) -> Tensor:
         dtype = compute_dtype(q.dtype) if upcast else q.dtype
         groups = q.shape[1] // k.shape[1]
-        phi_q = self.features(q, scale, True, dtype)
-        phi_k = self.features(k, scale, False, dtype).repeat_interleave(groups, dim=1)
+        ws = self.projection_matrix(q.shape[-1], q.device, dtype) * scale**0.5
+        shift = key_shift(k, ws, scale, self.kernel)
+        phi_k = key_features(k, ws, scale, self.kernel, shift).repeat_interleave(groups, dim=1)
+        phi_q = query_features(q, ws, scale, self.kernel, _repeat_heads(shift, groups))
         a = torch.matmul(phi_q, phi_k.transpose(-1, -2))
         if causal:
             a = a * masks.dense_mask(q.shape[2], k.shape[2], causal=True, device=q.device)
         num = torch.matmul(a, v.to(dtype).repeat_interleave(groups, dim=1))
         den = a.sum(dim=-1, keepdim=True)
+        if causal and upcast and self.kernel == "softmax":  # rows before the first key see none
+            warn_if_underflow(den[:, :, max(0, q.shape[2] - k.shape[2]) :].detach().amin())
         return _safe_div(num, den).to(q.dtype)
 
     def flops(
@@ -279,9 +363,10 @@ def _performer_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor,
     ws = variant.projection_matrix(q.shape[-1], q.device, dtype) * scale**0.5
     rows = piece_rows(q.shape[0] * q.shape[1], variant.num_features)
     shift = key_shift(k, ws, scale, variant.kernel, rows)
+    q_shift = _repeat_heads(shift, q.shape[1] // k.shape[1])
 
     def phi_q(start: int, end: int) -> Tensor:
-        return query_features(q[:, :, start:end], ws, scale, variant.kernel)
+        return query_features(q[:, :, start:end], ws, scale, variant.kernel, q_shift)
 
     def phi_k(start: int, end: int) -> Tensor:
         return key_features(k[:, :, start:end], ws, scale, variant.kernel, shift)
@@ -320,6 +405,11 @@ def piece_rows(heads: int, num_features: int) -> int:
     return max(CHUNK, rows // CHUNK * CHUNK)
 
 
+def _repeat_heads(shift: Tensor | None, groups: int) -> Tensor | None:
+    """The key shift ``(B, Hk, 1, m)`` for the query heads, ``(B, Hk * groups, 1, m)``."""
+    return shift if shift is None or groups == 1 else shift.repeat_interleave(groups, dim=1)
+
+
 def _group(phi_q: Tensor, hk: int) -> Tensor:
     """``(B, H, N, m) -> (B, Hk, G, N, m)``: query heads grouped under their key head."""
     b, h, n, m = phi_q.shape
@@ -333,6 +423,38 @@ def _with_ones(v: Tensor) -> Tensor:
 
 def _normalise(num_den: Tensor) -> Tensor:
     return _safe_div(num_den[..., :-1], num_den[..., -1:])
+
+
+class PrecisionWarning(RuntimeWarning):
+    """A causal Performer call whose feature exponents span more than its compute dtype resolves."""
+
+
+def warn_if_underflow(den_min: Tensor) -> None:
+    """Warn when a causal row's normaliser ``den_min`` (the smallest over rows that see a key) is
+    below the dtype's smallest normal number: that row's terms are subnormal or lost to underflow.
+
+    Non-causal rows never get there: the largest term of every row is exactly ``1 / sqrt(m)``.
+    A causal row only sees a prefix of the keys, while the key shift is the maximum over all of
+    them; when key exponents differ by more than the dtype's range (about 87 in float32, 708 in
+    float64), the keys of early rows underflow. Measured (float32, D = 64, N = 256, m = 128, input
+    standard deviations 5 to 9): rows off by more than 1e-4 all had normalisers below 1e-43, and
+    rows with normalisers down to 1e-41 were still at float32 rounding, so this floor leaves
+    a margin of about five orders of magnitude.
+    """
+    if den_min.is_meta or den_min.numel() == 0:
+        return
+    floor = torch.finfo(den_min.dtype).tiny
+    den = float(den_min)
+    if den < floor:  # False for NaN
+        warnings.warn(
+            f"causal Performer in {den_min.dtype}: a row's normaliser is {den:.3g}, below {floor:.3g}: "
+            f"the key exponents (about scale * |k|^2 / 2) vary across the keys by more than {den_min.dtype} "
+            "resolves, so the keys of early rows underflow and those rows are inaccurate. Smaller norms or "
+            "scale help (float64 resolves about 8 times more); non-causal calls are not affected "
+            "(see the PerformerAttention docstring).",
+            PrecisionWarning,
+            stacklevel=5,  # the caller of AttentionVariant.__call__
+        )
 
 
 FeatureFn = Callable[[int, int], Tensor]
@@ -360,6 +482,7 @@ def favor_causal(phi_q: FeatureFn, phi_k: FeatureFn, v1: Tensor, h: int, nq: int
     """Causal (bottom-right) FAVOR+, piece by piece with a running state (arguments as
     :func:`favor_noncausal`). Within a piece: chunks of ``CHUNK``, exact inside a chunk, prefix
     states across chunks. No N x m x Dv tensor; O(rows (m + CHUNK) + (rows / CHUNK) m Dv) working memory.
+    Warns when a row's normaliser underflows (:func:`warn_if_underflow`).
     """
     b, hk, nk, dv1 = v1.shape
     off = nk - nq
@@ -373,16 +496,21 @@ def favor_causal(phi_q: FeatureFn, phi_k: FeatureFn, v1: Tensor, h: int, nq: int
     for s in range(0, off, rows):
         e = min(off, s + rows)
         state = state + torch.matmul(phi_k(s, e).transpose(-1, -2), v1[:, :, s:e])
+    dens: list[Tensor] = []
     for s in range(0, nq - q0, rows):
         e = min(nq - q0, s + rows)
-        out, state = _causal_piece(phi_q(q0 + s, q0 + e), phi_k(off + s, off + e), v1[:, :, off + s : off + e], state)
+        pq = phi_q(q0 + s, q0 + e)
+        out, state = _causal_piece(pq, phi_k(off + s, off + e), v1[:, :, off + s : off + e], state, dens)
         outs.append(out)
+    if dens:
+        warn_if_underflow(torch.stack(dens).amin())
     return torch.cat(outs, dim=2)
 
 
-def _causal_piece(pq: Tensor, pk: Tensor, pv: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+def _causal_piece(pq: Tensor, pk: Tensor, pv: Tensor, state: Tensor, dens: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Causal FAVOR+ on aligned rows: ``pq (B,H,n,m)``, ``pk (B,Hk,n,m)``, ``pv (B,Hk,n,Dv+1)``,
-    ``state (B,Hk,m,Dv+1)`` (or broadcastable) from earlier keys. Returns ``(out, new state)``."""
+    ``state (B,Hk,m,Dv+1)`` (or broadcastable) from earlier keys. Returns ``(out, new state)``
+    and appends the smallest normaliser of the piece to ``dens``."""
     b, h, n, m = pq.shape
     hk, dv1 = pk.shape[1], pv.shape[-1]
     c = min(CHUNK, n)
@@ -398,6 +526,6 @@ def _causal_piece(pq: Tensor, pk: Tensor, pv: Tensor, state: Tensor) -> tuple[Te
     states = torch.cat([state.expand(b, hk, m, dv1)[:, :, None], prefix[:, :, :-1] + state[:, :, None]], dim=2)
     num_den = torch.matmul(pq, states[:, :, None])  # (B, Hk, G, nc, c, Dv + 1)
     a = torch.matmul(pq, pk[:, :, None].transpose(-1, -2)).tril_()  # (B, Hk, G, nc, c, c), causal
-    num_den = num_den + torch.matmul(a, pv[:, :, None])
-    out = _normalise(num_den).reshape(b, h, nc * c, dv1 - 1)[:, :, :n]
-    return out, prefix[:, :, -1] + state
+    num_den = (num_den + torch.matmul(a, pv[:, :, None])).reshape(b, h, nc * c, dv1)[:, :, :n]
+    dens.append(num_den[..., -1].detach().amin())
+    return _normalise(num_den), prefix[:, :, -1] + state

@@ -79,6 +79,10 @@ class SlidingWindowAttention(AttentionVariant):
 @register_backend(SlidingWindowAttention, "torch")
 def _sliding_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
     assert isinstance(variant, SlidingWindowAttention)
+    if q.is_meta:
+        # Meta tensors (shape inference) hold no values, and the blocked layout reads its masks:
+        # the dense formula gives the same shapes, dtype and autograd graph at no cost on meta.
+        return variant.dense(q, k, v, causal, scale, upcast=False)
     gm = variant.global_mask(q.shape[2], q.device) if q.shape[2] == k.shape[2] else None
     return banded_attention(q, k, v, variant.window, causal, scale, gm)
 
@@ -89,7 +93,7 @@ def _sliding_triton(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, 
 
     assert isinstance(variant, SlidingWindowAttention)
     gm = variant.global_mask(q.shape[2], q.device) if q.shape[2] == k.shape[2] else None
-    window = masks.window_bounds(variant.window, causal)
+    window = masks.clamp_reach(*masks.window_bounds(variant.window, causal), q.shape[2], k.shape[2])
     return flash_attention(q, k, v, causal=causal, scale=scale, window=window, global_mask=gm)
 
 
@@ -161,9 +165,9 @@ def banded_attention(
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     groups = h // hk
     off = nk - nq
-    left, right = masks.window_bounds(window, causal)
     # A reach beyond the key range sees nothing more: clamp it so the layout stays small.
-    lay = _band_layout(nq, nk, min(left, nk), min(right, nq), q.device, q.dtype)
+    left, right = masks.clamp_reach(*masks.window_bounds(window, causal), nq, nk)
+    lay = _band_layout(nq, nk, left, right, q.device, q.dtype)
     bq, nb, span = lay.block, lay.num_blocks, lay.span
 
     def windows(x: Tensor) -> Tensor:  # (B, Hk, N, E) -> (B, Hk, nb, span, E), a strided view

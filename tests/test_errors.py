@@ -170,3 +170,59 @@ def test_reference_and_torch_take_float64():
     q, k, v = qkv(dtype=torch.float64)
     for backend in ("reference", "torch"):
         assert av.attention(q, k, v, backend=backend).dtype == torch.float64
+
+
+def test_global_token_count_beyond_the_sequence():
+    """An int count of global tokens beyond N raises, as a position beyond N does (issue 17)."""
+    q, k, v = qkv(nq=16, nk=16)
+    sw = av.SlidingWindowAttention(2, 100)
+    raises(ValueError, "global_tokens=100 is more than the sequence length 16", sw, q, k, v)
+    raises(ValueError, "global_tokens=100 is more than the sequence length 16", sw.flops, q, k, v)
+    raises(ValueError, "out of range for sequence length 16", av.SlidingWindowAttention(2, [100]), q, k, v)
+    assert av.SlidingWindowAttention(2, 16)(q, k, v).shape == (1, 4, 16, 16)  # every token: still valid
+
+
+def test_global_tokens_as_meta_tensor():
+    raises(ValueError, "global_tokens must hold values", av.SlidingWindowAttention, 2, torch.empty(4, device="meta"))
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**70, -(2**63) - 1])
+def test_seed_out_of_range_at_construction(seed):
+    """A seed torch.Generator cannot take is refused when built, naming seed (issue 18)."""
+    raises(
+        ValueError,
+        f"seed must be an int in [-2**63, 2**64 - 1] (torch.Generator's range), got {seed}",
+        av.PerformerAttention,
+        16,
+        seed=seed,
+    )
+    raises(ValueError, "seed must be an int in", av.get_variant, "performer", seed=seed)
+    raises(ValueError, "seed must be an int in", av.PerformerAttention(16).redraw, seed)
+    raises(TypeError, "seed must be an int", av.PerformerAttention(16).redraw, "1")
+
+
+def test_seed_extremes_still_work():
+    q, k, v = qkv(d=16)
+    for seed in (2**64 - 1, -(2**63)):
+        assert torch.isfinite(av.PerformerAttention(8, seed=seed)(q, k, v)).all()
+    raises(ValueError, "seed must be an int in", av.PerformerAttention(8, seed=2**64 - 1).redraw)
+
+
+def test_num_features_bounded(monkeypatch):
+    """More features than can be drawn and held is refused at once, naming num_features (issue 19)."""
+    from attention_variants import performer
+
+    raises(ValueError, "num_features must be at most 1048576 (2**20), got 100000000", av.PerformerAttention, 10**8)
+    assert av.PerformerAttention(2**20).num_features == 2**20
+    # The float64 projection m * D * 8 bytes must fit in memory: checked before the draw.
+    monkeypatch.setattr(performer, "_host_memory", lambda: 2**30)
+    monkeypatch.setattr(performer, "draw_projection", lambda *a, **kw: pytest.fail("drew the projection"))
+    q, k, v = qkv(d=256)
+    raises(
+        ValueError,
+        "num_features=1048576 with head dim 256 needs a 2.0 GiB float64 projection, more than this machine's 1.0 GiB",
+        av.PerformerAttention(2**20),
+        q,
+        k,
+        v,
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import check_backend, make_qkv, max_err
@@ -126,3 +128,63 @@ def test_torch_backend_in_many_pieces(monkeypatch, causal, nq, nk):
     assert performer.piece_rows(4, 16) == 256
     q, k, v = make_qkv(1, 4, 2, nq, nk, 16)
     check_backend(av.PerformerAttention(num_features=16), "torch", q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_zero_head_dim_is_uniform_attention(causal):
+    """D = 0: q.k = 0, so the features are constant and the output is the mean of the visible
+    values, as full attention gives (issue 15)."""
+    q, k, v = make_qkv(1, 4, 2, 9, 7, 0, dv=5, dtype=torch.float64)
+    expected = av.FullAttention().reference(q, k, v, causal=causal)
+    for backend in ("reference", "torch"):
+        out = av.attention(q, k, v, "performer", causal=causal, backend=backend, num_features=16)
+        assert out.shape == (1, 4, 9, 5) and max_err(out, expected) < 1e-12
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_large_norms_low_precision_follows_float64(backend):
+    """Issue 20: inputs of standard deviation 30 at D = 64 put the key exponents hundreds apart.
+    With one key stabiliser per (batch, head) most key features underflowed in float32 (relative
+    error 0.69 against float64); the per-feature stabiliser keeps float32 at its rounding."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 256, 64, generator=gen, dtype=torch.float64) * 30 for _ in range(2))
+    v = torch.randn(1, 2, 256, 64, generator=gen, dtype=torch.float64)
+    p = av.PerformerAttention(num_features=128)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)):
+        qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+        ref = p(qd.double(), kd.double(), vd.double(), backend="reference")  # the same rounded inputs
+        assert _rel(p(qd, kd, vd, backend=backend), ref) < tol, dtype
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("scale", [1e6, 1e20, 1e30])
+def test_huge_scale_stays_finite(scale, causal):
+    """Issue 20: scale >= 1e20 gave all-NaN (and 1e6 a relative error of 0.5): the key exponents
+    now subtract their own maximum, so the largest is exactly 0 whatever its magnitude."""
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16)
+    p = av.PerformerAttention(num_features=32)
+    with warnings.catch_warnings():
+        # Causal: the early rows lose keys to underflow (in float64 too) and say so, see below.
+        warnings.simplefilter("ignore" if causal else "error", av.PrecisionWarning)
+        ref = p(q.double(), k.double(), v.double(), causal=causal, scale=scale, backend="reference")
+        for backend in ("reference", "torch"):
+            out = p(q, k, v, causal=causal, scale=scale, backend=backend)
+            assert torch.isfinite(out).all() and _rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_causal_underflow_warns(backend):
+    """Causal rows see a prefix of the keys, which the per-feature shift (a maximum over all keys)
+    cannot follow: at large norms early keys underflow. That is documented and warned about."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 64, generator=gen) * s for s in (30, 30, 1))
+    with pytest.warns(av.PrecisionWarning, match="causal Performer in torch.float32"):
+        av.attention(q, k, v, "performer", causal=True, backend=backend, num_features=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        av.attention(q / 30, k / 30, v, "performer", causal=True, backend=backend, num_features=64)
+        av.attention(q, k, v, "performer", causal=False, backend=backend, num_features=64)

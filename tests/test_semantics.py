@@ -277,3 +277,43 @@ def test_module_cross_attention_and_errors():
         av.AttentionLayer(32, 4, num_kv_heads=3)
     with pytest.raises(TypeError, match="unknown option"):
         av.AttentionLayer(32, 4, "full", window=3)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("window", [2**63 - 1, 2**63, 2**64, (2**70, 3), (1, 2**80)])
+def test_window_beyond_int64_is_clamped(window, causal):
+    """A reach wider than the sequences sees every key: the same as a window of N, on every CPU
+    backend and in flops(), however large the Python int (issue 14)."""
+    q, k, v = make_qkv(1, 2, 2, 16, 12, 8, dtype=torch.float64)
+    sw = av.SlidingWindowAttention(window)
+    wide = av.SlidingWindowAttention(tuple(min(w, 16) for w in window) if isinstance(window, tuple) else 16)
+    expected = wide.reference(q, k, v, causal=causal)
+    for backend in CPU_BACKENDS:
+        assert max_err(sw(q, k, v, causal=causal, backend=backend), expected) < 1e-12
+    assert sw.flops(q, k, v, causal=causal) == wide.flops(q, k, v, causal=causal)
+    assert int(sw.dense_mask(16, 12, causal).sum()) == int(wide.dense_mask(16, 12, causal).sum())
+
+
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+@pytest.mark.parametrize(
+    ("variant", "opts"),
+    [
+        ("full", {}),
+        ("sliding_window", {"window": 2}),
+        ("sliding_window", {"window": (3, 1), "global_tokens": 1}),
+        ("sliding_window", {"window": 2, "global_tokens": [0, 5]}),
+        ("sliding_window", {"window": 2, "global_tokens": torch.tensor([True, False] * 4)}),
+        ("performer", {"num_features": 8}),
+    ],
+)
+def test_meta_tensors_give_shapes(variant, opts, backend):
+    """Meta tensors (shape inference, no data) give a meta output of the right shape and dtype,
+    and a backward pass (issue 16)."""
+    for causal in (False, True):
+        q = torch.empty(2, 4, 8, 16, device="meta", dtype=torch.float16, requires_grad=True)
+        k = torch.empty(2, 2, 8, 16, device="meta", dtype=torch.float16)
+        v = torch.empty(2, 2, 8, 12, device="meta", dtype=torch.float16)
+        out = av.attention(q, k, v, variant, causal=causal, backend=backend, **opts)
+        assert out.is_meta and out.shape == (2, 4, 8, 12) and out.dtype == torch.float16
+        out.sum().backward()
+        assert q.grad is not None and q.grad.shape == q.shape
