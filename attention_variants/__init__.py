@@ -7,9 +7,11 @@ PyTorch and Triton backends.
 
 # Variants register in this order, which list_variants() and the harness report.
 from . import full, sliding_window, performer  # noqa: I001, F401
+from . import masks
 from .base import (
     AttentionVariant,
     Backend,
+    SweepOption,
     attention,
     get_variant,
     list_backends,
@@ -31,11 +33,13 @@ __all__ = [
     "PerformerAttention",
     "PrecisionWarning",
     "SlidingWindowAttention",
+    "SweepOption",
     "attention",
     "draw_projection",
     "get_variant",
     "list_backends",
     "list_variants",
+    "masks",
     "register_backend",
     "register_variant",
     "variant_class",

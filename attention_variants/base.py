@@ -9,6 +9,7 @@ and the benchmark harness all iterate this registry.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -268,12 +269,16 @@ class AttentionVariant:
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
-        """Constructor options this variant accepts (used to reject unknown ones)."""
-        return ()
+        """Constructor options this variant accepts (used to reject unknown ones): by default the
+        named parameters of its ``__init__``."""
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        params = inspect.signature(cls.__init__).parameters.values()
+        return tuple(p.name for p in params if p.name != "self" and p.kind in kinds)
 
     def options(self) -> dict[str, Any]:
-        """This instance's options, as passed to the constructor."""
-        return {}
+        """This instance's options, as passed to the constructor (by default the attributes named
+        like the constructor's parameters)."""
+        return {name: getattr(self, name) for name in self.option_names() if hasattr(self, name)}
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())

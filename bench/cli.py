@@ -7,6 +7,8 @@ available, ``cpu-quick`` otherwise) into ``runs/<preset>-<date>-<time>`` and wri
 from __future__ import annotations
 
 import inspect
+import json
+import os
 import shlex
 import signal
 import sys
@@ -183,16 +185,8 @@ def _sweep(
     The config options (--variants ... --device) and the variants' own sweep options (--window,
     --num-features, a plug-in's) each take a comma list that replaces that key in every group of
     the preset; they are derived from the config declarations and the variant registry."""
-    plugins = load_plugins(plugin)
-    if preset_file is not None and not preset_file.is_file():
-        raise typer.BadParameter(f"{preset_file} is not a readable file", param_hint="--preset-file")
-    try:
-        presets = load_presets(preset_file.read_text() if preset_file else None)
-    except (OSError, ValueError) as exc:
-        raise typer.BadParameter(str(exc), param_hint="--preset-file" if preset_file else "--preset") from None
-    if preset is None:
-        preset, why = default_preset()
-        console.print(f"preset [cyan]{preset}[/] (the default here: {why})")
+    if resume and overwrite:
+        raise typer.BadParameter("--resume continues the run in --out, --overwrite replaces it: pass one")
     if retry_failed and not resume:
         raise typer.BadParameter("needs --resume", param_hint="--retry-failed")
     if budget_s is not None and budget_s <= 0:
@@ -200,23 +194,50 @@ def _sweep(
     _positive(timeout, "--timeout")
     _positive(min_run_time, "--min-run-time")
     _positive(mem_limit_gb, "--mem-limit-gb")
+    if out is not None:
+        _check_out(out, resume or overwrite)
+    # What decides the configs: stored in metadata.json, so that `--resume` alone reproduces it.
+    spec = {
+        "preset": preset,
+        "preset_file": None if preset_file is None else str(preset_file.resolve()),
+        "plugins": list(load_plugins(plugin)),
+        "options": {k: v for k, v in fields.items() if v is not None},
+    }
+    if resume:
+        spec = _resumed_spec(out, spec)
+    plugins = load_plugins(spec["plugins"])
+    preset_path = None if spec["preset_file"] is None else Path(spec["preset_file"])
+    if preset_path is not None and not preset_path.is_file():
+        raise typer.BadParameter(f"{preset_path} is not a readable file", param_hint="--preset-file")
+    try:
+        presets = load_presets(preset_path.read_text() if preset_path else None)
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--preset-file" if preset_path else "--preset") from None
+    preset = spec["preset"]
+    if preset is None:
+        preset, why = default_preset()
+        spec["preset"] = preset
+        console.print(f"preset [cyan]{preset}[/] (the default here: {why})")
     if preset not in presets:
         raise typer.BadParameter(f"unknown preset {preset!r}; presets are {', '.join(presets)}", param_hint="--preset")
     p = presets[preset]
-    overrides = _overrides(fields)
+    overrides = _overrides(spec["options"])
     if overrides.get("seq_lens"):  # explicit lengths override the preset's per-backend caps too
         overrides["max_seq_len"] = {}
     configs = expand(p.groups, overrides)
+    if not configs:
+        raise typer.BadParameter(f"preset {preset!r} with these options gives no configs to run", param_hint="--preset")
     settings = p.settings
     changes = {"timeout_s": timeout, "min_run_time": min_run_time, "mem_limit_gb": mem_limit_gb, "plugins": plugins}
     settings = RunSettings(**{**settings.__dict__, **{k: v for k, v in changes.items() if v is not None}})
     # A fresh directory by default, so a run never collides with an earlier one or a committed report.
     out = out or Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_out(out, resume or overwrite)
     results_path = out / "results.csv"
     if results_path.exists() and not (resume or overwrite):
         console.print(f"[red]{results_path} exists: pass --resume to continue it or --overwrite to start afresh")
         raise typer.Exit(2)
-    if overwrite and results_path.exists() and not resume:
+    if overwrite and results_path.exists():
         results_path.unlink()
         for name in ("performer_accuracy.csv",):
             (out / name).unlink(missing_ok=True)
@@ -228,6 +249,7 @@ def _sweep(
         **machine_metadata(dev),
         "preset": preset,
         "command": shlex.join(["attn-bench", *sys.argv[1:]]),
+        "sweep": spec,
         "started": now(),
     }
     want_accuracy = accuracy and p.accuracy is not None and any(c.variant == "performer" for c in configs)
@@ -250,7 +272,7 @@ def _sweep(
         )
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
-        again = f"attn-bench sweep --preset {preset} --out {out} --resume"
+        again = shlex.join(["attn-bench", "sweep", "--out", str(out), "--resume"])
         console.print(
             f"\n[yellow]Interrupted ({signal.Signals(signum).name}): finished rows are in {results_path}; "
             f"continue with: {again}"
@@ -272,6 +294,56 @@ def _sweep(
 
         page = write_report(out)
         console.print(f"Report: [bold]{page}[/]")
+
+
+# Files a sweep writes into its output directory (any other file there is someone else's).
+SWEEP_FILES = ("results.csv", "metadata.json", "performer_accuracy.csv", "worker.log", "README.md")
+
+
+def _check_out(out: Path, reuse: bool) -> None:
+    """Exit 2 naming ``--out`` unless it is a directory this sweep may write into: new, empty, or
+    an earlier sweep's (with ``--resume`` / ``--overwrite``), and writable."""
+    if str(out) in ("", "."):
+        raise typer.BadParameter("give a directory for the run (not the current directory)", param_hint="--out")
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise typer.BadParameter(f"{parent} exists and is not a directory", param_hint="--out")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise typer.BadParameter(f"{parent} is not writable", param_hint="--out")
+            break
+    if out.is_dir():
+        entries = [e for e in out.iterdir() if not e.name.startswith(".")]
+        ours = (out / "metadata.json").exists() or (out / "results.csv").exists()
+        if entries and not ours:
+            names = ", ".join(sorted(e.name for e in entries)[:5])
+            raise typer.BadParameter(
+                f"{out} holds files a sweep did not write ({names}); give a new or empty directory",
+                param_hint="--out",
+            )
+
+
+def _resumed_spec(out: Path | None, given: dict) -> dict:
+    """The options of the run in ``out`` (from its metadata.json): used as they are when the
+    command gives none, refused with a message when it gives different ones."""
+    if out is None:
+        raise typer.BadParameter("needs --out (the run to continue)", param_hint="--resume")
+    meta_path = out / "metadata.json"
+    try:
+        stored = json.loads(meta_path.read_text()).get("sweep") if meta_path.exists() else None
+    except (OSError, ValueError):
+        stored = None
+    if stored is None:  # a run from before the options were stored: take the command's
+        return given
+    asked = {k: v for k, v in given.items() if v not in (None, [], {})}
+    differs = {k: v for k, v in asked.items() if stored.get(k) != v}
+    if differs:
+        raise typer.BadParameter(
+            f"{out} was started with {json.dumps(stored)}; these options differ: {json.dumps(differs)}. "
+            "Pass --resume with no options (or the same ones), or start a new run",
+            param_hint="--resume",
+        )
+    return stored
 
 
 def _sweep_command():
@@ -313,24 +385,45 @@ def report(
     compare: Annotated[Path | None, typer.Option(help="an earlier run's directory to compare against")] = None,
     threshold: Annotated[float, typer.Option(help="relative slow-down counted as a regression")] = 0.10,
 ) -> None:
-    """Plots (PNG) and a Markdown page (README.md) in DIR; --compare DIR2 flags regressions."""
+    """Plots (PNG) and a Markdown page (README.md) in DIR; --compare DIR2 flags regressions.
+
+    With --compare the exit status gates CI: 1 when a row regressed (slower beyond --threshold,
+    or ok before and not now), 3 when the two runs have no row in common."""
+    import math
+
+    from .analysis import compare_runs, load_results
     from .report import write_report
     from .sweep import ResultsFileError
 
     if not (directory / "results.csv").exists():
         raise typer.BadParameter(f"{directory / 'results.csv'} does not exist", param_hint="DIRECTORY")
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise typer.BadParameter(
+            f"must be a positive fraction such as 0.1, got {threshold:g}", param_hint="--threshold"
+        )
+    if compare is not None and not (compare / "results.csv").exists():
+        raise typer.BadParameter(f"{compare / 'results.csv'} does not exist", param_hint="--compare")
     try:
+        df = load_results(directory)
+        if baseline not in set(df["backend"]):
+            present = ", ".join(sorted(set(df["backend"])))
+            raise typer.BadParameter(
+                f"no {baseline!r} rows in this run; its backends are {present}", param_hint="--baseline"
+            )
         page = write_report(directory, baseline=baseline, compare=compare, threshold=threshold)
+        cmp = None if compare is None else compare_runs(df, load_results(compare), threshold)
     except ResultsFileError as exc:
         console.print(f"[red]{exc}")
         raise typer.Exit(2) from None
     console.print(f"Report: [bold]{page}[/]")
-    if compare is not None:
-        from .analysis import compare_runs, load_results
-
-        cmp = compare_runs(load_results(directory), load_results(compare), threshold)
-        n = int(cmp["regression"].sum()) if len(cmp) else 0
-        console.print(f"{n} regression(s) beyond {threshold:.0%} against {compare}")
+    if cmp is not None:
+        if len(cmp) == 0:
+            console.print(f"[red]No row in common with {compare}: nothing was compared")
+            raise typer.Exit(3)
+        n = int(cmp["regression"].sum())
+        console.print(f"{n} regression(s) beyond {threshold:.0%} in {len(cmp)} common rows against {compare}")
+        if n:
+            raise typer.Exit(1)
 
 
 @app.command()

@@ -347,6 +347,10 @@ def run_case(case: VerifyCase, device: str = "cpu", seed: int = 0, grads: bool =
         q = torch.randn(case.batch, case.heads, case.nq, case.head_dim, generator=gen).to(dev, dtype)
         k = torch.randn(case.batch, case.kv_heads, case.nk, case.head_dim, generator=gen).to(dev, dtype)
         v = torch.randn(case.batch, case.kv_heads, case.nk, case.head_dim, generator=gen).to(dev, dtype)
+        try:
+            variant.check_call(q, k, v, case.causal)
+        except ValueError as exc:  # the variant does not define this call (e.g. it needs Nq == Nk)
+            return VerifyResult(case, "unsupported", "", None, f"the variant refuses this shape: {exc}")
         target = make_target(variant, case.backend, q, k, v, case.causal)
         # FlexAttention has no CPU backward: check its forward only there.
         want_grads = grads and not (case.backend == "flex" and dev.type == "cpu")
