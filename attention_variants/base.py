@@ -350,6 +350,8 @@ class AttentionVariant:
         device = torch.device(device)
         if backend == "auto":
             return None
+        if isinstance(backend, str) and backend in list_backends() and backend not in self._backends:
+            return f"variant {self.name!r} has no {backend!r} backend (it has: {', '.join(self._backends)})"
         spec = self.backend(backend)
         if dtype not in FLOAT_DTYPES:
             return f"dtype {dtype} is not a floating-point dtype this project supports"

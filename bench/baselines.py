@@ -147,8 +147,8 @@ def _flex_check(variant, device, dtype, head_dim, needs_grad) -> str | None:
     reason = _flex_available() or _sdpa_check(variant, device, dtype, head_dim, needs_grad)
     if reason:
         return reason
-    if dtype == torch.float64 and device.type == "cuda":
-        return "FlexAttention's CUDA kernels do not take float64"
+    if dtype == torch.float64:
+        return "FlexAttention's compiled kernels do not take float64 (CPU nor CUDA)"
     if needs_grad and device.type == "cpu":
         return f"FlexAttention has no backward on CPU in PyTorch {torch.__version__}"
     return None

@@ -71,6 +71,7 @@ def test_plugin_listed_verified_swept_reported_and_resumed(plugin: Path, tmp_pat
 
     out = tmp_path / "run"
     args = ["--variants", "chunked", "--backends", "torch,reference,sdpa", "--seq-lens", "128,256", "--chunk", "32"]
+    args += ["--no-causal"]
     swept = _cli(
         "sweep", "--plugin", str(plugin), *args, "--passes", "fwd,fwd_bwd", "--no-accuracy", "--no-progress",
         "--min-run-time", "0.01", "--out", str(out), cwd=tmp_path,
