@@ -22,12 +22,19 @@ from .config import AccuracyStudy
 
 
 def performer_error(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_features: int, ortho: bool, seed: int, causal: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_features: int,
+    ortho: bool,
+    seed: int,
+    causal: bool,
+    variant: str = "performer",
 ) -> tuple[float, float]:
-    """``(rel_err, max_err)`` of FAVOR+ with ``num_features`` against exact softmax attention
-    (``rel_err`` relative to the RMS of ``v``)."""
-    exact = av.FullAttention().reference(q, k, v, causal=causal)
-    perf = av.PerformerAttention(num_features=num_features, ortho=ortho, seed=seed)
+    """``(rel_err, max_err)`` of the random-feature ``variant`` with ``num_features`` against the exact
+    attention it approximates (``rel_err`` relative to the RMS of ``v``)."""
+    perf = av.get_variant(variant, num_features=num_features, ortho=ortho, seed=seed)
+    exact = perf.exact().reference(q, k, v, causal=causal)
     out = perf(q, k, v, causal=causal, backend="torch")
     diff = out - exact
     return (diff.pow(2).mean().sqrt() / v.pow(2).mean().sqrt()).item(), diff.abs().max().item()
@@ -43,12 +50,12 @@ def run_accuracy(study: AccuracyStudy) -> list[dict]:
             s0 = study.features_sharpness
             for m in study.num_features:
                 for ortho in (True, False):
-                    rel, mx = performer_error(q * s0**0.5, k * s0**0.5, v, m, ortho, seed, causal)
+                    rel, mx = performer_error(q * s0**0.5, k * s0**0.5, v, m, ortho, seed, causal, study.variant)
                     rows.append(_row("features", n, d, causal, m, ortho, s0, seed, rel, mx))
             for s in study.sharpness:
                 for ortho in (True, False):
                     m = study.sharpness_features
-                    rel, mx = performer_error(q * s**0.5, k * s**0.5, v, m, ortho, seed, causal)
+                    rel, mx = performer_error(q * s**0.5, k * s**0.5, v, m, ortho, seed, causal, study.variant)
                     rows.append(_row("sharpness", n, d, causal, m, ortho, s, seed, rel, mx))
     return rows
 

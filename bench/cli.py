@@ -252,7 +252,7 @@ def _sweep(
         "sweep": spec,
         "started": now(),
     }
-    want_accuracy = accuracy and p.accuracy is not None and any(c.variant == "performer" for c in configs)
+    want_accuracy = accuracy and p.accuracy is not None and any(c.variant == p.accuracy.variant for c in configs)
     console.print(
         f"[bold]attn-bench[/] preset [cyan]{preset}[/]: {len(configs)} configs -> {out} "
         f"({meta['cpu_model']}, {meta['cpu_count']} cores{', ' + meta['gpu'] if meta['gpu'] else ''})"

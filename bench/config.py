@@ -293,8 +293,11 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class AccuracyStudy:
-    """Performer approximation error against exact softmax attention (not timed)."""
+    """A random-feature variant's approximation error against the exact attention it approximates,
+    against its feature count and the sharpness of the attention (not timed). ``variant`` takes
+    ``num_features``, ``ortho`` and ``seed`` (the Performer's options)."""
 
+    variant: str = "performer"
     seq_len: int = 1024
     head_dim: int = 64
     heads: int = 4

@@ -395,6 +395,9 @@ def run_sweep(
         this = {"started": now(), "command": meta.get("command"), "git_commit": meta.get("git_commit")}
         this |= {"previous_status": old_meta.get("status"), "retry_failed": retry_failed}
         meta["resumes"] = [*earlier, this]
+        for key in ("command", "git_commit"):  # the run's own; each resume's are in its entry
+            if key in old_meta:
+                meta[key] = old_meta[key]
     meta["settings"] = dataclasses.asdict(settings)
     meta["configs"] = len(configs)
     meta["status"] = "running"

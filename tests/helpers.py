@@ -58,3 +58,17 @@ def check_backend(
 
     res = check(fn, variant, q, k, v, causal, scale=scale, grads=grad, approx=False)
     assert res.ok, f"{variant!r} {backend}: {res.message}"
+
+
+def tiny_configs(*lengths: int):
+    """Harness tests: one-head, D=16 ``full``/``torch`` configs at these lengths."""
+    from bench.config import BenchConfig
+
+    return [BenchConfig("full", "torch", n, heads=1, kv_heads=1, head_dim=16) for n in lengths]
+
+
+def ok_result(cfg):
+    """Harness tests: a made-up ``ok`` row of ``cfg``."""
+    from bench.config import BenchResult
+
+    return BenchResult(cfg, "ok", backend_used="torch", time_ms=1.0, time_ms_p10=0.9, time_ms_p90=1.1, elapsed_s=0.5)

@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ok_result, tiny_configs
 from typer.testing import CliRunner
 
 from bench import sweep as sweep_mod
 from bench import worker as worker_mod
 from bench.cli import app
-from bench.config import BenchConfig, BenchResult, RunSettings
+from bench.config import BenchResult, RunSettings
 from bench.sweep import (
     METADATA,
     RESULTS,
@@ -39,14 +40,6 @@ runner = CliRunner()
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("ATTN_BENCH_FAULT", raising=False)
-
-
-def _cfgs(*lengths: int) -> list[BenchConfig]:
-    return [BenchConfig("full", "torch", n, heads=1, kv_heads=1, head_dim=16) for n in lengths]
-
-
-def _ok(cfg: BenchConfig) -> BenchResult:
-    return BenchResult(cfg, "ok", backend_used="torch", time_ms=1.0, time_ms_p10=0.9, time_ms_p90=1.1, elapsed_s=0.5)
 
 
 def _meta(out: Path) -> dict:
@@ -106,7 +99,7 @@ def _wait_for(cond, timeout: float, what: str) -> None:
 
 def test_worker_start_failure_is_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ATTN_BENCH_FAULT", "startup:1")  # only the first worker fails to start
-    rows = run_sweep(_cfgs(32, 48), tmp_path, SETTINGS, progress=False)
+    rows = run_sweep(tiny_configs(32, 48), tmp_path, SETTINGS, progress=False)
     assert rows[0].status == "error" and "did not start" in rows[0].error and "exit code 3" in rows[0].error
     assert rows[1].status == "ok"
     meta = _meta(tmp_path)
@@ -154,7 +147,7 @@ def test_signal_during_a_long_config_stops_at_once(
     old = signal.signal(signal.SIGHUP, unhandled)
     try:
         with pytest.raises(KeyboardInterrupt) as info:
-            run_sweep(_cfgs(32, 48, 64), tmp_path, SETTINGS, progress=False, on_result=after_first)
+            run_sweep(tiny_configs(32, 48, 64), tmp_path, SETTINGS, progress=False, on_result=after_first)
         # The sweep put the handlers back.
         assert signal.getsignal(signal.SIGHUP) is unhandled and signal.getsignal(signal.SIGINT) is sigint
     finally:
@@ -197,7 +190,7 @@ def test_second_signal_exits_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
         old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         # A tiny budget: rows are 'skipped' without a worker, and the first one is interrupted.
         with pytest.raises(Exited) as info:
-            run_sweep(_cfgs(32, 48), tmp_path, SETTINGS, progress=False, on_result=interrupt, budget_s=0.1)
+            run_sweep(tiny_configs(32, 48), tmp_path, SETTINGS, progress=False, on_result=interrupt, budget_s=0.1)
         assert info.value.args == (128 + signal.SIGINT,)
         assert {sig: signal.getsignal(sig) for sig in old} == old
     finally:
@@ -270,7 +263,7 @@ def test_parent_killed_mid_sweep_leaves_no_worker_and_no_lost_row(tmp_path: Path
 def test_sigkill_without_oom_evidence_is_not_oom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ATTN_BENCH_FAULT", "kill:32")
     monkeypatch.setattr(worker_mod, "oom_kill_counts", lambda: {"/proc/vmstat": 7})  # other tenants' OOMs
-    (row,) = run_sweep(_cfgs(32), tmp_path, SETTINGS, progress=False)
+    (row,) = run_sweep(tiny_configs(32), tmp_path, SETTINGS, progress=False)
     assert row.status == "error" and "killed (signal 9)" in row.error and "out-of-memory" in row.error
 
 
@@ -300,7 +293,7 @@ def test_oom_evidence(tmp_path: Path) -> None:
 
 
 def test_resume_keeps_started_and_lists_resumes(tmp_path: Path) -> None:
-    cfgs = _cfgs(32, 48)
+    cfgs = tiny_configs(32, 48)
     run_sweep(cfgs, tmp_path, SETTINGS, meta={"started": "first", "command": "a"}, progress=False, budget_s=0.1)
     for i in range(2):
         meta = {"started": f"resume {i}", "command": f"b{i}"}
@@ -312,9 +305,9 @@ def test_resume_keeps_started_and_lists_resumes(tmp_path: Path) -> None:
 
 
 def test_retry_failed(tmp_path: Path) -> None:
-    cfgs = _cfgs(32, 48, 64, 80, 96)
+    cfgs = tiny_configs(32, 48, 64, 80, 96)
     old = [
-        _ok(cfgs[0]),
+        ok_result(cfgs[0]),
         BenchResult(cfgs[1], "timeout", error="no result after 1 s"),
         BenchResult(cfgs[2], "error", error="worker crashed"),
         BenchResult(cfgs[3], "wrong", error="max err"),

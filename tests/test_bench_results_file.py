@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ok_result, tiny_configs
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.config import BenchConfig, BenchResult, RunSettings
+from bench.config import BenchResult, RunSettings
 from bench.sweep import (
     METADATA,
     RESULTS,
@@ -34,14 +35,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ATTN_BENCH_FAULT", raising=False)
 
 
-def _cfgs(*lengths: int) -> list[BenchConfig]:
-    return [BenchConfig("full", "torch", n, heads=1, kv_heads=1, head_dim=16) for n in lengths]
-
-
-def _ok(cfg: BenchConfig) -> BenchResult:
-    return BenchResult(cfg, "ok", backend_used="torch", time_ms=1.0, time_ms_p10=0.9, time_ms_p90=1.1, elapsed_s=0.5)
-
-
 def _meta(out: Path) -> dict:
     return json.loads((out / METADATA).read_text())
 
@@ -50,7 +43,7 @@ def _meta(out: Path) -> dict:
 
 
 def _written(path: Path, n: int = 3) -> list[BenchResult]:
-    res = [_ok(c) for c in _cfgs(*range(32, 32 + 16 * n, 16))]
+    res = [ok_result(c) for c in tiny_configs(*range(32, 32 + 16 * n, 16))]
     write_results(path, res)
     return res
 
@@ -96,8 +89,8 @@ def test_foreign_or_missing_columns_are_refused(tmp_path: Path) -> None:
 
 
 def test_resume_reruns_a_truncated_row(tmp_path: Path) -> None:
-    cfgs = _cfgs(32, 48, 64)
-    write_results(tmp_path / RESULTS, [_ok(c) for c in cfgs])
+    cfgs = tiny_configs(32, 48, 64)
+    write_results(tmp_path / RESULTS, [ok_result(c) for c in cfgs])
     text = (tmp_path / RESULTS).read_text()
     (tmp_path / RESULTS).write_text(text[: text.rindex("\n", 0, -1) + 40])  # the last row cut short
     ran: list[BenchResult] = []
@@ -125,7 +118,7 @@ def test_report_leaves_garbage_out(tmp_path: Path) -> None:
 def test_outputs_follow_the_umask(tmp_path: Path, umask: int) -> None:
     old = os.umask(umask)
     try:
-        run_sweep(_cfgs(32), tmp_path, SETTINGS, progress=False, budget_s=0.1)
+        run_sweep(tiny_configs(32), tmp_path, SETTINGS, progress=False, budget_s=0.1)
         plain = tmp_path / "plain.txt"
         plain.write_text("x")
     finally:
@@ -147,6 +140,6 @@ def test_stale_temp_files_are_removed(tmp_path: Path) -> None:
     other = tmp_path / ".notes.txt.abc"
     for f in [*stale, live, other]:
         f.write_text("partial")
-    run_sweep(_cfgs(32), tmp_path, SETTINGS, progress=False, budget_s=0.1)
+    run_sweep(tiny_configs(32), tmp_path, SETTINGS, progress=False, budget_s=0.1)
     assert not any(f.exists() for f in stale)
     assert live.exists() and other.exists()

@@ -157,7 +157,7 @@ def test_list_shows_gpu_quick_with_its_count() -> None:
     res = runner.invoke(app, ["list"])
     assert res.exit_code == 0
     line = next(ln for ln in res.output.splitlines() if "gpu-quick" in ln)
-    assert "144" in line
+    assert "176" in line
 
 
 def test_gpu_test_workers_fit_the_gpu_memory() -> None:
