@@ -26,6 +26,7 @@ import contextlib
 import importlib
 import io
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -81,7 +82,9 @@ class Peer:
 def import_reason(module: str, install: str) -> str | None:
     """None if ``module`` imports, else a sentence saying it is missing (or broken) and how to get it."""
     try:
-        importlib.import_module(module)
+        with warnings.catch_warnings():  # performer-pytorch imports distutils (deprecated) at import time
+            warnings.simplefilter("ignore", DeprecationWarning)
+            importlib.import_module(module)
     except ImportError as exc:
         missing = exc.name or ""
         if missing and (module == missing or module.startswith(missing + ".")):

@@ -36,7 +36,18 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_plugin_variant_matches_an_independent_computation(plugin: Path) -> None:
+@pytest.fixture
+def own_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Variants registered in this test are forgotten after it (the registry is process-wide)."""
+    import attention_variants.base as base
+    import bench.plugins as plugins
+
+    monkeypatch.setattr(base, "_VARIANTS", dict(base._VARIANTS))
+    monkeypatch.setattr(base, "_EXTRA_BACKENDS", list(base._EXTRA_BACKENDS))
+    monkeypatch.setattr(plugins, "_LOADED", dict(plugins._LOADED))
+
+
+def test_plugin_variant_matches_an_independent_computation(plugin: Path, own_registry: None) -> None:
     """The example's torch backend against a per-chunk loop in float64 (not the checker, not the mask)."""
     from bench.plugins import load_plugin
 
@@ -44,6 +55,7 @@ def test_plugin_variant_matches_an_independent_computation(plugin: Path) -> None
     import attention_variants as av
 
     variant = av.get_variant("chunked", chunk=8)
+    assert "chunked" in av.list_variants()
     q, k, v = (torch.randn(1, 4, 30, 16, dtype=torch.float64) for _ in range(3))
     k, v = k[:, :2], v[:, :2]
     for causal in (False, True):
@@ -89,3 +101,9 @@ def test_plugin_listed_verified_swept_reported_and_resumed(plugin: Path, tmp_pat
     resumed = _cli("sweep", "--out", str(out), "--resume", "--no-progress", "--no-report", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "12 ok" in resumed.stdout
+
+
+def test_the_registry_is_ours_again() -> None:
+    import attention_variants as av
+
+    assert "chunked" not in av.list_variants()
