@@ -30,6 +30,19 @@ STYLE = {"torch": "-", "triton": "-", "auto": "-", "sdpa": "--", "flex": "-.", "
 MARKER = {"torch": "o", "triton": "s", "sdpa": "^", "flex": "D", "reference": "x", "auto": "v"}
 
 
+# Peers and plug-ins' backends: dash-dot-dot lines, one marker each.
+OTHER_STYLE = (0, (4, 1, 1, 1, 1, 1))
+OTHER_MARKERS = ["P", "*", "h", "<", ">", "p"]
+
+
+def _other_marker(backend: str) -> str:
+    from .baselines import baseline_names
+
+    names = [*baseline_names(), *av.list_backends()]
+    i = names.index(backend) if backend in names else len(backend)
+    return OTHER_MARKERS[i % len(OTHER_MARKERS)]
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-").replace("--", "-")
 
@@ -46,8 +59,8 @@ def _lines(ax, df: pd.DataFrame, ycol: str, scale: float = 1.0) -> bool:
             g["seq_len"],
             y,
             color=color(first["variant"]),
-            linestyle=STYLE.get(first["backend"], "-"),
-            marker=MARKER.get(first["backend"], "o"),
+            linestyle=STYLE.get(first["backend"], OTHER_STYLE),
+            marker=MARKER.get(first["backend"]) or _other_marker(first["backend"]),
             label=line_label(first),
         )
         drew = True
