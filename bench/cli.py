@@ -346,9 +346,13 @@ def _resumed_spec(out: Path | None, given: dict) -> dict:
     return stored
 
 
-def _sweep_command():
-    """``attn-bench sweep`` with its options derived from the declarations and the registry as it
-    is now (call again after loading plug-ins that declare sweep options)."""
+DECODE_PRESETS = ("decode-quick", "decode-gpu")
+
+
+def _sweep_command(decode: bool = False):
+    """``attn-bench sweep`` (or ``decode``: the same with a decode preset by default) with its options
+    derived from the declarations and the registry as it is now (built again after loading
+    plug-ins that declare sweep options)."""
     base = [
         p
         for p in inspect.signature(_sweep, eval_str=True).parameters.values()
@@ -357,22 +361,32 @@ def _sweep_command():
     params = [p.replace(kind=KW) for p in base] + _config_parameters()
 
     def sweep(**kwargs: Any) -> None:
-        harness = {p.name for p in base}
-        _sweep(
-            **{k: v for k, v in kwargs.items() if k in harness}, **{k: v for k, v in kwargs.items() if k not in harness}
-        )
+        if decode and kwargs.get("preset") is None:
+            import torch
+
+            kwargs["preset"] = DECODE_PRESETS[1] if torch.cuda.is_available() else DECODE_PRESETS[0]
+        _sweep(**kwargs)
 
     sweep.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    sweep.__doc__ = _sweep.__doc__
+    sweep.__doc__ = DECODE_DOC if decode else _sweep.__doc__
     return sweep
 
 
+DECODE_DOC = """Decode benchmark: per-token latency (median, p90), tokens/s, state memory and prefill time
+    of each variant's incremental state against SDPA over the whole cache, versus context length.
+
+    A sweep of `decode` rows: the default preset is decode-gpu with CUDA, else decode-quick; every
+    sweep option applies."""
+
+
 def _install_sweep_command() -> None:
-    for info in app.registered_commands:
-        if info.name == "sweep":
-            info.callback = _sweep_command()
-            return
-    app.command("sweep")(_sweep_command())
+    for name, decode in (("sweep", False), ("decode", True)):
+        for info in app.registered_commands:
+            if info.name == name:
+                info.callback = _sweep_command(decode)
+                break
+        else:
+            app.command(name)(_sweep_command(decode))
 
 
 _install_sweep_command()

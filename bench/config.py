@@ -24,7 +24,8 @@ else:  # pragma: no cover
 
 import attention_variants as av
 
-PASSES: tuple[str, ...] = ("fwd", "fwd_bwd")
+# ``decode``: per-token cost of generation from the variant's incremental state (bench/decode.py).
+PASSES: tuple[str, ...] = ("fwd", "fwd_bwd", "decode")
 # ``skipped``: not reached before the sweep's time budget (``--budget-s``) ran out.
 STATUSES: tuple[str, ...] = ("ok", "oom", "unsupported", "timeout", "wrong", "error", "skipped")
 DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
@@ -134,7 +135,7 @@ class BenchConfig:
     kv_heads: int = _field("kv_heads", [None], parse_count, "comma list of key/value head counts [default: H]", 4)
     head_dim: int = _field("head_dim", [64], parse_count, "comma list of head dims", 64)
     causal: bool = _field("causal", [False], parse_bool, "comma list of true,false", False)
-    pass_: str = _field("passes", ["fwd"], parse_name, "comma list of fwd,fwd_bwd", "fwd", column="pass")
+    pass_: str = _field("passes", ["fwd"], parse_name, "comma list of fwd,fwd_bwd,decode", "fwd", column="pass")
     options: tuple[tuple[str, int], ...] = ()
 
     def key(self) -> tuple:
@@ -239,6 +240,8 @@ class BenchResult:
     repeats: int | None = None
     note: str = ""
     elapsed_s: float | None = None
+    prefill_ms: float | None = None  # decode rows: filling the state with the seq_len-token prompt
+    tokens_per_s: float | None = None  # decode rows: batch / per-token time
 
     def to_row(self) -> dict[str, Any]:
         row = self.config.to_row()

@@ -147,6 +147,17 @@ def run_config(cfg: BenchConfig, settings: RunSettings) -> BenchResult:
     dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         return result("unsupported", error="CUDA is not available on this machine")
+    if cfg.pass_ == "decode":
+        from .decode import run_decode
+
+        try:
+            return run_decode(cfg, settings, variant, time_fn, result)
+        except Unsupported as exc:
+            return result("unsupported", error=str(exc))
+        except Exception as exc:
+            if is_oom(exc):
+                return result("oom", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            return result("error", error=f"{type(exc).__name__}: {str(exc)[:500]}")
     grad = cfg.pass_ == "fwd_bwd"
     dtype = getattr(torch, cfg.dtype)
     elem = torch.finfo(dtype).bits // 8

@@ -70,6 +70,35 @@ def time_tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
+def decode_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Decode rows per line and context: per-token time, tokens/s, held memory, prefill, and the
+    line's fitted exponent of per-token time in the context length."""
+    from .analysis import fit_exponent
+
+    ok = without_copies(ok_rows(df))
+    ok = ok[ok["pass"] == "decode"]
+    rows = []
+    for _, g in ok.groupby([*SETTING, *line_cols(df)], dropna=False, sort=False):
+        g = g.sort_values("seq_len")
+        k = fit_exponent(g["seq_len"], g["time_ms"])
+        trend = "" if math.isnan(k) else ("flat" if k < 0.25 else f"grows ~N^{k:.2f}")
+        for _, r in g.iterrows():
+            rows.append(
+                {
+                    "setting": setting_label(r),
+                    "line": line_label(r),
+                    "context N": int(r["seq_len"]),
+                    "ms / token": r["time_ms"],
+                    "p90 ms": r["time_ms_p90"],
+                    "tokens/s": r.get("tokens_per_s"),
+                    "state MiB": r["peak_mem_bytes"] / 2**20,
+                    "prefill ms": r.get("prefill_ms"),
+                    "per-token time": trend,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def headline(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Per setting and pass, at the largest N each line reached: time, memory, speed-up."""
     ok = without_copies(ok_rows(df))
@@ -145,6 +174,17 @@ def write_report(
     md.append(f"\n## Headline (largest N of each line; speed-up against `{baseline}`)\n")
     md.append(md_table(headline(df, baseline)))
 
+    dec = decode_table(df)
+    if len(dec):
+        md.append("\n## Decoding: the cost of one generated token against the context length\n")
+        md.append(
+            "`decode` rows: one token at a time from the variant's incremental state after a prompt of N "
+            "tokens (`sdpa`: one query against the whole cache). Per-token time (median, p90), tokens/s "
+            "(batch / time), the memory the decoder holds (cache or state) and the prefill time. "
+            "*Per-token time* says where the cost stops growing: the fitted exponent of time in N over "
+            "the line's lengths (about 1 for a cache read in full, about 0 for a fixed-size state).\n\n"
+        )
+        md.append(md_table(dec))
     md.append("\n## Scaling exponents (time and memory ~ N^k, least-squares in log-log)\n")
     md.append(
         "`top 3`: fitted over the three largest lengths, where fixed overheads matter least. "

@@ -1,0 +1,106 @@
+"""The ``decode`` pass of a sweep: per-token cost of generation from a variant's incremental state.
+
+A ``decode`` row with ``seq_len = L`` fills the variant's state with an L-token prompt (timed once:
+``prefill_ms``), then times one generated token at a time (``step``: ``time_ms`` median and p10/p90
+over many tokens; ``tokens_per_s = B / time``). ``peak_mem_bytes`` is the state the decoder holds
+(the KV cache, the window's ring buffer, the Performer's recurrent state), not a transient peak.
+
+Backends: the project's (``torch``, ``auto``) step through the incremental state; ``sdpa`` is the
+baseline every decoder without state pays: one query against the whole cache (``Nq = 1``), with
+the variant's mask, and its cache is the K and V it reads. Before timing, the first generated
+token's output is checked against the float64 ground truth of that query over all the keys
+(:func:`bench.numerics.check`), so a wrong state is a ``wrong`` row.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+import attention_variants as av
+
+from .baselines import Unsupported, make_target
+from .config import BenchConfig, BenchResult, RunSettings
+
+STATE_BACKENDS = ("torch", "auto")
+
+
+def run_decode(
+    cfg: BenchConfig,
+    settings: RunSettings,
+    variant: av.AttentionVariant,
+    time_fn: Callable,
+    result: Callable[..., BenchResult],
+) -> BenchResult:
+    from .measure import make_inputs
+    from .numerics import check
+
+    if not cfg.causal:
+        return result("unsupported", error="decoding is causal: a decode row needs causal=true")
+    dev = torch.device(cfg.device)
+    if cfg.backend not in (*STATE_BACKENDS, "sdpa"):
+        return result(
+            "unsupported", error=f"no incremental state on backend {cfg.backend!r} (decode runs torch, auto, sdpa)"
+        )
+    prompt = BenchConfig(**{**cfg.__dict__, "seq_len": cfg.seq_len + 1})
+    q, k, v, _ = make_inputs(prompt, settings.seed, False)
+    n = cfg.seq_len
+    q1, k1, v1 = q[:, :, n:], k[:, :, n:], v[:, :, n:]
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+    with torch.no_grad():
+        if cfg.backend == "sdpa":
+            target = make_target(variant, "sdpa", q1, k, v, True)
+            first = target.fn(q1, k, v)
+            prefill_ms = None
+            held = k.nbytes + v.nbytes
+
+            def call():
+                return target.fn(q1, k, v)
+        else:
+            if not hasattr(variant, "prefill"):
+                raise Unsupported(f"variant {variant.name!r} has no incremental state")
+            sync()
+            t0 = time.perf_counter()
+            _, state = variant.prefill(q[:, :, :n], k[:, :, :n], v[:, :, :n])
+            sync()
+            prefill_ms = (time.perf_counter() - t0) * 1e3
+            first, state = variant.step(q1, k1, v1, state)
+            held = state.nbytes
+            box = [state]
+
+            def call():
+                out, box[0] = variant.step(q1, k1, v1, box[0])
+                return out
+
+        checked = check(lambda a, b, c: first, variant, q1, k, v, True, grads=False, check_elems=settings.check_elems)
+    flops = (
+        variant.exact().flops(q1, k, v, causal=True) if cfg.backend == "sdpa" else variant.flops(q1, k, v, causal=True)
+    )
+    common = dict(
+        backend_used=cfg.backend if cfg.backend != "auto" else variant.resolve_backend("auto", q1, v1),
+        flops=flops,
+        max_err=checked.max_err,
+        err_bound=checked.bound,
+        approx_err=checked.approx_err,
+        checked_rows=checked.rows,
+        prefill_ms=prefill_ms,
+    )
+    if not checked.ok:
+        return result("wrong", error=checked.message, **common)
+    with torch.no_grad():
+        med, p10, p90, reps = time_fn(call, dev, settings)
+    return result(
+        "ok",
+        time_ms=med,
+        time_ms_p10=p10,
+        time_ms_p90=p90,
+        repeats=reps,
+        peak_mem_bytes=int(held),
+        tflops=flops / (med * 1e-3) / 1e12 if med > 0 else None,
+        tokens_per_s=cfg.batch / (med * 1e-3) if med > 0 else None,
+        note=checked.message,
+        **common,
+    )
