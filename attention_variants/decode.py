@@ -201,7 +201,7 @@ class PerformerState(DecodeState):
         return [t for t in (self.kv, self.shift, self.ws) if t is not None]
 
     @property
-    def S(self) -> Tensor:  # noqa: N802 - the paper's name
+    def S(self) -> Tensor:
         return self.kv[..., :-1]
 
     @property
