@@ -368,6 +368,14 @@ class PerformerAttention(AttentionVariant):
             state.shift = shift
         q_shift = _repeat_heads(shift, groups)
         v1 = _with_ones(v.to(dtype))
+        if q.shape[2] == 1:  # one token sees itself and the state: add its key first, then read out
+            pk = key_features(k, ws, scale, self.kernel, shift)
+            state.kv.add_(torch.matmul(pk.transpose(-1, -2), v1))
+            pq = _group(query_features(q, ws, scale, self.kernel, q_shift), k.shape[1])
+            num_den = torch.matmul(pq, state.kv[:, :, None]).reshape(*q.shape[:3], v1.shape[-1])
+            if self.kernel == "softmax":
+                warn_if_underflow(num_den[..., -1].amin())
+            return _normalise(num_den).to(q.dtype)
         outs: list[Tensor] = []
         dens: list[Tensor] = []
         for s in range(0, q.shape[2], rows):
