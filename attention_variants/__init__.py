@@ -20,7 +20,9 @@ from .base import (
     register_variant,
     variant_class,
 )
+from .decode import DecodeState, KVCache, PerformerState, StateLayout, WindowCache
 from .full import FullAttention
+from .generate import TinyDecoder, generate, top_p_probs, top_p_sample
 from .module import AttentionLayer
 from .performer import PerformerAttention, PrecisionWarning, draw_projection
 from .sliding_window import SlidingWindowAttention
@@ -29,6 +31,12 @@ __all__ = [
     "AttentionLayer",
     "AttentionVariant",
     "Backend",
+    "DecodeState",
+    "KVCache",
+    "PerformerState",
+    "StateLayout",
+    "TinyDecoder",
+    "WindowCache",
     "FullAttention",
     "PerformerAttention",
     "PrecisionWarning",
@@ -36,12 +44,15 @@ __all__ = [
     "SweepOption",
     "attention",
     "draw_projection",
+    "generate",
     "get_variant",
     "list_backends",
     "list_variants",
     "masks",
     "register_backend",
     "register_variant",
+    "top_p_probs",
+    "top_p_sample",
     "variant_class",
 ]
 

@@ -14,12 +14,15 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .masks import MaskMod, dense_from_mod
+
+if TYPE_CHECKING:
+    from .decode import DecodeState, StateLayout
 
 BACKENDS: tuple[str, ...] = ("reference", "torch", "triton")
 """The project's concrete backends, in the order the harness reports them. ``"auto"`` picks one
@@ -398,6 +401,71 @@ class AttentionVariant:
         if q.shape[2] == 0 or k.shape[2] == 0:
             return empty_attention(q, k, v)
         return self._backends[name].forward(self, q, k, v, causal, scale)
+
+    # -- incremental decoding (see attention_variants.decode) --------------------------------
+
+    decode_backends: ClassVar[tuple[str, ...] | None] = None
+    """Backends a decoding step can run on (None: all of the variant's); ``auto`` picks among them."""
+
+    def init_state(
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        value_dim: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        capacity: int | None = None,
+    ) -> DecodeState:
+        """An empty decoding state for ``batch`` sequences with ``kv_heads`` key/value heads;
+        ``capacity`` sizes a growing cache (tokens; default 256). See :mod:`attention_variants.decode`."""
+        from . import decode
+
+        return decode.init_state(
+            self, batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device, capacity=capacity
+        )
+
+    def step(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        state: DecodeState,
+        *,
+        scale: float | None = None,
+        backend: str = "auto",
+    ) -> tuple[Tensor, DecodeState]:
+        """Decode ``T >= 1`` new tokens: ``q (B, H, T, D)``, ``k (B, Hk, T, D)``, ``v (B, Hk, T, Dv)``
+        attend causally to each other and to everything in ``state``. Returns ``(out (B, H, T, Dv),
+        state)``; the state is updated in place. Equals the causal forward of the whole sequence."""
+        from . import decode
+
+        return decode.step(self, q, k, v, state, scale=scale, backend=backend)
+
+    def prefill(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        scale: float | None = None,
+        backend: str = "auto",
+        capacity: int | None = None,
+    ) -> tuple[Tensor, DecodeState]:
+        """A prompt's causal attention and the state after it: :meth:`init_state` then :meth:`step`."""
+        from . import decode
+
+        return decode.prefill(self, q, k, v, scale=scale, backend=backend, capacity=capacity)
+
+    def decode_state(self, layout: StateLayout, *, capacity: int) -> DecodeState:
+        """Hook: build this variant's empty state (arguments already checked)."""
+        raise NotImplementedError(f"variant {self.name!r} has no incremental decoding state")
+
+    def decode_step(self, q: Tensor, k: Tensor, v: Tensor, state: DecodeState, scale: float, backend: str) -> Tensor:
+        """Hook: one step on checked inputs (T >= 1, no grad); write the new tokens into ``state``
+        (``state.length`` is advanced by the caller) and return the output ``(B, H, T, Dv)``."""
+        raise NotImplementedError(f"variant {self.name!r} has no incremental decoding step")
 
     def reference(
         self,

@@ -9,6 +9,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from . import masks
 from .base import AttentionVariant, register_backend, register_variant, repeat_kv
+from .decode import DecodeState, KVCache, StateLayout
 
 
 @register_variant("full")
@@ -26,6 +27,16 @@ class FullAttention(AttentionVariant):
 
     def visible_pairs(self, nq: int, nk: int, causal: bool) -> int:
         return masks.visible_pairs(nq, nk, causal=causal)
+
+    def decode_state(self, layout: StateLayout, *, capacity: int) -> KVCache:
+        return KVCache(layout, capacity=capacity)
+
+    def decode_step(self, q: Tensor, k: Tensor, v: Tensor, state: DecodeState, scale: float, backend: str) -> Tensor:
+        assert isinstance(state, KVCache)
+        state.append(k, v)
+        end = state.length + k.shape[2]
+        # Bottom-right alignment puts the T new queries on the last T cached positions.
+        return self(q, state.keys(end), state.values(end), causal=True, scale=scale, backend=backend)
 
 
 @register_backend(FullAttention, "torch")

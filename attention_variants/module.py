@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .base import AttentionVariant, get_variant
+
+if TYPE_CHECKING:
+    from .decode import DecodeState
 
 
 class AttentionLayer(nn.Module):
@@ -86,6 +89,27 @@ class AttentionLayer(nn.Module):
         v = self.v_proj(context).view(b, nk, self.num_kv_heads, self.head_dim).transpose(1, 2)
         out = self.attn(q, k, v, causal=self.causal if causal is None else causal, backend=self.backend)
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, self.embed_dim))
+
+    def init_state(self, batch: int, *, capacity: int | None = None) -> DecodeState:
+        """An empty decoding state for :meth:`step` (the variant's, in the projections' dtype and device)."""
+        w = self.k_proj.weight
+        return self.attn.init_state(
+            batch, self.num_kv_heads, self.head_dim, dtype=w.dtype, device=w.device, capacity=capacity
+        )
+
+    def step(self, x: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+        """Causal self-attention of the next ``T`` tokens ``x (B, T, E)`` against ``state``;
+        returns ``((B, T, E), state)``. Decoding is causal whatever :attr:`causal` says: steps over a
+        sequence equal ``forward(sequence, causal=True)``."""
+        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.embed_dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (B, T, {self.embed_dim}), got {shape}")
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        out, state = self.attn.step(q, k, v, state, backend=self.backend)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, self.embed_dim)), state
 
     def extra_repr(self) -> str:
         return (

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from . import masks
 from .base import AttentionVariant, SweepOption, _shape, compute_dtype, register_backend, register_variant
+from .decode import DecodeState, PerformerState, StateLayout
 
 KERNELS = ("softmax", "relu")
 MAX_NUM_FEATURES = 1 << 20
@@ -333,6 +334,59 @@ class PerformerAttention(AttentionVariant):
         if causal and upcast and self.kernel == "softmax":  # rows before the first key see none
             warn_if_underflow(den[:, :, max(0, q.shape[2] - k.shape[2]) :].detach().amin())
         return _safe_div(num, den).to(q.dtype)
+
+    # -- decoding: the recurrent state [S, z] with a running key stabiliser ------------------------
+
+    decode_backends = ("torch",)  # the recurrence is PyTorch code; Triton step kernels do not exist yet
+
+    def decode_state(self, layout: StateLayout, *, capacity: int) -> PerformerState:
+        if self.projection is not None and self.projection.shape[1] != layout.head_dim:
+            raise ValueError(f"projection has {self.projection.shape[1]} columns but head_dim is {layout.head_dim}")
+        compute = compute_dtype(layout.dtype)
+        return PerformerState(layout, num_features=self.num_features, kernel=self.kernel, compute=compute)
+
+    def decode_step(self, q: Tensor, k: Tensor, v: Tensor, state: DecodeState, scale: float, backend: str) -> Tensor:
+        """The causal recurrence of :func:`favor_causal` continued from ``state``.
+
+        The key shift is the running per-feature maximum of the key exponents (the maximum over
+        every key seen, this step's included): when this step raises it by ``delta``, the state's
+        row ``f`` is rescaled by ``exp(-delta_f)``, which keeps ``phi(k_j) = exp(l_j - c)`` for
+        every stored key. Queries add the same shift back, so the output is the forward's, which
+        uses the maximum over the whole sequence: the shifts cancel exactly.
+        """
+        assert isinstance(state, PerformerState)
+        dtype = state.kv.dtype
+        if state.ws is None:
+            state.ws = self.projection_matrix(q.shape[-1], q.device, dtype) * scale**0.5
+        ws, groups = state.ws, q.shape[1] // k.shape[1]
+        rows = piece_rows(q.shape[0] * q.shape[1], self.num_features)
+        shift = key_shift(k, ws, scale, self.kernel, rows)
+        if shift is not None:
+            assert state.shift is not None
+            shift = torch.maximum(state.shift, shift)
+            state.kv.mul_(torch.exp(state.shift - shift).transpose(-1, -2))  # exp(-inf) = 0 before any key
+            state.shift = shift
+        q_shift = _repeat_heads(shift, groups)
+        v1 = _with_ones(v.to(dtype))
+        if q.shape[2] == 1:  # one token sees itself and the state: add its key first, then read out
+            pk = key_features(k, ws, scale, self.kernel, shift)
+            state.kv.add_(torch.matmul(pk.transpose(-1, -2), v1))
+            pq = _group(query_features(q, ws, scale, self.kernel, q_shift), k.shape[1])
+            num_den = torch.matmul(pq, state.kv[:, :, None]).reshape(*q.shape[:3], v1.shape[-1])
+            if self.kernel == "softmax":
+                warn_if_underflow(num_den[..., -1].amin())
+            return _normalise(num_den).to(q.dtype)
+        outs: list[Tensor] = []
+        dens: list[Tensor] = []
+        for s in range(0, q.shape[2], rows):
+            e = s + rows
+            pq = query_features(q[:, :, s:e], ws, scale, self.kernel, q_shift)
+            pk = key_features(k[:, :, s:e], ws, scale, self.kernel, shift)
+            out, state.kv = _causal_piece(pq, pk, v1[:, :, s:e], state.kv, dens)
+            outs.append(out)
+        if self.kernel == "softmax":
+            warn_if_underflow(torch.stack(dens).amin())
+        return torch.cat(outs, dim=2).to(q.dtype)
 
     def flops(
         self,

@@ -6,6 +6,7 @@ The mask semantics live in :mod:`attention_variants.masks`.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from dataclasses import dataclass
@@ -15,8 +16,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import masks
-from .base import AttentionVariant, SweepOption, register_backend, register_variant
-from .full import _softmax_triton_check
+from .base import (
+    AttentionVariant,
+    SweepOption,
+    compute_dtype,
+    dense_softmax_attention,
+    register_backend,
+    register_variant,
+    repeat_kv,
+)
+from .decode import DecodeState, StateLayout, WindowCache
+from .full import FullAttention, _softmax_triton_check
+
+MAX_DECODE_REACH = 1 << 62  # a wider decoding window sees every key anyway; keeps slot arithmetic in int64
 
 # Query block of the blocked PyTorch backend. Each block of BLOCK_Q queries attends to a
 # window of BLOCK_Q + left + right keys in one fused SDPA call; 32 balances the wasted
@@ -74,6 +86,90 @@ class SlidingWindowAttention(AttentionVariant):
     def visible_pairs(self, nq: int, nk: int, causal: bool) -> int:
         gm = self.global_mask(nq) if nq == nk else None
         return masks.visible_pairs(nq, nk, causal=causal, window=self.window, global_mask=gm)
+
+    def global_positions(self) -> list[int]:
+        """The global positions, sorted, as absolute token positions (a bool mask's True entries)."""
+        g = self.global_tokens
+        if g is None:
+            return []
+        if isinstance(g, int):
+            return list(range(g))
+        pos = g.nonzero().flatten() if g.dtype == torch.bool else g
+        return sorted({int(p) for p in pos.tolist()})
+
+    # -- decoding: a ring buffer of the last left + 1 tokens, plus the global tokens -----------------
+    # Global positions must lie in the first step (the prefill): a global *query* sees every
+    # earlier key, which a window-sized state no longer holds.
+
+    def decode_state(self, layout: StateLayout, *, capacity: int) -> WindowCache:
+        left = min(masks.window_bounds(self.window, True)[0], MAX_DECODE_REACH)
+        return WindowCache(layout, left=left, capacity=capacity)
+
+    def decode_step(self, q: Tensor, k: Tensor, v: Tensor, state: DecodeState, scale: float, backend: str) -> Tensor:
+        assert isinstance(state, WindowCache)
+        start, t, left = state.length, q.shape[2], state.left
+        gpos = self.global_positions()
+        if start == 0:
+            return self._decode_first(q, k, v, state, scale, backend, [p for p in gpos if p < t])
+        reached = [p for p in gpos if start <= p < start + t]
+        if reached:
+            raise ValueError(
+                f"this step covers global position {reached[0]}, but decoding supports global tokens only "
+                "within the first step (the prefill): a global query sees every earlier key, which the "
+                "window's ring buffer does not keep"
+            )
+        # Global keys the queries cannot see through the band: positions < (query position) - left.
+        glob = state.global_pos
+        if t == 1 and backend in FullAttention._backends:
+            # One query sees all the ring holds after the write, and the globals left of the band:
+            # softmax does not care about key order, so attend to the ring in place.
+            state.write(k, v, start)
+            n = min(start + 1, state.period)
+            ks, vs = state.ring_k[:, :, :n], state.ring_v[:, :, :n]
+            extra = bisect.bisect_left(glob, start - left)
+            if extra:
+                ks = torch.cat([state.global_k[:, :, :extra], ks], dim=2)
+                vs = torch.cat([state.global_v[:, :, :extra], vs], dim=2)
+            return FullAttention()(q, ks, vs, causal=False, scale=scale, backend=backend)
+        first = max(0, start - left)
+        ks, vs = state.ordered(first, start)
+        ks, vs = torch.cat([ks, k], dim=2), torch.cat([vs, v], dim=2)
+        if not glob:
+            out = SlidingWindowAttention((left, 0))(q, ks, vs, causal=True, scale=scale, backend=backend)
+        else:
+            pos_q = torch.arange(start, start + t, device=q.device)[:, None]
+            pos_k = torch.arange(first, start + t, device=q.device)[None, :]
+            band = (pos_k <= pos_q) & (pos_k >= pos_q - left)
+            outside = torch.tensor(glob, device=q.device)[None, :] < pos_q - left
+            mask = torch.cat([outside, band], dim=1)
+            ks = torch.cat([state.global_k, ks], dim=2)
+            vs = torch.cat([state.global_v, vs], dim=2)
+            out = _masked_attention(q, ks, vs, mask, scale, upcast=backend == "reference")
+        state.write(k, v, start)
+        return out
+
+    def _decode_first(
+        self, q: Tensor, k: Tensor, v: Tensor, state: WindowCache, scale: float, backend: str, gpos: list[int]
+    ) -> Tensor:
+        """The first step: the causal forward, with the global positions that fall inside it."""
+        first = SlidingWindowAttention(self.window, torch.tensor(gpos, dtype=torch.long) if gpos else None)
+        out = first(q, k, v, causal=True, scale=scale, backend=backend)
+        if gpos:
+            idx = torch.tensor(gpos, device=k.device)
+            state.global_pos = gpos
+            state.global_k, state.global_v = k[:, :, idx].clone(), v[:, :, idx].clone()
+        state.write(k, v, 0)
+        return out
+
+
+def _masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, upcast: bool) -> Tensor:
+    """Softmax attention under a bool ``(T, Nk)`` mask (every row sees a key), GQA by repetition."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    if upcast:
+        dtype = compute_dtype(q.dtype)
+        return dense_softmax_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 @register_backend(SlidingWindowAttention, "torch")
