@@ -5,9 +5,11 @@ A ``decode`` row with ``seq_len = L`` fills the variant's state with an L-token 
 over many tokens; ``tokens_per_s = B / time``). ``peak_mem_bytes`` is the state the decoder holds
 (the KV cache, the window's ring buffer, the Performer's recurrent state), not a transient peak.
 
-Backends: the project's (``torch``, ``auto``) step through the incremental state; ``sdpa`` is the
-baseline every decoder without state pays: one query against the whole cache (``Nq = 1``), with
-the variant's mask, and its cache is the K and V it reads. Before timing, the first generated
+Backends: the project's (``torch``, ``auto``) step through the incremental state. The baselines
+and peers are what a decoder without state pays: one query against the whole cache (``Nq = 1``),
+with the variant's mask (``sdpa``; on CUDA ``flash_attn``, here through ``flash_attn_func`` with
+one query, bottom-right aligned, not yet its ``flash_attn_with_kvcache``); their held memory is
+the K and V they read. Before timing, the first generated
 token's output is checked against the float64 ground truth of that query over all the keys
 (:func:`bench.numerics.check`), so a wrong state is a ``wrong`` row.
 """
@@ -51,8 +53,8 @@ def run_decode(
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 
     with torch.no_grad():
-        if cfg.backend == "sdpa":
-            target = make_target(variant, "sdpa", q1, k, v, True)
+        if stateless:
+            target = make_target(variant, cfg.backend, q1, k, v, True)
             first = target.fn(q1, k, v)
             prefill_ms = None
             held = k.nbytes + v.nbytes
