@@ -42,9 +42,13 @@ def run_decode(
     if not cfg.causal:
         return result("unsupported", error="decoding is causal: a decode row needs causal=true")
     dev = torch.device(cfg.device)
-    if cfg.backend not in (*STATE_BACKENDS, "sdpa"):
+    from .baselines import baseline_names
+
+    stateless = cfg.backend in baseline_names()
+    if cfg.backend not in STATE_BACKENDS and not stateless:
         return result(
-            "unsupported", error=f"no incremental state on backend {cfg.backend!r} (decode runs torch, auto, sdpa)"
+            "unsupported",
+            error=f"no incremental state on backend {cfg.backend!r} (decode runs torch, auto and the baselines)",
         )
     prompt = BenchConfig(**{**cfg.__dict__, "seq_len": cfg.seq_len + 1})
     q, k, v, _ = make_inputs(prompt, settings.seed, False)
