@@ -53,16 +53,23 @@ class TaskData:
     causal: bool
 
 
-def _listops_tree(rng: random.Random, depth: int, max_depth: int, max_args: int) -> list[str]:
-    """Tokens of one random expression (LRA's top-down rule)."""
+class _TooLong(Exception):
+    pass
+
+
+def _listops_tree(rng: random.Random, depth: int, max_depth: int, max_args: int, out: list[str], cap: int) -> None:
+    """Append the tokens of one random expression (LRA's top-down rule) to ``out``; raise
+    :class:`_TooLong` once it has ``cap`` tokens (it would be filtered out anyway)."""
+    if len(out) >= cap:
+        raise _TooLong
     r = rng.random() if depth < max_depth else 1.0
     if r > VALUE_P:
-        return [str(rng.randrange(10))]
-    out = [rng.choice(LISTOPS_OPS)]
+        out.append(str(rng.randrange(10)))
+        return
+    out.append(rng.choice(LISTOPS_OPS))
     for _ in range(rng.randint(2, max_args)):
-        out += _listops_tree(rng, depth + 1, max_depth, max_args)
+        _listops_tree(rng, depth + 1, max_depth, max_args, out, cap)
     out.append(LISTOPS_END)
-    return out
 
 
 def listops_apply(op: str, args: list[int]) -> int:
@@ -111,7 +118,11 @@ def listops_expressions(
     for _ in range(max_tries):
         if len(out) == count:
             return out
-        toks = _listops_tree(rng, 1, max_depth, max_args)
+        toks: list[str] = []
+        try:
+            _listops_tree(rng, 1, max_depth, max_args, toks, max_len)
+        except _TooLong:
+            continue
         key = tuple(toks)
         if min_len < len(toks) < max_len and key not in seen:
             seen.add(key)
