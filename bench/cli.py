@@ -442,7 +442,9 @@ def report(
 
 @app.command()
 def task(
-    preset: Annotated[str, typer.Option(help="task_presets.toml name: task-quick (CPU) or task-gpu (CUDA)")] = "task-quick",
+    preset: Annotated[
+        str, typer.Option(help="task_presets.toml name: task-quick (CPU) or task-gpu (CUDA)")
+    ] = "task-quick",
     out: Annotated[Path | None, typer.Option(help="output directory [default: runs/<preset>-<date>-<time>]")] = None,
     resume: Annotated[bool, typer.Option(help="skip the runs already in DIR/results.csv")] = False,
     overwrite: Annotated[bool, typer.Option(help="start afresh even if DIR/results.csv exists")] = False,
@@ -455,7 +457,6 @@ def task(
     accuracy over seeds, training time, time to a target accuracy, tokens/s, peak memory."""
     import dataclasses
 
-    from .task_report import write_task_report
     from .taskrun import RESULTS, load_task_presets, run_tasks
 
     if resume and overwrite:
@@ -489,6 +490,8 @@ def task(
     ok = sum(r.status == "ok" for r in rows)
     console.print(f"{ok}/{len(rows)} runs ok in {time.perf_counter() - t0:.0f} s: {out / RESULTS}")
     if report:
+        from .task_report import write_task_report
+
         page = write_task_report(out)
         console.print(f"Report: [bold]{page}[/]")
 

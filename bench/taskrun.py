@@ -144,7 +144,7 @@ class TaskResult:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> TaskResult:
         kwargs: dict[str, Any] = {}
-        for name in _METRICS + ("elapsed_s",):
+        for name in (*_METRICS, "elapsed_s"):
             x = row.get(name)
             kwargs[name] = None if x in (None, "") or (isinstance(x, float) and math.isnan(x)) else float(x)
         for name in ("status", "error", "loss_curve", "eval_curve"):
@@ -268,7 +268,8 @@ def run_task(cfg: TaskConfig, progress: Callable[..., None] | None = None) -> Ta
 
 def run_task_row(msg: dict, settings: RunSettings, progress: Callable[..., None]) -> dict:
     """The worker job (``bench.taskrun:run_task_row``): a config's ``asdict`` in, its row out."""
-    cfg = TaskConfig(**{**msg, "options": tuple(map(tuple, msg["options"])), "params": tuple(map(tuple, msg["params"]))})
+    pairs = {k: tuple(map(tuple, msg[k])) for k in ("options", "params")}
+    cfg = TaskConfig(**{**msg, **pairs})
     t0 = time.perf_counter()
     res = run_task(cfg, progress)
     return dataclasses.replace(res, elapsed_s=round(time.perf_counter() - t0, 3)).to_row()
