@@ -70,6 +70,7 @@ class TaskConfig:
     eval_every: int = 50
     target_acc: float = 0.5
     device: str = "cpu"
+    threads: int = 0  # torch intra-op threads of the worker (0: torch's default)
 
     def key(self) -> tuple:
         return dataclasses.astuple(self)
@@ -162,6 +163,8 @@ def result_columns() -> list[str]:
 
 def _variant_options(cfg: TaskConfig) -> dict[str, Any]:
     opts: dict[str, Any] = dict(cfg.options)
+    for o in av.variant_class(cfg.variant).sweep_options:  # the declared defaults (as a sweep does)
+        opts.setdefault(o.name, o.default)
     if "seed" in av.variant_class(cfg.variant).option_names():  # random features: drawn from the run's seed
         opts.setdefault("seed", cfg.seed)
     return opts
@@ -208,6 +211,8 @@ def run_task(cfg: TaskConfig, progress: Callable[..., None] | None = None) -> Ta
     from .tasks import IGNORE
     from .train import TaskModel, train
 
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     data = _task_data(cfg.task, cfg.train_size + cfg.test_size, cfg.seq_len, 1000 + cfg.seed, cfg.params)
     split = cfg.train_size

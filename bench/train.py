@@ -193,7 +193,7 @@ def train(
         if progress is not None:
             progress(step + 1, steps, loss_val)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            acc = evaluate(model, test_data, batch, device)
+            acc = evaluate(model, test_data, 4 * batch, device)
             eval_curve.append((step + 1, train_s, acc))
             if t_target is None and target_acc is not None and acc >= target_acc:
                 t_target = train_s

@@ -100,3 +100,56 @@ def test_training_reduces_the_loss_on_a_tiny_case() -> None:
     assert steps == list(range(1, 61))
     assert [s for s, _, _ in res.eval_curve] == [30, 60]
     assert res.tokens_per_s > 0 and res.peak_mem_bytes > 0
+
+
+def _tiny(seed: int, variant: str = "full"):
+    from bench.taskrun import TaskConfig
+
+    return TaskConfig(
+        task="local_max",
+        variant=variant,
+        seq_len=16,
+        seed=seed,
+        params=(("vocab", 10), ("width", 2)),
+        steps=4,
+        batch=4,
+        d_model=8,
+        heads=2,
+        layers=1,
+        train_size=16,
+        test_size=8,
+        eval_every=2,
+        threads=1,
+    )
+
+
+def test_resume_skips_finished_runs_and_the_report_is_written(tmp_path) -> None:
+    from bench.config import RunSettings
+    from bench.task_report import write_task_report
+    from bench.taskrun import RESULTS, read_task_results, run_tasks
+
+    settings = RunSettings(timeout_s=120)
+    first = [_tiny(0), _tiny(1)]
+    ran = []
+    rows = run_tasks(first, tmp_path, settings, progress=False, on_result=ran.append)
+    assert [r.status for r in rows] == ["ok", "ok"] and len(ran) == 2
+    ran.clear()
+    more = [*first, _tiny(0, "sliding_window")]
+    rows = run_tasks(more, tmp_path, settings, resume=True, progress=False, on_result=ran.append)
+    assert [r.config for r in ran] == [more[2]]  # only the new run
+    assert [r.config for r in read_task_results(tmp_path / RESULTS)] == more
+    assert all(r.status == "ok" for r in rows), [r.error for r in rows]
+    assert all(0 <= r.final_acc <= 1 and r.train_s > 0 for r in rows)
+    page = write_task_report(tmp_path)
+    assert "local_max" in page.read_text() and (tmp_path / "accuracy_vs_n.png").exists()
+
+
+def test_task_presets_expand_through_the_registry() -> None:
+    from bench.taskrun import load_task_presets
+
+    presets = load_task_presets()
+    assert {"task-quick", "task-gpu"} <= set(presets)
+    quick = presets["task-quick"].configs
+    assert {c.task for c in quick} == {"listops", "mqar", "local_max"}
+    for key in {(c.task, c.seq_len, c.variant, c.options) for c in quick}:
+        assert len({c.seed for c in quick if (c.task, c.seq_len, c.variant, c.options) == key}) >= 3
