@@ -441,6 +441,62 @@ def report(
 
 
 @app.command()
+def task(
+    preset: Annotated[
+        str, typer.Option(help="task_presets.toml name: task-quick (CPU) or task-gpu (CUDA)")
+    ] = "task-quick",
+    out: Annotated[Path | None, typer.Option(help="output directory [default: runs/<preset>-<date>-<time>]")] = None,
+    resume: Annotated[bool, typer.Option(help="skip the runs already in DIR/results.csv")] = False,
+    overwrite: Annotated[bool, typer.Option(help="start afresh even if DIR/results.csv exists")] = False,
+    timeout: Annotated[float | None, typer.Option(help="per-run timeout in seconds")] = None,
+    plugin: Annotated[list[str] | None, typer.Option(help=PLUGIN_HELP)] = None,
+    report: Annotated[bool, typer.Option(help="write the report (plots + README.md) when done")] = True,
+    progress: Annotated[bool, typer.Option(help="show the progress bars")] = True,
+) -> None:
+    """Train small Transformers with each variant on synthetic tasks (ListOps, MQAR, local max):
+    accuracy over seeds, training time, time to a target accuracy, tokens/s, peak memory."""
+    import dataclasses
+
+    from .taskrun import RESULTS, load_task_presets, run_tasks
+
+    if resume and overwrite:
+        raise typer.BadParameter("--resume continues the run in --out, --overwrite replaces it: pass one")
+    plugins = load_plugins(plugin)
+    presets = load_task_presets()
+    if preset not in presets:
+        raise typer.BadParameter(f"unknown preset {preset!r}; presets are {', '.join(presets)}", param_hint="--preset")
+    spec = presets[preset]
+    if resume and out is None:
+        raise typer.BadParameter("needs --out (the run to continue)", param_hint="--resume")
+    out = out or Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / RESULTS).exists() and not (resume or overwrite):
+        console.print(f"[red]{out / RESULTS} exists: pass --resume to continue it or --overwrite to replace it")
+        raise typer.Exit(2)
+    settings = dataclasses.replace(spec.settings, plugins=plugins)
+    if timeout is not None:
+        _positive(timeout, "--timeout")
+        settings = dataclasses.replace(settings, timeout_s=timeout)
+    from .sweep import machine_metadata
+
+    devices = {c.device for c in spec.configs}
+    meta = {**machine_metadata(next(iter(devices))), "preset": preset, "description": spec.description}
+    meta["command"] = shlex.join(["attn-bench", *sys.argv[1:]])
+    t0 = time.perf_counter()
+    try:
+        rows = run_tasks(list(spec.configs), out, settings, resume=resume, meta=meta, progress=progress)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]Interrupted; finished runs are in {out / RESULTS} (continue with --resume)")
+        raise typer.Exit(130) from None
+    ok = sum(r.status == "ok" for r in rows)
+    console.print(f"{ok}/{len(rows)} runs ok in {time.perf_counter() - t0:.0f} s: {out / RESULTS}")
+    if report:
+        from .task_report import write_task_report
+
+        page = write_task_report(out)
+        console.print(f"Report: [bold]{page}[/]")
+
+
+@app.command()
 def verify(
     backends: Annotated[str | None, typer.Option(help="comma list [default: every registry backend + sdpa]")] = None,
     dtypes: Annotated[str, typer.Option(help="comma list of dtypes")] = "float32,float16,bfloat16,float64",

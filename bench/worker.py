@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -112,7 +113,9 @@ def _die_with_parent(parent_pid: int) -> None:
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="parent-watchdog").start()
 
 
-def _worker_main(conn, settings: RunSettings, log_path: str | None, parent_pid: int, start: int) -> None:
+def _worker_main(
+    conn, settings: RunSettings, log_path: str | None, parent_pid: int, start: int, job: str | None = None
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent(parent_pid)
@@ -129,6 +132,7 @@ def _worker_main(conn, settings: RunSettings, log_path: str | None, parent_pid: 
     from .plugins import load_plugins
 
     load_plugins(settings.plugins)
+    job_fn = _load_job(job) if job else None
     conn.send("ready")
     while True:
         try:
@@ -137,6 +141,10 @@ def _worker_main(conn, settings: RunSettings, log_path: str | None, parent_pid: 
             return
         if msg is None:
             return
+        if job_fn is not None:
+            _run_job(conn, job_fn, msg, settings)
+            _release_memory()
+            continue
         cfg = BenchConfig(**msg)
         from . import measure
 
@@ -150,6 +158,32 @@ def _worker_main(conn, settings: RunSettings, log_path: str | None, parent_pid: 
         if res.status == "error" and context_lost(res.error):
             return  # a fresh worker (and CUDA context) takes the next config
         _release_memory()
+
+
+def _load_job(job: str):
+    """The function ``module:name`` names (a worker job other than a sweep's config)."""
+    import importlib
+
+    module, _, name = job.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _run_job(conn, job_fn, msg: dict, settings: RunSettings) -> None:
+    """Run ``job_fn(msg, settings, progress)`` and send its row; ``progress(*values)`` sends
+    ``("progress", *values)`` messages ahead of it. Faults are injected as for a config."""
+
+    class _Cfg:
+        seq_len = msg.get("seq_len")
+
+    def progress(*values: object) -> None:
+        conn.send(("progress", *values))
+
+    try:
+        _inject_fault(_Cfg)  # type: ignore[arg-type]
+        row = job_fn(msg, settings, progress)
+    except Exception as exc:
+        row = {**msg, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    conn.send(row)
 
 
 def _read_counter(path: Path, name: str) -> int | None:
@@ -247,9 +281,24 @@ def _signal_name(signum: int) -> str:
 class WorkerPool:
     """One worker process at a time, restarted after a crash or a timeout."""
 
-    def __init__(self, settings: RunSettings, log_path: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: RunSettings,
+        log_path: str | None = None,
+        *,
+        job: str | None = None,
+        result_cls: type = BenchResult,
+        on_progress: Callable[..., None] | None = None,
+    ) -> None:
+        """``job``: ``"module:function"`` the worker runs on each config's ``asdict`` instead of a
+        sweep measurement: ``function(msg, settings, progress) -> row``; ``result_cls`` builds results
+        (``result_cls(cfg, status, error=..., elapsed_s=...)`` and ``result_cls.from_row(row)``), and
+        ``on_progress(*values)`` receives what the job passes to ``progress``."""
         self.settings = settings
         self.log_path = log_path
+        self.job = job
+        self.result_cls = result_cls
+        self.on_progress = on_progress
         self.ctx = mp.get_context("spawn")
         self.proc = None
         self.conn = None
@@ -270,7 +319,7 @@ class WorkerPool:
         """Start a worker and wait until it is ready; returns why it did not start, or None."""
         self.starts += 1
         parent, child = self.ctx.Pipe()
-        args = (child, self.settings, self.log_path, os.getpid(), self.starts)
+        args = (child, self.settings, self.log_path, os.getpid(), self.starts, self.job)
         self.proc = self.ctx.Process(target=_worker_main, args=args, daemon=True)
         self.proc.start()
         child.close()
@@ -310,14 +359,14 @@ class WorkerPool:
                 pass
         self.kill()
 
-    def run(self, cfg: BenchConfig, timeout_s: float | None = None) -> BenchResult:
+    def run(self, cfg, timeout_s: float | None = None):
         """Run ``cfg`` in the worker; ``timeout_s`` (default: the settings') caps its wall time."""
         limit = self.settings.timeout_s if timeout_s is None else min(timeout_s, self.settings.timeout_s)
         if self.proc is None or not self.proc.is_alive():
             self.kill()
             problem = self._start()
             if problem is not None:
-                return BenchResult(cfg, "error", error=problem)
+                return self.result_cls(cfg, "error", error=problem)
         assert self.conn is not None and self.proc is not None
         t0 = time.perf_counter()
         msg = asdict(cfg)
@@ -327,13 +376,13 @@ class WorkerPool:
             self.conn.send(msg)
         except (BrokenPipeError, OSError) as exc:
             self.kill()
-            return BenchResult(cfg, "error", error=f"could not reach the worker: {exc}")
+            return self.result_cls(cfg, "error", error=f"could not reach the worker: {exc}")
         deadline = t0 + limit
         while True:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 self.kill()
-                return BenchResult(
+                return self.result_cls(
                     cfg,
                     "timeout",
                     error=f"no result after {limit:.3g} s"
@@ -343,7 +392,12 @@ class WorkerPool:
                 )
             try:
                 if self.conn.poll(min(remaining, 0.5)):
-                    res = BenchResult.from_row(self.conn.recv())
+                    msg = self.conn.recv()
+                    if isinstance(msg, tuple) and msg and msg[0] == "progress":
+                        if self.on_progress is not None:
+                            self.on_progress(*msg[1:])
+                        continue
+                    res = self.result_cls.from_row(msg)
                     if res.status == "error" and context_lost(res.error):
                         self.kill()  # the worker is exiting; the next config starts a fresh one
                     return res
@@ -359,16 +413,16 @@ class WorkerPool:
                 if code == -signal.SIGKILL:
                     why = oom_evidence(oom_before, oom_kill_counts(), peak_rss, memory_limit_bytes())
                     if why is not None:
-                        return BenchResult(
+                        return self.result_cls(
                             cfg, "oom", error=f"worker killed by the out-of-memory killer ({why})", elapsed_s=elapsed
                         )
-                    return BenchResult(
+                    return self.result_cls(
                         cfg,
                         "error",
                         error="worker killed (signal 9); no sign of the out-of-memory killer",
                         elapsed_s=elapsed,
                     )
-                return BenchResult(cfg, "error", error=f"worker crashed ({_exit_text(code)})", elapsed_s=elapsed)
+                return self.result_cls(cfg, "error", error=f"worker crashed ({_exit_text(code)})", elapsed_s=elapsed)
 
 
 def _exit_text(code: int) -> str:
