@@ -43,7 +43,7 @@ class FullAttention(AttentionVariant):
 def _full_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
     gqa = q.shape[1] != k.shape[1]
     nq, nk = q.shape[2], k.shape[2]
-    if not causal:
+    if not causal or nq == 1:  # one query sits at the last position (bottom-right): it sees every key
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     if nq == nk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
