@@ -258,7 +258,8 @@ def git_commit(cwd: Path | None = None) -> str:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # Committed reports are outputs, not code: a sweep writing into reports/ is not "dirty".
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)reports"],
             cwd=root,
             capture_output=True,
             text=True,
