@@ -53,3 +53,14 @@ def test_decode_command_writes_the_decoding_section(tmp_path: Path) -> None:
     assert {r["pass"] for r in rows} == {"decode"} and all(r["status"] == "ok" for r in rows)
     page = (out / "README.md").read_text()
     assert "## Decoding" in page and "ms / token" in page
+
+
+def test_baseline_decode_rows_are_gated_against_what_they_compute() -> None:
+    """The Performer's SDPA decode row computes exact attention: checked against that, not FAVOR+;
+    the Performer's own row (its state) against FAVOR+'s reference."""
+    for backend in ("sdpa", "torch"):
+        cfg = BenchConfig("performer", backend, 128, heads=2, kv_heads=1, head_dim=16, causal=True, pass_="decode")
+        res = run_config(BenchConfig(**{**cfg.__dict__, "options": (("num_features", 32),)}), SETTINGS)
+        assert res.status == "ok", res.error
+        assert res.max_err <= res.err_bound
+        assert (res.approx_err is None) == (backend == "sdpa")  # only the approximation reports approx_err
