@@ -30,5 +30,5 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 
-"${PIP[@]}" -e ".[test,peers]"
+"${PIP[@]}" -e ".[test,peers,hf]"
 "$PY" -c "import torch, attention_variants; print('torch', torch.__version__, '| variants:', ', '.join(attention_variants.list_variants()))"

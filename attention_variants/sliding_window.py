@@ -172,15 +172,23 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-@register_backend(SlidingWindowAttention, "torch")
-def _sliding_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+@register_backend(SlidingWindowAttention, "torch", padding=True)
+def _sliding_torch(
+    variant: AttentionVariant,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
     assert isinstance(variant, SlidingWindowAttention)
     if q.is_meta:
         # Meta tensors (shape inference) hold no values, and the blocked layout reads its masks:
         # the dense formula gives the same shapes, dtype and autograd graph at no cost on meta.
-        return variant.dense(q, k, v, causal, scale, upcast=False)
+        return variant.dense(q, k, v, causal, scale, upcast=False, key_padding_mask=key_padding_mask)
     gm = variant.global_mask(q.shape[2], q.device) if q.shape[2] == k.shape[2] else None
-    return banded_attention(q, k, v, variant.window, causal, scale, gm)
+    return banded_attention(q, k, v, variant.window, causal, scale, gm, key_padding_mask)
 
 
 @register_backend(SlidingWindowAttention, "triton", check=_softmax_triton_check)
@@ -205,6 +213,7 @@ class _BandLayout:
     pad_left: int
     pad_right: int
     mask: Tensor  # (num_blocks, block, span) bool
+    band: Tensor  # the same before rows with no visible key got their one unmasked slot
     bias: Tensor  # (1, num_blocks, block, span) additive mask: 0 where visible, -inf elsewhere
     row_any: Tensor | None  # (Nq, 1) bool, None when every query sees some key
 
@@ -223,14 +232,15 @@ def _band_layout(nq: int, nk: int, left: int, right: int, device: torch.device, 
     blk = torch.arange(nb, device=device)[:, None, None] * bq
     j, i = blk + first + tk, blk + tq
     rel = tk - tq  # j - (aligned query position) + left
-    mask = (rel >= 0) & (rel <= left + right) & (j >= 0) & (j < nk) & (i < nq)
+    band = (rel >= 0) & (rel <= left + right) & (j >= 0) & (j < nk) & (i < nq)
+    mask = band.clone()
     # A row with no visible key gets one unmasked slot so the fused kernel never sees an
     # empty row (its output and gradient could be NaN on some devices); it is zeroed after.
     row_any = mask.any(dim=-1)
     mask[..., 0] |= ~row_any
     row_any = row_any.reshape(-1)[:nq, None]
     bias = _additive(mask, dtype)[None]
-    return _BandLayout(bq, nb, span, first, pad_l, pad_r, mask, bias, None if bool(row_any.all()) else row_any)
+    return _BandLayout(bq, nb, span, first, pad_l, pad_r, mask, band, bias, None if bool(row_any.all()) else row_any)
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -246,6 +256,7 @@ def banded_attention(
     causal: bool,
     scale: float,
     global_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Blocked sliding-window attention in O(N * (w + g)) time and memory.
 
@@ -256,6 +267,10 @@ def banded_attention(
     ``(BLOCK_Q, S)`` additive mask, passed 4-D ``(1, nb, BLOCK_Q, S)`` since PyTorch's fused CPU
     kernel takes 4-D masks and falls back to a slow path for 3-D ones. Global query rows are then
     recomputed against every key.
+
+    ``key_padding_mask (B, Nk)`` (True = real key) adds a per-batch bias on each block's key
+    columns, so the blocks then run one batch element per call (the mask stays 4-D and
+    ``(1, nb, BLOCK_Q, S)``); rows left with no visible real key are set to 0.
     """
     bsz, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -272,34 +287,53 @@ def banded_attention(
 
     kw, vw = windows(k), windows(v)
     bias, row_any = lay.bias, lay.row_any
+    # Key index of every block column (nb, span), and, with padding, which columns hold a real key.
+    j = torch.arange(nb, device=q.device)[:, None] * bq + lay.first_key + torch.arange(span, device=q.device)
+    visible = lay.band  # what each row really sees, for the rows padding leaves empty
+    real = None
+    if key_padding_mask is not None:
+        real = key_padding_mask[:, j.clamp(0, max(nk - 1, 0))] & ((j >= 0) & (j < nk))  # (B, nb, span)
 
     if global_mask is not None:
         gpos = global_mask.nonzero().flatten()
-        blk = torch.arange(nb, device=q.device)[:, None, None] * bq
-        i = blk + torch.arange(bq, device=q.device)[:, None]
-        j = blk + lay.first_key + torch.arange(span, device=q.device)[None, :]
+        i = torch.arange(nb, device=q.device)[:, None, None] * bq + torch.arange(bq, device=q.device)[:, None]
         # Global keys are appended to every block; drop them from the band so none counts twice.
-        mask = lay.mask & ~global_mask[j.clamp(0, nk - 1)]
+        not_global = ~global_mask[j.clamp(0, nk - 1)][:, None, :]
         gcols = (i < nq).expand(nb, bq, gpos.numel())
         if causal:
             gcols = gcols & (gpos[None, None, :] <= i + off)
-        mask = torch.cat([mask, gcols], dim=-1)
+        if real is not None:
+            visible = torch.cat([lay.band & not_global, gcols], dim=-1)
+        mask = torch.cat([lay.mask & not_global, gcols], dim=-1)
         mask[..., 0] |= ~mask.any(dim=-1)  # see _band_layout
         bias = _additive(mask, q.dtype)[None]
         kg = k[:, :, gpos, None].transpose(2, 3).expand(bsz, hk, nb, gpos.numel(), d)
         vg = v[:, :, gpos, None].transpose(2, 3).expand(bsz, hk, nb, gpos.numel(), dv)
         kw = torch.cat([kw, kg], dim=3)
         vw = torch.cat([vw, vg], dim=3)
+        if real is not None:
+            real = torch.cat([real, key_padding_mask[:, None, gpos].expand(bsz, nb, gpos.numel())], dim=-1)
 
     qp = F.pad(q, (0, 0, 0, nb * bq - nq)) if nb * bq != nq else q
     qp = qp.view(bsz, hk, groups, nb, bq, d) if qp.is_contiguous() else qp.reshape(bsz, hk, groups, nb, bq, d)
     kw = kw.reshape(bsz * hk, nb, kw.shape[3], d)
     vw = vw.reshape(bsz * hk, nb, vw.shape[3], dv)
-    outs = [
-        F.scaled_dot_product_attention(qp[:, :, g].reshape(bsz * hk, nb, bq, d), kw, vw, attn_mask=bias, scale=scale)
-        for g in range(groups)
-    ]
-    out = outs[0] if groups == 1 else torch.stack(outs, dim=1)
+
+    def blocks(b: slice, attn_mask: Tensor) -> Tensor:  # batch elements b -> (len(b) * Hk, [G,] nb, bq, Dv)
+        kb, vb = kw[b.start * hk : b.stop * hk], vw[b.start * hk : b.stop * hk]
+        outs = [
+            F.scaled_dot_product_attention(qp[b, :, g].reshape(-1, nb, bq, d), kb, vb, attn_mask=attn_mask, scale=scale)
+            for g in range(groups)
+        ]
+        return outs[0] if groups == 1 else torch.stack(outs, dim=1)
+
+    if real is None:
+        out = blocks(slice(0, bsz), bias)
+    else:
+        # Finite bias on padded columns (see masks.padding_bias); one call per batch element.
+        pad_bias = masks.padding_bias(real, q.dtype)[:, :, None, :]  # (B, nb, 1, S)
+        out = torch.cat([blocks(slice(b, b + 1), bias + pad_bias[b]) for b in range(bsz)])
+        row_any = (visible[None] & real[:, :, None, :]).any(dim=-1).reshape(bsz, 1, nb * bq, 1)[:, :, :nq]
     out = out.reshape(bsz, h, nb * bq, dv)[:, :, :nq]
     if row_any is not None:
         out = torch.where(row_any, out, out.new_zeros(()))
@@ -310,8 +344,15 @@ def banded_attention(
         rows_mask = None
         if causal:
             rows_mask = torch.arange(nk, device=q.device)[None, :] <= gpos[:, None] + off
+        if key_padding_mask is not None:
+            rows_mask = masks.padding_bias(key_padding_mask, q.dtype)[:, None, None, :] + (
+                0.0 if rows_mask is None else _additive(rows_mask, q.dtype)
+            )
         rows = F.scaled_dot_product_attention(
             q[:, :, gpos], k, v, attn_mask=rows_mask, scale=scale, enable_gqa=groups > 1
         )
+        if key_padding_mask is not None:
+            seen = masks.keys_seen(key_padding_mask, nq, causal)[:, None, gpos, None]
+            rows = torch.where(seen, rows, rows.new_zeros(()))
         out = out.index_copy(2, gpos, rows)
     return out
