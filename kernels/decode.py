@@ -27,8 +27,14 @@ if HAS_TRITON:
 MAX_STEP_TOKENS = 16
 """Longest step the decoding kernels take: all ``T`` tokens' keys fit one tile of the new-token program."""
 
-MAX_ROWS = 64  # query rows (heads of a group x new tokens) per program; more rows take more programs
-FEATURE_BLOCK = 32  # random features per program of the Performer step
+# Query rows (heads of a group x new tokens) per program; more rows take more programs. float32
+# softmax steps at head dims above 64 take 16: 32 or 64 rows spilled (ptxas, sm_90).
+MAX_ROWS = 64
+MAX_ROWS_FP32 = 16
+# Random features per program of the Performer step, and its warps: 32 features or 4 warps
+# spilled at head dim 128 (ptxas, sm_90), this does not up to 64 query rows.
+FEATURE_BLOCK = 16
+FAVOR_WARPS = 8
 _LOG2E = 1.4426950408889634
 
 
@@ -41,15 +47,17 @@ def _target_programs(device: torch.device) -> int:
     return 4
 
 
-def _row_blocks(rows: int) -> tuple[int, int]:
+def _row_blocks(rows: int, max_rows: int = MAX_ROWS) -> tuple[int, int]:
     """``(BLOCK_M, number of row blocks)`` for ``rows`` query rows of one key/value head."""
-    block = min(MAX_ROWS, pad_pow2(rows))
+    block = min(max_rows, pad_pow2(rows))
     return block, cdiv(rows, block)
 
 
 def _softmax_config(head_dim: int, elem_bytes: int, block_m: int) -> KernelConfig:
+    """Key tile and warps of the split kernel; ``ptxas`` reports no spills for these on sm_80 and
+    sm_90 at head dim 128 (tests/test_decode_compile.py), where 4 warps spilled."""
     block_n = 64 if head_dim <= 64 or (head_dim <= 128 and elem_bytes == 2) else 32
-    return KernelConfig(block_m, block_n, 4, 2)
+    return KernelConfig(block_m, block_n, 4 if head_dim <= 64 else 8, 2)
 
 
 def split_plan(n_cached: int, programs: int, block_n: int, device: torch.device) -> tuple[int, int]:
@@ -130,7 +138,8 @@ def softmax_step(
         assert global_k is not None and global_v is not None
         global_k, global_v = _unit_last(global_k), _unit_last(global_v)
         ng = global_pos.numel()
-    block_m, nrb = _row_blocks(groups * t)
+    wide_fp32 = q.element_size() == 4 and max(d, dv) > 64
+    block_m, nrb = _row_blocks(groups * t, MAX_ROWS_FP32 if wide_fp32 else MAX_ROWS)
     cfg = _softmax_config(max(d, dv), q.element_size(), block_m)
     n_cached = start - lo
     if chunk is None:
@@ -206,7 +215,7 @@ def favor_step(
     lsum = torch.empty(n_slots, block_m, dtype=torch.float32, device=q.device)
     acc = torch.empty(n_slots, block_m, block_dv, dtype=torch.float32, device=q.device)
     launch(
-        _favor_step_kernel, [KernelConfig(block_m, FEATURE_BLOCK, 4, 1)], lambda _: (fblocks, bsz * hk, nrb),
+        _favor_step_kernel, [KernelConfig(block_m, FEATURE_BLOCK, FAVOR_WARPS, 1)], lambda _: (fblocks, bsz * hk, nrb),
         (
             q, k, v, ws, kv, shift_in, kv_out, shift_in if shift_out is None else shift_out, m, lsum, acc,
             q.stride(0), q.stride(1), q.stride(2),
