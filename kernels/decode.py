@@ -47,6 +47,12 @@ def _target_programs(device: torch.device) -> int:
     return 4
 
 
+@functools.lru_cache(maxsize=8)
+def _no_globals(device: torch.device) -> Tensor:
+    """A placeholder index tensor for steps without global tokens (never read), one per device."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
 def _row_blocks(rows: int, max_rows: int = MAX_ROWS) -> tuple[int, int]:
     """``(BLOCK_M, number of row blocks)`` for ``rows`` query rows of one key/value head."""
     block = min(max_rows, pad_pow2(rows))
@@ -132,7 +138,7 @@ def softmax_step(
     ring = period is not None and start > period
     if global_pos is None or global_pos.numel() == 0:
         global_k, global_v = k_new, v_new  # any tensors of the right rank: no global is read
-        global_pos = torch.zeros(1, dtype=torch.int32, device=q.device)
+        global_pos = _no_globals(q.device)
         ng = 0
     else:
         assert global_k is not None and global_v is not None
