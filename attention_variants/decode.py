@@ -139,7 +139,8 @@ class WindowCache(DecodeState):
     costs only the text), then stays: memory is O(window). One slot beyond ``left`` lets a
     single-token step write its key first and attend to the ring in place.
     ``global_k (B, Hk, G, D)``, ``global_v (B, Hk, G, Dv)``: the tokens at the global positions
-    ``global_pos`` (a sorted list, all inside the first step), visible to every later query.
+    ``global_pos`` (a sorted list, all inside the first step; ``global_idx`` the same as an int32
+    tensor on the device), visible to every later query.
     """
 
     def __init__(self, layout: StateLayout, *, left: int, capacity: int) -> None:
@@ -149,11 +150,12 @@ class WindowCache(DecodeState):
         self.ring_k = torch.empty(self.batch, self.kv_heads, cap, self.head_dim, dtype=self.dtype, device=self.device)
         self.ring_v = torch.empty(self.batch, self.kv_heads, cap, self.value_dim, dtype=self.dtype, device=self.device)
         self.global_pos: list[int] = []
+        self.global_idx = torch.zeros(0, dtype=torch.int32, device=self.device)  # global_pos on the device
         self.global_k = self.ring_k.new_zeros(self.batch, self.kv_heads, 0, self.head_dim)
         self.global_v = self.ring_v.new_zeros(self.batch, self.kv_heads, 0, self.value_dim)
 
     def tensors(self) -> list[Tensor]:
-        return [self.ring_k, self.ring_v, self.global_k, self.global_v]
+        return [self.ring_k, self.ring_v, self.global_k, self.global_v, self.global_idx]
 
     @property
     def period(self) -> int:
@@ -286,6 +288,17 @@ def step_backend(variant: AttentionVariant, backend: str, q: Tensor, v: Tensor) 
             f"its steps run on: auto, {', '.join(allowed)}"
         )
     return name
+
+
+def triton_step(backend: str, q: Tensor) -> bool:
+    """Whether a step on ``backend`` runs the Triton decoding kernels (:mod:`kernels.decode`):
+    ``triton`` with at most ``kernels.decode.MAX_STEP_TOKENS`` new tokens. Longer steps (a
+    prompt) run the variant's forward kernels, or the PyTorch recurrence for the Performer."""
+    if backend != "triton":
+        return False
+    from kernels.decode import MAX_STEP_TOKENS
+
+    return q.shape[2] <= MAX_STEP_TOKENS
 
 
 def step(

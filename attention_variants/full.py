@@ -9,7 +9,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from . import masks
 from .base import AttentionVariant, register_backend, register_variant, repeat_kv
-from .decode import DecodeState, KVCache, StateLayout
+from .decode import DecodeState, KVCache, StateLayout, triton_step
 
 
 @register_variant("full")
@@ -33,6 +33,13 @@ class FullAttention(AttentionVariant):
 
     def decode_step(self, q: Tensor, k: Tensor, v: Tensor, state: DecodeState, scale: float, backend: str) -> Tensor:
         assert isinstance(state, KVCache)
+        if triton_step(backend, q):
+            from kernels.decode import softmax_step
+
+            # Split-KV kernel over the cached keys, plus the new tokens read from k and v.
+            out = softmax_step(q, state.k, state.v, k, v, start=state.length, lo=0, scale=scale)
+            state.append(k, v)
+            return out
         state.append(k, v)
         end = state.length + k.shape[2]
         # Bottom-right alignment puts the T new queries on the last T cached positions.

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from . import masks
 from .base import AttentionVariant, SweepOption, _shape, compute_dtype, register_backend, register_variant
-from .decode import DecodeState, PerformerState, StateLayout
+from .decode import DecodeState, PerformerState, StateLayout, triton_step
 
 KERNELS = ("softmax", "relu")
 MAX_NUM_FEATURES = 1 << 20
@@ -362,7 +362,9 @@ class PerformerAttention(AttentionVariant):
 
     # -- decoding: the recurrent state [S, z] with a running key stabiliser ------------------------
 
-    decode_backends = ("torch",)  # the recurrence is PyTorch code; Triton step kernels do not exist yet
+    # triton: the fused step of kernels.decode (steps of at most 16 tokens; longer ones, e.g. a
+    # prompt, run the PyTorch recurrence). The reference backend has no recurrence.
+    decode_backends = ("torch", "triton")
 
     def decode_state(self, layout: StateLayout, *, capacity: int) -> PerformerState:
         if self.projection is not None and self.projection.shape[1] != layout.head_dim:
@@ -384,6 +386,16 @@ class PerformerAttention(AttentionVariant):
         if state.ws is None:
             state.ws = self.projection_matrix(q.shape[-1], q.device, dtype) * scale**0.5
         ws, groups = state.ws, q.shape[1] // k.shape[1]
+        if triton_step(backend, q):
+            from kernels.decode import favor_step
+
+            out, den, state.kv, shift = favor_step(
+                q, k, v, ws, state.kv, state.shift, scale=scale, kernel=self.kernel, relu_eps=RELU_EPS
+            )
+            if shift is not None:
+                state.shift = shift.view(state.kv.shape[0], state.kv.shape[1], 1, -1)
+                warn_if_underflow(den.amin())
+            return out
         rows = piece_rows(q.shape[0] * q.shape[1], self.num_features)
         shift = key_shift(k, ws, scale, self.kernel, rows)
         if shift is not None:

@@ -25,7 +25,7 @@ from .base import (
     register_variant,
     repeat_kv,
 )
-from .decode import DecodeState, StateLayout, WindowCache
+from .decode import DecodeState, StateLayout, WindowCache, triton_step
 from .full import FullAttention, _softmax_triton_check
 
 MAX_DECODE_REACH = 1 << 62  # a wider decoding window sees every key anyway; keeps slot arithmetic in int64
@@ -120,6 +120,18 @@ class SlidingWindowAttention(AttentionVariant):
             )
         # Global keys the queries cannot see through the band: positions < (query position) - left.
         glob = state.global_pos
+        if triton_step(backend, q):
+            from kernels.decode import softmax_step
+
+            # Split-KV kernel over the ring's positions [start - left, start), before this step's
+            # write (which may overwrite the oldest of them), plus the new tokens and the globals.
+            out = softmax_step(
+                q, state.ring_k, state.ring_v, k, v, start=start, lo=max(0, start - left), scale=scale,
+                left=left, period=state.period, global_k=state.global_k, global_v=state.global_v,
+                global_pos=state.global_idx,
+            )  # fmt: skip
+            state.write(k, v, start)
+            return out
         if t == 1 and backend in FullAttention._backends:
             # One query sees all the ring holds after the write, and the globals left of the band:
             # softmax does not care about key order, so attend to the ring in place.
@@ -157,6 +169,7 @@ class SlidingWindowAttention(AttentionVariant):
         if gpos:
             idx = torch.tensor(gpos, device=k.device)
             state.global_pos = gpos
+            state.global_idx = idx.to(torch.int32)
             state.global_k, state.global_v = k[:, :, idx].clone(), v[:, :, idx].clone()
         state.write(k, v, 0)
         return out

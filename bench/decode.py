@@ -5,11 +5,14 @@ A ``decode`` row with ``seq_len = L`` fills the variant's state with an L-token 
 over many tokens; ``tokens_per_s = B / time``). ``peak_mem_bytes`` is the state the decoder holds
 (the KV cache, the window's ring buffer, the Performer's recurrent state), not a transient peak.
 
-Backends: the project's (``torch``, ``auto``) step through the incremental state. The baselines
-and peers are what a decoder without state pays: one query against the whole cache (``Nq = 1``),
-with the variant's mask (``sdpa``; on CUDA ``flash_attn``, here through ``flash_attn_func`` with
-one query, bottom-right aligned, not yet its ``flash_attn_with_kvcache``); their held memory is
-the K and V they read. Before timing, the first generated
+Backends: the project's (``torch``, ``triton``, ``auto``) step through the incremental state
+(``triton``: the split-KV and fused Performer step kernels of :mod:`kernels.decode`; its prefill
+runs the forward kernels). The baselines and peers read the whole cache with one query
+(``Nq = 1``) and the variant's mask: ``sdpa`` (what a decoder without state pays) and, on CUDA,
+``flash_attn`` (``flash_attn_func``, bottom-right aligned), ``flash_attn_kvcache``
+(``flash_attn_with_kvcache``, the decoding kernel of flash-attn, over the cache that holds the
+new token; window as ``window_size=(W, 0)``, GQA natively) and ``xformers``; their held memory
+is the K and V they read. Before timing, the first generated
 token's output is checked against the float64 ground truth of that query over all the keys
 (:func:`bench.numerics.check`), so a wrong state is a ``wrong`` row.
 """
@@ -26,7 +29,7 @@ import attention_variants as av
 from .baselines import Unsupported, make_target
 from .config import BenchConfig, BenchResult, RunSettings
 
-STATE_BACKENDS = ("torch", "auto")
+STATE_BACKENDS = ("torch", "triton", "auto")
 
 
 def run_decode(
@@ -48,8 +51,12 @@ def run_decode(
     if cfg.backend not in STATE_BACKENDS and not stateless:
         return result(
             "unsupported",
-            error=f"no incremental state on backend {cfg.backend!r} (decode runs torch, auto and the baselines)",
+            error=f"no incremental state on backend {cfg.backend!r} (decode runs torch, triton, auto and baselines)",
         )
+    if not stateless and cfg.backend != "auto":
+        reason = variant.unsupported_reason(cfg.backend, dev, getattr(torch, cfg.dtype), cfg.head_dim)
+        if reason is not None:
+            raise Unsupported(reason)
     prompt = BenchConfig(**{**cfg.__dict__, "seq_len": cfg.seq_len + 1})
     q, k, v, _ = make_inputs(prompt, settings.seed, False)
     n = cfg.seq_len

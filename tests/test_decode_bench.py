@@ -64,3 +64,29 @@ def test_baseline_decode_rows_are_gated_against_what_they_compute() -> None:
         assert res.status == "ok", res.error
         assert res.max_err <= res.err_bound
         assert (res.approx_err is None) == (backend == "sdpa")  # only the approximation reports approx_err
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    ("variant", "options"), [("sliding_window", (("window", 8),)), ("performer", (("num_features", 32),))]
+)
+def test_triton_decode_row_is_gated_and_timed(variant: str, options: tuple) -> None:
+    """The Triton step kernels (here under the interpreter) as a decode row, gated against float64."""
+    cfg = BenchConfig(variant, "triton", 40, heads=4, kv_heads=2, head_dim=16, causal=True, pass_="decode")
+    res = run_config(BenchConfig(**{**cfg.__dict__, "options": options}), SETTINGS)
+    assert res.status == "ok", res.error
+    assert res.backend_used == "triton" and res.max_err <= res.err_bound and res.time_ms > 0
+
+
+def test_flash_attn_kvcache_row_without_cuda_says_why() -> None:
+    res = run_config(
+        BenchConfig("full", "flash_attn_kvcache", 32, heads=2, head_dim=16, causal=True, pass_="decode"), SETTINGS
+    )
+    assert res.status == "unsupported"
+    assert "flash_attn" in res.error or "CUDA" in res.error or "float16" in res.error
+
+
+def test_triton_decode_row_off_cuda_is_unsupported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    res = run_config(BenchConfig("full", "triton", 32, heads=2, head_dim=16, causal=True, pass_="decode"), SETTINGS)
+    assert res.status == "unsupported" and "CUDA" in res.error

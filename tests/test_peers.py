@@ -59,7 +59,7 @@ def test_missing_package_gives_reason(name: str, monkeypatch: pytest.MonkeyPatch
     assert reason is not None and "not installed" in reason and peer.install in reason
 
 
-@pytest.mark.parametrize("name", ["flash_attn", "xformers"])
+@pytest.mark.parametrize("name", ["flash_attn", "flash_attn_kvcache", "xformers"])
 def test_cuda_peers_refuse_cpu(name: str) -> None:
     reason = peers.PEERS[name].check(av.FullAttention(), torch.device("cpu"), torch.float16, 64, False)
     assert reason is not None and "CUDA only" in reason
@@ -98,7 +98,7 @@ def test_local_attention_params(left: int, right: int, causal: bool, expected: t
 def test_exact_peers_report_no_deviation() -> None:
     q, k, v = make_qkv(1, 2, 2, 8, 8, 8)
     variant = av.get_variant("sliding_window", window=2)
-    for name in ("local_attention", "flash_attn", "xformers"):
+    for name in ("local_attention", "flash_attn", "flash_attn_kvcache", "xformers"):
         assert peers.semantic_deviation(name, variant, q, k, v, True) == 0.0
 
 
@@ -247,6 +247,25 @@ def _fake_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fal
     return out.nan_to_num(0.0)
 
 
+def _fake_flash_attn_with_kvcache(
+    q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None, causal=False, window_size=(-1, -1)
+):
+    """flash_attn_with_kvcache as its docstring states it, for a full cache (no new k/v, no
+    cache_seqlens): the same mask and GQA as flash_attn_func; k_cache needs a unit last stride."""
+    assert k is None and v is None and cache_seqlens is None
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    return _fake_flash_attn_func(
+        q, k_cache, v_cache, softmax_scale=softmax_scale, causal=causal, window_size=window_size
+    )
+
+
+def _fake_flash_attn(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.SimpleNamespace(
+        flash_attn_func=_fake_flash_attn_func, flash_attn_with_kvcache=_fake_flash_attn_with_kvcache
+    )
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+
+
 def _fake_xformers(monkeypatch: pytest.MonkeyPatch) -> None:
     """xformers.ops.memory_efficient_attention and the two bottom-right biases, as documented
     (their materialize() formulas); rows with no visible key come out NaN, as a softmax of -inf."""
@@ -292,15 +311,17 @@ CUDA_PEER_CASES = [
     ("sliding_window", 4, 4, 2, 37, 37),
     ("sliding_window", (6, 2), 2, 1, 30, 41),
     ("sliding_window", (3, 1), 2, 2, 41, 30),  # rows with no key, causal or not
+    ("full", None, 8, 2, 1, 50),  # a decoding step: one query against the cache
+    ("sliding_window", 7, 4, 1, 1, 50),
 ]
 
 
-@pytest.mark.parametrize("name", ["flash_attn", "xformers"])
+@pytest.mark.parametrize("name", ["flash_attn", "flash_attn_kvcache", "xformers"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize(("vname", "window", "h", "hk", "nq", "nk"), CUDA_PEER_CASES)
 def test_cuda_peer_adapters_against_documented_semantics(monkeypatch, name, causal, vname, window, h, hk, nq, nk):
-    if name == "flash_attn":
-        monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=_fake_flash_attn_func))
+    if name.startswith("flash_attn"):
+        _fake_flash_attn(monkeypatch)
     else:
         _fake_xformers(monkeypatch)
     variant = av.get_variant(vname, **({} if window is None else {"window": window}))
@@ -312,11 +333,19 @@ def test_cuda_peer_adapters_against_documented_semantics(monkeypatch, name, caus
     assert max_err(out, ref) < 1e-12
 
 
-def test_flash_attn_refuses_value_dim(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=_fake_flash_attn_func))
+@pytest.mark.parametrize("name", ["flash_attn", "flash_attn_kvcache"])
+def test_flash_attn_refuses_value_dim(monkeypatch, name: str) -> None:
+    _fake_flash_attn(monkeypatch)
     q, k, v = make_qkv(1, 2, 2, 8, 8, 16, 8)
     with pytest.raises(Unsupported, match="value head dim"):
-        peers.get_peer("flash_attn").make(av.FullAttention(), q, k, v, False, 0.25)
+        peers.get_peer(name).make(av.FullAttention(), q, k, v, False, 0.25)
+
+
+def test_flash_attn_kvcache_is_forward_only() -> None:
+    reason = peers.get_peer("flash_attn_kvcache").check_options(
+        av.FullAttention(), torch.device("cuda"), torch.float16, 64, True
+    )
+    assert reason is not None and "forward only" in reason
 
 
 def test_cuda_peer_checks_on_cuda_device_strings(monkeypatch) -> None:
@@ -324,7 +353,7 @@ def test_cuda_peer_checks_on_cuda_device_strings(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace())
     _fake_xformers(monkeypatch)
     sw = av.get_variant("sliding_window", window=4, global_tokens=1)
-    for name in ("flash_attn", "xformers"):
+    for name in ("flash_attn", "flash_attn_kvcache", "xformers"):
         peer = peers.get_peer(name)
         assert "global tokens" in (peer.check(sw, "cuda", torch.float16, 64, False) or "")
         assert "float64" in (peer.check(av.FullAttention(), "cuda", torch.float64, 64, False) or "")

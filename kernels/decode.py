@@ -1,0 +1,240 @@
+"""Decoding steps in Triton: split-KV softmax attention over a cache, and the fused Performer step.
+
+The host side of :mod:`kernels.decode_kernels`: it sizes the splits, allocates the partial
+results and launches the split kernel and the combine kernel. The variants call these from their
+``decode_step`` when the backend is ``triton`` and a step has at most :data:`MAX_STEP_TOKENS`
+new tokens (longer steps, e.g. a prompt, run the prefill-shaped kernels instead).
+
+Inputs are already validated by :func:`attention_variants.decode.step`; dtypes and head dims are
+those of :func:`kernels.softmax_unsupported_reason` / :func:`kernels.favor_unsupported_reason`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from . import HAS_TRITON
+from .flash_configs import dot_precision
+from .launch import KernelConfig, cdiv, launch, pad_pow2
+
+if HAS_TRITON:
+    from .decode_kernels import _combine_kernel, _favor_step_kernel, _softmax_split_kernel
+
+MAX_STEP_TOKENS = 16
+"""Longest step the decoding kernels take: all ``T`` tokens' keys fit one tile of the new-token program."""
+
+# Query rows (heads of a group x new tokens) per program; more rows take more programs. float32
+# softmax steps at head dims above 64 take 16: 32 or 64 rows spilled (ptxas, sm_90).
+MAX_ROWS = 64
+MAX_ROWS_FP32 = 16
+# Random features per program of the Performer step, and its warps: 32 features or 4 warps
+# spilled at head dim 128 (ptxas, sm_90), this does not up to 64 query rows.
+FEATURE_BLOCK = 16
+FAVOR_WARPS = 8
+_LOG2E = 1.4426950408889634
+
+
+@functools.lru_cache(maxsize=8)
+def _target_programs(device: torch.device) -> int:
+    """Programs a step should launch to fill ``device``: two per SM on CUDA; a few under the
+    interpreter, so that small test caches are split too."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@functools.lru_cache(maxsize=8)
+def _no_globals(device: torch.device) -> Tensor:
+    """A placeholder index tensor for steps without global tokens (never read), one per device."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def _row_blocks(rows: int, max_rows: int = MAX_ROWS) -> tuple[int, int]:
+    """``(BLOCK_M, number of row blocks)`` for ``rows`` query rows of one key/value head."""
+    block = min(max_rows, pad_pow2(rows))
+    return block, cdiv(rows, block)
+
+
+def _softmax_config(head_dim: int, elem_bytes: int, block_m: int) -> KernelConfig:
+    """Key tile and warps of the split kernel; ``ptxas`` reports no spills for these on sm_80 and
+    sm_90 at head dim 128 (tests/test_decode_compile.py), where 4 warps spilled."""
+    block_n = 64 if head_dim <= 64 or (head_dim <= 128 and elem_bytes == 2) else 32
+    return KernelConfig(block_m, block_n, 4 if head_dim <= 64 else 8, 2)
+
+
+def split_plan(n_cached: int, programs: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """``(chunk, splits)``: the ``n_cached`` cached keys cut into ``splits`` chunks of ``chunk`` keys
+    (a multiple of ``block_n``), so that ``programs`` (batch x heads x row blocks) times the splits
+    about fill ``device``."""
+    if n_cached == 0:
+        return block_n, 0
+    want = max(1, min(cdiv(_target_programs(device), programs), cdiv(n_cached, block_n)))
+    chunk = cdiv(cdiv(n_cached, want), block_n) * block_n
+    return chunk, cdiv(n_cached, chunk)
+
+
+def _combine(
+    m: Tensor, lsum: Tensor, acc: Tensor, out: Tensor, hk: int, t: int, groups: int, parts: int, nrb: int
+) -> Tensor:
+    """Merge the partial results into ``out``; returns the merged normalisers ``(B, H, T)`` (float32)."""
+    bsz, h = out.shape[0], out.shape[1]
+    block_m, block_dv = acc.shape[-2], acc.shape[-1]
+    den = torch.empty(bsz, h, t, dtype=torch.float32, device=out.device)
+    launch(
+        _combine_kernel, [KernelConfig(block_m, 0, 4, 1)], lambda _: (bsz * hk, nrb),
+        (m, lsum, acc, out, den, out.stride(0), out.stride(1), out.stride(2), hk, t, groups, parts),
+        inner=None, BLOCK_DV=block_dv, HEAD_DV=out.shape[-1],
+    )  # fmt: skip
+    return den
+
+
+def _unit_last(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def softmax_step(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    *,
+    start: int,
+    lo: int,
+    scale: float,
+    left: int | None = None,
+    period: int | None = None,
+    global_k: Tensor | None = None,
+    global_v: Tensor | None = None,
+    global_pos: Tensor | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """Softmax attention of ``T`` new tokens at positions ``start .. start + T - 1``.
+
+    Args:
+        q: ``(B, H, T, D)``; k_new, v_new: ``(B, Hk, T, D)`` / ``(B, Hk, T, Dv)``, the new tokens'
+            keys and values (not yet in the cache).
+        k_cache, v_cache: ``(B, Hk, C, D)`` / ``(B, Hk, C, Dv)``: the keys and values of the cached
+            positions ``[lo, start)``, position ``p`` in slot ``p`` (a KV cache) or ``p % period``
+            (a ring buffer).
+        left: the window's reach back (key ``j`` is visible to the query at ``p`` iff
+            ``p - left <= j <= p``); None: every earlier key.
+        global_k, global_v, global_pos: ``(B, Hk, G, D)``, ``(B, Hk, G, Dv)`` and the ``G`` global
+            positions (int32, on the device, all ``< start``), visible where the band does not reach.
+        chunk: cached keys per split (a multiple of the key tile); None chooses it for the device.
+
+    Returns ``(B, H, T, Dv)`` in the dtype of ``q``.
+    """
+    bsz, h, t, d = q.shape
+    hk, dv = k_new.shape[1], v_new.shape[-1]
+    groups = h // hk
+    q, k_cache, v_cache, k_new, v_new = (_unit_last(x) for x in (q, k_cache, v_cache, k_new, v_new))
+    # A reach beyond the text sees every key; clamped so that the position arithmetic stays small.
+    left = start + t if left is None else min(left, start + t)
+    ring = period is not None and start > period
+    if global_pos is None or global_pos.numel() == 0:
+        global_k, global_v = k_new, v_new  # any tensors of the right rank: no global is read
+        global_pos = _no_globals(q.device)
+        ng = 0
+    else:
+        assert global_k is not None and global_v is not None
+        global_k, global_v = _unit_last(global_k), _unit_last(global_v)
+        ng = global_pos.numel()
+    wide_fp32 = q.element_size() == 4 and max(d, dv) > 64
+    block_m, nrb = _row_blocks(groups * t, MAX_ROWS_FP32 if wide_fp32 else MAX_ROWS)
+    cfg = _softmax_config(max(d, dv), q.element_size(), block_m)
+    n_cached = start - lo
+    if chunk is None:
+        chunk, splits = split_plan(n_cached, bsz * hk * nrb, cfg.block_n, q.device)
+    else:
+        if chunk <= 0 or chunk % cfg.block_n:
+            raise ValueError(f"chunk must be a positive multiple of {cfg.block_n}, got {chunk}")
+        splits = cdiv(n_cached, chunk)
+    parts = splits + 1
+    block_dv = pad_pow2(dv)
+    n_slots = bsz * hk * nrb * parts
+    m = torch.empty(n_slots, block_m, dtype=torch.float32, device=q.device)
+    lsum = torch.empty(n_slots, block_m, dtype=torch.float32, device=q.device)
+    acc = torch.empty(n_slots, block_m, block_dv, dtype=torch.float32, device=q.device)
+    launch(
+        _softmax_split_kernel, [cfg], lambda _: (parts, bsz * hk, nrb),
+        (
+            q, k_cache, v_cache, k_new, v_new, global_k, global_v, global_pos, m, lsum, acc,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            k_new.stride(0), k_new.stride(1), k_new.stride(2),
+            v_new.stride(0), v_new.stride(1), v_new.stride(2),
+            global_k.stride(0), global_k.stride(1), global_k.stride(2),
+            global_v.stride(0), global_v.stride(1), global_v.stride(2),
+            hk, t, groups, start, lo, chunk, splits, period or 1, left, ng, scale * _LOG2E,
+        ),
+        RING=ring, BLOCK_D=pad_pow2(d), BLOCK_DV=block_dv, HEAD_D=d, HEAD_DV=dv, PREC=dot_precision(q.dtype),
+    )  # fmt: skip
+    out = torch.empty(bsz, h, t, dv, dtype=q.dtype, device=q.device)
+    _combine(m, lsum, acc, out, hk, t, groups, parts, nrb)
+    return out
+
+
+def favor_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ws: Tensor,
+    kv: Tensor,
+    shift: Tensor | None,
+    *,
+    scale: float,
+    kernel: str,
+    relu_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One Performer step of ``T`` new tokens against the recurrent state (see
+    :class:`attention_variants.PerformerState` for the state and its stabiliser).
+
+    Args:
+        q: ``(B, H, T, D)``; k: ``(B, Hk, T, D)``; v: ``(B, Hk, T, Dv)``.
+        ws: ``(m, D)`` float32, the projection times ``sqrt(scale)``.
+        kv: ``(B, Hk, m, Dv + 1)`` float32, ``[S, z]`` before the step.
+        shift: ``(B, Hk, 1, m)`` float32, the running key shift (``kernel="softmax"``), else None.
+
+    Returns ``(out (B, H, T, Dv) in q's dtype, den (B, H, T) float32 normalisers, kv, shift)``,
+    the last two the state after the step (new tensors).
+    """
+    bsz, h, t, d = q.shape
+    hk, dv, m_feat = k.shape[1], v.shape[-1], ws.shape[0]
+    groups = h // hk
+    q, k, v = (_unit_last(x) for x in (q, k, v))
+    ws, kv = ws.contiguous(), kv.contiguous()
+    softmax = kernel == "softmax"
+    shift_in = shift.contiguous() if softmax and shift is not None else kv.new_zeros(1)
+    kv_out = torch.empty_like(kv)
+    shift_out = torch.empty_like(shift_in) if softmax else None
+    block_m, nrb = _row_blocks(groups * t)
+    fblocks = cdiv(m_feat, FEATURE_BLOCK)
+    block_dv = pad_pow2(dv)
+    n_slots = bsz * hk * nrb * fblocks
+    m = torch.empty(n_slots, block_m, dtype=torch.float32, device=q.device)
+    lsum = torch.empty(n_slots, block_m, dtype=torch.float32, device=q.device)
+    acc = torch.empty(n_slots, block_m, block_dv, dtype=torch.float32, device=q.device)
+    launch(
+        _favor_step_kernel, [KernelConfig(block_m, FEATURE_BLOCK, FAVOR_WARPS, 1)], lambda _: (fblocks, bsz * hk, nrb),
+        (
+            q, k, v, ws, kv, shift_in, kv_out, shift_in if shift_out is None else shift_out, m, lsum, acc,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            hk, t, groups, m_feat, 0.5 * scale, 0.5 * math.log(m_feat), relu_eps,
+        ),
+        inner="BLOCK_F", SOFTMAX=softmax, BLOCK_T=pad_pow2(t), BLOCK_D=pad_pow2(d), BLOCK_DV=block_dv,
+        HEAD_D=d, HEAD_DV=dv,
+    )  # fmt: skip
+    out = torch.empty(bsz, h, t, dv, dtype=q.dtype, device=q.device)
+    den = _combine(m, lsum, acc, out, hk, t, groups, fblocks, nrb)
+    return out, den, kv_out, shift_out
+
+
+__all__ = ["MAX_STEP_TOKENS", "favor_step", "softmax_step", "split_plan"]
