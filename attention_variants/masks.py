@@ -257,3 +257,28 @@ def keys_seen(key_padding_mask: Tensor, nq: int, causal: bool) -> Tensor:
     seen = torch.cumsum(key_padding_mask, dim=-1) > 0  # seen[:, j]: a real key at or before j
     p = torch.arange(nq, device=key_padding_mask.device) + (nk - nq)
     return seen[:, p.clamp(min=0)] & (p >= 0)
+
+
+def window_rows_seen(
+    key_padding_mask: Tensor, nq: int, window: WindowArg, causal: bool, global_mask: Tensor | None = None
+) -> Tensor:
+    """Bool ``(B, Nq)``: True where query ``i`` sees at least one real key under the sliding-window
+    rule above (global rows and columns included). Prefix counts of the real keys, O(B (Nq + Nk))."""
+    b, nk = key_padding_mask.shape
+    if nk == 0:
+        return key_padding_mask.new_zeros(b, nq)
+    left, right = clamp_reach(*window_bounds(window, causal), nq, nk)
+    p = torch.arange(nq, device=key_padding_mask.device) + (nk - nq)
+    lo, hi = (p - left).clamp(min=0), (p + right).clamp(max=nk - 1)
+    if causal:
+        hi = torch.minimum(hi, p)
+    before = torch.nn.functional.pad(torch.cumsum(key_padding_mask, dim=-1), (1, 0))  # real keys before j
+    seen = (hi >= lo) & (before[:, (hi + 1).clamp(min=0)] > before[:, lo])
+    if global_mask is not None:  # needs Nq == Nk, so p == i
+        real_global = key_padding_mask & global_mask
+        if causal:
+            seen = seen | (torch.cumsum(real_global, dim=-1) > 0)  # a real global key at or before i
+        else:
+            seen = seen | real_global.any(dim=-1, keepdim=True)
+        seen = torch.where(global_mask, keys_seen(key_padding_mask, nq, causal), seen)
+    return seen

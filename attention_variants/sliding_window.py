@@ -226,7 +226,6 @@ class _BandLayout:
     pad_left: int
     pad_right: int
     mask: Tensor  # (num_blocks, block, span) bool
-    band: Tensor  # the same before rows with no visible key got their one unmasked slot
     bias: Tensor  # (1, num_blocks, block, span) additive mask: 0 where visible, -inf elsewhere
     row_any: Tensor | None  # (Nq, 1) bool, None when every query sees some key
 
@@ -245,15 +244,14 @@ def _band_layout(nq: int, nk: int, left: int, right: int, device: torch.device, 
     blk = torch.arange(nb, device=device)[:, None, None] * bq
     j, i = blk + first + tk, blk + tq
     rel = tk - tq  # j - (aligned query position) + left
-    band = (rel >= 0) & (rel <= left + right) & (j >= 0) & (j < nk) & (i < nq)
-    mask = band.clone()
+    mask = (rel >= 0) & (rel <= left + right) & (j >= 0) & (j < nk) & (i < nq)
     # A row with no visible key gets one unmasked slot so the fused kernel never sees an
     # empty row (its output and gradient could be NaN on some devices); it is zeroed after.
     row_any = mask.any(dim=-1)
     mask[..., 0] |= ~row_any
     row_any = row_any.reshape(-1)[:nq, None]
     bias = _additive(mask, dtype)[None]
-    return _BandLayout(bq, nb, span, first, pad_l, pad_r, mask, band, bias, None if bool(row_any.all()) else row_any)
+    return _BandLayout(bq, nb, span, first, pad_l, pad_r, mask, bias, None if bool(row_any.all()) else row_any)
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -302,7 +300,6 @@ def banded_attention(
     bias, row_any = lay.bias, lay.row_any
     # Key index of every block column (nb, span), and, with padding, which columns hold a real key.
     j = torch.arange(nb, device=q.device)[:, None] * bq + lay.first_key + torch.arange(span, device=q.device)
-    visible = lay.band  # what each row really sees, for the rows padding leaves empty
     real = None
     if key_padding_mask is not None:
         real = key_padding_mask[:, j.clamp(0, max(nk - 1, 0))] & ((j >= 0) & (j < nk))  # (B, nb, span)
@@ -315,8 +312,6 @@ def banded_attention(
         gcols = (i < nq).expand(nb, bq, gpos.numel())
         if causal:
             gcols = gcols & (gpos[None, None, :] <= i + off)
-        if real is not None:
-            visible = torch.cat([lay.band & not_global, gcols], dim=-1)
         mask = torch.cat([lay.mask & not_global, gcols], dim=-1)
         mask[..., 0] |= ~mask.any(dim=-1)  # see _band_layout
         bias = _additive(mask, q.dtype)[None]
@@ -346,9 +341,8 @@ def banded_attention(
         # Finite bias on padded columns (see masks.padding_bias); one call per batch element.
         pad_bias = masks.padding_bias(real, q.dtype)[:, :, None, :]  # (B, nb, 1, S)
         out = torch.cat([blocks(slice(b, b + 1), bias + pad_bias[b]) for b in range(bsz)])
-        row_any = (visible[None] & real[:, :, None, :]).any(dim=-1).reshape(bsz, 1, nb * bq, 1)[:, :, :nq]
     out = out.reshape(bsz, h, nb * bq, dv)[:, :, :nq]
-    if row_any is not None:
+    if row_any is not None and key_padding_mask is None:  # with padding, all empty rows are zeroed below
         out = torch.where(row_any, out, out.new_zeros(()))
 
     if global_mask is not None:
@@ -364,8 +358,8 @@ def banded_attention(
         rows = F.scaled_dot_product_attention(
             q[:, :, gpos], k, v, attn_mask=rows_mask, scale=scale, enable_gqa=groups > 1
         )
-        if key_padding_mask is not None:
-            seen = masks.keys_seen(key_padding_mask, nq, causal)[:, None, gpos, None]
-            rows = torch.where(seen, rows, rows.new_zeros(()))
         out = out.index_copy(2, gpos, rows)
+    if key_padding_mask is not None:
+        seen = masks.window_rows_seen(key_padding_mask, nq, window, causal, global_mask)
+        out = torch.where(seen[:, None, :, None], out, out.new_zeros(()))
     return out

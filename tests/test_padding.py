@@ -398,3 +398,21 @@ def test_empty_sequences_with_a_mask():
     q, k, v = make_qkv(2, 2, 2, 4, 0, 8)
     out = av.FullAttention()(q, k, v, key_padding_mask=torch.ones(2, 0, dtype=torch.bool))
     assert out.shape == (2, 2, 4, 8) and (out == 0).all()
+
+
+def test_rows_seen_helpers_match_the_dense_rule():
+    """masks.keys_seen / window_rows_seen (prefix counts) against the dense mask and the padding vector."""
+    gen = torch.Generator().manual_seed(7)
+    for nq, nk in [(13, 13), (5, 13), (13, 5)]:
+        kpm = torch.rand(6, nk, generator=gen) < 0.4
+        kpm[0] = False
+        for causal in (False, True):
+            dense = masks.dense_mask(nq, nk, causal=causal)
+            assert torch.equal(masks.keys_seen(kpm, nq, causal), (dense[None] & kpm[:, None]).any(-1))
+            for window in (0, 2, (1, 3), (3, 0), 50):
+                gms = [None, torch.tensor([1, 8]), torch.tensor([0, 12])] if nq == nk else [None]
+                for g in gms:
+                    gm = None if g is None else masks.global_mask(g, nq)
+                    dense = masks.dense_mask(nq, nk, causal=causal, window=window, global_mask=gm)
+                    want = (dense[None] & kpm[:, None]).any(-1)
+                    assert torch.equal(masks.window_rows_seen(kpm, nq, window, causal, gm), want), (window, g)
