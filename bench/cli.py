@@ -588,9 +588,12 @@ def model(
         _check_out(out, resume or overwrite)
     if resume:
         try:
-            old = json.loads((out / "metadata.json").read_text()).get("model_run")
+            old_meta = json.loads((out / "metadata.json").read_text())
         except (OSError, ValueError):
-            old = None
+            old_meta = {}
+        old, kind = old_meta.get("model_run"), old_meta.get("kind")
+        if kind not in (None, "model"):
+            raise typer.BadParameter(f"{out} holds an attn-bench {kind} run, not a model run", param_hint="--out")
         if old is not None:
             if spec["options"] and spec["options"] != old["options"]:
                 raise typer.BadParameter(

@@ -149,8 +149,10 @@ def write_model_report(directory: Path) -> Path:
         "pass over a batch of random tokens: `fwd` (logits, no grad) or `fwd_bwd` (the LM loss and its "
         "backward, gradients of every weight). `sdpa` is Transformers' own attention, the baseline; `av_*` "
         "are this project's variants; `skip` is the same model with attention skipped (`q + k + v`), and "
-        "a row's attention share is `1 - t_skip / t`. Time: median; tokens/s = batch x N / time; peak "
-        "memory: what one pass allocates beyond the weights and inputs (CPU: the profiler's allocator "
+        "a row's attention share is `1 - t_skip / t` (a negative share: the model without attention was "
+        "measured slower, i.e. the difference is within the timing noise). Time: median; tokens/s = "
+        "batch x N / time; peak memory: what one pass allocates beyond the weights and inputs (CPU: the "
+        "profiler's allocator "
         "events; CUDA: `max_memory_allocated`). Before timing, each row's logits on the first `gate_n` "
         "tokens are checked against the same weights run in float64 (`max_err <= err_bound`, else "
         "`wrong`). Raw rows: [results.csv](results.csv), [metadata.json](metadata.json).",

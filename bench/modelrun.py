@@ -513,7 +513,8 @@ def expand_model_groups(
     groups: tuple[dict[str, Any], ...], overrides: dict[str, Any] | None = None
 ) -> list[ModelConfig]:
     """The configs of a preset's groups, ordered by N (then pass, arch, implementation: ``skip``
-    first), so a time budget cuts the longest N. ``overrides`` replace keys in every group."""
+    first), so a time budget cuts the longest N. ``overrides`` replace keys in every group. BERT
+    rows get ``kv_heads = heads``."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"arch", "impl", "seq_len", "pass_", "options"}
     configs: dict[tuple, ModelConfig] = {}
     for group in groups:
@@ -531,10 +532,13 @@ def expand_model_groups(
                             options = (("window", int(g["window"])),)
                         if impl == "av_performer" and "num_features" in g:
                             options = (("num_features", int(g["num_features"])),)
-                        cfg = ModelConfig(arch=arch, impl=impl, seq_len=int(n), pass_=pass_, options=options, **base)
+                        kw = dict(base)
+                        if arch == "bert":  # no grouped-query attention: every head has its keys
+                            kw["kv_heads"] = kw.get("heads", 4)
+                        cfg = ModelConfig(arch=arch, impl=impl, seq_len=int(n), pass_=pass_, options=options, **kw)
                         configs.setdefault(cfg.key(), cfg)
     order = {name: i for i, name in enumerate(IMPLS)}
-    return sorted(configs.values(), key=lambda c: (c.seq_len, c.pass_ != "fwd", c.arch, order[c.impl]))
+    return sorted(configs.values(), key=lambda c: (c.seq_len, c.pass_ != "fwd", ARCHS.index(c.arch), order[c.impl]))
 
 
 def load_model_presets(text: str | None = None) -> dict[str, ModelPreset]:
@@ -687,8 +691,10 @@ class _ModelProgress:
 
     def advance(self, message: str) -> None:
         if self.progress is not None:
-            self.progress.console.print(message)
+            self.progress.console.print(message, markup=False, highlight=False)
             self.progress.advance(self.rows)
+        else:  # a log: one line per row
+            print(message, flush=True)
 
     def __exit__(self, *exc: object) -> None:
         if self.progress is not None:
