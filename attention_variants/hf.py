@@ -33,8 +33,9 @@ needs (``Nq = 1`` against the whole cache). A static cache also works: keys beyo
 attention mask (slots not yet written) are dropped. Grouped-query attention runs without
 expanding k/v. There is no attention dropout: a call in training mode with ``dropout > 0`` raises
 ValueError (set ``config.attention_dropout = 0``, or ``model.eval()``). Not supported (ValueError):
-custom mask patterns (``or_mask_function`` / ``and_mask_function``, e.g. image-token masks), ready
-4-D masks passed by the caller, ``softcap``, attention sinks (``s_aux``) and position biases.
+custom mask patterns (``or_mask_function`` / ``and_mask_function``, e.g. image-token masks),
+chunked attention (``config.attention_chunk_size``, Llama 4), ready 4-D masks passed by the
+caller, ``softcap``, attention sinks (``s_aux``) and position biases.
 Packed sequences (several sequences in one row, told apart only by ``position_ids``) are not
 detected: pass one sequence per row with an ``attention_mask``.
 """
@@ -188,6 +189,8 @@ def key_padding_mask(
             "masks with key padding; this model asked for a custom mask pattern (or_mask_function / "
             "and_mask_function)"
         )
+    if getattr(kwargs.get("config"), "attention_chunk_size", None) is not None:
+        raise ValueError("the av_* attention implementations do not support chunked attention (attention_chunk_size)")
     if attention_mask is None:
         return None
     if attention_mask.ndim != 2:

@@ -302,7 +302,8 @@ def banded_attention(
         gcols = (i < nq).expand(nb, bq, gpos.numel())
         if causal:
             gcols = gcols & (gpos[None, None, :] <= i + off)
-        visible = torch.cat([lay.band & not_global, gcols], dim=-1)
+        if real is not None:
+            visible = torch.cat([lay.band & not_global, gcols], dim=-1)
         mask = torch.cat([lay.mask & not_global, gcols], dim=-1)
         mask[..., 0] |= ~mask.any(dim=-1)  # see _band_layout
         bias = _additive(mask, q.dtype)[None]

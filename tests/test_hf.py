@@ -255,6 +255,10 @@ def test_mask_function_returns_key_padding() -> None:
     assert hf.key_padding_mask(2, 1, 10, q_offset=5, attention_mask=am[1:]).shape == (1, 6)
     with pytest.raises(ValueError, match="custom mask pattern"):
         hf.key_padding_mask(2, 6, 6, attention_mask=am, use_vmap=True)
+    chunked = transformers.LlamaConfig(**DECODER)
+    chunked.attention_chunk_size = 4
+    with pytest.raises(ValueError, match="chunked"):
+        hf.key_padding_mask(2, 6, 6, attention_mask=am, config=chunked)
 
 
 def test_static_cache_generate(models) -> None:
