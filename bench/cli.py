@@ -550,6 +550,7 @@ def model(
     window: Annotated[int | None, typer.Option(help="sliding window (av_sliding_window)")] = None,
     num_features: Annotated[int | None, typer.Option(help="random features (av_performer)")] = None,
     gate_len: Annotated[int | None, typer.Option(help="tokens of the logits' numerics gate")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads of the worker [default: the preset's]")] = None,
     report: Annotated[bool, typer.Option(help="write the report (plots + README.md) when done")] = True,
     progress: Annotated[bool, typer.Option(help="show the progress bars")] = True,
 ) -> None:
@@ -582,6 +583,7 @@ def model(
         window=window,
         num_features=num_features,
         gate_len=gate_len,
+        threads=threads,
     )
     spec = {"preset": preset, "options": {k: v for k, v in given.items() if v is not None}}
     if out is not None:

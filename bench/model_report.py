@@ -218,16 +218,18 @@ def write_model_report(directory: Path) -> Path:
         lines += ["## Numerics gate of the logits (worst row per model and implementation)", ""]
         lines += [
             "`naive_err`: the same model with the ground-truth attention computed in the row's dtype; `skip_err`: "
-            "the model with attention skipped, i.e. how far a wrong attention moves the logits.",
+            "the model with attention skipped, i.e. how far a wrong attention moves the logits; `sdpa_diff`: the "
+            "distance from the same model with Transformers' `sdpa` (for `av_full` an agreement check, for the "
+            "others how far they move the model's output from exact attention).",
             "",
-            "| model | implementation | gate N | max_err | err_bound | naive_err | skip_err |",
-            "|---|---|---|---|---|---|---|",
+            "| model | implementation | gate N | max_err | err_bound | naive_err | skip_err | sdpa_diff |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         worst = gated.loc[gated.groupby(["arch", "line"])["max_err"].idxmax()]
         for _, r in worst.iterrows():
             lines.append(
                 f"| {r.arch} | {r.line} | {int(r.gate_n)} | {_f(r.max_err)} | {_f(r.err_bound)} | {_f(r.naive_err)} "
-                f"| {_f(r.skip_err)} |"
+                f"| {_f(r.skip_err)} | {_f(r.sdpa_diff)} |"
             )
         lines += [""]
     bad = df[df["status"] != "ok"]

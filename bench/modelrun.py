@@ -25,6 +25,9 @@ max|truth|``, where ``naive_err`` is the error of the same model with that groun
 computed in the row's dtype. A row that fails is ``wrong`` and gets no timings. ``skip_err``, the
 distance of the logits with attention skipped from the truth, says how much attention moves the
 logits: a bound far below it means the gate would catch an attention that computes the wrong thing.
+``sdpa_diff`` is the distance of the row's logits from the same model's with Transformers' ``sdpa``
+in the row's dtype: for ``av_full`` a direct agreement check, for the sliding window and the
+Performer how far the model's output moves from exact full attention.
 
 Rows at a larger N of a line that ran out of memory or time are not run (``oom`` / ``skipped``,
 with the reason); rows not started within ``--budget-s`` are ``skipped``.
@@ -285,6 +288,8 @@ def gate(model: Any, cfg: ModelConfig, ids: Any, perturb: float = 0.0) -> dict[s
             naive = model(input_ids=ids).logits.double()
             set_impl(model, SKIP_IMPL)
             skipped = model(input_ids=ids).logits.double()
+            set_impl(model, "sdpa")
+            sdpa = model(input_ids=ids).logits.double()
             set_impl(model, TRUTH_IMPL)
             truth_model = copy.deepcopy(model).double()
             truth = truth_model(input_ids=ids).logits
@@ -294,6 +299,7 @@ def gate(model: Any, cfg: ModelConfig, ids: Any, perturb: float = 0.0) -> dict[s
     err = float((out - truth).abs().max())
     naive_err = float((naive - truth).abs().max())
     skip_err = float((skipped - truth).abs().max())  # what the gate could see: attention's effect
+    sdpa_diff = float((out - sdpa).abs().max())  # av_full: agreement; the others: their deviation
     bound = GATE_FACTOR * naive_err + GATE_ATOL[cfg.dtype] * float(truth.abs().max())
     ok = math.isfinite(err) and err <= bound
     return {
@@ -301,6 +307,7 @@ def gate(model: Any, cfg: ModelConfig, ids: Any, perturb: float = 0.0) -> dict[s
         "err_bound": bound,
         "naive_err": naive_err,
         "skip_err": skip_err,
+        "sdpa_diff": sdpa_diff,
         "gate_n": ids.shape[1],
         "ok": ok,
     }
@@ -400,6 +407,7 @@ _METRICS = (
     "err_bound",
     "naive_err",
     "skip_err",
+    "sdpa_diff",
     "gate_n",
     "elapsed_s",
 )
@@ -423,6 +431,7 @@ class ModelResult:
     err_bound: float | None = None
     naive_err: float | None = None
     skip_err: float | None = None
+    sdpa_diff: float | None = None
     gate_n: float | None = None
     elapsed_s: float | None = None
 
@@ -502,6 +511,7 @@ OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "window": ("window", int),
     "num_features": ("num_features", int),
     "gate_len": ("gate_len", int),
+    "threads": ("threads", int),
 }
 
 

@@ -70,6 +70,10 @@ def test_tiny_run_end_to_end(tiny_run: Path) -> None:
         assert float(r["peak_mem_bytes"]) > 0 and float(r["params"]) > 0
         if r["impl"] != "skip":  # gated: within the bound, and the bound below attention's effect
             assert float(r["max_err"]) <= float(r["err_bound"]) < float(r["skip_err"])
+    byimpl = {r["impl"]: r for r in rows}
+    assert float(byimpl["av_full"]["sdpa_diff"]) <= float(byimpl["av_full"]["err_bound"])
+    assert float(byimpl["sdpa"]["sdpa_diff"]) == 0.0
+    assert float(byimpl["av_sliding_window"]["sdpa_diff"]) > float(byimpl["av_sliding_window"]["err_bound"])
     for name in ("README.md", "metadata.json", "time_vs_n.png", "tokens_per_s_vs_n.png", "attn_share.png"):
         assert (tiny_run / name).stat().st_size > 0, name
     page = (tiny_run / "README.md").read_text()
@@ -191,3 +195,19 @@ def test_config_validation_names_the_field() -> None:
         ModelConfig(arch="llama", impl="flash", seq_len=64)
     with pytest.raises(ValueError, match="bert has no grouped-query"):
         ModelConfig(arch="bert", impl="sdpa", seq_len=64, heads=4, kv_heads=2)
+
+
+def test_presets_expand_in_order_of_n() -> None:
+    from bench.modelrun import expand_model_groups, load_model_presets
+
+    presets = load_model_presets()
+    assert {"model-quick", "model-gpu"} <= set(presets)
+    configs = expand_model_groups(presets["model-quick"].groups)
+    keys = [(c.seq_len, c.pass_ != "fwd") for c in configs]
+    assert keys == sorted(keys)  # a time budget cuts the longest N
+    assert all(c.kv_heads == c.heads for c in configs if c.arch == "bert")
+    assert {c.impl for c in configs} == {"skip", "sdpa", "av_full", "av_sliding_window", "av_performer"}
+    sw = [c for c in configs if c.impl == "av_sliding_window"]
+    assert sw and all(dict(c.options) == {"window": 128} for c in sw)
+    gpu = expand_model_groups(presets["model-gpu"].groups, {"seq_lens": [1024]})
+    assert {c.seq_len for c in gpu} == {1024} and {c.dtype for c in gpu} == {"bfloat16"}
