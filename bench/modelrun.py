@@ -177,8 +177,8 @@ def _repeat_kv(x: Any, groups: int) -> Any:
 
 
 def skip_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
-    """ "Attention skipped": ``q + k + v`` per head, ``(B, N, H, D)``; O(N) and keeps every
-    projection in the graph (q, k, v ``(B, H|Hk, N, D)``)."""
+    """Attention skipped: ``q + k + v`` per head, ``(B, N, H, D)``; O(N), and every projection
+    stays in the graph (q ``(B, H, N, D)``, k and v ``(B, Hk, N, D)``)."""
     groups = query.shape[1] // key.shape[1]
     out = query + _repeat_kv(key, groups) + _repeat_kv(value, groups)
     return out.transpose(1, 2).contiguous(), None
@@ -360,9 +360,11 @@ def time_model(cfg: ModelConfig, settings: RunSettings, progress: Callable[..., 
             model.train()  # no dropout in these configs; train mode as a training step has
 
             def call():
-                model.zero_grad(set_to_none=True)
                 loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
+                # Gradients are dropped at the end of the pass, so that each pass (and its peak
+                # memory) starts from the weights alone and counts the gradients it makes.
+                model.zero_grad(set_to_none=True)
                 return loss.detach()
 
         tick(1, "timing")
