@@ -82,6 +82,18 @@ def crossover(df: pd.DataFrame, arch: str, pass_: str, impl: str, base: str) -> 
     return str(first), f"faster from N={first}{note}"
 
 
+def largest_common_speedup(df: pd.DataFrame, arch: str, pass_: str, impl: str, base: str) -> str:
+    """``"1.8x at N=4096"``: ``t_base / t_impl`` at the largest N where both ran, or ``""``."""
+    d = df[(df["arch"] == arch) & (df["pass"] == pass_) & (df["status"] == "ok")]
+    a = d[d["impl"] == impl].set_index("seq_len")["time_ms"]
+    b = d[d["impl"] == base].set_index("seq_len")["time_ms"]
+    common = sorted(set(a.index) & set(b.index))
+    if not common:
+        return ""
+    n = common[-1]
+    return f"{b.loc[n] / a.loc[n]:.2f}x at N={n}"
+
+
 def _plot(df: pd.DataFrame, y: str, ylabel: str, name: str, out: Path, log_y: bool = True) -> str | None:
     ok = df[(df["status"] == "ok") & df[y].notna()]
     if ok.empty:
@@ -170,7 +182,12 @@ def write_model_report(directory: Path) -> Path:
         lines += ["Parameters: " + ", ".join(f"{a} {p / 1e6:.2f} M" for a, p in sizes.items()) + ".", ""]
 
     lines += ["## From which N does each variant pay off in the whole model?", ""]
-    lines += ["| model | pass | variant | vs | crossover N | how |", "|---|---|---|---|---|---|"]
+    lines += [
+        "Speed-up: the baseline's time over the variant's at the largest N where both ran.",
+        "",
+        "| model | pass | variant | vs | crossover N | how | speed-up at the largest common N |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for arch in dict.fromkeys(df["arch"]):
         for pass_ in ("fwd", "fwd_bwd"):
             if not (df["pass"] == pass_).any():
@@ -181,7 +198,10 @@ def write_model_report(directory: Path) -> Path:
                 if not ((df["impl"] == base) & (df["arch"] == arch)).any():
                     continue
                 n, how = crossover(df, arch, pass_, impl, base)
-                lines.append(f"| {arch} | {pass_} | {impl} | {base} | {n or '-'} | {how} |")
+                lines.append(
+                    f"| {arch} | {pass_} | {impl} | {base} | {n or '-'} | {how} | "
+                    f"{largest_common_speedup(df, arch, pass_, impl, base)} |"
+                )
     lines += [""]
 
     order = {name: i for i, name in enumerate(IMPLS)}

@@ -161,7 +161,7 @@ def test_truth_attention_matches_sdpa_in_float64(causal: bool) -> None:
 def test_crossover() -> None:
     import pandas as pd
 
-    from bench.model_report import crossover
+    from bench.model_report import crossover, largest_common_speedup
 
     def row(impl: str, n: int, t: float | None, status: str = "ok") -> dict:
         return {"arch": "llama", "pass": "fwd", "impl": impl, "seq_len": n, "time_ms": t, "status": status}
@@ -171,6 +171,7 @@ def test_crossover() -> None:
     df = pd.DataFrame(rows)
     n, how = crossover(df, "llama", "fwd", "w", "sdpa")
     assert n == "1024" and "sdpa out of memory from N=4096" in how
+    assert largest_common_speedup(df, "llama", "fwd", "w", "sdpa") == "1.80x at N=2048"
     df.loc[(df["impl"] == "w") & (df["seq_len"] == 2048), "time_ms"] = 10.0  # slower again at 2048
     assert crossover(df, "llama", "fwd", "w", "sdpa")[0] == "4096"
     assert crossover(df, "llama", "fwd", "sdpa", "w")[0] == ""  # out of memory at 4096 where w ran
