@@ -631,6 +631,9 @@ def model(
     meta = {**machine_metadata(configs[0].device), "preset": spec["preset"], "description": p.description}
     meta["command"] = shlex.join(["attn-bench", *sys.argv[1:]])
     meta["model_run"] = spec
+    import transformers
+
+    meta["transformers"] = transformers.__version__
     budget = budget_s if budget_s is not None else p.budget_s
     console.print(f"[bold]attn-bench model[/] preset [cyan]{spec['preset']}[/]: {len(configs)} rows -> {out}")
     t0 = time.perf_counter()

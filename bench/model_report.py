@@ -147,7 +147,9 @@ def write_model_report(directory: Path) -> Path:
     if meta:
         lines += [
             f"Machine: **{meta.get('cpu_model')}**, {meta.get('cpu_count')} logical cores; gpu: {meta.get('gpu')}. "
-            f"Python {meta.get('python')}, torch {meta.get('torch')}, commit `{meta.get('git_commit')}`.",
+            f"Python {meta.get('python')}, torch {meta.get('torch')}"
+            + (f", transformers {meta['transformers']}" if meta.get("transformers") else "")
+            + f", commit `{meta.get('git_commit')}`.",
             "",
             f"Command: `{meta.get('command')}`; started {meta.get('started')}, finished {meta.get('finished')} "
             f"({meta.get('status')}).",
