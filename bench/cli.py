@@ -496,6 +496,164 @@ def task(
         console.print(f"Report: [bold]{page}[/]")
 
 
+def _model_overrides(options: dict[str, Any], known: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """Preset-group overrides from ``attn-bench model``'s options, each checked (exit 2 naming the option)."""
+    from .modelrun import ARCHS, IMPLS, MODEL_DTYPES, MODEL_PASSES
+
+    allowed = {"archs": ARCHS, "impls": IMPLS, "passes": MODEL_PASSES, "dtype": MODEL_DTYPES}
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        key, conv = known[name]
+        option = _flag(name)
+        values = _values(value, option, conv) if name in ("archs", "impls", "seq_lens", "passes") else [value]
+        for x in values:
+            if name in allowed and x not in allowed[name]:
+                raise typer.BadParameter(f"{x!r} is not one of {', '.join(allowed[name])}", param_hint=option)
+            if name == "device":
+                try:
+                    parse_device(x)
+                except ValueError as exc:
+                    raise typer.BadParameter(str(exc), param_hint=option) from None
+            if conv is int and x < 1:
+                raise typer.BadParameter(f"must be a positive integer, got {x}", param_hint=option)
+        out[key] = values if name in ("archs", "impls", "seq_lens", "passes") else values[0]
+    return out
+
+
+@app.command()
+def model(
+    preset: Annotated[
+        str | None,
+        typer.Option(help="model_presets.toml name: model-quick (CPU), model-gpu (CUDA) [default: model-quick]"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="output directory [default: runs/<preset>-<date>-<time>]")] = None,
+    resume: Annotated[bool, typer.Option(help="skip the rows already in DIR/results.csv")] = False,
+    overwrite: Annotated[bool, typer.Option(help="start afresh even if DIR/results.csv exists")] = False,
+    timeout: Annotated[float | None, typer.Option(help="per-row timeout in seconds")] = None,
+    budget_s: Annotated[
+        float | None, typer.Option(help="seconds for the whole run; rows not started in time are 'skipped'")
+    ] = None,
+    archs: Annotated[str | None, typer.Option(help="comma list: llama, bert")] = None,
+    impls: Annotated[
+        str | None, typer.Option(help="comma list: skip, sdpa, av_full, av_sliding_window, av_performer")
+    ] = None,
+    seq_lens: Annotated[str | None, typer.Option("--seq-lens", "-n", help="comma list of N")] = None,
+    passes: Annotated[str | None, typer.Option(help="comma list: fwd, fwd_bwd")] = None,
+    layers: Annotated[int | None, typer.Option(help="decoder/encoder layers")] = None,
+    hidden: Annotated[int | None, typer.Option(help="hidden size")] = None,
+    heads: Annotated[int | None, typer.Option(help="attention heads")] = None,
+    kv_heads: Annotated[int | None, typer.Option(help="key/value heads (llama; bert has heads)")] = None,
+    batch: Annotated[int | None, typer.Option(help="sequences per batch")] = None,
+    vocab: Annotated[int | None, typer.Option(help="vocabulary size")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
+    window: Annotated[int | None, typer.Option(help="sliding window (av_sliding_window)")] = None,
+    num_features: Annotated[int | None, typer.Option(help="random features (av_performer)")] = None,
+    gate_len: Annotated[int | None, typer.Option(help="tokens of the logits' numerics gate")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads of the worker [default: the preset's]")] = None,
+    report: Annotated[bool, typer.Option(help="write the report (plots + README.md) when done")] = True,
+    progress: Annotated[bool, typer.Option(help="show the progress bars")] = True,
+) -> None:
+    """Whole Hugging Face models (a Llama-style decoder, a BERT encoder) with random weights, with
+    each attention implementation: fwd and fwd+bwd time, tokens/s, peak memory, the share of time
+    in attention (against the model with attention skipped), and the logits' numerics gate."""
+    import dataclasses
+
+    from .modelrun import OVERRIDES, RESULTS, expand_model_groups, load_model_presets, run_models
+
+    if resume and overwrite:
+        raise typer.BadParameter("--resume continues the run in --out, --overwrite replaces it: pass one")
+    if resume and out is None:
+        raise typer.BadParameter("needs --out (the run to continue)", param_hint="--resume")
+    _positive(timeout, "--timeout")
+    _positive(budget_s, "--budget-s")
+    given = dict(
+        archs=archs,
+        impls=impls,
+        seq_lens=seq_lens,
+        passes=passes,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        batch=batch,
+        vocab=vocab,
+        dtype=dtype,
+        device=device,
+        window=window,
+        num_features=num_features,
+        gate_len=gate_len,
+        threads=threads,
+    )
+    spec = {"preset": preset, "options": {k: v for k, v in given.items() if v is not None}}
+    if out is not None:
+        _check_out(out, resume or overwrite)
+    if resume:
+        try:
+            old_meta = json.loads((out / "metadata.json").read_text())
+        except (OSError, ValueError):
+            old_meta = {}
+        old, kind = old_meta.get("model_run"), old_meta.get("kind")
+        if kind not in (None, "model"):
+            raise typer.BadParameter(f"{out} holds an attn-bench {kind} run, not a model run", param_hint="--out")
+        if old is not None:
+            if spec["options"] and spec["options"] != old["options"]:
+                raise typer.BadParameter(
+                    f"this run was started with {old['options'] or 'no options'}; resume it without options",
+                    param_hint="--resume",
+                )
+            if preset is not None and preset != old["preset"]:
+                raise typer.BadParameter(f"this run used preset {old['preset']!r}", param_hint="--preset")
+            spec = old
+    spec["preset"] = spec["preset"] or "model-quick"
+    presets = load_model_presets()
+    if spec["preset"] not in presets:
+        raise typer.BadParameter(
+            f"unknown preset {spec['preset']!r}; presets are {', '.join(presets)}", param_hint="--preset"
+        )
+    p = presets[spec["preset"]]
+    overrides = _model_overrides(spec["options"], OVERRIDES)
+    try:
+        configs = expand_model_groups(p.groups, overrides)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    out = out or Path("runs") / f"{spec['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / RESULTS).exists() and not (resume or overwrite):
+        console.print(f"[red]{out / RESULTS} exists: pass --resume to continue it or --overwrite to replace it")
+        raise typer.Exit(2)
+    if overwrite:
+        (out / RESULTS).unlink(missing_ok=True)
+    settings = p.settings
+    if timeout is not None:
+        settings = dataclasses.replace(settings, timeout_s=timeout)
+    from .sweep import machine_metadata
+
+    meta = {**machine_metadata(configs[0].device), "preset": spec["preset"], "description": p.description}
+    meta["command"] = shlex.join(["attn-bench", *sys.argv[1:]])
+    meta["model_run"] = spec
+    import transformers
+
+    meta["transformers"] = transformers.__version__
+    budget = budget_s if budget_s is not None else p.budget_s
+    console.print(f"[bold]attn-bench model[/] preset [cyan]{spec['preset']}[/]: {len(configs)} rows -> {out}")
+    t0 = time.perf_counter()
+    try:
+        rows = run_models(configs, out, settings, resume=resume, meta=meta, progress=progress, budget_s=budget)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]Interrupted; finished rows are in {out / RESULTS} (continue with --resume)")
+        raise typer.Exit(130) from None
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    console.print(f"Done in {time.perf_counter() - t0:.0f} s: {summary}. Results: {out / RESULTS}")
+    if report:
+        from .model_report import write_model_report
+
+        page = write_model_report(out)
+        console.print(f"Report: [bold]{page}[/]")
+
+
 @app.command()
 def verify(
     backends: Annotated[str | None, typer.Option(help="comma list [default: every registry backend + sdpa]")] = None,
