@@ -31,7 +31,9 @@ _EXTRA_BACKENDS: list[str] = []
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-ForwardFn = Callable[["AttentionVariant", Tensor, Tensor, Tensor, bool, float], Tensor]
+ForwardFn = Callable[..., Tensor]
+"""``forward(variant, q, k, v, causal, scale)``; a backend registered with ``padding=True`` also
+takes ``key_padding_mask=`` (a bool ``(B, Nk)`` tensor or None)."""
 CheckFn = Callable[["AttentionVariant", torch.device, torch.dtype, int], "str | None"]
 
 _VARIANTS: dict[str, type[AttentionVariant]] = {}
@@ -54,11 +56,14 @@ class SweepOption:
 
 @dataclass(frozen=True)
 class Backend:
-    """One backend of one variant: ``forward(variant, q, k, v, causal, scale)`` and its ``check``."""
+    """One backend of one variant: ``forward(variant, q, k, v, causal, scale)`` and its ``check``.
+
+    ``padding``: the backend takes a key padding mask, as ``forward(..., key_padding_mask=mask)``."""
 
     name: str
     forward: ForwardFn
     check: CheckFn
+    padding: bool = False
 
 
 def register_variant(name: str) -> Callable[[type[AttentionVariant]], type[AttentionVariant]]:
@@ -69,7 +74,7 @@ def register_variant(name: str) -> Callable[[type[AttentionVariant]], type[Atten
             raise ValueError(f"variant {name!r} is already registered")
         cls.name = name
         # Every variant has the dense ground truth; a variant overrides it by registering its own.
-        cls._backends = {"reference": Backend("reference", _reference_forward, _no_check)}
+        cls._backends = {"reference": Backend("reference", _reference_forward, _no_check, padding=True)}
         _VARIANTS[name] = cls
         return cls
 
@@ -77,28 +82,40 @@ def register_variant(name: str) -> Callable[[type[AttentionVariant]], type[Atten
 
 
 def register_backend(
-    variant_cls: type[AttentionVariant], name: str, check: CheckFn | None = None
+    variant_cls: type[AttentionVariant], name: str, check: CheckFn | None = None, padding: bool = False
 ) -> Callable[[ForwardFn], ForwardFn]:
     """Function decorator: register ``forward`` as backend ``name`` of ``variant_cls``.
 
     ``name`` is one of :data:`BACKENDS`, or a new name (a plug-in's own backend), which then
-    appears in :func:`list_backends`."""
+    appears in :func:`list_backends`. ``padding=True`` declares that ``forward`` takes a key
+    padding mask: it is then called as ``forward(variant, q, k, v, causal, scale,
+    key_padding_mask=mask_or_None)``; without it, a call with a mask is refused."""
+    if not isinstance(padding, bool):
+        raise TypeError(f"padding must be a bool, got {type(padding).__name__}")
     if not isinstance(name, str) or not name.isidentifier() or name == "auto":
         raise ValueError(f"backend name must be an identifier other than 'auto', got {name!r}")
     if name not in BACKENDS and name not in _EXTRA_BACKENDS:
         _EXTRA_BACKENDS.append(name)
 
     def deco(fn: ForwardFn) -> ForwardFn:
-        variant_cls._backends[name] = Backend(name, fn, check or _no_check)
+        variant_cls._backends[name] = Backend(name, fn, check or _no_check, padding)
         return fn
 
     return deco
 
 
 def _reference_forward(
-    variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
+    variant: AttentionVariant,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
 ) -> Tensor:
-    return variant.dense(q, k, v, causal, scale, upcast=True)
+    if key_padding_mask is None:  # a plug-in's dense() may predate key padding
+        return variant.dense(q, k, v, causal, scale, upcast=True)
+    return variant.dense(q, k, v, causal, scale, upcast=True, key_padding_mask=key_padding_mask)
 
 
 def _no_check(variant: AttentionVariant, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -172,6 +189,24 @@ def validate_qkv(q: object, k: object, v: object) -> None:
         raise ValueError(f"q and k must have the same head dim, got q {d}, k {k.shape[3]}")
 
 
+def validate_key_padding_mask(key_padding_mask: object, q: Tensor, k: Tensor) -> Tensor | None:
+    """Check ``key_padding_mask``: None, or a bool tensor ``(B, Nk)`` on q's device (True = a real key)."""
+    if key_padding_mask is None:
+        return None
+    if not isinstance(key_padding_mask, Tensor):
+        raise TypeError(f"key_padding_mask must be a bool torch.Tensor or None, got {type(key_padding_mask).__name__}")
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = real key), got dtype {key_padding_mask.dtype}")
+    want = (q.shape[0], k.shape[2])
+    if tuple(key_padding_mask.shape) != want:
+        raise ValueError(f"key_padding_mask must have shape (B, Nk) = {want}, got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.device != q.device:
+        raise ValueError(
+            f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}; it must be on q's device"
+        )
+    return key_padding_mask
+
+
 def resolve_scale(scale: object, head_dim: int) -> float:
     """``scale`` or the default ``head_dim ** -0.5``; must be a positive finite number."""
     if scale is None:
@@ -197,6 +232,15 @@ def repeat_kv(x: Tensor, groups: int) -> Tensor:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64, everything else computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def padding_to_mask(mask: Tensor | None, key_padding_mask: Tensor | None) -> Tensor | None:
+    """A variant's bool ``(Nq, Nk)`` mask (or None) combined with a key padding mask ``(B, Nk)``
+    into one broadcastable to ``(B, H, Nq, Nk)``: ``(B, 1, Nq, Nk)``, or ``(B, 1, 1, Nk)`` for no mask."""
+    if key_padding_mask is None:
+        return mask
+    pad = key_padding_mask[:, None, None, :]
+    return pad if mask is None else mask & pad
 
 
 def dense_softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
@@ -292,17 +336,28 @@ class AttentionVariant:
     def check_call(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
         """Variant-specific validation of a call (shapes are already checked)."""
 
-    def dense(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, upcast: bool = True) -> Tensor:
+    def dense(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        causal: bool,
+        scale: float,
+        upcast: bool = True,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
         """Naive dense computation: the ``reference`` backend (``upcast=True``: float32/float64 math).
 
         With ``upcast=False`` it computes in the input dtype. A softmax variant gets it from
-        :meth:`mask_mod`; any other variant must override it.
+        :meth:`mask_mod`; any other variant must override it. ``key_padding_mask (B, Nk)`` hides
+        the keys where it is False.
         """
         if not self.softmax:
             raise NotImplementedError(f"{type(self).__name__} must define dense() (its reference backend)")
         nq, nk = q.shape[2], k.shape[2]
         mod = self.mask_mod(nq, nk, causal, q.device)
         mask = None if mod is None else dense_from_mod(mod, nq, nk, q.device)
+        mask = padding_to_mask(mask, key_padding_mask)
         groups = q.shape[1] // k.shape[1]
         dtype = compute_dtype(q.dtype) if upcast else q.dtype
         out = dense_softmax_attention(
@@ -367,19 +422,37 @@ class AttentionVariant:
         """
         return self.unsupported_reason(backend, device, dtype, head_dim) is None
 
-    def resolve_backend(self, backend: str, q: Tensor, v: Tensor | None = None) -> str:
+    def takes_padding(self, backend: str, padding: bool = True) -> bool:
+        """True if ``backend`` exists for this variant and can take a key padding mask (or none is given)."""
+        spec = self._backends.get(backend)
+        return spec is not None and (spec.padding or not padding)
+
+    def resolve_backend(self, backend: str, q: Tensor, v: Tensor | None = None, *, padding: bool = False) -> str:
         """The concrete backend a call with ``backend`` runs on these inputs (``auto`` resolved).
 
-        Raises ValueError when an explicitly requested backend cannot run the configuration.
+        ``padding``: the call has a key padding mask, so only backends registered with
+        ``padding=True`` qualify (``auto`` skips the others). Raises ValueError when an explicitly
+        requested backend cannot run the configuration.
         """
         head_dim = max(q.shape[-1], v.shape[-1] if v is not None else 0)
         if backend == "auto":
-            if q.device.type == "cuda" and self.supports("triton", q.device, q.dtype, head_dim):
+            cuda = q.device.type == "cuda"
+            if cuda and self.supports("triton", q.device, q.dtype, head_dim) and self.takes_padding("triton", padding):
                 return "triton"
-            return "torch"
+            if not padding:
+                return "torch"
+            for name in ("torch", "reference"):
+                if self.takes_padding(name, True) and self.supports(name, q.device, q.dtype, head_dim):
+                    return name
+            raise ValueError(f"backend='auto' found no backend of {self!r} that takes key_padding_mask here")
         reason = self.unsupported_reason(backend, q.device, q.dtype, head_dim)
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot run {self!r} here: {reason}")
+        if padding and not self._backends[backend].padding:
+            raise ValueError(
+                f"backend={backend!r} of variant {self.name!r} does not take key_padding_mask; "
+                f"backends that do: {', '.join(n for n, b in self._backends.items() if b.padding)}"
+            )
         return backend
 
     def __call__(
@@ -391,16 +464,26 @@ class AttentionVariant:
         causal: bool = False,
         scale: float | None = None,
         backend: str = "auto",
+        key_padding_mask: Tensor | None = None,
     ) -> Tensor:
-        """Attention output ``(B, H, Nq, Dv)`` computed by ``backend`` (see the class docstring)."""
+        """Attention output ``(B, H, Nq, Dv)`` computed by ``backend`` (see the class docstring).
+
+        ``key_padding_mask``: optional bool ``(B, Nk)`` on q's device, True for a real key; a
+        padded key is invisible to every query. The variant's own mask is computed on the padded
+        layout (positions are not shifted), and a query row left with no visible key gives 0.
+        """
         validate_qkv(q, k, v)
         causal = check_causal(causal)
         scale = resolve_scale(scale, q.shape[-1])
+        key_padding_mask = validate_key_padding_mask(key_padding_mask, q, k)
         self.check_call(q, k, v, causal)
-        name = self.resolve_backend(backend, q, v)
+        name = self.resolve_backend(backend, q, v, padding=key_padding_mask is not None)
         if q.shape[2] == 0 or k.shape[2] == 0:
             return empty_attention(q, k, v)
-        return self._backends[name].forward(self, q, k, v, causal, scale)
+        spec = self._backends[name]
+        if spec.padding:
+            return spec.forward(self, q, k, v, causal, scale, key_padding_mask=key_padding_mask)
+        return spec.forward(self, q, k, v, causal, scale)
 
     # -- incremental decoding (see attention_variants.decode) --------------------------------
 
@@ -475,9 +558,10 @@ class AttentionVariant:
         *,
         causal: bool = False,
         scale: float | None = None,
+        key_padding_mask: Tensor | None = None,
     ) -> Tensor:
         """The dense ground truth (builds the Nq x Nk matrix), in float32 or float64 arithmetic."""
-        return self(q, k, v, causal=causal, scale=scale, backend="reference")
+        return self(q, k, v, causal=causal, scale=scale, backend="reference", key_padding_mask=key_padding_mask)
 
 
 def _shape(x: Tensor | Sequence[int]) -> tuple[int, ...]:
@@ -496,11 +580,15 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     backend: str = "auto",
+    key_padding_mask: Tensor | None = None,
     **options: Any,
 ) -> Tensor:
     """Functional form: ``get_variant(variant, **options)(q, k, v, causal=..., scale=..., backend=...)``.
 
     ``q (B, H, Nq, D)``, ``k (B, Hk, Nk, D)``, ``v (B, Hk, Nk, Dv)`` with ``H % Hk == 0``;
-    returns ``(B, H, Nq, Dv)`` in the dtype of ``q``.
+    returns ``(B, H, Nq, Dv)`` in the dtype of ``q``. ``key_padding_mask``: optional bool
+    ``(B, Nk)``, True for a real key (see :meth:`AttentionVariant.__call__`).
     """
-    return get_variant(variant, **options)(q, k, v, causal=causal, scale=scale, backend=backend)
+    return get_variant(variant, **options)(
+        q, k, v, causal=causal, scale=scale, backend=backend, key_padding_mask=key_padding_mask
+    )

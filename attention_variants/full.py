@@ -39,8 +39,18 @@ class FullAttention(AttentionVariant):
         return self(q, state.keys(end), state.values(end), causal=True, scale=scale, backend=backend)
 
 
-@register_backend(FullAttention, "torch")
-def _full_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+@register_backend(FullAttention, "torch", padding=True)
+def _full_torch(
+    variant: AttentionVariant,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    if key_padding_mask is not None:
+        return _full_torch_padded(q, k, v, causal, scale, key_padding_mask)
     gqa = q.shape[1] != k.shape[1]
     nq, nk = q.shape[2], k.shape[2]
     if not causal or nq == 1:  # one query sits at the last position (bottom-right): it sees every key
@@ -56,6 +66,44 @@ def _full_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, caus
         groups = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(nq, nk), scale=scale)
+
+
+def _full_torch_padded(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, key_padding_mask: Tensor) -> Tensor:
+    """SDPA with a per-key ``(B, 1, 1, Nk)`` padding bias; rows with no visible real key are set to 0.
+
+    Causal with ``Nq == Nk`` needs causality and the bias together, which public SDPA does not
+    take without an Nq x Nk mask: on the CPU, PyTorch's fused kernel that takes both is used
+    when present. Otherwise (and for causal ``Nq < Nk``, where PyTorch's own lower-right causal
+    bias is expanded to an Nq x Nk mask on the CPU anyway) the causal part is a dense mask.
+    """
+    nq, nk = q.shape[2], k.shape[2]
+    if causal and nq > nk:
+        # The first nq - nk queries see no key (bottom-right alignment): their rows are 0.
+        tail = _full_torch_padded(q[:, :, nq - nk :], k, v, True, scale, key_padding_mask)
+        head = tail.new_zeros(q.shape[0], q.shape[1], nq - nk, v.shape[-1])
+        return torch.cat([head, tail], dim=2)
+    groups = q.shape[1] // k.shape[1]
+    bias = masks.padding_bias(key_padding_mask, q.dtype)[:, None, None, :]
+    if not causal or nq == 1:  # one query sits at the last position (bottom-right): it sees every key
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=groups > 1)
+    elif nq == nk and _FUSED_CPU_CAUSAL_WITH_MASK is not None and q.device.type == "cpu":
+        out = _FUSED_CPU_CAUSAL_WITH_MASK(
+            q, repeat_kv(k, groups), repeat_kv(v, groups), 0.0, True, attn_mask=bias, scale=scale
+        )[0]
+    else:
+        causal_bias = torch.zeros(nq, nk, dtype=q.dtype, device=q.device).masked_fill_(
+            ~masks.dense_mask(nq, nk, causal=True, device=q.device), float("-inf")
+        )
+        out = F.scaled_dot_product_attention(
+            q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=bias + causal_bias, scale=scale
+        )
+    seen = masks.keys_seen(key_padding_mask, nq, causal)
+    return torch.where(seen[:, None, :, None], out, out.new_zeros(()))
+
+
+# PyTorch's fused CPU attention that takes a causal flag and an additive mask together (a private
+# op: absent on some releases, hence the dense-mask path above).
+_FUSED_CPU_CAUSAL_WITH_MASK = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _softmax_triton_check(

@@ -232,3 +232,53 @@ def visible_pairs(
         full_row = (p + 1).clamp(max=nk) if causal else torch.full_like(p, nk)
         count = torch.where(g, full_row, count + extra)
     return int(count.sum())
+
+
+def padding_bias(real: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive mask of the same shape as the bool ``real`` (True = a real key): 0 for a real key,
+    half the dtype's most negative value for a padded one.
+
+    Finite rather than ``-inf`` on purpose: a fused kernel fed a row that sees only padded keys
+    then computes a finite (uniform) softmax instead of NaN in its backward; callers zero such rows
+    (:func:`keys_seen`). For a row with a real key, a padded key's weight underflows to exactly 0.
+    """
+    bias = torch.zeros(real.shape, dtype=dtype, device=real.device)
+    return bias.masked_fill_(~real, torch.finfo(dtype).min / 2)
+
+
+def keys_seen(key_padding_mask: Tensor, nq: int, causal: bool) -> Tensor:
+    """Bool ``(B, Nq)``: True where query ``i`` sees at least one real key under full (optionally
+    causal, bottom-right aligned) attention, i.e. some real key ``j <= i + Nk - Nq`` when causal."""
+    b, nk = key_padding_mask.shape
+    if nk == 0:
+        return key_padding_mask.new_zeros(b, nq)
+    if not causal:
+        return key_padding_mask.any(dim=-1, keepdim=True).expand(b, nq)
+    seen = torch.cumsum(key_padding_mask, dim=-1) > 0  # seen[:, j]: a real key at or before j
+    p = torch.arange(nq, device=key_padding_mask.device) + (nk - nq)
+    return seen[:, p.clamp(min=0)] & (p >= 0)
+
+
+def window_rows_seen(
+    key_padding_mask: Tensor, nq: int, window: WindowArg, causal: bool, global_mask: Tensor | None = None
+) -> Tensor:
+    """Bool ``(B, Nq)``: True where query ``i`` sees at least one real key under the sliding-window
+    rule above (global rows and columns included). Prefix counts of the real keys, O(B (Nq + Nk))."""
+    b, nk = key_padding_mask.shape
+    if nk == 0:
+        return key_padding_mask.new_zeros(b, nq)
+    left, right = clamp_reach(*window_bounds(window, causal), nq, nk)
+    p = torch.arange(nq, device=key_padding_mask.device) + (nk - nq)
+    lo, hi = (p - left).clamp(min=0), (p + right).clamp(max=nk - 1)
+    if causal:
+        hi = torch.minimum(hi, p)
+    before = torch.nn.functional.pad(torch.cumsum(key_padding_mask, dim=-1), (1, 0))  # real keys before j
+    seen = (hi >= lo) & (before[:, (hi + 1).clamp(min=0)] > before[:, lo])
+    if global_mask is not None:  # needs Nq == Nk, so p == i
+        real_global = key_padding_mask & global_mask
+        if causal:
+            seen = seen | (torch.cumsum(real_global, dim=-1) > 0)  # a real global key at or before i
+        else:
+            seen = seen | real_global.any(dim=-1, keepdim=True)
+        seen = torch.where(global_mask, keys_seen(key_padding_mask, nq, causal), seen)
+    return seen

@@ -73,8 +73,18 @@ class AttentionLayer(nn.Module):
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, *, causal: bool | None = None) -> Tensor:
-        """``x (B, Nq, E)`` attends to ``context (B, Nk, E)`` (default: ``x``); returns ``(B, Nq, E)``."""
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        causal: bool | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``x (B, Nq, E)`` attends to ``context (B, Nk, E)`` (default: ``x``); returns ``(B, Nq, E)``.
+
+        ``key_padding_mask``: optional bool ``(B, Nk)``, True for a real token; padded tokens are
+        invisible as keys (see :meth:`AttentionVariant.__call__`)."""
         if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.embed_dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, N, {self.embed_dim}), got {shape}")
@@ -87,7 +97,8 @@ class AttentionLayer(nn.Module):
         q = self.q_proj(x).view(b, nq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(context).view(b, nk, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(context).view(b, nk, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        out = self.attn(q, k, v, causal=self.causal if causal is None else causal, backend=self.backend)
+        causal = self.causal if causal is None else causal
+        out = self.attn(q, k, v, causal=causal, backend=self.backend, key_padding_mask=key_padding_mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, self.embed_dim))
 
     def init_state(self, batch: int, *, capacity: int | None = None) -> DecodeState:

@@ -108,9 +108,17 @@ def query_features(x: Tensor, ws: Tensor, scale: float, kernel: str, shift: Tens
     return proj.sub_(row).exp_()
 
 
-def key_shift(k: Tensor, ws: Tensor, scale: float, kernel: str, rows: int | None = None) -> Tensor | None:
+def _drop_padded(logits: Tensor, key_mask: Tensor | None, fill: float) -> Tensor:
+    """``logits (B, Hk, n, m)`` with the rows of padded keys (``key_mask (B, n)`` False) set to ``fill``."""
+    return logits if key_mask is None else logits.masked_fill(~key_mask[:, None, :, None], fill)
+
+
+def key_shift(
+    k: Tensor, ws: Tensor, scale: float, kernel: str, rows: int | None = None, key_mask: Tensor | None = None
+) -> Tensor | None:
     """The per-feature key shift ``c (..., 1, m)``: the max of the exponent ``W k' - |k'|^2/2``
-    over the keys, for each feature. Computed ``rows`` keys at a time, no grad."""
+    over the keys, for each feature. Computed ``rows`` keys at a time, no grad. ``key_mask (B, N)``:
+    only the keys where it is True count (a batch element with none gets 0)."""
     if kernel == "relu":
         return None
     n = k.shape[-2]
@@ -118,18 +126,24 @@ def key_shift(k: Tensor, ws: Tensor, scale: float, kernel: str, rows: int | None
     with torch.no_grad():
         best = k.new_zeros(*k.shape[:-2], 1, ws.shape[0], dtype=ws.dtype) if n == 0 else None
         for start in range(0, n, rows):
-            piece = _key_logits(k[..., start : start + rows, :], ws, scale).amax(dim=-2, keepdim=True)
+            piece_mask = None if key_mask is None else key_mask[:, start : start + rows]
+            logits = _drop_padded(_key_logits(k[..., start : start + rows, :], ws, scale), piece_mask, -math.inf)
+            piece = logits.amax(dim=-2, keepdim=True)
             best = piece if best is None else torch.maximum(best, piece)
         assert best is not None
-        return best
+        return best if key_mask is None else best.masked_fill_(best == -math.inf, 0.0)
 
 
-def key_features(x: Tensor, ws: Tensor, scale: float, kernel: str, shift: Tensor | None) -> Tensor:
-    """``phi(k)`` for ``x (B, Hk, N, D)`` with the shift of :func:`key_shift`."""
+def key_features(
+    x: Tensor, ws: Tensor, scale: float, kernel: str, shift: Tensor | None, key_mask: Tensor | None = None
+) -> Tensor:
+    """``phi(k)`` for ``x (B, Hk, N, D)`` with the shift of :func:`key_shift`; ``key_mask (B, N)``:
+    padded keys (False) get all-zero features, so they drop out of every sum."""
     if kernel == "relu":
-        return torch.relu(_project(x, ws)) + RELU_EPS
+        return _drop_padded(torch.relu(_project(x, ws)) + RELU_EPS, key_mask, 0.0)
     assert shift is not None
-    return _key_logits(x, ws, scale).sub_(shift).exp_()
+    # -inf before the exp: a padded key's exponent may exceed the shift (taken over real keys only).
+    return _drop_padded(_key_logits(x, ws, scale).sub_(shift), key_mask, -math.inf).exp_()
 
 
 def feature_map(x: Tensor, w: Tensor, scale: float, kernel: str, is_query: bool) -> Tensor:
@@ -319,20 +333,31 @@ class PerformerAttention(AttentionVariant):
         w = self.projection_matrix(x.shape[-1], x.device, dtype)
         return feature_map(x, w, scale, self.kernel, is_query)
 
-    def dense(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, upcast: bool = True) -> Tensor:
+    def dense(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        causal: bool,
+        scale: float,
+        upcast: bool = True,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
         dtype = compute_dtype(q.dtype) if upcast else q.dtype
         groups = q.shape[1] // k.shape[1]
         ws = self.projection_matrix(q.shape[-1], q.device, dtype) * scale**0.5
-        shift = key_shift(k, ws, scale, self.kernel)
-        phi_k = key_features(k, ws, scale, self.kernel, shift).repeat_interleave(groups, dim=1)
+        # Padded keys get zero features: they leave every sum, and the shift is taken without them.
+        shift = key_shift(k, ws, scale, self.kernel, key_mask=key_padding_mask)
+        phi_k = key_features(k, ws, scale, self.kernel, shift, key_padding_mask).repeat_interleave(groups, dim=1)
         phi_q = query_features(q, ws, scale, self.kernel, _repeat_heads(shift, groups))
         a = torch.matmul(phi_q, phi_k.transpose(-1, -2))
         if causal:
             a = a * masks.dense_mask(q.shape[2], k.shape[2], causal=True, device=q.device)
         num = torch.matmul(a, v.to(dtype).repeat_interleave(groups, dim=1))
         den = a.sum(dim=-1, keepdim=True)
-        if causal and upcast and self.kernel == "softmax":  # rows before the first key see none
-            warn_if_underflow(den[:, :, max(0, q.shape[2] - k.shape[2]) :].detach().amin())
+        if causal and upcast and self.kernel == "softmax":  # only rows that see a key count
+            seen = _causal_rows_with_keys(key_padding_mask, q.shape[0], q.shape[2], k.shape[2], q.device)
+            warn_if_underflow(den.detach().squeeze(-1).masked_fill(~seen[:, None], math.inf).amin())
         return _safe_div(num, den).to(q.dtype)
 
     # -- decoding: the recurrent state [S, z] with a running key stabiliser ------------------------
@@ -410,24 +435,36 @@ class PerformerAttention(AttentionVariant):
         return feature + 2 * m * (dv + 1) * b * (hk * nk + h * nq)
 
 
-@register_backend(PerformerAttention, "torch")
-def _performer_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+@register_backend(PerformerAttention, "torch", padding=True)
+def _performer_torch(
+    variant: AttentionVariant,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
     assert isinstance(variant, PerformerAttention)
     dtype = compute_dtype(q.dtype)
     ws = variant.projection_matrix(q.shape[-1], q.device, dtype) * scale**0.5
     rows = piece_rows(q.shape[0] * q.shape[1], variant.num_features)
-    shift = key_shift(k, ws, scale, variant.kernel, rows)
+    kpm = key_padding_mask
+    shift = key_shift(k, ws, scale, variant.kernel, rows, key_mask=kpm)
     q_shift = _repeat_heads(shift, q.shape[1] // k.shape[1])
 
     def phi_q(start: int, end: int) -> Tensor:
         return query_features(q[:, :, start:end], ws, scale, variant.kernel, q_shift)
 
     def phi_k(start: int, end: int) -> Tensor:
-        return key_features(k[:, :, start:end], ws, scale, variant.kernel, shift)
+        piece_mask = None if kpm is None else kpm[:, start:end]
+        return key_features(k[:, :, start:end], ws, scale, variant.kernel, shift, piece_mask)
 
     v1 = _with_ones(v.to(dtype))
-    favor = favor_causal if causal else favor_noncausal
-    return favor(phi_q, phi_k, v1, q.shape[1], q.shape[2], rows).to(q.dtype)
+    if not causal:
+        return favor_noncausal(phi_q, phi_k, v1, q.shape[1], q.shape[2], rows).to(q.dtype)
+    seen = None if kpm is None else masks.keys_seen(kpm, q.shape[2], causal=True)
+    return favor_causal(phi_q, phi_k, v1, q.shape[1], q.shape[2], rows, seen).to(q.dtype)
 
 
 def _favor_triton_check(
@@ -457,6 +494,13 @@ def piece_rows(heads: int, num_features: int) -> int:
     """Rows per piece for ``heads = B * H`` heads of ``num_features`` features (a multiple of CHUNK)."""
     rows = PIECE_ELEMENTS // max(1, heads * num_features)
     return max(CHUNK, rows // CHUNK * CHUNK)
+
+
+def _causal_rows_with_keys(key_padding_mask: Tensor | None, b: int, nq: int, nk: int, device: torch.device) -> Tensor:
+    """Bool ``(B, Nq)``: the causal rows that see at least one (real) key."""
+    if key_padding_mask is None:
+        key_padding_mask = torch.ones(b, nk, dtype=torch.bool, device=device)
+    return masks.keys_seen(key_padding_mask, nq, causal=True)
 
 
 def _repeat_heads(shift: Tensor | None, groups: int) -> Tensor | None:
@@ -532,11 +576,14 @@ def favor_noncausal(phi_q: FeatureFn, phi_k: FeatureFn, v1: Tensor, h: int, nq: 
     return torch.cat(outs, dim=2)
 
 
-def favor_causal(phi_q: FeatureFn, phi_k: FeatureFn, v1: Tensor, h: int, nq: int, rows: int) -> Tensor:
+def favor_causal(
+    phi_q: FeatureFn, phi_k: FeatureFn, v1: Tensor, h: int, nq: int, rows: int, seen: Tensor | None = None
+) -> Tensor:
     """Causal (bottom-right) FAVOR+, piece by piece with a running state (arguments as
     :func:`favor_noncausal`). Within a piece: chunks of ``CHUNK``, exact inside a chunk, prefix
     states across chunks. No N x m x Dv tensor; O(rows (m + CHUNK) + (rows / CHUNK) m Dv) working memory.
-    Warns when a row's normaliser underflows (:func:`warn_if_underflow`).
+    Warns when a row's normaliser underflows (:func:`warn_if_underflow`); ``seen (B, Nq)``, when
+    given, marks the rows that see a key at all (key padding: the others have a zero normaliser).
     """
     b, hk, nk, dv1 = v1.shape
     off = nk - nq
@@ -554,17 +601,21 @@ def favor_causal(phi_q: FeatureFn, phi_k: FeatureFn, v1: Tensor, h: int, nq: int
     for s in range(0, nq - q0, rows):
         e = min(nq - q0, s + rows)
         pq = phi_q(q0 + s, q0 + e)
-        out, state = _causal_piece(pq, phi_k(off + s, off + e), v1[:, :, off + s : off + e], state, dens)
+        piece_seen = None if seen is None else seen[:, q0 + s : q0 + e]
+        out, state = _causal_piece(pq, phi_k(off + s, off + e), v1[:, :, off + s : off + e], state, dens, piece_seen)
         outs.append(out)
     if dens:
         warn_if_underflow(torch.stack(dens).amin())
     return torch.cat(outs, dim=2)
 
 
-def _causal_piece(pq: Tensor, pk: Tensor, pv: Tensor, state: Tensor, dens: list[Tensor]) -> tuple[Tensor, Tensor]:
+def _causal_piece(
+    pq: Tensor, pk: Tensor, pv: Tensor, state: Tensor, dens: list[Tensor], seen: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Causal FAVOR+ on aligned rows: ``pq (B,H,n,m)``, ``pk (B,Hk,n,m)``, ``pv (B,Hk,n,Dv+1)``,
     ``state (B,Hk,m,Dv+1)`` (or broadcastable) from earlier keys. Returns ``(out, new state)``
-    and appends the smallest normaliser of the piece to ``dens``."""
+    and appends the smallest normaliser of the piece to ``dens`` (over the rows ``seen (B, n)``
+    marks, when given)."""
     b, h, n, m = pq.shape
     hk, dv1 = pk.shape[1], pv.shape[-1]
     c = min(CHUNK, n)
@@ -581,5 +632,6 @@ def _causal_piece(pq: Tensor, pk: Tensor, pv: Tensor, state: Tensor, dens: list[
     num_den = torch.matmul(pq, states[:, :, None])  # (B, Hk, G, nc, c, Dv + 1)
     a = torch.matmul(pq, pk[:, :, None].transpose(-1, -2)).tril_()  # (B, Hk, G, nc, c, c), causal
     num_den = (num_den + torch.matmul(a, pv[:, :, None])).reshape(b, h, nc * c, dv1)[:, :, :n]
-    dens.append(num_den[..., -1].detach().amin())
+    den = num_den[..., -1].detach()
+    dens.append((den if seen is None else den.masked_fill(~seen[:, None], math.inf)).amin())
     return _normalise(num_den), prefix[:, :, -1] + state

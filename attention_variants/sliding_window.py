@@ -172,15 +172,23 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-@register_backend(SlidingWindowAttention, "torch")
-def _sliding_torch(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+@register_backend(SlidingWindowAttention, "torch", padding=True)
+def _sliding_torch(
+    variant: AttentionVariant,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
     assert isinstance(variant, SlidingWindowAttention)
     if q.is_meta:
         # Meta tensors (shape inference) hold no values, and the blocked layout reads its masks:
         # the dense formula gives the same shapes, dtype and autograd graph at no cost on meta.
-        return variant.dense(q, k, v, causal, scale, upcast=False)
+        return variant.dense(q, k, v, causal, scale, upcast=False, key_padding_mask=key_padding_mask)
     gm = variant.global_mask(q.shape[2], q.device) if q.shape[2] == k.shape[2] else None
-    return banded_attention(q, k, v, variant.window, causal, scale, gm)
+    return banded_attention(q, k, v, variant.window, causal, scale, gm, key_padding_mask)
 
 
 @register_backend(SlidingWindowAttention, "triton", check=_softmax_triton_check)
@@ -246,6 +254,7 @@ def banded_attention(
     causal: bool,
     scale: float,
     global_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Blocked sliding-window attention in O(N * (w + g)) time and memory.
 
@@ -256,6 +265,10 @@ def banded_attention(
     ``(BLOCK_Q, S)`` additive mask, passed 4-D ``(1, nb, BLOCK_Q, S)`` since PyTorch's fused CPU
     kernel takes 4-D masks and falls back to a slow path for 3-D ones. Global query rows are then
     recomputed against every key.
+
+    ``key_padding_mask (B, Nk)`` (True = real key) adds a per-batch bias on each block's key
+    columns, so the blocks then run one batch element per call (the mask stays 4-D and
+    ``(1, nb, BLOCK_Q, S)``); rows left with no visible real key are set to 0.
     """
     bsz, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -272,36 +285,51 @@ def banded_attention(
 
     kw, vw = windows(k), windows(v)
     bias, row_any = lay.bias, lay.row_any
+    # Key index of every block column (nb, span), and, with padding, which columns hold a real key.
+    j = torch.arange(nb, device=q.device)[:, None] * bq + lay.first_key + torch.arange(span, device=q.device)
+    real = None
+    if key_padding_mask is not None:
+        real = key_padding_mask[:, j.clamp(0, max(nk - 1, 0))] & ((j >= 0) & (j < nk))  # (B, nb, span)
 
     if global_mask is not None:
         gpos = global_mask.nonzero().flatten()
-        blk = torch.arange(nb, device=q.device)[:, None, None] * bq
-        i = blk + torch.arange(bq, device=q.device)[:, None]
-        j = blk + lay.first_key + torch.arange(span, device=q.device)[None, :]
+        i = torch.arange(nb, device=q.device)[:, None, None] * bq + torch.arange(bq, device=q.device)[:, None]
         # Global keys are appended to every block; drop them from the band so none counts twice.
-        mask = lay.mask & ~global_mask[j.clamp(0, nk - 1)]
+        not_global = ~global_mask[j.clamp(0, nk - 1)][:, None, :]
         gcols = (i < nq).expand(nb, bq, gpos.numel())
         if causal:
             gcols = gcols & (gpos[None, None, :] <= i + off)
-        mask = torch.cat([mask, gcols], dim=-1)
+        mask = torch.cat([lay.mask & not_global, gcols], dim=-1)
         mask[..., 0] |= ~mask.any(dim=-1)  # see _band_layout
         bias = _additive(mask, q.dtype)[None]
         kg = k[:, :, gpos, None].transpose(2, 3).expand(bsz, hk, nb, gpos.numel(), d)
         vg = v[:, :, gpos, None].transpose(2, 3).expand(bsz, hk, nb, gpos.numel(), dv)
         kw = torch.cat([kw, kg], dim=3)
         vw = torch.cat([vw, vg], dim=3)
+        if real is not None:
+            real = torch.cat([real, key_padding_mask[:, None, gpos].expand(bsz, nb, gpos.numel())], dim=-1)
 
     qp = F.pad(q, (0, 0, 0, nb * bq - nq)) if nb * bq != nq else q
     qp = qp.view(bsz, hk, groups, nb, bq, d) if qp.is_contiguous() else qp.reshape(bsz, hk, groups, nb, bq, d)
     kw = kw.reshape(bsz * hk, nb, kw.shape[3], d)
     vw = vw.reshape(bsz * hk, nb, vw.shape[3], dv)
-    outs = [
-        F.scaled_dot_product_attention(qp[:, :, g].reshape(bsz * hk, nb, bq, d), kw, vw, attn_mask=bias, scale=scale)
-        for g in range(groups)
-    ]
-    out = outs[0] if groups == 1 else torch.stack(outs, dim=1)
+
+    def blocks(b: slice, attn_mask: Tensor) -> Tensor:  # batch elements b -> (len(b) * Hk, [G,] nb, bq, Dv)
+        kb, vb = kw[b.start * hk : b.stop * hk], vw[b.start * hk : b.stop * hk]
+        outs = [
+            F.scaled_dot_product_attention(qp[b, :, g].reshape(-1, nb, bq, d), kb, vb, attn_mask=attn_mask, scale=scale)
+            for g in range(groups)
+        ]
+        return outs[0] if groups == 1 else torch.stack(outs, dim=1)
+
+    if real is None:
+        out = blocks(slice(0, bsz), bias)
+    else:
+        # Finite bias on padded columns (see masks.padding_bias); one call per batch element.
+        pad_bias = masks.padding_bias(real, q.dtype)[:, :, None, :]  # (B, nb, 1, S)
+        out = torch.cat([blocks(slice(b, b + 1), bias + pad_bias[b]) for b in range(bsz)])
     out = out.reshape(bsz, h, nb * bq, dv)[:, :, :nq]
-    if row_any is not None:
+    if row_any is not None and key_padding_mask is None:  # with padding, all empty rows are zeroed below
         out = torch.where(row_any, out, out.new_zeros(()))
 
     if global_mask is not None:
@@ -310,8 +338,15 @@ def banded_attention(
         rows_mask = None
         if causal:
             rows_mask = torch.arange(nk, device=q.device)[None, :] <= gpos[:, None] + off
+        if key_padding_mask is not None:
+            rows_mask = masks.padding_bias(key_padding_mask, q.dtype)[:, None, None, :] + (
+                0.0 if rows_mask is None else _additive(rows_mask, q.dtype)
+            )
         rows = F.scaled_dot_product_attention(
             q[:, :, gpos], k, v, attn_mask=rows_mask, scale=scale, enable_gqa=groups > 1
         )
         out = out.index_copy(2, gpos, rows)
+    if key_padding_mask is not None:
+        seen = masks.window_rows_seen(key_padding_mask, nq, window, causal, global_mask)
+        out = torch.where(seen[:, None, :, None], out, out.new_zeros(()))
     return out

@@ -88,13 +88,20 @@ def run_with_grads(
 
 
 def softmax_by_rows(
-    q: Tensor, k: Tensor, v: Tensor, mod: MaskMod | None, scale: float, acc: torch.dtype | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mod: MaskMod | None,
+    scale: float,
+    acc: torch.dtype | None = None,
+    key_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Masked softmax attention written out, independent of the variants' code.
 
     ``q (B,H,Nq,D)``, ``k (B,Hk,Nk,D)``, ``v (B,Hk,Nk,Dv)``; ``mod(qi, ki)`` the mask predicate
-    (None: all visible). Rows with no visible key give 0. Computes in ``acc`` (default: the input
-    dtype) and returns the input dtype. Differentiable.
+    (None: all visible); ``key_padding_mask (B, Nk)``: keys where it is False are hidden as well.
+    Rows with no visible key give 0. Computes in ``acc`` (default: the input dtype) and returns
+    the input dtype. Differentiable.
     """
     dtype = q.dtype
     acc = acc or dtype
@@ -108,6 +115,8 @@ def softmax_by_rows(
         s = torch.matmul(q[:, :, start : start + TRUTH_BLOCK].to(acc) * scale, kh.transpose(-1, -2))
         if mod is not None:
             s = s.masked_fill(~mod(rows, keys), float("-inf"))
+        if key_padding_mask is not None:
+            s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
         top = s.amax(dim=-1, keepdim=True).detach()
         p = torch.exp(s - torch.where(torch.isfinite(top), top, 0.0))
         num, den = torch.matmul(p, vh), p.sum(dim=-1, keepdim=True)
@@ -115,25 +124,36 @@ def softmax_by_rows(
     return torch.cat(outs, dim=2).to(dtype) if outs else q.new_zeros(*q.shape[:3], v.shape[-1])
 
 
-def truth_fn(variant: av.AttentionVariant, causal: bool, scale: float) -> Fn:
-    """The float64 ground truth of ``variant`` (see the module docstring)."""
+def truth_fn(variant: av.AttentionVariant, causal: bool, scale: float, key_padding_mask: Tensor | None = None) -> Fn:
+    """The float64 ground truth of ``variant`` (see the module docstring), with the keys where
+    ``key_padding_mask (B, Nk)`` is False hidden."""
+    kpm = key_padding_mask
     if variant.softmax:
         return lambda a, b, c: softmax_by_rows(
-            a, b, c, variant.mask_mod(a.shape[2], b.shape[2], causal, a.device), scale
+            a, b, c, variant.mask_mod(a.shape[2], b.shape[2], causal, a.device), scale, key_padding_mask=kpm
         )
-    return lambda a, b, c: variant(a, b, c, causal=causal, scale=scale, backend="reference")
+    return lambda a, b, c: variant(a, b, c, causal=causal, scale=scale, backend="reference", key_padding_mask=kpm)
 
 
-def same_dtype_fns(variant: av.AttentionVariant, causal: bool, scale: float) -> list[Fn]:
+def same_dtype_fns(
+    variant: av.AttentionVariant, causal: bool, scale: float, key_padding_mask: Tensor | None = None
+) -> list[Fn]:
     """Naive computations in the inputs' dtype, without and with float32 accumulation: the error
     PyTorch itself makes in that dtype, which sets the bound."""
+    kpm = key_padding_mask
     if variant.softmax:
 
         def naive(a, b, c, acc=None):
-            return softmax_by_rows(a, b, c, variant.mask_mod(a.shape[2], b.shape[2], causal, a.device), scale, acc)
+            mod = variant.mask_mod(a.shape[2], b.shape[2], causal, a.device)
+            return softmax_by_rows(a, b, c, mod, scale, acc, key_padding_mask=kpm)
 
         return [naive, lambda a, b, c: naive(a, b, c, compute_dtype(a.dtype))]
-    return [lambda a, b, c, up=up: variant.dense(a, b, c, causal, scale, upcast=up) for up in (False, True)]
+    if kpm is None:  # a plug-in's dense() may predate key padding
+        return [lambda a, b, c, up=up: variant.dense(a, b, c, causal, scale, upcast=up) for up in (False, True)]
+    return [
+        lambda a, b, c, up=up: variant.dense(a, b, c, causal, scale, upcast=up, key_padding_mask=kpm)
+        for up in (False, True)
+    ]
 
 
 def _bound(errs: list[float], factor: float, dtype: torch.dtype, extra: float) -> float:
@@ -171,12 +191,17 @@ def check(
     ground_truth: Fn | None = None,
     fwd_factor: float = FWD_FACTOR,
     bwd_factor: float = BWD_FACTOR,
+    key_padding_mask: Tensor | None = None,
 ) -> CheckResult:
     """Check ``fn(q, k, v)`` (which should compute ``variant``) against the float64 ground truth.
 
     ``ground_truth``: ``fn``'s own float64 semantics on the full inputs, when they differ from
     ``variant``'s by design (a peer's documented deviation); its distance from ``variant``'s
-    ground truth is then measured and reported as ``semantic_dev``, never added to the bound."""
+    ground truth is then measured and reported as ``semantic_dev``, never added to the bound.
+
+    ``key_padding_mask (B, Nk)``: ``fn`` is expected to hide the keys where it is False (``fn``
+    applies it itself); the ground truth and the same-dtype bound computations apply it on their
+    own (for a softmax variant, together with the mask predicate: a row left with no key is 0)."""
     dtype = q.dtype
     nq, nk = q.shape[2], k.shape[2]
     scale = resolve_scale(scale, q.shape[-1])
@@ -191,9 +216,9 @@ def check(
     out, g = run_with_grads(fn, q, k, v, dout)
     out_rows = out[:, :, nq - rows :]
     qs = q[:, :, nq - rows :]
-    ref, ref_g = run_with_grads(
-        truth_fn(variant, causal, scale), qs.double(), k.double(), v.double(), None if dout is None else dout.double()
-    )
+    kpm = key_padding_mask
+    dout64 = None if dout is None else dout.double()
+    ref, ref_g = run_with_grads(truth_fn(variant, causal, scale, kpm), qs.double(), k.double(), v.double(), dout64)
     semantic_dev = None
     if ground_truth is not None:
         ours = ref
@@ -202,12 +227,12 @@ def check(
         )
         ref = ref[:, :, nq - rows :]
         semantic_dev = _max_abs(ref, ours)
-    pts = [run_with_grads(f, qs, k, v, dout) for f in same_dtype_fns(variant, causal, scale)]
+    pts = [run_with_grads(f, qs, k, v, dout) for f in same_dtype_fns(variant, causal, scale, kpm)]
 
     approx_err = None
     if approx and variant.approximates is not None:
         with torch.no_grad():
-            exact = truth_fn(variant.exact(), causal, scale)(qs.double(), k.double(), v.double())
+            exact = truth_fn(variant.exact(), causal, scale, kpm)(qs.double(), k.double(), v.double())
         approx_err = _max_abs(out_rows, exact)
 
     if out_rows.shape != ref.shape:

@@ -46,17 +46,19 @@ def check_backend(
     causal: bool,
     scale: float | None = None,
     grad: bool = True,
+    key_padding_mask: Tensor | None = None,
 ) -> None:
     """``variant(..., backend=backend)`` against the float64 ground truth, output and gradients,
     through the harness's own checker (:func:`bench.numerics.check`); ``q, k, v`` in the dtype
-    under test."""
+    under test; ``key_padding_mask (B, Nk)`` is passed to the backend and applied by the ground
+    truth on its own."""
 
     def fn(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-        out = variant(a, b, c, causal=causal, scale=scale, backend=backend)
+        out = variant(a, b, c, causal=causal, scale=scale, backend=backend, key_padding_mask=key_padding_mask)
         assert out.dtype == a.dtype and out.shape == (*a.shape[:3], c.shape[-1])
         return out
 
-    res = check(fn, variant, q, k, v, causal, scale=scale, grads=grad, approx=False)
+    res = check(fn, variant, q, k, v, causal, scale=scale, grads=grad, approx=False, key_padding_mask=key_padding_mask)
     assert res.ok, f"{variant!r} {backend}: {res.message}"
 
 
