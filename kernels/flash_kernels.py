@@ -17,6 +17,11 @@ mask arithmetic, the masked edge tiles ``[hi, end)``; band programs with global 
 fourth pass over the gathered global keys (rows). The pass is a named constexpr ``MODE`` of the
 inner loop: :data:`INTERIOR`, :data:`BAND_EDGE` or :data:`OUTSIDE_BAND`.
 
+Key padding (constexpr ``HAS_PAD``): ``KPM`` is an int8 key-valid vector ``(B, NK)`` folded into
+the score mask of every pass, ``KRANGE`` the ``(first, last + 1)`` real keys of each batch
+element, which clip the query programs' schedule rows; the key programs zero the gradients of
+padded keys and skip their loops when the whole key block is padding.
+
 float32 inputs use IEEE float32 ``tl.dot`` (``input_precision="ieee"``, no TF32), so the
 float32 path is as accurate as PyTorch's float32 matmul; float16/bfloat16 inputs use the
 tensor cores with float32 accumulation, and the probabilities are cast to the input dtype
