@@ -5,8 +5,8 @@ sm_90 (H100) and runs the wheel's ``ptxas -v`` on it. Registers, shared memory a
 printed (``pytest -s`` shows them); a forward kernel that spills fails the test. Each config
 is compiled in the specialisation with the most live state (causal, global tokens), and the
 forward also in its gathered-global-rows specialisation (with its own, halved query tile). The
-band launches are compiled once more with a key padding mask (``HAS_PAD``), which must not make
-the forward spill either.
+16-bit forwards (those at the register limit) are compiled once more with a key padding mask
+(``HAS_PAD``), which must not make them spill either.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _specs() -> list:
             gcfg = flash_configs.gathered_config(cfg)
             gname = f"{gcfg}-D{head_dim}-{_DT[dtype]}"
             specs.append(pytest.param((kernel, gcfg, head_dim, dtype, True, False), id=f"{kernel}_gathered-{gname}"))
-        if kernel != "bwd_delta":
+        if kernel == "fwd" and dtype != torch.float32:  # the 16-bit forwards run at the register limit
             specs.append(pytest.param((kernel, cfg, head_dim, dtype, False, True), id=f"{kernel}_padded-{name}"))
     return specs
 
