@@ -121,8 +121,16 @@ def _softmax_triton_check(
     return softmax_unsupported_reason(variant, device, dtype, head_dim)
 
 
-@register_backend(FullAttention, "triton", check=_softmax_triton_check)
-def _full_triton(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+@register_backend(FullAttention, "triton", check=_softmax_triton_check, padding=True)
+def _full_triton(
+    variant: AttentionVariant,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
     from kernels.flash_attention import flash_attention
 
-    return flash_attention(q, k, v, causal=causal, scale=scale)
+    return flash_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)

@@ -487,13 +487,23 @@ def _favor_triton_check(
     return favor_unsupported_reason(variant, device, dtype, head_dim)
 
 
-@register_backend(PerformerAttention, "triton", check=_favor_triton_check)
-def _performer_triton(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+@register_backend(PerformerAttention, "triton", check=_favor_triton_check, padding=True)
+def _performer_triton(
+    variant: AttentionVariant,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
     from kernels.favor import favor_attention
 
     assert isinstance(variant, PerformerAttention)
     w = variant.projection_matrix(q.shape[-1], q.device, torch.float32)
-    return favor_attention(q, k, v, w, causal=causal, scale=scale, kernel=variant.kernel)
+    return favor_attention(
+        q, k, v, w, causal=causal, scale=scale, kernel=variant.kernel, key_padding_mask=key_padding_mask
+    )
 
 
 PIECE_ELEMENTS = 1 << 21

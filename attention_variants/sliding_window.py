@@ -204,14 +204,24 @@ def _sliding_torch(
     return banded_attention(q, k, v, variant.window, causal, scale, gm, key_padding_mask)
 
 
-@register_backend(SlidingWindowAttention, "triton", check=_softmax_triton_check)
-def _sliding_triton(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+@register_backend(SlidingWindowAttention, "triton", check=_softmax_triton_check, padding=True)
+def _sliding_triton(
+    variant: AttentionVariant,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
     from kernels.flash_attention import flash_attention
 
     assert isinstance(variant, SlidingWindowAttention)
     gm = variant.global_mask(q.shape[2], q.device) if q.shape[2] == k.shape[2] else None
     window = masks.clamp_reach(*masks.window_bounds(variant.window, causal), q.shape[2], k.shape[2])
-    return flash_attention(q, k, v, causal=causal, scale=scale, window=window, global_mask=gm)
+    return flash_attention(
+        q, k, v, causal=causal, scale=scale, window=window, global_mask=gm, key_padding_mask=key_padding_mask
+    )
 
 
 @dataclass(frozen=True)

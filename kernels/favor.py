@@ -55,6 +55,11 @@ inputs. Everything accumulates in float32.
 Rows with no visible key have ``den == 0``: the output is 0 and ``lse = +inf`` makes their
 backward features exactly 0.
 
+Key padding: an int8 key-valid vector ``(B, Nk)`` is folded into the row mask of every kernel
+that reads keys, so a padded key has zero features: it adds nothing to the key states, the
+diagonal chunks or the key stabiliser, and its ``dK``, ``dV`` are 0 (``HAS_PAD``; without a
+mask the kernels compile as before).
+
 Layout: the kernels live in :mod:`kernels.favor_kernels`, the constants and launch
 configurations in :mod:`kernels.favor_configs`, the launch plumbing shared with the softmax
 kernels in :mod:`kernels.launch`; this module is the host side.
@@ -167,25 +172,38 @@ def _prepare_projection(w: Tensor, dtype: torch.dtype, opts: FavorOptions, geo: 
     return ws.float(), torch.stack(terms).contiguous()
 
 
-def _key_stabiliser(k: Tensor, wt: Tensor, opts: FavorOptions, geo: _Geometry) -> Tensor:
-    """``c`` per (batch, key head): the maximum key logit over all keys and features, float32."""
+def _pad_arg(kpm: Tensor | None, device: torch.device) -> tuple[Tensor, bool]:
+    """``(kpm_ptr, HAS_PAD)`` of a launch: the int8 key-valid vector, or a dummy and False."""
+    if kpm is None:
+        return torch.zeros(1, dtype=torch.int8, device=device), False
+    return kpm, True
+
+
+def _key_stabiliser(k: Tensor, wt: Tensor, kpm: Tensor | None, opts: FavorOptions, geo: _Geometry) -> Tensor:
+    """``c`` per (batch, key head): the maximum key logit over all real keys and features, float32
+    (0 for a head whose keys are all padded)."""
     bhk = geo.b * geo.hk
     if opts.kernel != "softmax":
         return torch.zeros(bhk, device=k.device, dtype=torch.float32)
     n_blocks = triton.cdiv(geo.nk, BLOCK_ROWS)
     part = torch.empty(bhk, n_blocks, device=k.device, dtype=torch.float32)
+    kpm_arg, has_pad = _pad_arg(kpm, k.device)
     _launch(
         "key_max",
         _key_max_kernel,
         lambda p: (n_blocks, bhk),
-        (k, wt, part, geo.nk, geo.d, opts.m, opts.half_s2, n_blocks),
+        (k, wt, part, kpm_arg, geo.nk, geo.d, opts.m, opts.half_s2, n_blocks, geo.hk),
         geo.shape(opts.causal),
         D_PAD=geo.d_pad,
         M_PAD=geo.m_pad,
         BLOCK_N=BLOCK_ROWS,
         N_SPLIT=N_SPLIT[k.dtype],
+        HAS_PAD=has_pad,
     )
-    return part.amax(dim=1)
+    c = part.amax(dim=1)
+    if has_pad:  # no real key: -inf; any finite value does, since the features are all 0
+        c = torch.where(torch.isfinite(c), c, 0.0)
+    return c
 
 
 @dataclass(frozen=True)
@@ -218,12 +236,15 @@ def _segment_sums(
     n_seg: int,
     slots: _Slots,
     stab_mode: int,
+    kpm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per segment of ``seg`` positions: ``S (BH, slots.n, M_PAD, DV_PAD)``, ``z (BH, slots.n, M_PAD)``.
 
-    Slots that no segment writes are left for the caller to fill.
+    Slots that no segment writes are left for the caller to fill. ``kpm``: the key-valid vector
+    (keys only), whose padded rows add nothing.
     """
     bh = x.shape[0] * x.shape[1]
+    kpm_arg, has_pad = _pad_arg(kpm, x.device)
     s = torch.empty(bh, slots.n, geo.m_pad, geo.dv_pad, device=x.device, dtype=torch.float32)
     z = torch.empty(bh, slots.n, geo.m_pad, device=x.device, dtype=torch.float32)
     _launch(
@@ -238,6 +259,7 @@ def _segment_sums(
             wt,
             s,
             z,
+            kpm_arg,
             n_rows,
             off,
             seg,
@@ -246,6 +268,7 @@ def _segment_sums(
             opts.m,
             opts.half_s2,
             *slots.args(),
+            x.shape[1],
         ),
         geo.shape(opts.causal),
         D_PAD=geo.d_pad,
@@ -255,6 +278,7 @@ def _segment_sums(
         KERNEL=opts.kernel,
         STAB=stab_mode,
         HAS_WEIGHT=wgt is not None,
+        HAS_PAD=has_pad,
         **precisions(x.dtype),
     )
     return s, z
@@ -276,7 +300,9 @@ def _split_segments(n: int, programs: int, device: torch.device) -> tuple[int, i
     return seg, triton.cdiv(n, seg)
 
 
-def _key_states(k: Tensor, v: Tensor, wt: Tensor, kstab: Tensor, opts: FavorOptions, geo: _Geometry):
+def _key_states(
+    k: Tensor, v: Tensor, wt: Tensor, kstab: Tensor, kpm: Tensor | None, opts: FavorOptions, geo: _Geometry
+):
     """Key states of the query pass: ``(S, z, slots)``, one total (non-causal) or, causal, the
     exclusive prefix of chunk ``t`` in slot ``t``.
 
@@ -287,14 +313,15 @@ def _key_states(k: Tensor, v: Tensor, wt: Tensor, kstab: Tensor, opts: FavorOpti
         n_seg = triton.cdiv(geo.nk, CHUNK)
         s, z = _segment_sums(
             k, v, kstab, None, wt, opts, geo, n_rows=geo.nk, off=0, seg=CHUNK, n_seg=n_seg,
-            slots=_Slots(n_seg + 1, 1, 1), stab_mode=1,
+            slots=_Slots(n_seg + 1, 1, 1), stab_mode=1, kpm=kpm,
         )  # fmt: skip
         s[:, 0], z[:, 0] = 0.0, 0.0
         return s.cumsum_(dim=1), z.cumsum_(dim=1), _Slots(n_seg + 1, 0, 1)
     seg, n_seg = _split_segments(geo.nk, geo.b * geo.hk * (geo.m_pad // 32), k.device)
     s, z = _segment_sums(
-        k, v, kstab, None, wt, opts, geo, n_rows=geo.nk, off=0, seg=seg, n_seg=n_seg, slots=_Slots(n_seg), stab_mode=1
-    )
+        k, v, kstab, None, wt, opts, geo, n_rows=geo.nk, off=0, seg=seg, n_seg=n_seg, slots=_Slots(n_seg), stab_mode=1,
+        kpm=kpm,
+    )  # fmt: skip
     return s.sum(dim=1).contiguous(), z.sum(dim=1).contiguous(), _TOTAL
 
 
@@ -344,10 +371,11 @@ def _query_grid(opts: FavorOptions, geo: _Geometry):
     return lambda p: (triton.cdiv(geo.nq, p["BLOCK_M"]), bh)
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, opts: FavorOptions, geo: _Geometry):
+def _forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, kpm: Tensor | None, opts: FavorOptions, geo: _Geometry):
     ws, wt = _prepare_projection(w, q.dtype, opts, geo)
-    kstab = _key_stabiliser(k, wt, opts, geo)
-    s, z, slots = _key_states(k, v, wt, kstab, opts, geo)
+    kstab = _key_stabiliser(k, wt, kpm, opts, geo)
+    s, z, slots = _key_states(k, v, wt, kstab, kpm, opts, geo)
+    kpm_arg, has_pad = _pad_arg(kpm, q.device)
     out = torch.empty(geo.b, geo.h, geo.nq, geo.dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(geo.b, geo.h, geo.nq, device=q.device, dtype=torch.float32)
     t0 = _first_chunk(opts, geo)
@@ -365,6 +393,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, opts: FavorOptions, geo
             kstab,
             out,
             lse,
+            kpm_arg,
             geo.nq,
             geo.nk,
             geo.off,
@@ -375,6 +404,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, opts: FavorOptions, geo
             opts.m,
             opts.half_s2,
             geo.groups,
+            geo.hk,
         ),
         geo.shape(opts.causal),
         D_PAD=geo.d_pad,
@@ -383,17 +413,19 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, opts: FavorOptions, geo
         CHUNK=CHUNK,
         CAUSAL=opts.causal,
         KERNEL=opts.kernel,
+        HAS_PAD=has_pad,
         **precisions(q.dtype),
     )
     return out, lse, kstab, ws, wt, (s, z) if not opts.causal else None
 
 
-def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOptions, geo: _Geometry):
+def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, kpm, opts: FavorOptions, geo: _Geometry):
     delta = (dout.float() * out.float()).sum(dim=-1)
     if saved_state is not None:
         s, z, slots = *saved_state, _TOTAL
     else:
-        s, z, slots = _key_states(k, v, wt, kstab, opts, geo)
+        s, z, slots = _key_states(k, v, wt, kstab, kpm, opts, geo)
+    kpm_arg, has_pad = _pad_arg(kpm, q.device)
     dq = torch.empty_like(q)
     t0 = _first_chunk(opts, geo)
     common = {
@@ -403,6 +435,7 @@ def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOp
         "CHUNK": CHUNK,
         "CAUSAL": opts.causal,
         "KERNEL": opts.kernel,
+        "HAS_PAD": has_pad,
         **precisions(q.dtype),
     }
     _launch(
@@ -422,6 +455,7 @@ def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOp
             z,
             kstab,
             dq,
+            kpm_arg,
             geo.nq,
             geo.nk,
             geo.off,
@@ -432,6 +466,7 @@ def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOp
             opts.m,
             opts.half_s2,
             geo.groups,
+            geo.hk,
         ),
         geo.shape(opts.causal),
         **common,
@@ -457,6 +492,7 @@ def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOp
             kstab,
             dk,
             dv,
+            kpm_arg,
             geo.nq,
             geo.nk,
             geo.off,
@@ -466,6 +502,7 @@ def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOp
             opts.m,
             opts.half_s2,
             geo.groups,
+            geo.hk,
         ),
         geo.shape(opts.causal),
         **common,
@@ -475,10 +512,10 @@ def _backward(q, k, v, out, dout, lse, kstab, ws, wt, saved_state, opts: FavorOp
 
 class _FavorFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, w: Tensor, opts: FavorOptions) -> Tensor:  # type: ignore[override]
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, w: Tensor, kpm: Tensor | None, opts: FavorOptions) -> Tensor:  # type: ignore[override]
         geo = _geometry(q, k, v, opts)
-        out, lse, kstab, ws, wt, state = _forward(q, k, v, w, opts, geo)
-        ctx.opts, ctx.geo = opts, geo
+        out, lse, kstab, ws, wt, state = _forward(q, k, v, w, kpm, opts, geo)
+        ctx.opts, ctx.geo, ctx.kpm = opts, geo, kpm
         ctx.save_for_backward(q, k, v, out, lse, kstab, ws, wt, *(state or ()))
         return out
 
@@ -486,9 +523,9 @@ class _FavorFunction(torch.autograd.Function):
     def backward(ctx, dout: Tensor):  # type: ignore[override]
         q, k, v, out, lse, kstab, ws, wt, *state = ctx.saved_tensors
         dq, dk, dv = _backward(
-            q, k, v, out, dout.contiguous(), lse, kstab, ws, wt, tuple(state) or None, ctx.opts, ctx.geo
+            q, k, v, out, dout.contiguous(), lse, kstab, ws, wt, tuple(state) or None, ctx.kpm, ctx.opts, ctx.geo
         )
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def _geometry(q: Tensor, k: Tensor, v: Tensor, opts: FavorOptions) -> _Geometry:
@@ -498,13 +535,28 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, opts: FavorOptions) -> _Geometry:
     return _Geometry(b, h, hk, nq, nk, d, dv, pad_pow2(opts.m), pad_pow2(d), pad_pow2(dv), fp32)
 
 
-def favor_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, *, causal: bool, scale: float, kernel: str) -> Tensor:
+def favor_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    kernel: str,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
     """Fused FAVOR+ attention, differentiable in ``q``, ``k``, ``v``.
 
     ``q (B, H, Nq, D)``, ``k (B, Hk, Nk, D)``, ``v (B, Hk, Nk, Dv)`` with ``H % Hk == 0``, in
-    float16, bfloat16 or float32 on one device; ``w (m, D)`` the float32 projection (no gradient).
+    float16, bfloat16 or float32 on one device; ``w (m, D)`` the float32 projection (no gradient);
+    ``key_padding_mask`` bool ``(B, Nk)``, True = real key, or None: padded keys add nothing to
+    the key states nor to the key stabiliser, and get zero gradients.
     Returns ``(B, H, Nq, Dv)`` in the dtype of ``q``. Causal is bottom-right aligned; rows that see
     no key are zero. Inputs are assumed valid (the public API validates them).
     """
     opts = FavorOptions(causal=causal, scale=float(scale), kernel=kernel, m=int(w.shape[0]))
-    return _FavorFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), w.detach(), opts)
+    kpm = None
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.to(device=q.device, dtype=torch.int8).contiguous()
+    return _FavorFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), w.detach(), kpm, opts)

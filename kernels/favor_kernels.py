@@ -47,6 +47,16 @@ def _project(
 
 
 @triton.jit
+def _real_rows(kpm_ptr, bhk, HK, NK, rows, row_ok, HAS_PAD: tl.constexpr):
+    """``row_ok`` less the padded keys of key head ``bhk`` (``kpm_ptr``: int8 ``(B, NK)``, 1 = real)."""
+    if HAS_PAD:
+        b = (bhk // HK).to(tl.int64)
+        flag = tl.load(kpm_ptr + b * NK + rows, mask=row_ok, other=0)
+        row_ok = row_ok & (flag != 0)
+    return row_ok
+
+
+@triton.jit
 def _half_sqnorm(x, half_s2):
     """``s^2 |x|^2 / 2`` per row, float32."""
     xf = x.to(tl.float32)
@@ -151,22 +161,25 @@ def _key_max_kernel(
     k_ptr,
     wt_ptr,
     out_ptr,
+    kpm_ptr,
     N,
     D,
     M,
     half_s2,
     n_blocks,
+    HK,
     D_PAD: tl.constexpr,
     M_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_F: tl.constexpr,
     N_SPLIT: tl.constexpr,
+    HAS_PAD: tl.constexpr,
 ):
-    """Max logit of one block of keys over all features: ``out[bh, block]``."""
+    """Max logit of one block of keys over all features: ``out[bh, block]`` (``-inf`` if no real key)."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    row_ok = _real_rows(kpm_ptr, bh, HK, N, rows, rows < N, HAS_PAD=HAS_PAD)
     offs_d = tl.arange(0, D_PAD)
     x = _load_rows(k_ptr + bh.to(tl.int64) * N * D, rows, row_ok, offs_d, N, D)
     xsq = _half_sqnorm(x, half_s2)
@@ -186,6 +199,7 @@ def _state_kernel(
     wt_ptr,
     s_ptr,
     z_ptr,
+    kpm_ptr,
     N,
     OFF,
     SEG,
@@ -196,6 +210,7 @@ def _state_kernel(
     n_slots,
     slot0,
     slot_step,
+    HEADS,
     D_PAD: tl.constexpr,
     DV_PAD: tl.constexpr,
     M_PAD: tl.constexpr,
@@ -206,13 +221,15 @@ def _state_kernel(
     HAS_WEIGHT: tl.constexpr,
     N_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HAS_PAD: tl.constexpr,
 ):
     """One segment of positions ``[t SEG, (t+1) SEG)`` (rows ``i = p - OFF``), one feature block,
     stored in slot ``slot0 + slot_step * t`` of ``n_slots`` per head.
 
     ``S[f, :] = sum_i f_i[f] y_i``, ``z[f] = sum_i f_i[f] w_i`` with ``f_i`` the features of
     ``x_i`` divided by ``exp(stab)``: STAB 0 none, 1 one value per head (keys), 2 per row (the
-    query-side ``lse`` of the backward). ``w_i`` is 1 or ``wgt[i]`` (HAS_WEIGHT).
+    query-side ``lse`` of the backward). ``w_i`` is 1 or ``wgt[i]`` (HAS_WEIGHT). HAS_PAD (keys
+    only, ``HEADS`` heads per batch): padded rows have zero features, so they add nothing.
     """
     pid_f = tl.program_id(0)
     t = tl.program_id(1)
@@ -228,7 +245,7 @@ def _state_kernel(
         hstab = tl.load(stab_ptr + bh)
     for p0 in _range(t * SEG, (t + 1) * SEG, BLOCK_N):
         rows = p0 + tl.arange(0, BLOCK_N) - OFF
-        row_ok = (rows >= 0) & (rows < N)
+        row_ok = _real_rows(kpm_ptr, bh, HEADS, N, rows, (rows >= 0) & (rows < N), HAS_PAD=HAS_PAD)
         x = _load_rows(x_base, rows, row_ok, offs_d, N, D)
         y = _load_rows(y_base, rows, row_ok, offs_v, N, DV).to(tl.float32)
         u = _project(x, wt_ptr, f0, offs_d, D_PAD, M_PAD, BLOCK_F, N_SPLIT=N_SPLIT)
@@ -269,6 +286,7 @@ def _fwd_kernel(
     kstab_ptr,
     o_ptr,
     lse_ptr,
+    kpm_ptr,
     NQ,
     NK,
     OFF,
@@ -281,6 +299,7 @@ def _fwd_kernel(
     M,
     half_s2,
     G,
+    HK,
     D_PAD: tl.constexpr,
     DV_PAD: tl.constexpr,
     M_PAD: tl.constexpr,
@@ -291,6 +310,7 @@ def _fwd_kernel(
     KERNEL: tl.constexpr,
     N_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HAS_PAD: tl.constexpr,
 ):
     """Query pass: ``out = (phi(q) S + intra) / (phi(q) z + intra)`` for one block of queries.
 
@@ -319,7 +339,7 @@ def _fwd_kernel(
     den = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     if CAUSAL:
-        k_ok = (kpos >= 0) & (kpos < NK)
+        k_ok = _real_rows(kpm_ptr, bhk, HK, NK, kpos, (kpos >= 0) & (kpos < NK), HAS_PAD=HAS_PAD)
         kx = _load_rows(k_ptr + bhk.to(tl.int64) * NK * D, kpos, k_ok, offs_d, NK, D)
         ksq = _half_sqnorm(kx, half_s2)
         att = tl.zeros([BLOCK_M, CHUNK], tl.float32)
@@ -380,6 +400,7 @@ def _bwd_dq_kernel(
     z_ptr,
     kstab_ptr,
     dq_ptr,
+    kpm_ptr,
     NQ,
     NK,
     OFF,
@@ -392,6 +413,7 @@ def _bwd_dq_kernel(
     M,
     half_s2,
     G,
+    HK,
     D_PAD: tl.constexpr,
     DV_PAD: tl.constexpr,
     M_PAD: tl.constexpr,
@@ -402,6 +424,7 @@ def _bwd_dq_kernel(
     KERNEL: tl.constexpr,
     N_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HAS_PAD: tl.constexpr,
 ):
     """``dQ`` of one block of queries (same blocking as :func:`_fwd_kernel`).
 
@@ -432,7 +455,7 @@ def _bwd_dq_kernel(
     if KERNEL == "softmax":
         kstab = tl.load(kstab_ptr + bhk)
     if CAUSAL:
-        k_ok = (kpos >= 0) & (kpos < NK)
+        k_ok = _real_rows(kpm_ptr, bhk, HK, NK, kpos, (kpos >= 0) & (kpos < NK), HAS_PAD=HAS_PAD)
         kx = _load_rows(k_ptr + bhk.to(tl.int64) * NK * D, kpos, k_ok, offs_d, NK, D)
         ksq = _half_sqnorm(kx, half_s2)
         vx = _load_rows(v_ptr + bhk.to(tl.int64) * NK * DV, kpos, k_ok, offs_v, NK, DV).to(tl.float32)
@@ -482,6 +505,7 @@ def _bwd_dkv_kernel(
     kstab_ptr,
     dk_ptr,
     dv_ptr,
+    kpm_ptr,
     NQ,
     NK,
     OFF,
@@ -493,6 +517,7 @@ def _bwd_dkv_kernel(
     M,
     half_s2,
     G,
+    HK,
     D_PAD: tl.constexpr,
     DV_PAD: tl.constexpr,
     M_PAD: tl.constexpr,
@@ -503,6 +528,7 @@ def _bwd_dkv_kernel(
     KERNEL: tl.constexpr,
     N_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HAS_PAD: tl.constexpr,
 ):
     """``dK, dV`` of one block of keys of key head ``bhk``, summed over its query heads.
 
@@ -525,7 +551,7 @@ def _bwd_dkv_kernel(
     else:
         pos = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         slot = bhk * n_state + slot0
-    k_ok = pos < NK
+    k_ok = _real_rows(kpm_ptr, bhk, HK, NK, pos, pos < NK, HAS_PAD=HAS_PAD)
     kx = _load_rows(k_ptr + bhk.to(tl.int64) * NK * D, pos, k_ok, offs_d, NK, D)
     ksq = _half_sqnorm(kx, half_s2)
     vx = _load_rows(v_ptr + bhk.to(tl.int64) * NK * DV, pos, k_ok, offs_v, NK, DV).to(tl.float32)
@@ -580,16 +606,20 @@ def _bwd_dkv_kernel(
             dv += tl.dot(att, dox, input_precision=DOT_PREC)
     if KERNEL == "softmax":
         dk -= (2.0 * half_s2) * kx.to(tl.float32) * rs[:, None]
+    if HAS_PAD:  # padded keys (relu: their feature gradient is not zero) get zero gradients
+        dk = tl.where(k_ok[:, None], dk, 0.0)
+        dv = tl.where(k_ok[:, None], dv, 0.0)
+    k_in = pos < NK
     dk_base = dk_ptr + bhk.to(tl.int64) * NK * D
     dv_base = dv_ptr + bhk.to(tl.int64) * NK * DV
     row_off = pos[:, None].to(tl.int64)
     tl.store(
         dk_base + row_off * D + offs_d[None, :],
         dk.to(dk_ptr.dtype.element_ty),
-        mask=k_ok[:, None] & (offs_d[None, :] < D),
+        mask=k_in[:, None] & (offs_d[None, :] < D),
     )
     tl.store(
         dv_base + row_off * DV + offs_v[None, :],
         dv.to(dv_ptr.dtype.element_ty),
-        mask=k_ok[:, None] & (offs_v[None, :] < DV),
+        mask=k_in[:, None] & (offs_v[None, :] < DV),
     )

@@ -21,6 +21,11 @@ The row term ``delta = rowsum(dO * O)`` of the backward comes from a small kerne
 
 A row with no visible key gets output 0 and log-sum-exp ``+inf``, so the backward's
 recomputed probabilities are 0 there and every gradient of that row is 0.
+
+Key padding (``HAS_PAD``) adds no dense mask: an int8 key-valid vector ``(B, Nk)`` is loaded with
+each key tile and folded into its mask (the interior tiles included), and the per-batch range of
+real keys clips each query program's schedule row, so the key blocks before the first and after
+the last real key are skipped. A key block with no real key stores zero ``dk``/``dv`` at once.
 """
 
 from __future__ import annotations
@@ -54,15 +59,18 @@ _LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class FlashOptions(LaunchOptions):
-    """Non-tensor options of one call (plus the resolved global positions).
+    """Non-tensor options of one call (plus the resolved global positions and key padding).
 
     ``window`` is ``(left, right)`` with causal already folded in, or None for full attention;
-    ``global_idx`` holds the sorted global positions (int32, on the device) or None.
+    ``global_idx`` holds the sorted global positions (int32, on the device) or None;
+    ``key_valid`` / ``key_range`` the key padding (see :func:`padding_args`) or None.
     """
 
     window: tuple[int, int] | None = None
     global_idx: Tensor | None = field(default=None, compare=False)
     global_flag: Tensor | None = field(default=None, compare=False)
+    key_valid: Tensor | None = field(default=None, compare=False)  # int8 (B, Nk), 1 = real key
+    key_range: Tensor | None = field(default=None, compare=False)  # int32 (B, 2): first, last + 1 real key
 
     @property
     def num_global(self) -> int:
@@ -81,6 +89,29 @@ def _global_args(opts: FlashOptions, device: torch.device) -> tuple[Tensor, Tens
         return opts.global_idx, opts.global_flag, opts.num_global
     dummy = torch.zeros(1, dtype=torch.int32, device=device)
     return dummy, dummy.to(torch.int8), 0
+
+
+def _pad_args(opts: FlashOptions, device: torch.device) -> tuple[Tensor, Tensor, bool]:
+    """``(KPM, KRANGE, HAS_PAD)`` of the launches: the padding tensors, or dummies and False."""
+    if opts.key_valid is not None:
+        assert opts.key_range is not None
+        return opts.key_valid, opts.key_range, True
+    dummy = torch.zeros(2, dtype=torch.int32, device=device)
+    return dummy.to(torch.int8), dummy, False
+
+
+def padding_args(key_padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernels' form of a bool ``(B, Nk)`` key padding mask (True = real key), no dense mask:
+    the int8 key-valid vector ``(B, Nk)`` that every key tile folds into its score mask, and
+    ``(B, 2)`` int32 ``(first, last + 1)`` of the real keys (``(0, 0)`` if none), so that the query
+    programs skip the key blocks before the first and after the last real key."""
+    valid = key_padding_mask.to(torch.int8).contiguous()
+    nk = valid.shape[1]
+    real = key_padding_mask.any(dim=1)
+    first = key_padding_mask.int().argmax(dim=1)
+    last = nk - key_padding_mask.flip(1).int().argmax(dim=1)
+    key_range = torch.stack([torch.where(real, first, 0), torch.where(real, last, 0)], dim=1)
+    return valid, key_range.to(torch.int32).contiguous()
 
 
 def _last_dim_unit(x: Tensor) -> Tensor:
@@ -127,6 +158,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple[Tenso
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = select_config(_launch_shape(q, k, v, opts), backward=False)
     gidx, gflag, ng = _global_args(opts, q.device)
+    kpm, krange, has_pad = _pad_args(opts, q.device)
     sched = _schedule(False, nq, nk, cfg, opts, q.device)
     out = torch.empty(bsz, h, nq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, h, nq, dtype=torch.float32, device=q.device)
@@ -136,14 +168,14 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple[Tenso
         launch(
             _fwd_kernel, [lcfg], lambda _, p=programs: (p, bsz * h),
             (
-                q, k, v, out, lse, rows, gidx, gflag,
+                q, k, v, out, lse, rows, gidx, gflag, kpm, krange,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 out.stride(0), out.stride(1), out.stride(2),
                 h, h // hk, nq, nk, ng, left, right, opts.scale * _LOG2E,
             ),
-            CAUSAL=opts.causal, HAS_GLOBAL=has_global, GATHERED=gathered, BLOCK_D=pad_pow2(d),
+            CAUSAL=opts.causal, HAS_GLOBAL=has_global, GATHERED=gathered, HAS_PAD=has_pad, BLOCK_D=pad_pow2(d),
             BLOCK_DV=pad_pow2(dv), HEAD_D=d, HEAD_DV=dv, PREC=dot_precision(q.dtype),
         )  # fmt: skip
     return out, lse
@@ -157,6 +189,7 @@ def _backward(
     dout = _last_dim_unit(dout)
     cfg = select_config(_launch_shape(q, k, v, opts), backward=True)
     gidx, gflag, ng = _global_args(opts, q.device)
+    kpm, krange, has_pad = _pad_args(opts, q.device)
     left, right = band_reach(opts.window, nq, nk)
     delta = torch.empty(bsz, h, nq, dtype=torch.float32, device=q.device)
     launch(
@@ -173,7 +206,7 @@ def _backward(
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dvv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     common = dict(
-        CAUSAL=opts.causal, BLOCK_D=pad_pow2(d), BLOCK_DV=pad_pow2(dv), HEAD_D=d, HEAD_DV=dv,
+        CAUSAL=opts.causal, HAS_PAD=has_pad, BLOCK_D=pad_pow2(d), BLOCK_DV=pad_pow2(dv), HEAD_D=d, HEAD_DV=dv,
         PREC=dot_precision(q.dtype),
     )  # fmt: skip
     qk_scale = opts.scale * _LOG2E
@@ -184,7 +217,7 @@ def _backward(
         launch(
             _bwd_dq_kernel, [lcfg], lambda _, p=programs: (p, bsz * h),
             (
-                q, k, v, dout, dq, lse, delta, rows, gidx, gflag,
+                q, k, v, dout, dq, lse, delta, rows, gidx, gflag, kpm, krange,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -201,7 +234,7 @@ def _backward(
         launch(
             _bwd_dkdv_kernel, [lcfg], lambda _, p=programs: (p, bsz * hk),
             (
-                q, k, v, dout, dk, dvv, lse, delta, cols, gidx, gflag,
+                q, k, v, dout, dk, dvv, lse, delta, cols, gidx, gflag, kpm, krange,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -240,6 +273,7 @@ def flash_attention(
     scale: float,
     window: tuple[int, int] | None = None,
     global_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Fused softmax attention (inputs already validated by the public API).
 
@@ -250,6 +284,8 @@ def flash_attention(
         scale: softmax scale.
         window: ``(left, right)`` band with causal already folded in, or None (full attention).
         global_mask: bool ``(N,)`` of global positions (``Nq == Nk``), used with a window.
+        key_padding_mask: bool ``(B, Nk)``, True = real key, or None. Padded keys are invisible
+            (positions are not shifted); any pattern works, contiguous padding also skips blocks.
 
     Returns ``(B, H, Nq, Dv)`` in the dtype of ``q``; rows without a visible key are 0.
     """
@@ -261,7 +297,10 @@ def flash_attention(
             gflag = global_mask.to(device=q.device, dtype=torch.int8).contiguous()
     if window is not None:
         window = (int(window[0]), int(window[1]))
-    opts = FlashOptions(bool(causal), float(scale), window, gidx, gflag)
+    kvalid = krange = None
+    if key_padding_mask is not None:
+        kvalid, krange = padding_args(key_padding_mask.to(q.device))
+    opts = FlashOptions(bool(causal), float(scale), window, gidx, gflag, kvalid, krange)
     return _FlashAttention.apply(q, k, v, opts)
 
 

@@ -17,6 +17,11 @@ mask arithmetic, the masked edge tiles ``[hi, end)``; band programs with global 
 fourth pass over the gathered global keys (rows). The pass is a named constexpr ``MODE`` of the
 inner loop: :data:`INTERIOR`, :data:`BAND_EDGE` or :data:`OUTSIDE_BAND`.
 
+Key padding (constexpr ``HAS_PAD``): ``KPM`` is an int8 key-valid vector ``(B, NK)`` folded into
+the score mask of every pass, ``KRANGE`` the ``(first, last + 1)`` real keys of each batch
+element, which clip the query programs' schedule rows; the key programs zero the gradients of
+padded keys and skip their loops when the whole key block is padding.
+
 float32 inputs use IEEE float32 ``tl.dot`` (``input_precision="ieee"``, no TF32), so the
 float32 path is as accurate as PyTorch's float32 matmul; float16/bfloat16 inputs use the
 tensor cores with float32 accumulation, and the probabilities are cast to the input dtype
@@ -119,6 +124,31 @@ def _not_global(GFLAG, idx, valid):
 
 
 @triton.jit
+def _real_keys(KPM, cols, valid):
+    """``valid`` less the padded keys: ``KPM`` is the batch's row of the int8 key-valid vector."""
+    flag = tl.load(KPM + cols, mask=valid, other=0)
+    return valid & (flag != 0)
+
+
+@triton.jit
+def _clip_to_keys(KRANGE, b, start, lo, hi, end, BLOCK_N: tl.constexpr):
+    """The schedule row clipped to the key blocks that hold a real key of batch ``b``.
+
+    ``KRANGE[b] = (first, last + 1)`` of the real keys (``(0, 0)`` when there is none). Each of
+    the three passes ``[start, lo)``, ``[lo, hi)``, ``[hi, end)`` keeps its block-aligned start
+    (or becomes empty); the keys of a kept tile outside the range are masked as padded.
+    """
+    first = tl.load(KRANGE + 2 * b)
+    last = tl.load(KRANGE + 2 * b + 1)
+    first = (first // BLOCK_N) * BLOCK_N
+    start = tl.maximum(start, first)
+    lo = tl.minimum(tl.maximum(lo, first), last)
+    hi = tl.minimum(tl.maximum(hi, first), last)
+    end = tl.minimum(end, last)
+    return start, lo, hi, end
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     l_i,
@@ -133,6 +163,7 @@ def _fwd_inner(
     end,
     n_valid,
     IDX,
+    kpm,
     left,
     right,
     qk_scale,
@@ -144,11 +175,18 @@ def _fwd_inner(
     PREC: tl.constexpr,
     CAUSAL: tl.constexpr,
     MODE: tl.constexpr,
+    HAS_PAD: tl.constexpr,
 ):
-    """Online softmax over key tiles ``[start, end)`` (keys ``IDX[start:end]`` when ``MODE`` is OUTSIDE_BAND)."""
+    """Online softmax over key tiles ``[start, end)`` (keys ``IDX[start:end]`` when ``MODE`` is OUTSIDE_BAND).
+
+    HAS_PAD: ``kpm`` is the batch's row of the key-valid vector, folded into the score mask of
+    every pass (the interior one included). Tiles load as without it (folding the vector into
+    the load masks made the forward spill).
+    """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    MASKED = (MODE != INTERIOR) | HAS_PAD
     for n in _range(start, end, BLOCK_N):
         cols, valid = _positions(n, offs_n, n_valid, IDX, GATHER=MODE == OUTSIDE_BAND)
         kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
@@ -158,14 +196,21 @@ def _fwd_inner(
         else:
             kt = tl.load(kt_ptrs, mask=valid[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        if MODE == INTERIOR:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = m_new
+        if HAS_PAD:  # noqa: SIM108
+            real = _real_keys(kpm, cols, valid)
         else:
-            vis = _visible(pos_q[:, None], cols[None, :], valid[None, :], left, right, CAUSAL=CAUSAL, MODE=MODE)
+            real = valid
+        if MODE == INTERIOR:
+            if HAS_PAD:
+                s = tl.where(real[None, :], s, float("-inf"))
+        else:
+            vis = _visible(pos_q[:, None], cols[None, :], real[None, :], left, right, CAUSAL=CAUSAL, MODE=MODE)
             s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:  # noqa: SIM108
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows so far
+        else:
+            m_use = m_new
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -188,6 +233,8 @@ def _fwd_kernel(
     SCHED,
     GIDX,
     GFLAG,
+    KPM,
+    KRANGE,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -211,6 +258,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr,
     HAS_GLOBAL: tl.constexpr,
     GATHERED: tl.constexpr,
+    HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -242,29 +290,33 @@ def _fwd_kernel(
         other=0.0,
     )
     start, lo, hi, end = _schedule_row(SCHED, pid)
+    kpm = KPM + b * NK
+    if HAS_PAD:
+        start, lo, hi, end = _clip_to_keys(KRANGE, b, start, lo, hi, end, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, start, lo, NK, GIDX, left, right, qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=BAND_EDGE,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, start, lo, NK, GIDX, kpm, left, right, qk_scale,
+        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=BAND_EDGE, HAS_PAD=HAS_PAD,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, lo, hi, NK, GIDX, left, right, qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=INTERIOR,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, lo, hi, NK, GIDX, kpm, left, right, qk_scale,
+        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=INTERIOR, HAS_PAD=HAS_PAD,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, hi, end, NK, GIDX, left, right, qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=BAND_EDGE,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, hi, end, NK, GIDX, kpm, left, right,
+        qk_scale,
+        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=BAND_EDGE, HAS_PAD=HAS_PAD,
     )  # fmt: skip
     store_mask = row_valid
     if HAS_GLOBAL:
         # Band programs add the global keys outside the band and leave the global rows to the
         # gathered launch.
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, 0, NG, NG, GIDX, left, right, qk_scale,
-            BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=OUTSIDE_BAND,
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pos_q, 0, NG, NG, GIDX, kpm, left, right, qk_scale,
+            BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=OUTSIDE_BAND, HAS_PAD=HAS_PAD,
         )  # fmt: skip
         store_mask = _not_global(GFLAG, rows, row_valid)  # the gathered programs store the global rows
 
@@ -292,6 +344,7 @@ def _dq_inner(
     end,
     n_valid,
     IDX,
+    kpm,
     left,
     right,
     qk_scale,
@@ -303,6 +356,7 @@ def _dq_inner(
     PREC: tl.constexpr,
     CAUSAL: tl.constexpr,
     MODE: tl.constexpr,
+    HAS_PAD: tl.constexpr,
 ):
     """``dq += dS @ K`` over key tiles ``[start, end)``, as in :func:`_fwd_inner` (scale applied by the caller)."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -320,8 +374,15 @@ def _dq_inner(
             vt = tl.load(vt_ptrs, mask=valid[None, :] & (offs_dv[:, None] < HEAD_DV), other=0.0)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         p = tl.exp2(s - lse[:, None])
-        if MODE != INTERIOR:
-            vis = _visible(pos_q[:, None], cols[None, :], valid[None, :], left, right, CAUSAL=CAUSAL, MODE=MODE)
+        if HAS_PAD:  # noqa: SIM108
+            real = _real_keys(kpm, cols, valid)
+        else:
+            real = valid
+        if MODE == INTERIOR:
+            if HAS_PAD:
+                p = tl.where(real[None, :], p, 0.0)
+        else:
+            vis = _visible(pos_q[:, None], cols[None, :], real[None, :], left, right, CAUSAL=CAUSAL, MODE=MODE)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, vt, input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -341,6 +402,8 @@ def _bwd_dq_kernel(
     SCHED,
     GIDX,
     GFLAG,
+    KPM,
+    KRANGE,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -368,6 +431,7 @@ def _bwd_dq_kernel(
     CAUSAL: tl.constexpr,
     HAS_GLOBAL: tl.constexpr,
     GATHERED: tl.constexpr,
+    HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -407,27 +471,32 @@ def _bwd_dq_kernel(
     lse = tl.load(LSE + row_stats, mask=row_valid, other=float("inf"))
     delta = tl.load(DELTA + row_stats, mask=row_valid, other=0.0)
     start, lo, hi, end = _schedule_row(SCHED, pid)
+    kpm = KPM + b * NK
+    if HAS_PAD:
+        start, lo, hi, end = _clip_to_keys(KRANGE, b, start, lo, hi, end, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, start, lo, NK, GIDX, left, right,
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, start, lo, NK, GIDX, kpm, left, right,
         qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=BAND_EDGE,
+        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=BAND_EDGE, HAS_PAD=HAS_PAD,
     )  # fmt: skip
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, lo, hi, NK, GIDX, left, right, qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=INTERIOR,
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, lo, hi, NK, GIDX, kpm, left, right,
+        qk_scale,
+        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=INTERIOR, HAS_PAD=HAS_PAD,
     )  # fmt: skip
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, hi, end, NK, GIDX, left, right, qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=BAND_EDGE,
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, hi, end, NK, GIDX, kpm, left, right,
+        qk_scale,
+        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=BAND_EDGE, HAS_PAD=HAS_PAD,
     )  # fmt: skip
     store_mask = row_valid
     if HAS_GLOBAL:
         dq = _dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, 0, NG, NG, GIDX, left, right,
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, 0, NG, NG, GIDX, kpm, left, right,
             qk_scale,
-            BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=OUTSIDE_BAND,
+            BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=OUTSIDE_BAND, HAS_PAD=HAS_PAD,
         )  # fmt: skip
         store_mask = _not_global(GFLAG, rows, row_valid)  # the gathered programs store the global rows
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :]
@@ -542,6 +611,8 @@ def _bwd_dkdv_kernel(
     SCHED,
     GIDX,
     GFLAG,
+    KPM,
+    KRANGE,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -573,6 +644,7 @@ def _bwd_dkdv_kernel(
     CAUSAL: tl.constexpr,
     HAS_GLOBAL: tl.constexpr,
     GATHERED: tl.constexpr,
+    HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -593,6 +665,7 @@ def _bwd_dkdv_kernel(
         pid * BLOCK_N, offs_n, NK, GIDX, NG, LEFT, RIGHT, NQ, NK, GATHERED=GATHERED
     )
     row_off = NK - NQ
+    store_mask = col_valid
 
     k = tl.load(
         K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
@@ -605,10 +678,14 @@ def _bwd_dkdv_kernel(
         other=0.0,
     )
     start, lo, hi, end = _schedule_row(SCHED, pid)
+    n_groups = GROUPS
+    if HAS_PAD:  # a block of padded keys only stores zeros
+        live = tl.max(_real_keys(KPM + b * NK, cols, col_valid).to(tl.int32), 0) > 0
+        n_groups = tl.where(live, GROUPS, 0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for g in _range(GROUPS):
+    for g in _range(n_groups):
         h = hk * GROUPS + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
@@ -635,9 +712,12 @@ def _bwd_dkdv_kernel(
                 row_off, GIDX, left, right, qk_scale,
                 BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, MODE=OUTSIDE_BAND,
             )  # fmt: skip
-    store_mask = col_valid
+    if HAS_PAD:  # padded keys get zero gradients
+        real = _real_keys(KPM + b * NK, cols, store_mask)
+        dk = tl.where(real[:, None], dk, 0.0)
+        dv = tl.where(real[:, None], dv, 0.0)
     if HAS_GLOBAL:
-        store_mask = _not_global(GFLAG, cols, col_valid)  # the gathered programs store the global keys
+        store_mask = _not_global(GFLAG, cols, store_mask)  # the gathered programs store the global keys
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_mask[:, None] & (offs_d[None, :] < HEAD_D))
@@ -666,11 +746,13 @@ def aot_spec(
     causal: bool = True,
     has_global: bool = True,
     gathered: bool = False,
+    has_pad: bool = False,
 ) -> tuple[object, dict[str, str], dict[str, object]]:
     """``(fn, signature, constexprs)`` of one kernel specialisation, for ``kernels.aot.compile_for``.
 
     ``kernel`` is ``"fwd"``, ``"bwd_dq"``, ``"bwd_dkdv"`` or ``"bwd_delta"``; the default flags
-    (causal, global tokens) give the specialisation with the most live state.
+    (causal, global tokens) give the specialisation with the most live state, ``has_pad`` the
+    one with a key padding mask.
     """
     fn = {
         "fwd": _fwd_kernel,
@@ -684,7 +766,7 @@ def aot_spec(
         sig.update(DELTA="*fp32", H="i32", NQ="i32")
         sig.update((name, "i32") for name in fn.arg_names if name.startswith("stride_"))
         return fn, sig, dict(BLOCK_M=cfg.block_m, BLOCK_DV=bd, HEAD_DV=head_dim)
-    sig.update(LSE="*fp32", SCHED="*i32", GIDX="*i32", GFLAG="*i8")
+    sig.update(LSE="*fp32", SCHED="*i32", GIDX="*i32", GFLAG="*i8", KPM="*i8", KRANGE="*i32")
     if kernel != "fwd":
         sig["DELTA"] = "*fp32"
     for name in fn.arg_names:
@@ -693,7 +775,7 @@ def aot_spec(
         elif name in ("qk_scale", "sm_scale"):
             sig[name] = "fp32"
     constexprs: dict[str, object] = dict(
-        CAUSAL=causal, HAS_GLOBAL=has_global and not gathered, GATHERED=gathered, BLOCK_M=cfg.block_m,
+        CAUSAL=causal, HAS_GLOBAL=has_global and not gathered, GATHERED=gathered, HAS_PAD=has_pad, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, HEAD_D=head_dim, HEAD_DV=head_dim, PREC=dot_precision(dtype),
     )  # fmt: skip
     return fn, sig, constexprs

@@ -2,9 +2,10 @@
 
 Every shipped configuration that :func:`kernels.favor_configs.keep` accepts for the main shape (bfloat16,
 head dim 64, 256 features, causal and not) is lowered to PTX and run through ``ptxas -v``;
-other dtypes, the relu kernel, the backward flavours of the state kernel and head dim 128 are
-spot-checked. Registers and spills are reported at the end of the module; the forward kernels
-(key maximum, key states, query pass) must not spill.
+other dtypes, the relu kernel, the backward flavours of the state kernel, head dim 128 and the
+key padding specialisation (``HAS_PAD``) of the key kernels and the causal query pass are spot-checked.
+Registers and spills are reported at the end of the module; the forward kernels (key maximum,
+key states, query pass) must not spill.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Spec:
     d: int = 64
     m: int = 256
     backward_state: bool = False  # the state kernel as the backward uses it (per-row lse, weights)
+    padded: bool = False  # with a key padding mask
 
     @property
     def id(self) -> str:
@@ -55,6 +57,8 @@ class Spec:
             parts.append(self.feature)
         if self.backward_state:
             parts.append("bwd")
+        if self.padded:
+            parts.append("padded")
         return "-".join(parts)
 
     def signature(self) -> dict[str, str]:
@@ -65,6 +69,8 @@ class Spec:
                 continue
             if name in _DATA_PTRS or (name == "wt_ptr" and self.dtype != "fp32"):
                 sig[name] = "*" + _TRITON_DTYPE[self.dtype]
+            elif name == "kpm_ptr":
+                sig[name] = "*i8"
             elif name.endswith("_ptr"):
                 sig[name] = "*fp32"
             elif name == "half_s2":
@@ -75,7 +81,7 @@ class Spec:
 
     def constexprs(self) -> dict[str, object]:
         pad = {"D_PAD": self.d, "M_PAD": self.m}
-        split = {"N_SPLIT": _N_SPLIT[self.dtype]}
+        split = {"N_SPLIT": _N_SPLIT[self.dtype], "HAS_PAD": self.padded}
         if self.kernel == "key_max":
             return {**pad, **split, "BLOCK_N": favor_configs.BLOCK_ROWS, "BLOCK_F": self.cfg.block_f}
         common = {
@@ -116,6 +122,10 @@ def _specs() -> list[Spec]:
         ("state", {"causal": False, "dtype": "fp32"}),
         ("bwd_dq", {"causal": True, "feature": "relu", "dtype": "fp16"}),
         ("bwd_dkv", {"causal": True, "feature": "relu", "dtype": "fp16"}),
+        ("key_max", {"causal": False, "padded": True}),
+        ("state", {"causal": True, "padded": True}),
+        ("fwd", {"causal": True, "padded": True}),
+        ("bwd_dkv", {"causal": True, "padded": True}),
     ]:
         d = kw.get("d", 64)
         shape = LaunchShape(d, 4 if kw.get("dtype") == "fp32" else 2, kw["causal"], m_pad=256)
