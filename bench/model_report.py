@@ -49,6 +49,16 @@ def load_model_frame(directory: Path) -> pd.DataFrame:
     skip = df[(df["impl"] == SKIP_IMPL) & (df["status"] == "ok")][[*key, "time_ms"]]
     df = df.merge(skip.rename(columns={"time_ms": "skip_ms"}), on=key, how="left")
     df["attn_share"] = np.where(df["impl"] == SKIP_IMPL, np.nan, 1.0 - df["skip_ms"] / df["time_ms"])
+    # Two models of one arch (a preset's groups at different sizes) are told apart by their sizes;
+    # the tables and the crossover key on this label.
+    models = df[list(MODEL_KEY)].astype(str).agg("|".join, axis=1).groupby(df["arch"]).nunique()
+    if (models > 1).any():
+        df["arch"] = [
+            f"{r.arch} ({r.layers}x{r.hidden}, {r.heads}/{r.kv_heads} heads, ffn {r.intermediate}, {r.dtype})"
+            if models[r.arch] > 1
+            else r.arch
+            for r in df.itertuples()
+        ]
     return df
 
 

@@ -525,12 +525,25 @@ def expand_model_groups(
     groups: tuple[dict[str, Any], ...], overrides: dict[str, Any] | None = None
 ) -> list[ModelConfig]:
     """The configs of a preset's groups, ordered by N (then pass, arch, implementation: ``skip``
-    first), so a time budget cuts the longest N. ``overrides`` replace keys in every group. BERT
-    rows get ``kv_heads = heads``."""
+    first), so a time budget cuts the longest N. ``overrides`` replace keys in every group, except
+    ``archs``, which selects: a group keeps only the requested archs it has, and a group with none
+    of them is dropped (so ``--archs llama`` runs the preset's Llama, not a Llama at the encoder
+    group's sizes). Only when no group has a requested arch do the archs replace every group's.
+    BERT rows get ``kv_heads = heads``."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"arch", "impl", "seq_len", "pass_", "options"}
+    overrides = dict(overrides or {})
+    wanted = overrides.pop("archs", None)
+    if wanted is not None:
+        wanted = _as_list(wanted)
+        selected = []
+        for group in groups:
+            have = [a for a in _as_list(group.get("archs", ["llama"])) if a in wanted]
+            if have:
+                selected.append({**group, "archs": have})
+        groups = tuple(selected) if selected else tuple({**group, "archs": wanted} for group in groups)
     configs: dict[tuple, ModelConfig] = {}
     for group in groups:
-        g = {**group, **(overrides or {})}
+        g = {**group, **overrides}
         unknown = set(g) - fields - set(GROUP_LISTS) - set(OPTION_KEYS)
         if unknown:
             raise ValueError(f"unknown model preset key(s) {sorted(unknown)}")

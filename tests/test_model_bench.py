@@ -212,3 +212,33 @@ def test_presets_expand_in_order_of_n() -> None:
     assert sw and all(dict(c.options) == {"window": 128} for c in sw)
     gpu = expand_model_groups(presets["model-gpu"].groups, {"seq_lens": [1024]})
     assert {c.seq_len for c in gpu} == {1024} and {c.dtype for c in gpu} == {"bfloat16"}
+
+
+def test_archs_option_selects_groups() -> None:
+    from bench.modelrun import expand_model_groups, load_model_presets
+
+    groups = load_model_presets()["model-gpu"].groups
+    llama = expand_model_groups(groups, {"archs": ["llama"], "seq_lens": [4096]})
+    # Only the preset's Llama: not a second Llama at the encoder group's sizes.
+    assert {c.arch for c in llama} == {"llama"} and len({c.intermediate for c in llama}) == 1
+    assert len({(c.impl, c.pass_) for c in llama}) == len(llama)
+    bert = expand_model_groups(groups, {"archs": ["bert"], "seq_lens": [1024]})
+    assert {c.arch for c in bert} == {"bert"}
+    # An arch no group has replaces every group's.
+    only_llama = ({"archs": ["llama"], "seq_lens": [512]},)
+    assert {c.arch for c in expand_model_groups(only_llama, {"archs": ["bert"]})} == {"bert"}
+
+
+def test_report_tells_two_models_of_one_arch_apart(tmp_path: Path) -> None:
+    from bench.model_report import crossover, load_model_frame
+    from bench.modelrun import ModelResult, expand_model_groups, write_model_results
+
+    groups = ({"archs": ["llama"], "impls": ["sdpa", "av_full"], "seq_lens": [512, 1024], "passes": ["fwd"]},)
+    configs = expand_model_groups(groups) + expand_model_groups(groups, {"intermediate": 1024})
+    rows = [ModelResult(c, "ok", time_ms=float(c.seq_len + (c.impl == "sdpa"))) for c in configs]
+    write_model_results(tmp_path / "results.csv", rows)
+    df = load_model_frame(tmp_path)
+    labels = set(df["arch"])
+    assert len(labels) == 2 and all(label.startswith("llama (") for label in labels)
+    for label in labels:
+        assert crossover(df, label, "fwd", "av_full", "sdpa")[0] == "512"
