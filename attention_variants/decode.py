@@ -291,12 +291,12 @@ def step_backend(variant: AttentionVariant, backend: str, q: Tensor, v: Tensor) 
 
 
 def triton_step(backend: str, q: Tensor) -> bool:
-    """Whether a step on ``backend`` runs the Triton decoding kernels (:mod:`kernels.decode`):
-    ``triton`` with at most ``kernels.decode.MAX_STEP_TOKENS`` new tokens. Longer steps (a
+    """Whether a step on ``backend`` runs the Triton decoding kernels (:mod:`attn_kernels.decode`):
+    ``triton`` with at most ``attn_kernels.decode.MAX_STEP_TOKENS`` new tokens. Longer steps (a
     prompt) run the variant's forward kernels, or the PyTorch recurrence for the Performer."""
     if backend != "triton":
         return False
-    from kernels.decode import MAX_STEP_TOKENS
+    from attn_kernels.decode import MAX_STEP_TOKENS
 
     return q.shape[2] <= MAX_STEP_TOKENS
 

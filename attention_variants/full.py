@@ -34,7 +34,7 @@ class FullAttention(AttentionVariant):
     def decode_step(self, q: Tensor, k: Tensor, v: Tensor, state: DecodeState, scale: float, backend: str) -> Tensor:
         assert isinstance(state, KVCache)
         if triton_step(backend, q):
-            from kernels.decode import softmax_step
+            from attn_kernels.decode import softmax_step
 
             # Split-KV kernel over the cached keys, plus the new tokens read from k and v.
             out = softmax_step(q, state.k, state.v, k, v, start=state.length, lo=0, scale=scale)
@@ -116,7 +116,7 @@ _FUSED_CPU_CAUSAL_WITH_MASK = getattr(torch.ops.aten, "_scaled_dot_product_flash
 def _softmax_triton_check(
     variant: AttentionVariant, device: torch.device, dtype: torch.dtype, head_dim: int
 ) -> str | None:
-    from kernels import softmax_unsupported_reason
+    from attn_kernels import softmax_unsupported_reason
 
     return softmax_unsupported_reason(variant, device, dtype, head_dim)
 
@@ -131,6 +131,6 @@ def _full_triton(
     scale: float,
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
-    from kernels.flash_attention import flash_attention
+    from attn_kernels.flash_attention import flash_attention
 
     return flash_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)

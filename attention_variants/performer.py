@@ -362,7 +362,7 @@ class PerformerAttention(AttentionVariant):
 
     # -- decoding: the recurrent state [S, z] with a running key stabiliser ------------------------
 
-    # triton: the fused step of kernels.decode (steps of at most 16 tokens; longer ones, e.g. a
+    # triton: the fused step of attn_kernels.decode (steps of at most 16 tokens; longer ones, e.g. a
     # prompt, run the PyTorch recurrence). The reference backend has no recurrence.
     decode_backends = ("torch", "triton")
 
@@ -387,7 +387,7 @@ class PerformerAttention(AttentionVariant):
             state.ws = self.projection_matrix(q.shape[-1], q.device, dtype) * scale**0.5
         ws, groups = state.ws, q.shape[1] // k.shape[1]
         if triton_step(backend, q):
-            from kernels.decode import favor_step
+            from attn_kernels.decode import favor_step
 
             out, den, state.kv, shift = favor_step(
                 q, k, v, ws, state.kv, state.shift, scale=scale, kernel=self.kernel, relu_eps=RELU_EPS
@@ -482,7 +482,7 @@ def _performer_torch(
 def _favor_triton_check(
     variant: AttentionVariant, device: torch.device, dtype: torch.dtype, head_dim: int
 ) -> str | None:
-    from kernels import favor_unsupported_reason
+    from attn_kernels import favor_unsupported_reason
 
     return favor_unsupported_reason(variant, device, dtype, head_dim)
 
@@ -497,7 +497,7 @@ def _performer_triton(
     scale: float,
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
-    from kernels.favor import favor_attention
+    from attn_kernels.favor import favor_attention
 
     assert isinstance(variant, PerformerAttention)
     w = variant.projection_matrix(q.shape[-1], q.device, torch.float32)

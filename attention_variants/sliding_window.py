@@ -121,7 +121,7 @@ class SlidingWindowAttention(AttentionVariant):
         # Global keys the queries cannot see through the band: positions < (query position) - left.
         glob = state.global_pos
         if triton_step(backend, q):
-            from kernels.decode import softmax_step
+            from attn_kernels.decode import softmax_step
 
             # Split-KV kernel over the ring's positions [start - left, start), before this step's
             # write (which may overwrite the oldest of them), plus the new tokens and the globals.
@@ -214,7 +214,7 @@ def _sliding_triton(
     scale: float,
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
-    from kernels.flash_attention import flash_attention
+    from attn_kernels.flash_attention import flash_attention
 
     assert isinstance(variant, SlidingWindowAttention)
     gm = variant.global_mask(q.shape[2], q.device) if q.shape[2] == k.shape[2] else None

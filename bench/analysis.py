@@ -39,9 +39,9 @@ def key_cols(df: pd.DataFrame) -> list[str]:
 
 
 def load_results(directory: Path | str) -> pd.DataFrame:
-    """``results.csv`` as a DataFrame, read through :func:`bench.sweep.read_results`: lines that are
+    """``results.csv`` as a DataFrame, read through :func:`attn_bench.sweep.read_results`: lines that are
     not whole rows are left out (with a ``file:line`` message on stderr), and a foreign column set
-    raises :class:`bench.sweep.ResultsFileError`."""
+    raises :class:`attn_bench.sweep.ResultsFileError`."""
     from .sweep import read_results, rows_to_csv
 
     path = Path(directory) / "results.csv"

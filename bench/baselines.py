@@ -9,7 +9,7 @@
     dense mask (``is_causal`` when the mask is plain causal);
   - ``flex``: ``torch.compile``-d FlexAttention with the block mask of the same predicate.
     Compiled kernels and block masks are cached per shape in the process.
-- Peers (other libraries, :mod:`bench.peers`) register here too, with their own checks.
+- Peers (other libraries, :mod:`attn_bench.peers`) register here too, with their own checks.
 
 A baseline is registered with :func:`register_baseline`: a ``check`` (None when it can run a
 variant here, else why not) and a ``make`` that builds ``fn(q, k, v) -> out``.
@@ -93,7 +93,7 @@ _PEERS_LOADED: list[bool] = []
 
 
 def _load_peers() -> None:
-    """Register every peer library of :mod:`bench.peers` as a baseline (once)."""
+    """Register every peer library of :mod:`attn_bench.peers` as a baseline (once)."""
     if _PEERS_LOADED:
         return
     _PEERS_LOADED.append(True)

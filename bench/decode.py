@@ -6,7 +6,7 @@ over many tokens; ``tokens_per_s = B / time``). ``peak_mem_bytes`` is the state 
 (the KV cache, the window's ring buffer, the Performer's recurrent state), not a transient peak.
 
 Backends: the project's (``torch``, ``triton``, ``auto``) step through the incremental state
-(``triton``: the split-KV and fused Performer step kernels of :mod:`kernels.decode`; its prefill
+(``triton``: the split-KV and fused Performer step kernels of :mod:`attn_kernels.decode`; its prefill
 runs the forward kernels). The baselines and peers read the whole cache with one query
 (``Nq = 1``) and the variant's mask: ``sdpa`` (what a decoder without state pays) and, on CUDA,
 ``flash_attn`` (``flash_attn_func``, bottom-right aligned), ``flash_attn_kvcache``
@@ -14,7 +14,7 @@ runs the forward kernels). The baselines and peers read the whole cache with one
 new token; window as ``window_size=(W, 0)``, GQA natively) and ``xformers``; their held memory
 is the K and V they read. Before timing, the first generated
 token's output is checked against the float64 ground truth of that query over all the keys
-(:func:`bench.numerics.check`), so a wrong state is a ``wrong`` row.
+(:func:`attn_bench.numerics.check`), so a wrong state is a ``wrong`` row.
 """
 
 from __future__ import annotations

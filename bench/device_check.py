@@ -40,7 +40,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kernels import AUTOTUNE_ENV
+from attn_kernels import AUTOTUNE_ENV
 
 SUMMARY = "SUMMARY.md"
 RECORD = "device-check.json"
@@ -292,7 +292,7 @@ def device_check(
     env_json = run_dir / "environment.json"
     box = min(ENV_BOX_S, max(5.0, left()))
     code, secs = run_boxed(
-        [sys.executable, "-m", "bench.device_check", "--environment", str(env_json)], logs["sweep"], box, env_vars
+        [sys.executable, "-m", "attn_bench.device_check", "--environment", str(env_json)], logs["sweep"], box, env_vars
     )
     environment: dict = {}
     if env_json.exists():
@@ -331,7 +331,7 @@ def device_check(
         note(Step("verify", "skipped", detail=gpu_skip))
     else:
         box = max(10.0, min(VERIFY_BOX_S, left() - 2 * REPORT_RESERVE_S - 60.0))
-        cmd = [sys.executable, "-m", "bench.cli", "verify", "--device", device, "--dtypes", VERIFY_DTYPES]
+        cmd = [sys.executable, "-m", "attn_bench.cli", "verify", "--device", device, "--dtypes", VERIFY_DTYPES]
         cmd += ["--backends", VERIFY_BACKENDS, "--show", "failures", "--csv", str(verify_csv), *verify_args]
         code, secs = run_boxed(cmd, logs["verify"], box, env_vars)
         restarts = 0
@@ -351,7 +351,7 @@ def device_check(
     else:
         sweep_budget = max(5.0, left() - REPORT_RESERVE_S - SWEEP_GRACE_S)
         box = sweep_budget + SWEEP_GRACE_S
-        cmd = [sys.executable, "-m", "bench.cli", "sweep", "--preset", PRESET, "--out", str(sweep_dir)]
+        cmd = [sys.executable, "-m", "attn_bench.cli", "sweep", "--preset", PRESET, "--out", str(sweep_dir)]
         cmd += ["--budget-s", f"{sweep_budget:.0f}", "--no-report", "--overwrite", "--device", device, *sweep_args]
         code, secs = run_boxed(cmd, logs["sweep"], box, env_vars)
         counts = _status_counts(sweep_dir / "results.csv")
@@ -364,7 +364,7 @@ def device_check(
         note(Step("report", "skipped", detail="no sweep results"))
     else:
         box = max(10.0, min(REPORT_BOX_S, left() + REPORT_RESERVE_S))
-        cmd = [sys.executable, "-m", "bench.cli", "report", str(sweep_dir)]
+        cmd = [sys.executable, "-m", "attn_bench.cli", "report", str(sweep_dir)]
         code, secs = run_boxed(cmd, logs["sweep"], box, env_vars)
         note(Step("report", "timeout" if code is None else "ok" if code == 0 else "failed", secs, box, "", code))
 
@@ -610,13 +610,13 @@ def summary_markdown(record: dict, sweep_dir: Path, verify_csv: Path, tests_log:
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m bench.device_check --environment PATH``: the environment step (a subprocess)."""
+    """``python -m attn_bench.device_check --environment PATH``: the environment step (a subprocess)."""
     if len(argv) == 2 and argv[0] == "--environment":
         env = probe_environment()
         Path(argv[1]).write_text(json.dumps(env, indent=2, default=str) + "\n")
         print(json.dumps(env, indent=2, default=str))
         return 0
-    print("usage: python -m bench.device_check --environment PATH  (the whole check: attn-bench device-check)")
+    print("usage: python -m attn_bench.device_check --environment PATH  (the whole check: attn-bench device-check)")
     return 2
 
 

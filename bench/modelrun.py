@@ -17,7 +17,7 @@ Attention implementations (Transformers' ``attn_implementation``):
 
 Numerics gate (before timing): on the first ``gate_len`` tokens, the logits of the model with the
 implementation under test are compared with the same weights run in float64 with the attention
-the implementation stands for computed by :func:`bench.numerics.softmax_by_rows` (softmax
+the implementation stands for computed by :func:`attn_bench.numerics.softmax_by_rows` (softmax
 variants: full attention for ``sdpa`` and ``av_full``, the window's mask for the sliding window)
 or by the variant's float64 ``reference`` (the Performer). The bound follows FlashAttention's
 rule, loosened for a whole model: ``max_err <= GATE_FACTOR * naive_err + GATE_ATOL[dtype] *
@@ -390,7 +390,7 @@ def time_model(cfg: ModelConfig, settings: RunSettings, progress: Callable[..., 
 
 
 def run_model_row(msg: dict, settings: RunSettings, progress: Callable[..., None]) -> dict:
-    """The worker job (``bench.modelrun:run_model_row``): a config's ``asdict`` in, its row out."""
+    """The worker job (``attn_bench.modelrun:run_model_row``): a config's ``asdict`` in, its row out."""
     cfg = ModelConfig(**{**msg, "options": tuple(map(tuple, msg["options"]))})
     return time_model(cfg, settings, progress).to_row()
 
@@ -634,7 +634,7 @@ def run_models(
     pool = WorkerPool(
         settings,
         str(out / WORKER_LOG),
-        job="bench.modelrun:run_model_row",
+        job="attn_bench.modelrun:run_model_row",
         result_cls=ModelResult,
         on_progress=bar.step,
     )

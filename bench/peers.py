@@ -16,7 +16,7 @@ lazily, inside ``check`` and ``make``, so this module imports without them.
 - ``check(variant, device, dtype, head_dim, needs_grad) -> str | None``: None when the peer
   can run ``variant`` (an :class:`attention_variants.AttentionVariant`) there, else the reason.
 - ``make(variant, q, k, v, causal, scale) -> fn``: ``fn(q, k, v) -> out`` for inputs of these
-  shapes, dtype and device. Raises :class:`bench.baselines.Unsupported` for shapes the peer
+  shapes, dtype and device. Raises :class:`attn_bench.baselines.Unsupported` for shapes the peer
   cannot express (e.g. ``Nq != Nk`` where it has no bottom-right alignment).
 """
 

@@ -1,7 +1,7 @@
 """Running a sweep: configs through the worker, rows written atomically, metadata, resume.
 
 Files in the output directory:
-- ``results.csv``: one row per config (columns from :func:`bench.config.result_columns`), rewritten
+- ``results.csv``: one row per config (columns from :func:`attn_bench.config.result_columns`), rewritten
   whole after every row (temporary file + ``os.replace``), so it is never half-written and an
   interrupted sweep keeps every finished row. Reading it back validates every line.
 - ``metadata.json``: machine, versions, git commit, command line, preset, times, status
@@ -185,7 +185,7 @@ def read_results(path: Path, warn: Callable[[str], None] | None = _stderr) -> li
 
     A row that is not whole (a garbage or truncated line, a value that does not parse) is
     left out with a ``file:line`` message to ``warn``, so that ``--resume`` runs its config
-    again. A file without every column of :func:`bench.config.result_columns` (in any order;
+    again. A file without every column of :func:`attn_bench.config.result_columns` (in any order;
     the variants' option columns may be missing or extra, since plug-ins add their own) raises
     :class:`ResultsFileError`, unless :data:`MIGRATIONS` knows its column set."""
     if not path.exists():
@@ -370,8 +370,8 @@ def run_sweep(
 
     Ctrl-C, SIGTERM and SIGHUP kill the worker at once (the config in flight is not recorded, so
     ``resume`` runs it again), save the metadata as ``interrupted`` and raise KeyboardInterrupt
-    (:class:`SweepInterrupted` for SIGTERM and SIGHUP). After :data:`~bench.worker.MAX_START_FAILURES`
-    failed worker starts in a row, :class:`~bench.worker.WorkerStartError` is raised and the
+    (:class:`SweepInterrupted` for SIGTERM and SIGHUP). After :data:`~attn_bench.worker.MAX_START_FAILURES`
+    failed worker starts in a row, :class:`~attn_bench.worker.WorkerStartError` is raised and the
     metadata says ``failed``.
 
     ``budget_s``: wall-clock seconds for the whole sweep. A config's timeout is cut to what is

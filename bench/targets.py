@@ -1,7 +1,7 @@
 """The CPU performance targets of the ``torch`` backend, as ratios against baselines in the same run.
 
 B=1, H=4, D=64, float32, ``torch.utils.benchmark`` timing, peak memory as in the sweep
-(:func:`bench.measure.peak_memory`):
+(:func:`attn_bench.measure.peak_memory`):
 
 - ``full``: within 5% of calling SDPA directly (N=4096, causal and not).
 - ``sliding_window``, window 128: time and peak memory at N=16384 at most 4.4x those at
@@ -13,7 +13,7 @@ B=1, H=4, D=64, float32, ``torch.utils.benchmark`` timing, peak memory as in the
   least as fast as local-attention, and the non-causal Performer at least as fast as
   performer-pytorch, at N=16384.
 
-Run with ``python -m bench.targets`` or ``attn-bench targets``; exit status 1 if a target fails.
+Run with ``python -m attn_bench.targets`` or ``attn-bench targets``; exit status 1 if a target fails.
 Each time is the smallest of ``rounds`` medians taken in alternation with its baseline, which
 keeps a ratio honest on a machine with other load.
 """
@@ -77,7 +77,7 @@ def _timed(fns: dict[str, Callable[[], object]], settings: RunSettings, rounds: 
 @contextlib.contextmanager
 def _without_profiler_chatter() -> Iterator[None]:
     """Hold back the ``USDT: ... profiler_start/stop`` lines Kineto writes to file descriptor 2 on
-    every profiled call (:func:`bench.measure.peak_memory`); anything else on stderr is passed on."""
+    every profiled call (:func:`attn_bench.measure.peak_memory`); anything else on stderr is passed on."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as tmp:

@@ -1,9 +1,9 @@
 """``attn-bench task``: train small models with each variant on synthetic tasks, through the sweep's
-machinery (a :class:`~bench.worker.WorkerPool` with its timeout, rows rewritten atomically to
+machinery (a :class:`~attn_bench.worker.WorkerPool` with its timeout, rows rewritten atomically to
 ``results.csv`` after each run, ``metadata.json``, resume that skips finished runs).
 
 A run is a :class:`TaskConfig` (task, variant and its options, N, seed, model and training
-sizes); its row is the config plus what :func:`bench.train.train` measured. Presets live in
+sizes); its row is the config plus what :func:`attn_bench.train.train` measured. Presets live in
 ``task_presets.toml``: each is a list of groups, each group a cross product of variants (with the
 sweep options they declare, so plug-in variants train the same way), lengths and seeds.
 """
@@ -272,7 +272,7 @@ def run_task(cfg: TaskConfig, progress: Callable[..., None] | None = None) -> Ta
 
 
 def run_task_row(msg: dict, settings: RunSettings, progress: Callable[..., None]) -> dict:
-    """The worker job (``bench.taskrun:run_task_row``): a config's ``asdict`` in, its row out."""
+    """The worker job (``attn_bench.taskrun:run_task_row``): a config's ``asdict`` in, its row out."""
     pairs = {k: tuple(map(tuple, msg[k])) for k in ("options", "params")}
     cfg = TaskConfig(**{**msg, **pairs})
     t0 = time.perf_counter()
@@ -399,7 +399,11 @@ def run_tasks(
     write_metadata(out, meta)
     bar = _TaskProgress(len(todo), enabled=progress)
     pool = WorkerPool(
-        settings, str(out / WORKER_LOG), job="bench.taskrun:run_task_row", result_cls=TaskResult, on_progress=bar.step
+        settings,
+        str(out / WORKER_LOG),
+        job="attn_bench.taskrun:run_task_row",
+        result_cls=TaskResult,
+        on_progress=bar.step,
     )
     status, error = "complete", None
     old_handlers = _set_handlers(_raise_interrupted)

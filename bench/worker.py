@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from kernels import AUTOTUNE_ENV
+from attn_kernels import AUTOTUNE_ENV
 
 from .config import BenchConfig, BenchResult, RunSettings
 

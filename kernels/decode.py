@@ -1,12 +1,12 @@
 """Decoding steps in Triton: split-KV softmax attention over a cache, and the fused Performer step.
 
-The host side of :mod:`kernels.decode_kernels`: it sizes the splits, allocates the partial
+The host side of :mod:`attn_kernels.decode_kernels`: it sizes the splits, allocates the partial
 results and launches the split kernel and the combine kernel. The variants call these from their
 ``decode_step`` when the backend is ``triton`` and a step has at most :data:`MAX_STEP_TOKENS`
 new tokens (longer steps, e.g. a prompt, run the prefill-shaped kernels instead).
 
 Inputs are already validated by :func:`attention_variants.decode.step`; dtypes and head dims are
-those of :func:`kernels.softmax_unsupported_reason` / :func:`kernels.favor_unsupported_reason`.
+those of :func:`attn_kernels.softmax_unsupported_reason` / :func:`attn_kernels.favor_unsupported_reason`.
 """
 
 from __future__ import annotations

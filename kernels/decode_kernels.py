@@ -1,4 +1,4 @@
-"""The Triton kernels of the decoding steps (launched by :mod:`kernels.decode`).
+"""The Triton kernels of the decoding steps (launched by :mod:`attn_kernels.decode`).
 
 A step attends ``T`` new queries (a few) of one sequence to its decoding state. The work of one
 (batch, key/value head) pair is split along a long axis into pieces run by separate programs,

@@ -60,9 +60,9 @@ that reads keys, so a padded key has zero features: it adds nothing to the key s
 diagonal chunks or the key stabiliser, and its ``dK``, ``dV`` are 0 (``HAS_PAD``; without a
 mask the kernels compile as before).
 
-Layout: the kernels live in :mod:`kernels.favor_kernels`, the constants and launch
-configurations in :mod:`kernels.favor_configs`, the launch plumbing shared with the softmax
-kernels in :mod:`kernels.launch`; this module is the host side.
+Layout: the kernels live in :mod:`attn_kernels.favor_kernels`, the constants and launch
+configurations in :mod:`attn_kernels.favor_configs`, the launch plumbing shared with the softmax
+kernels in :mod:`attn_kernels.launch`; this module is the host side.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class _Geometry:
 
 def _launch(kernel_name: str, fn, grid, args: tuple, shape: LaunchShape, **constexprs) -> None:
     """Launch ``fn`` over the kept configs of ``kernel_name`` (autotuned on a GPU, see
-    :func:`kernels.launch.launch`); ``grid`` maps the launch's constexprs to the grid."""
+    :func:`attn_kernels.launch.launch`); ``grid`` maps the launch's constexprs to the grid."""
     configs = kept_configs(kernel_name, shape)  # looked up here: tests/test_favor_gpu.py patches it
     row = ROW_BLOCK.get(kernel_name)
     launch(fn, configs, grid, args, row=row, inner="BLOCK_F", tune_keys=TUNE_KEYS, **constexprs)

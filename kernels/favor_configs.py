@@ -29,7 +29,7 @@ N_SPLIT = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 2}
 
 
 def precisions(dtype: torch.dtype) -> dict[str, object]:
-    """Constexprs fixing the product precisions for inputs of ``dtype`` (see :mod:`kernels.favor`)."""
+    """Constexprs fixing the product precisions for inputs of ``dtype`` (see :mod:`attn_kernels.favor`)."""
     # float16 takes tf32x3 too: its backward subtracts near-equal products (dO S^T - delta z) whose
     # TF32 rounding put dQ 1.4-1.7x over the bound on an H200; bfloat16's own rounding hides it.
     return {"N_SPLIT": N_SPLIT[dtype], "DOT_PREC": "tf32" if dtype == torch.bfloat16 else "tf32x3"}
@@ -37,7 +37,7 @@ def precisions(dtype: torch.dtype) -> dict[str, object]:
 
 @dataclass(frozen=True)
 class FeatureConfig(KernelConfig):
-    """A :class:`~kernels.launch.KernelConfig` whose inner tile is a block of random features.
+    """A :class:`~attn_kernels.launch.KernelConfig` whose inner tile is a block of random features.
 
     ``block_m``: rows per program (queries of ``fwd`` and ``bwd_dq``, keys of ``bwd_dkv``; a
     divisor of ``CHUNK`` when causal); the ``key_max`` and ``state`` kernels take their rows from

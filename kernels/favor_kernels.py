@@ -1,4 +1,4 @@
-"""The Triton kernels of the fused FAVOR+ attention (launched by :mod:`kernels.favor`, whose
+"""The Triton kernels of the fused FAVOR+ attention (launched by :mod:`attn_kernels.favor`, whose
 docstring gives the algorithm, the table of kernels and the product precisions).
 
 The shared helpers take their feature map (``KERNEL``: ``"softmax"`` or ``"relu"``) and the

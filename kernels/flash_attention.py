@@ -1,9 +1,9 @@
 """Fused softmax attention in Triton: full, causal, sliding window and global tokens, fwd + bwd.
 
 The host side: options, block schedules on the device, launches and the autograd function.
-The kernels live in :mod:`kernels.flash_kernels`, their launch configurations and block
-schedules in :mod:`kernels.flash_configs`, the launch plumbing shared with the FAVOR+ kernels
-in :mod:`kernels.launch`.
+The kernels live in :mod:`attn_kernels.flash_kernels`, their launch configurations and block
+schedules in :mod:`attn_kernels.flash_configs`, the launch plumbing shared with the FAVOR+ kernels
+in :mod:`attn_kernels.launch`.
 
 Global tokens (Longformer) are split so that nothing is dense beyond ``g x N``, with ``g``
 the number of global positions and ``V = causal & (band | global row | global column)``:

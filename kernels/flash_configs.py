@@ -14,7 +14,7 @@ so the work is ``O(N (left + right + BLOCK))``, not ``O(N^2)``::
                                                   .: never visited
 
 With global tokens the schedules also list the programs of the gathered global rows (keys);
-see :mod:`kernels.flash_attention` for how the launches split the work.
+see :mod:`attn_kernels.flash_attention` for how the launches split the work.
 """
 
 from __future__ import annotations

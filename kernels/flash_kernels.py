@@ -1,4 +1,4 @@
-"""The Triton kernels of the fused softmax attention (launched by :mod:`kernels.flash_attention`).
+"""The Triton kernels of the fused softmax attention (launched by :mod:`attn_kernels.flash_attention`).
 
 One kernel family in the shape of Triton's fused-attention tutorial and FlashAttention-2:
 
@@ -11,7 +11,7 @@ One kernel family in the shape of Triton's fused-attention tutorial and FlashAtt
   and accumulates ``dk`` and ``dv`` in registers (deterministic, no atomics).
 - ``_bwd_delta_kernel``: the row term ``delta = rowsum(dO * O)`` of the backward.
 
-Each program reads its row of the block schedule (:mod:`kernels.flash_configs`) and runs its
+Each program reads its row of the block schedule (:mod:`attn_kernels.flash_configs`) and runs its
 inner loop three times: the masked edge tiles ``[start, lo)``, the interior ``[lo, hi)`` without
 mask arithmetic, the masked edge tiles ``[hi, end)``; band programs with global tokens add a
 fourth pass over the gathered global keys (rows). The pass is a named constexpr ``MODE`` of the
@@ -108,7 +108,7 @@ def _own_positions(base, offs, n_own, GIDX, NG, LEFT, RIGHT, NQ, NK, GATHERED: t
 
 @triton.jit
 def _schedule_row(SCHED, pid):
-    """``(start, lo, hi, end)`` of program ``pid`` (see :mod:`kernels.flash_configs`)."""
+    """``(start, lo, hi, end)`` of program ``pid`` (see :mod:`attn_kernels.flash_configs`)."""
     start = tl.load(SCHED + pid * 4)
     lo = tl.load(SCHED + pid * 4 + 1)
     hi = tl.load(SCHED + pid * 4 + 2)
@@ -748,7 +748,7 @@ def aot_spec(
     gathered: bool = False,
     has_pad: bool = False,
 ) -> tuple[object, dict[str, str], dict[str, object]]:
-    """``(fn, signature, constexprs)`` of one kernel specialisation, for ``kernels.aot.compile_for``.
+    """``(fn, signature, constexprs)`` of one kernel specialisation, for ``attn_kernels.aot.compile_for``.
 
     ``kernel`` is ``"fwd"``, ``"bwd_dq"``, ``"bwd_dkdv"`` or ``"bwd_delta"``; the default flags
     (causal, global tokens) give the specialisation with the most live state, ``has_pad`` the

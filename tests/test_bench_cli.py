@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bench.cli import app
-from bench.config import BenchConfig, RunSettings
-from bench.sweep import RESULTS, read_results, run_sweep
+from attn_bench.cli import app
+from attn_bench.config import BenchConfig, RunSettings
+from attn_bench.sweep import RESULTS, read_results, run_sweep
 
 TINY = """
 [presets.tiny]
@@ -196,7 +196,7 @@ def test_verify_quick_passes() -> None:
 
 
 def test_verify_fails_on_wrong_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    import bench.baselines as baselines
+    import attn_bench.baselines as baselines
 
     real = baselines.sdpa_fn
 

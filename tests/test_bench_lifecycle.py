@@ -17,11 +17,11 @@ import pytest
 from helpers import ok_result, tiny_configs
 from typer.testing import CliRunner
 
-from bench import sweep as sweep_mod
-from bench import worker as worker_mod
-from bench.cli import app
-from bench.config import BenchResult, RunSettings
-from bench.sweep import (
+from attn_bench import sweep as sweep_mod
+from attn_bench import worker as worker_mod
+from attn_bench.cli import app
+from attn_bench.config import BenchResult, RunSettings
+from attn_bench.sweep import (
     METADATA,
     RESULTS,
     SweepInterrupted,
@@ -209,7 +209,7 @@ def test_parent_killed_mid_sweep_leaves_no_worker_and_no_lost_row(tmp_path: Path
         "heads = 1\nhead_dim = 16\n"
     )
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "bench.cli", "sweep", "--preset-file", str(preset), "--preset", "t"]
+    cmd = [sys.executable, "-m", "attn_bench.cli", "sweep", "--preset-file", str(preset), "--preset", "t"]
     cmd += ["--out", str(out), "--no-progress", "--no-report", "--no-accuracy"]
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ATTN_BENCH_FAULT")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])

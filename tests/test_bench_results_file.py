@@ -14,9 +14,9 @@ import pytest
 from helpers import ok_result, tiny_configs
 from typer.testing import CliRunner
 
-from bench.cli import app
-from bench.config import BenchResult, RunSettings
-from bench.sweep import (
+from attn_bench.cli import app
+from attn_bench.config import BenchResult, RunSettings
+from attn_bench.sweep import (
     METADATA,
     RESULTS,
     ResultsFileError,
@@ -101,8 +101,8 @@ def test_resume_reruns_a_truncated_row(tmp_path: Path) -> None:
 
 
 def test_report_leaves_garbage_out(tmp_path: Path) -> None:
-    from bench.analysis import load_results
-    from bench.report import write_report
+    from attn_bench.analysis import load_results
+    from attn_bench.report import write_report
 
     _written(tmp_path / RESULTS)
     with open(tmp_path / RESULTS, "a") as f:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attention_variants as av
-from bench.numerics import check
+from attn_bench.numerics import check
 from tests.helpers import make_qkv
 
 PROMPT = 5

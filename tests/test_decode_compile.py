@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from kernels.decode import FAVOR_WARPS, FEATURE_BLOCK, MAX_ROWS, MAX_ROWS_FP32, _row_blocks, _softmax_config
-from kernels.launch import pad_pow2
+from attn_kernels.decode import FAVOR_WARPS, FEATURE_BLOCK, MAX_ROWS, MAX_ROWS_FP32, _row_blocks, _softmax_config
+from attn_kernels.launch import pad_pow2
 
-decode_kernels = pytest.importorskip("kernels.decode_kernels")
-aot = pytest.importorskip("kernels.aot")
+decode_kernels = pytest.importorskip("attn_kernels.decode_kernels")
+aot = pytest.importorskip("attn_kernels.aot")
 
 _T = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 _ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attention_variants as av
-from kernels.decode import MAX_STEP_TOKENS, softmax_step, split_plan
+from attn_kernels.decode import MAX_STEP_TOKENS, softmax_step, split_plan
 
 pytestmark = pytest.mark.interpreter
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bench.cli import app, default_preset
-from bench.config import BenchConfig, RunSettings
-from bench.device_check import MAX_FILES, SUMMARY, device_check, gpu_test_workers, kernel_table, pytest_counts
-from bench.sweep import read_results, run_sweep
+from attn_bench.cli import app, default_preset
+from attn_bench.config import BenchConfig, RunSettings
+from attn_bench.device_check import MAX_FILES, SUMMARY, device_check, gpu_test_workers, kernel_table, pytest_counts
+from attn_bench.sweep import read_results, run_sweep
 
 runner = CliRunner()
 

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the FAVOR+ kernels for sm_80 and sm_90 (no GPU needed).
 
-Every shipped configuration that :func:`kernels.favor_configs.keep` accepts for the main shape (bfloat16,
+Every shipped configuration that :func:`attn_kernels.favor_configs.keep` accepts for the main shape (bfloat16,
 head dim 64, 256 features, causal and not) is lowered to PTX and run through ``ptxas -v``;
 other dtypes, the relu kernel, the backward flavours of the state kernel, head dim 128 and the
 key padding specialisation (``HAS_PAD``) of the key kernels and the causal query pass are spot-checked.
@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from kernels import favor_configs
-from kernels.favor_configs import FeatureConfig
-from kernels.launch import LaunchShape
+from attn_kernels import favor_configs
+from attn_kernels.favor_configs import FeatureConfig
+from attn_kernels.launch import LaunchShape
 
-favor_kernels = pytest.importorskip("kernels.favor_kernels")
-aot = pytest.importorskip("kernels.aot")
+favor_kernels = pytest.importorskip("attn_kernels.favor_kernels")
+aot = pytest.importorskip("attn_kernels.aot")
 
 ARCHS = (80, 90)
 FORWARD_KERNELS = ("key_max", "state", "fwd")

@@ -79,7 +79,7 @@ def test_time_is_linear_in_n(causal: bool) -> None:
 
 
 def _every_config() -> list:
-    from kernels import favor_configs
+    from attn_kernels import favor_configs
 
     return [
         pytest.param(name, cfg, id=f"{name}-{cfg.name}") for name, cfgs in favor_configs.CONFIGS.items() for cfg in cfgs
@@ -93,8 +93,8 @@ def test_every_config(kernel: str, cfg, dtype: torch.dtype, causal: bool, monkey
     """Each shipped launch config alone (the others at their first kept one), forward and backward,
     against the float64 ``torch`` backend: the autotuner may pick any of them, and a miscompiled
     config (seen: out-of-bounds shared-memory reads, garbage gradients) must not ship."""
-    from kernels import favor, favor_configs
-    from kernels.launch import LaunchShape
+    from attn_kernels import favor, favor_configs
+    from attn_kernels.launch import LaunchShape
 
     b, h, n, d, m = 1, 4, 1024, 64, 256
     shape = LaunchShape(d, dtype.itemsize, causal, m_pad=m)

@@ -16,7 +16,7 @@ import torch
 from helpers import check_backend, make_qkv
 
 import attention_variants as av
-from kernels import favor, favor_configs, favor_kernels, launch
+from attn_kernels import favor, favor_configs, favor_kernels, launch
 
 pytestmark = pytest.mark.interpreter
 

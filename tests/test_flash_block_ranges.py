@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attention_variants import masks
-from kernels import flash_configs as fc
+from attn_kernels import flash_configs as fc
 
 
 def _gmask(n: int, positions: list[int] | None) -> torch.Tensor | None:

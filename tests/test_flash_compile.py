@@ -1,6 +1,6 @@
 """Every shipped launch configuration of the fused softmax kernels, compiled ahead of time.
 
-No GPU needed: ``kernels.aot.compile_for`` lowers each kernel to PTX for sm_80 (A100) and
+No GPU needed: ``attn_kernels.aot.compile_for`` lowers each kernel to PTX for sm_80 (A100) and
 sm_90 (H100) and runs the wheel's ``ptxas -v`` on it. Registers, shared memory and spills are
 printed (``pytest -s`` shows them); a forward kernel that spills fails the test. Each config
 is compiled in the specialisation with the most live state (causal, global tokens), and the
@@ -14,11 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import flash_configs
-from kernels.launch import KernelConfig, LaunchShape
+from attn_kernels import flash_configs
+from attn_kernels.launch import KernelConfig, LaunchShape
 
-flash_kernels = pytest.importorskip("kernels.flash_kernels")
-aot = pytest.importorskip("kernels.aot")
+flash_kernels = pytest.importorskip("attn_kernels.flash_kernels")
+aot = pytest.importorskip("attn_kernels.aot")
 
 ARCHS = [pytest.param(80, id="sm80"), pytest.param(90, id="sm90")]
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

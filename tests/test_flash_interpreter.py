@@ -126,7 +126,7 @@ def test_window_matches_dense_mask_semantics() -> None:
 
 
 def test_unsupported_configs_say_why() -> None:
-    from kernels import softmax_unsupported_reason
+    from attn_kernels import softmax_unsupported_reason
 
     full = av.FullAttention()
     cpu = torch.device("cpu")
@@ -141,7 +141,7 @@ def test_unsupported_configs_say_why() -> None:
 
 def test_interpreter_range_walks_like_range() -> None:
     """The loop the kernels run under the interpreter (bounds from schedules, groups, globals)."""
-    from kernels import interpreter_range
+    from attn_kernels import interpreter_range
 
     for args in [(5,), (0, 0), (3, 17, 4), (16, 48, 16), (7, 3, 2), (-5, 6, 3)]:
         assert list(interpreter_range(*args)) == list(range(*args)), args

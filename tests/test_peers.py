@@ -20,9 +20,9 @@ from helpers import make_qkv, max_err
 from torch import Tensor
 
 import attention_variants as av
-from bench import peers
-from bench.baselines import Unsupported, make_target
-from bench.numerics import check, check_target
+from attn_bench import peers
+from attn_bench.baselines import Unsupported, make_target
+from attn_bench.numerics import check, check_target
 
 DTYPES = [torch.float32, torch.float64]
 
