@@ -871,7 +871,7 @@ def list_cmd(
 @app.command("device-check")
 def device_check_cmd(
     out: Annotated[Path, typer.Option(help="folder for SUMMARY.md, the logs and the packed run (at most 6 files)")],
-    budget_s: Annotated[float, typer.Option(help="seconds for all steps together")] = 480.0,
+    budget_s: Annotated[float, typer.Option(help="seconds for all steps together")] = 500.0,
     work: Annotated[Path | None, typer.Option(help="where the run directory is built [default: a temp folder]")] = None,
 ) -> None:
     """The GPU check in one command: environment and ceilings, GPU tests, verify, gpu-quick sweep, report.

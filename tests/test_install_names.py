@@ -4,6 +4,7 @@ import side by side, and a wheel of this project writes nothing under ``kernels/
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -50,9 +51,16 @@ def test_hf_kernels_and_this_project_import_side_by_side(tmp_path: Path) -> None
 
 
 def test_wheel_installs_only_distinct_names(tmp_path: Path) -> None:
-    res = _pip("wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(ROOT))
+    # Built from a copy: setuptools writes build/ next to the sources.
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("attention_variants", "kernels", "bench"):
+        shutil.copytree(ROOT / name, src / name, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    res = _pip("wheel", "--quiet", "--no-deps", "-w", str(tmp_path / "dist"), str(src))
     assert res.returncode == 0, res.stderr[-2000:]
-    (wheel,) = tmp_path.glob("*.whl")
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
     tops = {name.split("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist()}
     tops = {t for t in tops if not t.endswith((".dist-info", ".data"))}
     assert tops == {"attention_variants", "attn_bench", "attn_kernels"}, tops
