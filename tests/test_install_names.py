@@ -35,7 +35,8 @@ def test_hf_kernels_and_this_project_import_side_by_side(tmp_path: Path) -> None
         "from attn_kernels.flash_attention import flash_attention\n"
         "from attn_bench.cli import main\n"
         f"assert pathlib.Path(kernels.__file__).is_relative_to({str(target)!r}), kernels.__file__\n"
-        f"assert pathlib.Path(attn_kernels.__file__).parent == pathlib.Path({str(ROOT / 'kernels')!r}), attn_kernels.__file__\n"
+        f"ours = pathlib.Path({str(ROOT / 'kernels')!r})\n"
+        "assert pathlib.Path(attn_kernels.__file__).parent == ours, attn_kernels.__file__\n"
         "print('ok')\n"
     )
     # cwd outside the checkout: the source folders must not be what Python finds.
