@@ -56,11 +56,10 @@ from .config import RunSettings
 from .sweep import (
     METADATA,
     WORKER_LOG,
-    _raise_interrupted,
     _read_metadata,
-    _set_handlers,
     atomic_write,
     now,
+    pool_lifecycle,
     remove_stale_temp_files,
     rows_to_csv,
     write_metadata,
@@ -607,7 +606,7 @@ def run_models(
 ) -> list[ModelResult]:
     """Run ``configs`` one by one in a worker process (skipping those already in ``out/results.csv``
     when ``resume``), rewriting ``results.csv`` atomically after each. Returns all rows."""
-    from .sweep import MIN_CONFIG_S, _exit_now
+    from .sweep import MIN_CONFIG_S
     from .worker import WorkerPool, WorkerStartError
 
     out.mkdir(parents=True, exist_ok=True)
@@ -638,45 +637,23 @@ def run_models(
         result_cls=ModelResult,
         on_progress=bar.step,
     )
-    status, error = "complete", None
     t_start = time.perf_counter()
-    old_handlers = _set_handlers(_raise_interrupted)
-    try:
-        with bar:
-            for cfg in todo:
-                left = None if budget_s is None else budget_s - (time.perf_counter() - t_start)
-                res = _blocked(cfg, failed)
-                if res is None and left is not None and left < MIN_CONFIG_S:
-                    res = ModelResult(cfg, "skipped", error=f"not run: the --budget-s of {budget_s:g} s was spent")
-                if res is None:
-                    bar.start(cfg.label())
-                    res = pool.run(cfg, timeout_s=left)
-                    if res.status in ("oom", "timeout"):
-                        failed.setdefault(cfg.line_key(), (cfg.seq_len, res.status))
-                results.append(res)
-                write_model_results(path, results)
-                bar.advance(f"{cfg.label()}: {res.status} {_summary(res)}")
-                if pool.gave_up:
-                    raise WorkerStartError(f"{res.error} ({pool.start_failures} failed starts in a row)")
-    except KeyboardInterrupt:
-        status = "interrupted"
-        _set_handlers(_exit_now)
-        raise
-    except BaseException as exc:
-        status, error = "failed", f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        try:
-            pool.close() if status == "complete" else pool.kill()
-            meta.update(finished=now(), status=status, worker_restarts=pool.restarts, rows=len(results))
-            if error is not None:
-                meta["error"] = error
-            write_metadata(out, meta)
-        finally:
-            import signal
-
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
+    with pool_lifecycle(pool, out, meta, results), bar:
+        for cfg in todo:
+            left = None if budget_s is None else budget_s - (time.perf_counter() - t_start)
+            res = _blocked(cfg, failed)
+            if res is None and left is not None and left < MIN_CONFIG_S:
+                res = ModelResult(cfg, "skipped", error=f"not run: the --budget-s of {budget_s:g} s was spent")
+            if res is None:
+                bar.start(cfg.label())
+                res = pool.run(cfg, timeout_s=left)
+                if res.status in ("oom", "timeout"):
+                    failed.setdefault(cfg.line_key(), (cfg.seq_len, res.status))
+            results.append(res)
+            write_model_results(path, results)
+            bar.advance(f"{cfg.label()}: {res.status} {_summary(res)}")
+            if pool.gave_up:
+                raise WorkerStartError(f"{res.error} ({pool.start_failures} failed starts in a row)")
     return results
 
 

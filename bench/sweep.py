@@ -16,6 +16,7 @@ while that is done exits at once.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -30,9 +31,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attention_variants as av
 
@@ -48,6 +50,9 @@ from .config import (
     option_columns,
     result_columns,
 )
+
+if TYPE_CHECKING:  # for the annotation only: runs import the worker when they start
+    from . import worker
 
 RESULTS = "results.csv"
 METADATA = "metadata.json"
@@ -339,6 +344,42 @@ def _exit_now(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
+@contextlib.contextmanager
+def pool_lifecycle(pool: worker.WorkerPool, out: Path, meta: dict, results: list) -> Iterator[None]:
+    """Around the loop of a run on ``pool``: SIGTERM and SIGHUP raise :class:`SweepInterrupted`
+    inside it, and a second Ctrl-C while the rest is saved exits at once. On the way out the pool is
+    closed (killed, without waiting for the row in flight, unless the loop completed),
+    ``metadata.json`` records the status, the error, the worker restarts and ``len(results)``, and
+    the old signal handlers come back."""
+    status, error = "complete", None
+    old_handlers = _set_handlers(_raise_interrupted)
+    try:
+        yield
+    except KeyboardInterrupt:
+        status = "interrupted"
+        _set_handlers(_exit_now)
+        raise
+    except BaseException as exc:
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        try:
+            if status == "complete":
+                pool.close()
+            else:
+                pool.kill()
+            meta["finished"] = now()
+            meta["status"] = status
+            if error is not None:
+                meta["error"] = error
+            meta["worker_restarts"] = pool.restarts
+            meta["rows"] = len(results)
+            write_metadata(out, meta)
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+
+
 def _read_metadata(out: Path) -> dict:
     try:
         return json.loads((out / METADATA).read_text())
@@ -408,11 +449,9 @@ def run_sweep(
     write_metadata(out, meta)
 
     pool = WorkerPool(settings, str(out / WORKER_LOG))
-    status, error = "complete", None
     bar = _Progress(len(todo), enabled=progress)
     deadline = None if budget_s is None else time.monotonic() + budget_s
-    old_handlers = _set_handlers(_raise_interrupted)
-    try:
+    with pool_lifecycle(pool, out, meta, results):
         with bar:
             for cfg in todo:
                 bar.start(cfg.label())
@@ -441,29 +480,6 @@ def run_sweep(
                 print(f"{bar_msg} ...", file=sys.stderr)
             rows = run_accuracy(accuracy)
             atomic_write(out / ACCURACY, rows_to_csv(rows, list(rows[0].keys()) if rows else []))
-    except KeyboardInterrupt:
-        status = "interrupted"
-        _set_handlers(_exit_now)  # a second Ctrl-C while the rest is saved exits at once
-        raise
-    except BaseException as exc:
-        status, error = "failed", f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        try:
-            if status == "complete":
-                pool.close()
-            else:
-                pool.kill()  # do not wait for the config in flight
-            meta["finished"] = now()
-            meta["status"] = status
-            if error is not None:
-                meta["error"] = error
-            meta["worker_restarts"] = pool.restarts
-            meta["rows"] = len(results)
-            write_metadata(out, meta)
-        finally:
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
     return results
 
 

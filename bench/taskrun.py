@@ -33,11 +33,10 @@ from .config import RunSettings
 from .sweep import (
     METADATA,
     WORKER_LOG,
-    _raise_interrupted,
     _read_metadata,
-    _set_handlers,
     atomic_write,
     now,
+    pool_lifecycle,
     remove_stale_temp_files,
     rows_to_csv,
     write_metadata,
@@ -381,7 +380,6 @@ def run_tasks(
 ) -> list[TaskResult]:
     """Run ``configs`` one by one in a worker process (skipping those already in ``out/results.csv``
     when ``resume``), rewriting ``results.csv`` atomically after each. Returns all rows."""
-    from .sweep import _exit_now
     from .worker import WorkerPool, WorkerStartError
 
     out.mkdir(parents=True, exist_ok=True)
@@ -405,40 +403,18 @@ def run_tasks(
         result_cls=TaskResult,
         on_progress=bar.step,
     )
-    status, error = "complete", None
-    old_handlers = _set_handlers(_raise_interrupted)
-    try:
-        with bar:
-            for cfg in todo:
-                bar.start(cfg.label(), cfg.steps)
-                res = pool.run(cfg)
-                results.append(res)
-                write_task_results(path, results)
-                if on_result is not None:
-                    on_result(res)
-                acc = f" acc {res.final_acc:.3f} in {res.train_s:.1f} s" if res.status == "ok" else f" {res.error}"
-                bar.advance(f"{cfg.label()}: {res.status}{acc}")
-                if pool.gave_up:
-                    raise WorkerStartError(f"{res.error} ({pool.start_failures} failed starts in a row)")
-    except KeyboardInterrupt:
-        status = "interrupted"
-        _set_handlers(_exit_now)
-        raise
-    except BaseException as exc:
-        status, error = "failed", f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        try:
-            pool.close() if status == "complete" else pool.kill()
-            meta.update(finished=now(), status=status, worker_restarts=pool.restarts, rows=len(results))
-            if error is not None:
-                meta["error"] = error
-            write_metadata(out, meta)
-        finally:
-            import signal
-
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
+    with pool_lifecycle(pool, out, meta, results), bar:
+        for cfg in todo:
+            bar.start(cfg.label(), cfg.steps)
+            res = pool.run(cfg)
+            results.append(res)
+            write_task_results(path, results)
+            if on_result is not None:
+                on_result(res)
+            acc = f" acc {res.final_acc:.3f} in {res.train_s:.1f} s" if res.status == "ok" else f" {res.error}"
+            bar.advance(f"{cfg.label()}: {res.status}{acc}")
+            if pool.gave_up:
+                raise WorkerStartError(f"{res.error} ({pool.start_failures} failed starts in a row)")
     return results
 
 
