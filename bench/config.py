@@ -215,6 +215,16 @@ def option_columns() -> list[str]:
     return [o.name for o in sweep_options()]
 
 
+def result_row(result: Any) -> dict[str, Any]:
+    """One CSV row of a result dataclass: its ``config``'s row, then its other fields in order
+    (sweep, task and model results alike)."""
+    row = result.config.to_row()
+    for f in dataclasses.fields(result):
+        if f.name != "config":
+            row[f.name] = getattr(result, f.name)
+    return row
+
+
 @dataclass(frozen=True)
 class BenchResult:
     """A config and what was measured. A failure is a row with a status and a reason;
@@ -244,11 +254,7 @@ class BenchResult:
     tokens_per_s: float | None = None  # decode rows: batch / per-token time
 
     def to_row(self) -> dict[str, Any]:
-        row = self.config.to_row()
-        for f in dataclasses.fields(self):
-            if f.name != "config":
-                row[f.name] = getattr(self, f.name)
-        return row
+        return result_row(self)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> BenchResult:

@@ -52,7 +52,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .config import RunSettings
+from .config import RunSettings, result_row
 from .sweep import (
     METADATA,
     WORKER_LOG,
@@ -437,11 +437,7 @@ class ModelResult:
     elapsed_s: float | None = None
 
     def to_row(self) -> dict[str, Any]:
-        row = self.config.to_row()
-        for f in dataclasses.fields(self):
-            if f.name != "config":
-                row[f.name] = getattr(self, f.name)
-        return row
+        return result_row(self)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ModelResult:

@@ -29,7 +29,7 @@ else:  # pragma: no cover
 
 import attention_variants as av
 
-from .config import RunSettings
+from .config import RunSettings, result_row
 from .sweep import (
     METADATA,
     WORKER_LOG,
@@ -135,11 +135,7 @@ class TaskResult:
     eval_curve: str = ""  # JSON [[step, train_s, acc], ...]
 
     def to_row(self) -> dict[str, Any]:
-        row = self.config.to_row()
-        for f in dataclasses.fields(self):
-            if f.name != "config":
-                row[f.name] = getattr(self, f.name)
-        return row
+        return result_row(self)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> TaskResult:
