@@ -1,4 +1,4 @@
-"""The Triton decoding steps (kernels/decode.py): a step of T new tokens equals the last T rows
+"""The Triton decoding steps (kernels/attn_kernels/decode.py): a step of T new tokens equals the last T rows
 of the whole sequence's causal attention, computed here independently in float64 (dense masks
 and explicit Performer features built from their definitions), within FlashAttention's
 tolerance (twice the error of the same dense computation in the input dtype, plus rounding of

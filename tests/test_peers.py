@@ -1,4 +1,4 @@
-"""The peer adapters (bench/peers.py) against our float64 reference.
+"""The peer adapters (bench/attn_bench/peers.py) against our float64 reference.
 
 local-attention and performer-pytorch run here when installed (``pip install .[peers]``),
 else their tests skip. flash-attn and xformers are CUDA only: their ``check`` reasons are

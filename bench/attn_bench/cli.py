@@ -109,7 +109,7 @@ def _flag(name: str) -> str:
 
 
 def _config_parameters() -> list[inspect.Parameter]:
-    """``attn-bench sweep`` options derived from the config declarations (bench/config.py) and from
+    """``attn-bench sweep`` options derived from the config declarations (bench/attn_bench/config.py) and from
     every registered variant's sweep options: each takes a comma list and replaces that key in
     every group of the preset."""
     params = []
@@ -857,7 +857,7 @@ def list_cmd(
     for name in baseline_names():
         console.print(f"{name}: {escape(get_baseline(name).description)}")
     console.print(f"passes: {', '.join(PASSES)}")
-    pt = Table(title="presets (bench/presets.toml)")
+    pt = Table(title="presets (bench/attn_bench/presets.toml)")
     pt.add_column("preset")
     pt.add_column("configs", justify="right")
     pt.add_column("description", overflow="fold")

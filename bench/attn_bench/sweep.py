@@ -257,7 +257,7 @@ def read_results(path: Path, warn: Callable[[str], None] | None = _stderr) -> li
 
 def git_commit(cwd: Path | None = None) -> str:
     """``<sha>`` (``-dirty`` when the work tree has changes) of the checkout the package lives in."""
-    root = cwd or Path(__file__).resolve().parent.parent
+    root = cwd or Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True

@@ -61,7 +61,7 @@ TEST_GIB_PER_WORKER = 32.0
 AUTOTUNE_MAX = 2
 VERIFY_BACKENDS = "triton,torch,reference,sdpa"
 VERIFY_DTYPES = "bfloat16,float16,float32"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: bench/attn_bench/ -> .
 
 
 @dataclass
