@@ -167,8 +167,10 @@ class WindowCache(DecodeState):
         t = k.shape[2]
         keep = min(t, self.period)
         k, v, start = k[:, :, t - keep :], v[:, :, t - keep :], start + t - keep
-        self.ring_k = _grown(self.ring_k, start + keep, self.period)
-        self.ring_v = _grown(self.ring_v, start + keep, self.period)
+        # Slots up to start + keep are used, never more than the period: a full ring is not regrown.
+        need = min(start + keep, self.period)
+        self.ring_k = _grown(self.ring_k, need, self.period)
+        self.ring_v = _grown(self.ring_v, need, self.period)
         slots = torch.arange(start, start + keep, device=self.device) % self.period
         self.ring_k[:, :, slots] = k
         self.ring_v[:, :, slots] = v

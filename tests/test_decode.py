@@ -145,6 +145,44 @@ def test_ring_buffer_stops_growing_at_the_window() -> None:
     assert state.ring_k.shape[2] == left + 1
 
 
+def windowed_causal_float64(q, k, v, left: int) -> torch.Tensor:
+    """Causal sliding-window attention written out per query in float64: query ``i`` sees keys
+    ``max(0, i - left) .. i`` (GQA: query head ``h`` reads key head ``h // (H // Hk)``)."""
+    q, k, v = q.double(), k.double(), v.double()
+    h, hk, n = q.shape[1], k.shape[1], q.shape[2]
+    out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float64)
+    scale = q.shape[-1] ** -0.5
+    for hh in range(h):
+        kh = hh // (h // hk)
+        for i in range(n):
+            lo = max(0, i - left)
+            s = (q[:, hh, i : i + 1] @ k[:, kh, lo : i + 1].transpose(-1, -2)) * scale
+            out[:, hh, i] = (torch.softmax(s, dim=-1) @ v[:, kh, lo : i + 1])[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("schedule", [[1] * 30, [2, 1, 3, 1, 9, 1, 1, 4, 1, 1, 1, 5]], ids=["tokens", "mixed"])
+def test_full_ring_is_written_in_place(schedule: list[int]) -> None:
+    """Once the ring holds ``left + 1`` slots, steps write into the same storage (no regrowth,
+    no copy of the ring), and the outputs stay those of windowed causal attention."""
+    left, n = 4, sum(schedule)
+    variant = av.SlidingWindowAttention(window=left)
+    q, k, v = make_qkv(2, 4, 2, n, n, 8, 6, dtype=torch.float32)
+    state = variant.init_state(2, 2, 8, 6, capacity=2)
+    outs, start, ptrs = [], 0, set()
+    for t in schedule:
+        sl = slice(start, start + t)
+        out, state = variant.step(q[:, :, sl], k[:, :, sl], v[:, :, sl], state)
+        outs.append(out)
+        start += t
+        if start > left + 1:
+            assert state.ring_k.shape[2] == left + 1
+            ptrs.add((state.ring_k.data_ptr(), state.ring_v.data_ptr()))
+    assert len(ptrs) == 1, f"the full ring was reallocated {len(ptrs) - 1} times"
+    ref = windowed_causal_float64(q, k, v, left)
+    torch.testing.assert_close(torch.cat(outs, dim=2).double(), ref, rtol=2e-5, atol=2e-5)
+
+
 def test_window_wider_than_text_costs_only_the_text() -> None:
     state, sizes = run_tokens(av.SlidingWindowAttention(window=10**9), 20)
     assert state.ring_k.shape[2] < 64 and sizes[-1] < 64 * 2 * 2 * 8 * 4
