@@ -541,6 +541,12 @@ class AttentionVariant:
 
         return decode.prefill(self, q, k, v, scale=scale, backend=backend, capacity=capacity)
 
+    def decode_options(self) -> dict[str, Any]:
+        """The options that define this variant's decoding state (by default :meth:`options`).
+        A state records them when it is made; a step by a variant whose options differ raises a
+        ``ValueError`` naming the option. Values are compared with ``==`` (tensors elementwise)."""
+        return self.options()
+
     def decode_state(self, layout: StateLayout, *, capacity: int) -> DecodeState:
         """Hook: build this variant's empty state (arguments already checked)."""
         raise NotImplementedError(f"variant {self.name!r} has no incremental decoding state")

@@ -59,8 +59,12 @@ class StateLayout:
 
 class DecodeState:
     """What every decoding state records: its :class:`StateLayout` (also as attributes), the
-    number of tokens seen (``length``) and the scale of its first step (``scale``; later steps
+    variant options it was made with (``options``, from
+    :meth:`AttentionVariant.decode_options`; a step by a variant with other options is refused),
+    the number of tokens seen (``length``) and the scale of its first step (``scale``; later steps
     must use the same, since a Performer's state depends on it)."""
+
+    options: dict[str, object]
 
     def __init__(self, layout: StateLayout) -> None:
         self.layout = layout
@@ -69,6 +73,7 @@ class DecodeState:
         self.dtype, self.device = layout.dtype, layout.device
         self.length = 0
         self.scale: float | None = None
+        self.options = {}
 
     def tensors(self) -> list[Tensor]:
         """The tensors this state holds (for :attr:`nbytes`)."""
@@ -81,7 +86,8 @@ class DecodeState:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(variant={self.variant!r}, length={self.length}, batch={self.batch}, "
+            f"{type(self).__name__}(variant={self.variant!r}, options={self.options!r}, length={self.length}, "
+            f"batch={self.batch}, "
             f"kv_heads={self.kv_heads}, head_dim={self.head_dim}, value_dim={self.value_dim}, "
             f"dtype={self.dtype}, nbytes={self.nbytes})"
         )
@@ -251,7 +257,42 @@ def init_state(
         device = torch.device("cuda", torch.cuda.current_device())
     capacity = DEFAULT_CAPACITY if capacity is None else _check_dim(capacity, "capacity", 1)
     layout = StateLayout(variant.name, batch, kv_heads, head_dim, value_dim, dtype, device)
-    return variant.decode_state(layout, capacity=capacity)
+    state = variant.decode_state(layout, capacity=capacity)
+    state.options = dict(variant.decode_options())
+    return state
+
+
+def _same_option(a: object, b: object) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a, b.to(a.device))
+        )
+    return bool(a == b)
+
+
+def _show_option(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"a given {tuple(x.shape)} tensor"
+    return repr(x)
+
+
+def check_options(variant: AttentionVariant, state: DecodeState) -> None:
+    """Refuse a state made with other options than ``variant``'s (a ``ValueError`` naming the first
+    option that differs): its contents were computed with those options."""
+    ours = variant.decode_options()
+    for name in dict.fromkeys([*state.options, *ours]):
+        theirs, mine = state.options.get(name), ours.get(name)
+        if not _same_option(theirs, mine):
+            raise ValueError(
+                f"{name}={_show_option(mine)} of this {variant.name} variant differs from the state's "
+                f"{name}={_show_option(theirs)}: a state is stepped only by a variant with the options that made it"
+            )
 
 
 def check_step(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, state: object) -> None:
@@ -261,6 +302,7 @@ def check_step(variant: AttentionVariant, q: Tensor, k: Tensor, v: Tensor, state
         raise TypeError(f"state must be a DecodeState (from {variant.name}.init_state), got {type(state).__name__}")
     if state.variant != variant.name:
         raise TypeError(f"state was made by variant {state.variant!r}, not {variant.name!r}")
+    check_options(variant, state)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q has {q.shape[2]} new tokens but k and v have {k.shape[2]}; a step takes as many of each")
     for name, got, want in (

@@ -366,6 +366,18 @@ class PerformerAttention(AttentionVariant):
     # prompt, run the PyTorch recurrence). The reference backend has no recurrence.
     decode_backends = ("torch", "triton")
 
+    def decode_options(self) -> dict[str, object]:
+        """What the state's features depend on: ``num_features``, ``kernel``, and the projection
+        (``ortho`` and ``seed`` of the draw, or the given ``projection``)."""
+        given = self.projection is not None
+        return {
+            "num_features": self.num_features,
+            "kernel": self.kernel,
+            "projection": self.projection,
+            "ortho": None if given else self.ortho,
+            "seed": None if given else self.seed,
+        }
+
     def decode_state(self, layout: StateLayout, *, capacity: int) -> PerformerState:
         if self.projection is not None and self.projection.shape[1] != layout.head_dim:
             raise ValueError(f"projection has {self.projection.shape[1]} columns but head_dim is {layout.head_dim}")

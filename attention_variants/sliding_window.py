@@ -101,9 +101,17 @@ class SlidingWindowAttention(AttentionVariant):
     # Global positions must lie in the first step (the prefill): a global *query* sees every
     # earlier key, which a window-sized state no longer holds.
 
+    def decode_left(self) -> int:
+        """How many keys back a decoding query sees (decoding is causal: ``right`` plays no part)."""
+        return min(masks.window_bounds(self.window, True)[0], MAX_DECODE_REACH)
+
+    def decode_options(self) -> dict[str, object]:
+        """``window``: the reach back (so ``4`` and ``(4, 2)`` decode alike); ``global_tokens``:
+        the sorted global positions."""
+        return {"window": self.decode_left(), "global_tokens": tuple(self.global_positions())}
+
     def decode_state(self, layout: StateLayout, *, capacity: int) -> WindowCache:
-        left = min(masks.window_bounds(self.window, True)[0], MAX_DECODE_REACH)
-        return WindowCache(layout, left=left, capacity=capacity)
+        return WindowCache(layout, left=self.decode_left(), capacity=capacity)
 
     def decode_step(self, q: Tensor, k: Tensor, v: Tensor, state: DecodeState, scale: float, backend: str) -> Tensor:
         assert isinstance(state, WindowCache)

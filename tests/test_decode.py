@@ -268,6 +268,71 @@ def test_bad_inputs_raise_clearly() -> None:
         full.init_state(1, 2, 8, capacity=0)
 
 
+def _prefill_then_step(made_by, stepped_by, n: int = 6, d: int = 8):
+    """Prefill ``n - 1`` tokens with ``made_by``, then step the last one with ``stepped_by``."""
+    q, k, v = make_qkv(1, 2, 2, n, n, d, dtype=torch.float64)
+    _, state = made_by.prefill(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1])
+    out, state = stepped_by.step(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], state)
+    return (q, k, v), out, state
+
+
+@pytest.mark.parametrize(
+    "made, stepped, option",
+    [
+        (av.SlidingWindowAttention(window=4), av.SlidingWindowAttention(window=8), "window"),
+        (av.SlidingWindowAttention(window=4), av.SlidingWindowAttention(window=(3, 4)), "window"),
+        (av.SlidingWindowAttention(2, global_tokens=1), av.SlidingWindowAttention(2, global_tokens=2), "global_tokens"),
+        (av.SlidingWindowAttention(2, global_tokens=1), av.SlidingWindowAttention(2), "global_tokens"),
+        (av.PerformerAttention(num_features=16), av.PerformerAttention(num_features=8), "num_features"),
+        (av.PerformerAttention(16, seed=0), av.PerformerAttention(16, seed=1), "seed"),
+        (av.PerformerAttention(16), av.PerformerAttention(16, ortho=False), "ortho"),
+        (av.PerformerAttention(16), av.PerformerAttention(16, kernel="relu"), "kernel"),
+        (av.PerformerAttention(projection=torch.ones(16, 8)), av.PerformerAttention(16), "projection"),
+        (
+            av.PerformerAttention(projection=torch.ones(16, 8)),
+            av.PerformerAttention(projection=torch.full((16, 8), 2.0)),
+            "projection",
+        ),
+    ],
+    ids=["window", "window-pair", "globals", "no-globals", "features", "seed", "ortho", "kernel", "given-w", "other-w"],
+)
+def test_step_with_other_options_is_refused(made, stepped, option: str) -> None:
+    """A state records the options it was made with; another variant's step names the option
+    that differs and writes nothing."""
+    q, k, v = make_qkv(1, 2, 2, 6, 6, 8, dtype=torch.float64)
+    _, state = made.prefill(q[:, :, :5], k[:, :, :5], v[:, :, :5])
+    with pytest.raises(ValueError, match=rf"^{option}=.* differs from the state's {option}="):
+        stepped.step(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], state)
+    assert state.length == 5
+
+
+def test_redraw_after_prefill_is_refused() -> None:
+    variant = av.PerformerAttention(num_features=16)
+    q, k, v = make_qkv(1, 2, 2, 3, 3, 8)
+    _, state = variant.prefill(q[:, :, :2], k[:, :, :2], v[:, :, :2])
+    variant.redraw()
+    with pytest.raises(ValueError, match=r"seed=1 .* state's seed=0"):
+        variant.step(q[:, :, 2:], k[:, :, 2:], v[:, :, 2:], state)
+
+
+@pytest.mark.parametrize(
+    "made, stepped",
+    [
+        (av.SlidingWindowAttention(window=4), av.SlidingWindowAttention(window=(4, 2))),  # right: not used
+        (av.SlidingWindowAttention(2, global_tokens=2), av.SlidingWindowAttention(2, global_tokens=[1, 0])),
+        (av.PerformerAttention(16, seed=3), av.PerformerAttention(16, seed=3)),
+        (av.PerformerAttention(projection=torch.ones(16, 8)), av.PerformerAttention(projection=torch.ones(16, 8))),
+    ],
+    ids=["window-reach", "globals", "performer-seed", "performer-given-w"],
+)
+def test_step_by_an_equivalent_variant_continues(made, stepped) -> None:
+    """Another instance with the same options continues the state: the outputs equal the float64
+    causal forward of the whole sequence."""
+    (q, k, v), out, _ = _prefill_then_step(made, stepped)
+    ref = made.reference(q, k, v, causal=True)[:, :, -1:]
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_performer_step_backends() -> None:
     perf = av.PerformerAttention(num_features=8)
     q, k, v = make_qkv(1, 2, 2, 2, 2, 8)
