@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from . import masks
@@ -46,6 +47,34 @@ class FullAttention(AttentionVariant):
         return self(q, state.keys(end), state.values(end), causal=True, scale=scale, backend=backend)
 
 
+SMALL_QUERY_SDPA_MAX = 16
+"""CUDA calls with at most this many queries (decoding steps) keep SDPA off cuDNN; see
+:func:`small_query_sdpa_backends`."""
+
+# In order of preference; each is used only if enabled (an outer ``sdpa_kernel`` is respected).
+_SMALL_QUERY_SDPA = (
+    (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
+    (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled),
+    (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled),
+)
+
+
+def small_query_sdpa_backends(device_type: str, nq: int) -> list[SDPBackend] | None:
+    """The SDPA backends a call with ``nq`` queries on ``device_type`` is pinned to, or None (SDPA
+    chooses, as on the CPU and for long query blocks).
+
+    A decoding step's key length grows by one each step, and cuDNN attention builds a new
+    execution plan for every new shape (tens of milliseconds each), so on CUDA a call with at
+    most :data:`SMALL_QUERY_SDPA_MAX` queries runs flash, memory-efficient or math attention
+    (SDPA picks the first that takes the inputs), among those currently enabled. Nothing is
+    pinned when cuDNN attention is already disabled.
+    """
+    if device_type != "cuda" or nq > SMALL_QUERY_SDPA_MAX or not torch.backends.cuda.cudnn_sdp_enabled():
+        return None
+    backends = [backend for backend, enabled in _SMALL_QUERY_SDPA if enabled()]
+    return backends or None
+
+
 @register_backend(FullAttention, "torch", padding=True)
 def _full_torch(
     variant: AttentionVariant,
@@ -56,6 +85,14 @@ def _full_torch(
     scale: float,
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
+    backends = small_query_sdpa_backends(q.device.type, q.shape[2])
+    if backends is None:
+        return _full_sdpa(q, k, v, causal, scale, key_padding_mask)
+    with sdpa_kernel(backends):
+        return _full_sdpa(q, k, v, causal, scale, key_padding_mask)
+
+
+def _full_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, key_padding_mask: Tensor | None) -> Tensor:
     if key_padding_mask is not None:
         return _full_torch_padded(q, k, v, causal, scale, key_padding_mask)
     gqa = q.shape[1] != k.shape[1]

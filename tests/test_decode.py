@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attention_variants as av
 from attn_bench.numerics import check
@@ -437,3 +438,43 @@ def test_sampler_bad_arguments() -> None:
         av.top_p_sample(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="prompt"):
         av.generate(av.TinyDecoder(5, 8, 2, 1), torch.zeros(1, 0, dtype=torch.long), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# SDPA backends of small-query calls (decoding steps) on CUDA
+# ---------------------------------------------------------------------------------------------
+
+FLASH, EFFICIENT, MATH, CUDNN = (
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+    SDPBackend.CUDNN_ATTENTION,
+)
+
+
+def test_small_query_calls_on_cuda_avoid_cudnn() -> None:
+    pick = av.full.small_query_sdpa_backends
+    with sdpa_kernel([CUDNN, FLASH, EFFICIENT, MATH]):
+        assert pick("cuda", 1) == [FLASH, EFFICIENT, MATH]
+        assert pick("cuda", av.full.SMALL_QUERY_SDPA_MAX) == [FLASH, EFFICIENT, MATH]
+        assert pick("cuda", av.full.SMALL_QUERY_SDPA_MAX + 1) is None  # a prompt: SDPA chooses
+        assert pick("cpu", 1) is None
+    with sdpa_kernel([CUDNN, EFFICIENT, MATH]):  # an outer choice is kept
+        assert pick("cuda", 1) == [EFFICIENT, MATH]
+    with sdpa_kernel([FLASH, MATH]):  # cuDNN already off: nothing to pin
+        assert pick("cuda", 1) is None
+
+
+def test_cpu_decode_step_leaves_sdpa_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU a step calls SDPA as before (no backend context), and still equals the
+    float64 causal forward."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sdpa_kernel entered on the CPU")
+
+    monkeypatch.setattr(av.full, "sdpa_kernel", refuse)
+    variant = av.FullAttention()
+    q, k, v = make_qkv(1, 4, 2, 9, 9, 8, dtype=torch.float32)
+    out = decode(variant, q, k, v, [5, 1, 1, 2])
+    ref = variant.reference(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
