@@ -284,6 +284,8 @@ class PerformerAttention(AttentionVariant):
         self.seed = int(seed)
         self.projection = projection
         self._cache: dict[int, Tensor] = {}
+        # (head_dim, device, dtype) -> (the float64 W it was made from, its version, the copy).
+        self._placed: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, int, Tensor]] = {}
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -306,12 +308,16 @@ class PerformerAttention(AttentionVariant):
             raise ValueError("this PerformerAttention was given a fixed projection; there is nothing to redraw")
         self.seed = _check_seed(self.seed + 1 if seed is None else seed)
         self._cache.clear()
+        self._placed.clear()
         return self
 
     def projection_matrix(
         self, head_dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> Tensor:
-        """``W (num_features, head_dim)`` on ``device`` in ``dtype``; drawn once on the CPU in float64."""
+        """``W (num_features, head_dim)`` on ``device`` in ``dtype``; drawn once on the CPU in float64.
+
+        The copy on ``device`` is kept (treat it as read-only): later calls neither copy nor
+        synchronise with the device."""
         if self.projection is not None:
             w = self.projection
         else:
@@ -319,7 +325,14 @@ class PerformerAttention(AttentionVariant):
                 _check_projection_memory(self.num_features, head_dim)
                 self._cache[head_dim] = draw_projection(self.num_features, head_dim, ortho=self.ortho, seed=self.seed)
             w = self._cache[head_dim]
-        return w.to(device=device, dtype=dtype)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = (head_dim, device, dtype)
+        placed = self._placed.get(key)
+        if placed is None or placed[0] is not w or placed[1] != w._version:
+            placed = self._placed[key] = (w, w._version, w.to(device=device, dtype=dtype))
+        return placed[2]
 
     def check_call(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
         if self.projection is not None and self.projection.shape[1] != q.shape[-1]:

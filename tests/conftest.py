@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import zlib
 
 import pytest
@@ -82,10 +83,25 @@ def _poison(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def poison_fresh_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
+def poison_fresh_allocations(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    # A module that counts the ops a call issues sets POISON_FRESH_ALLOCATIONS = False: the
+    # poisoning fill would be counted too.
+    if not getattr(request.module, "POISON_FRESH_ALLOCATIONS", True):
+        return
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: _poison(_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: _poison(_empty_like(*a, **kw)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: _poison(_new_empty(self, *a, **kw)))
+
+
+@pytest.fixture(autouse=True)
+def fresh_kernel_environment():
+    """The kernels read ``TRITON_INTERPRET`` and the autotuning cap once per process: after each
+    test (and its ``monkeypatch.setenv``/``delenv`` undone) they read them again, so a test that
+    changes them sees its own value and leaves none behind."""
+    yield
+    kernels = sys.modules.get("attn_kernels")
+    if kernels is not None:
+        kernels.refresh_environment()
 
 
 @pytest.fixture(autouse=True)

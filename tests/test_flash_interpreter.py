@@ -90,6 +90,21 @@ def test_non_contiguous_inputs() -> None:
     check_backend(av.SlidingWindowAttention(window=7, global_tokens=1), "triton", q, k, v, causal=False)
 
 
+def test_forward_without_autograd() -> None:
+    """No gradient wanted (inputs without grad, or under ``no_grad``): the forward runs without the
+    autograd function, a last dim of stride 2 included, and equals the float64 reference."""
+    q, k, v = make_qkv(1, 2, 1, 33, 33, 16)
+    v = torch.randn(1, 1, 33, 32)[..., ::2]
+    for variant in (av.FullAttention(), av.SlidingWindowAttention(window=(5, 2))):
+        check_backend(variant, "triton", q, k, v, causal=True, grad=False)
+        ref = variant.reference(q.double(), k.double(), v.double(), causal=True)
+        with torch.no_grad():
+            out = variant(q.requires_grad_(True), k, v, causal=True, backend="triton")
+        q.requires_grad_(False)
+        assert out.grad_fn is None and not out.requires_grad
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_rows_without_keys_are_zero_with_zero_grads() -> None:
     """Causal, Nq > Nk, window (0, 0): the first Nq - Nk rows see no key."""
     q, k, v = make_qkv(1, 2, 2, 40, 10, 16)

@@ -6,6 +6,7 @@ Triton is imported under a guard: on a machine without it the package still impo
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -25,9 +26,32 @@ except Exception as exc:  # pragma: no cover - depends on the installation
 AUTOTUNE_ENV = "ATTN_TRITON_AUTOTUNE_MAX"
 
 
+@functools.cache
 def interpreter_enabled() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
+    """True when Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``).
+
+    Read once (Triton itself fixes the mode when a kernel is defined); a test that changes the
+    variable calls :func:`refresh_environment`."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def refresh_environment() -> None:
+    """Forget the environment variables the kernels read once per process (``TRITON_INTERPRET``,
+    :data:`AUTOTUNE_ENV`): the next call reads them again. For tests that change them."""
+    interpreter_enabled.cache_clear()
+    from .launch import autotune_cap
+
+    autotune_cap.cache_clear()
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """``(major, minor)`` compute capability of the CUDA ``device``, queried once per device."""
+    return _capability(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def interpreter_range(start, end=None, step=1):

@@ -53,6 +53,27 @@ def _no_globals(device: torch.device) -> Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
+@functools.lru_cache(maxsize=8)
+def _no_shift(device: torch.device) -> Tensor:
+    """A placeholder for the key-shift pointers of a ``relu`` Performer step (never read)."""
+    return torch.zeros(1, dtype=torch.float32, device=device)
+
+
+def _workspace(n_slots: int, block_m: int, block_dv: int, device: torch.device, extra: int = 0) -> list[Tensor]:
+    """The partial results ``m (n_slots, BLOCK_M)``, ``l (n_slots, BLOCK_M)``,
+    ``acc (n_slots, BLOCK_M, BLOCK_DV)`` (float32) and ``extra`` more floats, as contiguous views of
+    one allocation."""
+    rows = n_slots * block_m
+    buf = torch.empty(rows * (2 + block_dv) + extra, dtype=torch.float32, device=device)
+    parts = list(buf.split([rows, rows, rows * block_dv, extra]))
+    return [
+        parts[0].view(n_slots, block_m),
+        parts[1].view(n_slots, block_m),
+        parts[2].view(n_slots, block_m, block_dv),
+        parts[3],
+    ]
+
+
 def _row_blocks(rows: int, max_rows: int = MAX_ROWS) -> tuple[int, int]:
     """``(BLOCK_M, number of row blocks)`` for ``rows`` query rows of one key/value head."""
     block = min(max_rows, pad_pow2(rows))
@@ -78,12 +99,23 @@ def split_plan(n_cached: int, programs: int, block_n: int, device: torch.device)
 
 
 def _combine(
-    m: Tensor, lsum: Tensor, acc: Tensor, out: Tensor, hk: int, t: int, groups: int, parts: int, nrb: int
+    m: Tensor,
+    lsum: Tensor,
+    acc: Tensor,
+    out: Tensor,
+    hk: int,
+    t: int,
+    groups: int,
+    parts: int,
+    nrb: int,
+    den: Tensor | None = None,
 ) -> Tensor:
-    """Merge the partial results into ``out``; returns the merged normalisers ``(B, H, T)`` (float32)."""
+    """Merge the partial results into ``out``; returns the merged normalisers ``(B, H, T)`` (float32,
+    written to ``den`` when given: ``B * H * T`` contiguous floats)."""
     bsz, h = out.shape[0], out.shape[1]
     block_m, block_dv = acc.shape[-2], acc.shape[-1]
-    den = torch.empty(bsz, h, t, dtype=torch.float32, device=out.device)
+    if den is None:
+        den = torch.empty(bsz, h, t, dtype=torch.float32, device=out.device)
     launch(
         _combine_kernel, [KernelConfig(block_m, 0, 4, 1)], lambda _: (bsz * hk, nrb),
         (m, lsum, acc, out, den, out.stride(0), out.stride(1), out.stride(2), hk, t, groups, parts),
@@ -157,9 +189,8 @@ def softmax_step(
     parts = splits + 1
     block_dv = pad_pow2(dv)
     n_slots = bsz * hk * nrb * parts
-    m = torch.empty(n_slots, block_m, dtype=torch.float32, device=q.device)
-    lsum = torch.empty(n_slots, block_m, dtype=torch.float32, device=q.device)
-    acc = torch.empty(n_slots, block_m, block_dv, dtype=torch.float32, device=q.device)
+    # The normalisers the combine writes are not needed here: they share the workspace.
+    m, lsum, acc, den = _workspace(n_slots, block_m, block_dv, q.device, extra=bsz * h * t)
     launch(
         _softmax_split_kernel, [cfg], lambda _: (parts, bsz * hk, nrb),
         (
@@ -176,7 +207,7 @@ def softmax_step(
         RING=ring, BLOCK_D=pad_pow2(d), BLOCK_DV=block_dv, HEAD_D=d, HEAD_DV=dv, PREC=dot_precision(q.dtype),
     )  # fmt: skip
     out = torch.empty(bsz, h, t, dv, dtype=q.dtype, device=q.device)
-    _combine(m, lsum, acc, out, hk, t, groups, parts, nrb)
+    _combine(m, lsum, acc, out, hk, t, groups, parts, nrb, den)
     return out
 
 
@@ -210,16 +241,14 @@ def favor_step(
     q, k, v = (_unit_last(x) for x in (q, k, v))
     ws, kv = ws.contiguous(), kv.contiguous()
     softmax = kernel == "softmax"
-    shift_in = shift.contiguous() if softmax and shift is not None else kv.new_zeros(1)
+    shift_in = shift.contiguous() if softmax and shift is not None else _no_shift(q.device)
     kv_out = torch.empty_like(kv)
     shift_out = torch.empty_like(shift_in) if softmax else None
     block_m, nrb = _row_blocks(groups * t)
     fblocks = cdiv(m_feat, FEATURE_BLOCK)
     block_dv = pad_pow2(dv)
     n_slots = bsz * hk * nrb * fblocks
-    m = torch.empty(n_slots, block_m, dtype=torch.float32, device=q.device)
-    lsum = torch.empty(n_slots, block_m, dtype=torch.float32, device=q.device)
-    acc = torch.empty(n_slots, block_m, block_dv, dtype=torch.float32, device=q.device)
+    m, lsum, acc, _ = _workspace(n_slots, block_m, block_dv, q.device)
     launch(
         _favor_step_kernel, [KernelConfig(block_m, FEATURE_BLOCK, FAVOR_WARPS, 1)], lambda _: (fblocks, bsz * hk, nrb),
         (

@@ -67,6 +67,7 @@ kernels in :mod:`attn_kernels.launch`; this module is the host side.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -74,6 +75,7 @@ import torch
 import triton
 from torch import Tensor
 
+from . import device_capability
 from .favor_configs import (
     BLOCK_ROWS,
     CHUNK,
@@ -102,7 +104,7 @@ def unsupported_reason(variant: object, device: torch.device, dtype: torch.dtype
     kernel = getattr(variant, "kernel", "softmax")
     if kernel not in ("softmax", "relu"):
         return f"the Triton FAVOR+ kernels implement kernel='softmax' and 'relu', not {kernel!r}"
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+    if device.type == "cuda" and device_capability(device) < (8, 0):
         return "the Triton FAVOR+ kernels need compute capability 8.0 or newer (TF32 tensor cores)"
     return None
 
@@ -172,10 +174,16 @@ def _prepare_projection(w: Tensor, dtype: torch.dtype, opts: FavorOptions, geo: 
     return ws.float(), torch.stack(terms).contiguous()
 
 
+@functools.lru_cache(maxsize=16)
+def _no_padding(device: torch.device) -> Tensor:
+    """The int8 placeholder passed as the key-valid pointer when there is no padding (never read)."""
+    return torch.zeros(1, dtype=torch.int8, device=device)
+
+
 def _pad_arg(kpm: Tensor | None, device: torch.device) -> tuple[Tensor, bool]:
-    """``(kpm_ptr, HAS_PAD)`` of a launch: the int8 key-valid vector, or a dummy and False."""
+    """``(kpm_ptr, HAS_PAD)`` of a launch: the int8 key-valid vector, or a placeholder and False."""
     if kpm is None:
-        return torch.zeros(1, dtype=torch.int8, device=device), False
+        return _no_padding(device), False
     return kpm, True
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import HAS_TRITON
+from . import HAS_TRITON, device_capability, interpreter_enabled
 from .flash_configs import (
     MAX_HEAD_DIM,
     MIN_HEAD_DIM,
@@ -83,21 +83,28 @@ def _launch_shape(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> Launch
     return LaunchShape(d, q.element_size(), opts.causal, n=max(q.shape[2], k.shape[2]), window=window)
 
 
+@functools.lru_cache(maxsize=16)
+def _placeholders(device: torch.device) -> tuple[Tensor, Tensor]:
+    """int32 and int8 tensors passed for the pointers of a specialisation that does not read them
+    (no global tokens, no padding), made once per device: a call allocates nothing for them."""
+    return torch.zeros(2, dtype=torch.int32, device=device), torch.zeros(2, dtype=torch.int8, device=device)
+
+
 def _global_args(opts: FlashOptions, device: torch.device) -> tuple[Tensor, Tensor, int]:
     if opts.num_global:
         assert opts.global_idx is not None and opts.global_flag is not None
         return opts.global_idx, opts.global_flag, opts.num_global
-    dummy = torch.zeros(1, dtype=torch.int32, device=device)
-    return dummy, dummy.to(torch.int8), 0
+    idx, flag = _placeholders(device)
+    return idx, flag, 0
 
 
 def _pad_args(opts: FlashOptions, device: torch.device) -> tuple[Tensor, Tensor, bool]:
-    """``(KPM, KRANGE, HAS_PAD)`` of the launches: the padding tensors, or dummies and False."""
+    """``(KPM, KRANGE, HAS_PAD)`` of the launches: the padding tensors, or placeholders and False."""
     if opts.key_valid is not None:
         assert opts.key_range is not None
         return opts.key_valid, opts.key_range, True
-    dummy = torch.zeros(2, dtype=torch.int32, device=device)
-    return dummy.to(torch.int8), dummy, False
+    krange, kpm = _placeholders(device)
+    return kpm, krange, False
 
 
 def padding_args(key_padding_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,7 +127,7 @@ def _last_dim_unit(x: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=128)
 def _cached_schedule(
-    keys: bool, nq: int, nk: int, bm: int, bn: int, causal: bool, window: tuple[int, int] | None, device: str
+    keys: bool, nq: int, nk: int, bm: int, bn: int, causal: bool, window: tuple[int, int] | None, device: torch.device
 ) -> Tensor:
     fn = key_block_schedule if keys else query_block_schedule
     return fn(nq, nk, bm, bn, causal=causal, window=window).to(device)
@@ -129,7 +136,7 @@ def _cached_schedule(
 def _schedule(keys: bool, nq: int, nk: int, cfg: KernelConfig, opts: FlashOptions, device: torch.device) -> Tensor:
     """The schedule on ``device``; cached per shape when there are no global tokens."""
     if not opts.num_global:
-        return _cached_schedule(keys, nq, nk, cfg.block_m, cfg.block_n, opts.causal, opts.window, str(device))
+        return _cached_schedule(keys, nq, nk, cfg.block_m, cfg.block_n, opts.causal, opts.window, device)
     if keys:
         sched = key_block_schedule(
             nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window, global_idx=opts.global_idx
@@ -147,16 +154,27 @@ def _launches(
 ) -> list[tuple[Tensor, int, bool, bool, KernelConfig]]:
     """``(schedule rows, programs, HAS_GLOBAL, GATHERED, config)`` of the band launch and, with
     global tokens, of the gathered launch (a separate specialisation keeps the band kernel lean)."""
-    out = [(sched[:n_band], n_band, has_global, False, cfg)]
+    band = sched if sched.shape[0] == n_band else sched[:n_band]
+    out = [(band, n_band, has_global, False, cfg)]
     if has_global and sched.shape[0] > n_band:
         out.append((sched[n_band:], sched.shape[0] - n_band, False, True, gathered_cfg))
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_config(shape: LaunchShape, backward: bool, interpreter: bool) -> KernelConfig:
+    return select_config(shape, backward=backward)
+
+
+def _config(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions, backward: bool) -> KernelConfig:
+    """:func:`select_config` for this call, looked up once per launch shape."""
+    return _cached_config(_launch_shape(q, k, v, opts), backward, interpreter_enabled())
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple[Tensor, Tensor]:
     bsz, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = select_config(_launch_shape(q, k, v, opts), backward=False)
+    cfg = _config(q, k, v, opts, backward=False)
     gidx, gflag, ng = _global_args(opts, q.device)
     kpm, krange, has_pad = _pad_args(opts, q.device)
     sched = _schedule(False, nq, nk, cfg, opts, q.device)
@@ -187,7 +205,7 @@ def _backward(
     bsz, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     dout = _last_dim_unit(dout)
-    cfg = select_config(_launch_shape(q, k, v, opts), backward=True)
+    cfg = _config(q, k, v, opts, backward=True)
     gidx, gflag, ng = _global_args(opts, q.device)
     kpm, krange, has_pad = _pad_args(opts, q.device)
     left, right = band_reach(opts.window, nq, nk)
@@ -301,7 +319,10 @@ def flash_attention(
     if key_padding_mask is not None:
         kvalid, krange = padding_args(key_padding_mask.to(q.device))
     opts = FlashOptions(bool(causal), float(scale), window, gidx, gflag, kvalid, krange)
-    return _FlashAttention.apply(q, k, v, opts)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FlashAttention.apply(q, k, v, opts)
+    # No gradient wanted: the forward alone, without the autograd function's bookkeeping.
+    return _forward(_last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v), opts)[0]
 
 
 def unsupported_reason(variant: object, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -315,7 +336,7 @@ def unsupported_reason(variant: object, device: torch.device, dtype: torch.dtype
         return f"the Triton softmax kernels support head dims up to {MAX_HEAD_DIM}, got {head_dim}"
     if device.type == "cpu" and dtype == torch.bfloat16:
         return "bfloat16 tl.dot gives wrong results under the Triton interpreter; use a CUDA device"
-    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+    if device.type == "cuda" and dtype == torch.bfloat16 and device_capability(device) < (8, 0):
         return "bfloat16 needs a GPU of compute capability 8.0 or newer"
     return None
 

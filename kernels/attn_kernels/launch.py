@@ -14,6 +14,7 @@ Importable without Triton (the block schedules and configs are plain Python): on
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -98,11 +99,13 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.cache
 def autotune_cap() -> int | None:
     """At most this many configs are autotuned per kernel (``ATTN_TRITON_AUTOTUNE_MAX``; None: all).
 
     Each tried config is one compilation: a benchmark run on a time budget caps them (the first
-    kept configs are the ones the ``ptxas`` calibration prefers)."""
+    kept configs are the ones the ``ptxas`` calibration prefers). Read once per process (set it
+    before the first launch; :func:`attn_kernels.refresh_environment` reads it again)."""
     text = os.environ.get(AUTOTUNE_ENV, "").strip()
     return int(text) if text.isdigit() and int(text) > 0 else None
 
@@ -153,13 +156,13 @@ def launch(
     reruns it). ``grid`` maps the constexprs of a launch (the tiles included) to the grid; ``row``
     and ``inner`` name the constexprs that take ``block_m`` and ``block_n``.
     """
-    configs = list(configs)[: autotune_cap()]
-    if interpreter_enabled() or len(configs) == 1:
+    cap = autotune_cap()
+    if interpreter_enabled() or len(configs) == 1 or cap == 1:
         cfg = configs[0]
         meta = {**constexprs, **cfg.tiles(row, inner)}
         fn[grid(meta)](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return
-    tuned = autotuner(fn, configs, constexprs, row=row, inner=inner, tune_keys=tune_keys)
+    tuned = autotuner(fn, list(configs)[:cap], constexprs, row=row, inner=inner, tune_keys=tune_keys)
     tuned[grid](*args, **constexprs)
 
 

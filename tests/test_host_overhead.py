@@ -1,0 +1,184 @@
+"""The host side of the Triton calls, measured on the CPU with the kernel launches stubbed out.
+
+A forward's host work is counted as the ATen ops it issues (a ``TorchDispatchMode`` sees every
+one): a forward allocates its output and log-sum-exp and nothing else (no placeholder tensors, no
+fills, casts or copies), launches one kernel, and reads the device capability and the
+environment once per process. The decoding steps are held to one workspace allocation besides
+their outputs. Stubbing the launches keeps these tests fast and independent of the interpreter;
+what the kernels compute is tested elsewhere (tests/test_flash_interpreter.py,
+tests/test_decode_triton.py).
+
+``test_forward_host_time`` times the Python cost of a stubbed forward with pytest-benchmark; it
+runs only when benchmarks are asked for (``pytest tests/test_host_overhead.py --benchmark-only``
+or ``--benchmark-enable``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attention_variants as av
+import attn_kernels
+import attn_kernels.decode as kdecode
+import attn_kernels.flash_attention as flash
+import attn_kernels.launch as launch_mod
+from tests.helpers import make_qkv
+
+POISON_FRESH_ALLOCATIONS = False  # conftest's NaN fill of torch.empty would be counted as an op
+
+ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.zeros.default", "aten.full.default"}
+FORBIDDEN = ("fill", "zero_", "_to_copy", "copy_", "clone", "item", "_local_scalar_dense", "nonzero")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops run inside it (by name, e.g. ``aten.empty.memory_format``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def allocations(self) -> int:
+        return sum(n for op, n in self.ops.items() if op in ALLOCATIONS)
+
+    def forbidden(self) -> list[str]:
+        return sorted(op for op in self.ops if any(word in op for word in FORBIDDEN))
+
+
+@pytest.fixture
+def stub_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Replace the kernel launches of the softmax and decoding paths by a recorder (kernel names)."""
+    launched: list[str] = []
+
+    def record(fn, configs, grid, args, **kwargs) -> None:
+        assert configs, "a launch without a config"
+        launched.append(getattr(fn, "__name__", str(fn)))
+
+    monkeypatch.setattr(flash, "launch", record)
+    monkeypatch.setattr(kdecode, "launch", record)
+    return launched
+
+
+FORWARDS = [
+    pytest.param(av.FullAttention(), False, id="full"),
+    pytest.param(av.FullAttention(), True, id="full-causal"),
+    pytest.param(av.SlidingWindowAttention(window=8), True, id="window8-causal"),
+    pytest.param(av.SlidingWindowAttention(window=(8, 3)), False, id="window8-3"),
+]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("variant, causal", FORWARDS)
+def test_forward_allocates_only_its_outputs(variant, causal: bool, grad: bool, stub_launches) -> None:
+    """A Triton forward through the public API (validation and backend resolution included):
+    exactly two allocations (output and log-sum-exp), no fills, casts, copies or host syncs,
+    one kernel launch. The first call builds the cached block schedule; the second is counted."""
+    q, k, v = make_qkv(1, 4, 2, 100, 100, 16)
+    if grad:
+        q.requires_grad_(True)
+    variant(q, k, v, causal=causal, backend="triton")
+    stub_launches.clear()
+    with OpCounter() as counter:
+        out = variant(q, k, v, causal=causal, backend="triton")
+    assert out.shape == (1, 4, 100, 16) and out.requires_grad == grad
+    assert counter.allocations() == 2, dict(counter.ops)
+    assert counter.forbidden() == [], dict(counter.ops)
+    assert stub_launches == ["_fwd_kernel"]
+
+
+def test_decode_step_allocates_one_workspace(stub_launches) -> None:
+    """A split-KV softmax step: its output plus one workspace (the partial results and the
+    combine's normalisers), two launches (split and combine)."""
+    q, k, v = make_qkv(1, 4, 2, 1, 1, 16)
+    kc, vc = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    kdecode.softmax_step(q, kc, vc, k, v, start=40, lo=0, scale=0.25)
+    stub_launches.clear()
+    with OpCounter() as counter:
+        out = kdecode.softmax_step(q, kc, vc, k, v, start=40, lo=0, scale=0.25)
+    assert out.shape == (1, 4, 1, 16)
+    assert counter.allocations() == 2, dict(counter.ops)
+    assert counter.forbidden() == [], dict(counter.ops)
+    assert stub_launches == ["_softmax_split_kernel", "_combine_kernel"]
+
+
+def test_decode_workspace_views_are_disjoint_and_contiguous() -> None:
+    m, lsum, acc, den = kdecode._workspace(3, 16, 32, torch.device("cpu"), extra=10)
+    assert m.shape == lsum.shape == (3, 16) and acc.shape == (3, 16, 32) and den.shape == (10,)
+    assert all(t.is_contiguous() for t in (m, lsum, acc, den))
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * 4) for t in (m, lsum, acc, den))
+    assert all(end <= nxt for (_, end), (nxt, _) in itertools.pairwise(spans))
+
+
+def test_performer_projection_is_placed_once() -> None:
+    """The projection on a device/dtype is made once: later calls issue no op (no host-to-device
+    copy); a redraw makes a new one."""
+    variant = av.PerformerAttention(num_features=16, seed=3)
+    w = variant.projection_matrix(8, "cpu", torch.float32)
+    with OpCounter() as counter:
+        again = variant.projection_matrix(8, "cpu", torch.float32)
+    assert again is w and not counter.ops
+    expected = av.performer.draw_projection(16, 8, seed=3).float()
+    assert torch.equal(w, expected)
+    variant.redraw(4)
+    redrawn = variant.projection_matrix(8, "cpu", torch.float32)
+    assert torch.equal(redrawn, av.performer.draw_projection(16, 8, seed=4).float())
+
+
+def test_capability_is_queried_once_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def capability(index: int) -> tuple[int, int]:
+        calls.append(index)
+        return (9, 0) if index == 0 else (7, 5)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    attn_kernels._capability.cache_clear()
+    try:
+        for _ in range(3):
+            assert attn_kernels.device_capability(torch.device("cuda", 0)) == (9, 0)
+            assert attn_kernels.device_capability(torch.device("cuda", 1)) == (7, 5)
+        assert calls == [0, 1]
+        # What the softmax kernels' support check answers from it (bfloat16 needs 8.0).
+        var = av.FullAttention()
+        assert flash.unsupported_reason(var, torch.device("cuda", 0), torch.bfloat16, 64) is None
+        assert "8.0" in flash.unsupported_reason(var, torch.device("cuda", 1), torch.bfloat16, 64)
+        assert calls == [0, 1]
+    finally:
+        attn_kernels._capability.cache_clear()
+
+
+def test_environment_is_read_once_until_refreshed(monkeypatch: pytest.MonkeyPatch) -> None:
+    attn_kernels.refresh_environment()
+    monkeypatch.setenv(attn_kernels.AUTOTUNE_ENV, "3")
+    assert launch_mod.autotune_cap() == 3
+    monkeypatch.setenv(attn_kernels.AUTOTUNE_ENV, "5")
+    assert launch_mod.autotune_cap() == 3  # cached: no environment read per call
+    was = attn_kernels.interpreter_enabled()
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if was else "1")
+    assert attn_kernels.interpreter_enabled() == was
+    attn_kernels.refresh_environment()
+    assert launch_mod.autotune_cap() == 5
+    assert attn_kernels.interpreter_enabled() == (not was)
+    monkeypatch.delenv(attn_kernels.AUTOTUNE_ENV)
+    attn_kernels.refresh_environment()
+    assert launch_mod.autotune_cap() is None
+
+
+def test_forward_host_time(benchmark, request: pytest.FixtureRequest, stub_launches) -> None:
+    """Python time of one stubbed Triton forward through the public API (reported, not asserted:
+    a shared machine's timings are noise)."""
+    if not (request.config.getoption("benchmark_only") or request.config.getoption("benchmark_enable")):
+        pytest.skip("a benchmark: run with --benchmark-only or --benchmark-enable")
+    q, k, v = make_qkv(1, 4, 4, 128, 128, 64)
+    variant = av.FullAttention()
+    variant(q, k, v, causal=True, backend="triton")
+    out = benchmark(variant, q, k, v, causal=True, backend="triton")
+    assert out.shape == (1, 4, 128, 64)
