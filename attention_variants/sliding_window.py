@@ -88,14 +88,20 @@ class SlidingWindowAttention(AttentionVariant):
         return masks.visible_pairs(nq, nk, causal=causal, window=self.window, global_mask=gm)
 
     def global_positions(self) -> list[int]:
-        """The global positions, sorted, as absolute token positions (a bool mask's True entries)."""
+        """The global positions, sorted, as absolute token positions (a bool mask's True entries).
+
+        Worked out once per value of ``global_tokens`` (a tensor's are read from the device once,
+        not at every decoding step)."""
         g = self.global_tokens
         if g is None:
             return []
         if isinstance(g, int):
             return list(range(g))
-        pos = g.nonzero().flatten() if g.dtype == torch.bool else g
-        return sorted({int(p) for p in pos.tolist()})
+        cached = getattr(self, "_global_positions", None)
+        if cached is None or cached[0] is not g or cached[1] != g._version:
+            pos = g.nonzero().flatten() if g.dtype == torch.bool else g
+            cached = self._global_positions = (g, g._version, sorted({int(p) for p in pos.tolist()}))
+        return list(cached[2])
 
     # -- decoding: a ring buffer of the last left + 1 tokens, plus the global tokens -----------------
     # Global positions must lie in the first step (the prefill): a global *query* sees every

@@ -182,3 +182,17 @@ def test_forward_host_time(benchmark, request: pytest.FixtureRequest, stub_launc
     variant(q, k, v, causal=True, backend="triton")
     out = benchmark(variant, q, k, v, causal=True, backend="triton")
     assert out.shape == (1, 4, 128, 64)
+
+
+def test_global_positions_are_read_once() -> None:
+    """A window's global positions given as a tensor are read out once, not at every decoding step;
+    changing the tensor in place is seen."""
+    mask = torch.zeros(12, dtype=torch.bool)
+    mask[[0, 5]] = True
+    variant = av.SlidingWindowAttention(window=2, global_tokens=mask)
+    assert variant.global_positions() == [0, 5]
+    with OpCounter() as counter:
+        assert variant.global_positions() == [0, 5]
+    assert not counter.ops
+    mask[3] = True
+    assert variant.global_positions() == [0, 3, 5]
