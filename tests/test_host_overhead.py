@@ -196,3 +196,36 @@ def test_global_positions_are_read_once() -> None:
     assert not counter.ops
     mask[3] = True
     assert variant.global_positions() == [0, 3, 5]
+
+
+def test_performer_forward_reuses_its_projection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FAVOR+ forward's projection operands are made once: a second call issues no copy, cast,
+    fill or placeholder allocation (what remains is its own buffers and the key reductions)."""
+    import attn_kernels.favor as favor
+
+    monkeypatch.setattr(favor, "launch", lambda *args, **kwargs: None)
+    variant = av.PerformerAttention(num_features=32)
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16)
+    variant(q, k, v, causal=False, backend="triton")
+    with OpCounter() as counter:
+        variant(q, k, v, causal=False, backend="triton")
+    assert counter.forbidden() == [], dict(counter.ops)
+    assert "aten.zeros.default" not in counter.ops, dict(counter.ops)
+
+
+def test_projection_operands_follow_the_tensor() -> None:
+    """The cached ``Ws = W * sqrt(scale)`` (padded) is that of the tensor as it is now: reused while
+    it is unchanged, made again after an in-place change."""
+    import attn_kernels.favor as favor
+
+    w = torch.randn(12, 8)
+    opts = favor.FavorOptions(causal=False, scale=0.3, kernel="softmax", m=12)
+    geo = favor._Geometry(1, 1, 1, 4, 4, 8, 8, 16, 16, 16, True)
+    ws, wt = favor._projection_operands(w, torch.float32, opts, geo)
+    torch.testing.assert_close(ws[:12, :8].double(), w.double() * 0.3**0.5)
+    assert (ws[12:] == 0).all() and (ws[:, 8:] == 0).all()
+    again = favor._projection_operands(w, torch.float32, opts, geo)
+    assert again[0] is ws and again[1] is wt
+    w.mul_(2)
+    ws2, _ = favor._projection_operands(w, torch.float32, opts, geo)
+    torch.testing.assert_close(ws2[:12, :8].double(), w.double() * 0.3**0.5)

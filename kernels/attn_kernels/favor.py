@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -178,6 +179,25 @@ def _prepare_projection(w: Tensor, dtype: torch.dtype, opts: FavorOptions, geo: 
 def _no_padding(device: torch.device) -> Tensor:
     """The int8 placeholder passed as the key-valid pointer when there is no padding (never read)."""
     return torch.zeros(1, dtype=torch.int8, device=device)
+
+
+# (id(W), its version, dtype, scale, M_PAD, D_PAD) -> (a weak reference to W, Ws, Ws^T terms).
+_PROJECTIONS: dict[tuple, tuple[weakref.ref, Tensor, Tensor]] = {}
+_MAX_PROJECTIONS = 64
+
+
+def _projection_operands(w: Tensor, dtype: torch.dtype, opts: FavorOptions, geo: _Geometry) -> tuple[Tensor, Tensor]:
+    """:func:`_prepare_projection`, made once per projection tensor (unchanged since), dtype and
+    scale: a model calls the same ``W`` layer after layer, step after step. Treated as read-only."""
+    key = (id(w), w._version, dtype, opts.scale, geo.m_pad, geo.d_pad)
+    hit = _PROJECTIONS.get(key)
+    if hit is not None and hit[0]() is w:
+        return hit[1], hit[2]
+    ws, wt = _prepare_projection(w, dtype, opts, geo)
+    if len(_PROJECTIONS) >= _MAX_PROJECTIONS:
+        _PROJECTIONS.clear()
+    _PROJECTIONS[key] = (weakref.ref(w), ws, wt)
+    return ws, wt
 
 
 def _pad_arg(kpm: Tensor | None, device: torch.device) -> tuple[Tensor, bool]:
@@ -380,7 +400,7 @@ def _query_grid(opts: FavorOptions, geo: _Geometry):
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, kpm: Tensor | None, opts: FavorOptions, geo: _Geometry):
-    ws, wt = _prepare_projection(w, q.dtype, opts, geo)
+    ws, wt = _projection_operands(w, q.dtype, opts, geo)
     kstab = _key_stabiliser(k, wt, kpm, opts, geo)
     s, z, slots = _key_states(k, v, wt, kstab, kpm, opts, geo)
     kpm_arg, has_pad = _pad_arg(kpm, q.device)
@@ -567,4 +587,5 @@ def favor_attention(
     kpm = None
     if key_padding_mask is not None:
         kpm = key_padding_mask.to(device=q.device, dtype=torch.int8).contiguous()
-    return _FavorFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), w.detach(), kpm, opts)
+    w = w.detach() if w.requires_grad else w  # the same tensor call after call: see _projection_operands
+    return _FavorFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), w, kpm, opts)
