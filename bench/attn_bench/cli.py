@@ -892,7 +892,7 @@ def tune(
 
 @app.command("device-check")
 def device_check_cmd(
-    out: Annotated[Path, typer.Option(help="folder for SUMMARY.md, the logs and the packed run (at most 6 files)")],
+    out: Annotated[Path, typer.Option(help="folder for SUMMARY.md, logs, packed run, tuning table (at most 7 files)")],
     budget_s: Annotated[float, typer.Option(help="seconds for all steps together")] = 500.0,
     work: Annotated[Path | None, typer.Option(help="where the run directory is built [default: a temp folder]")] = None,
 ) -> None:

@@ -221,7 +221,8 @@ _SEEN: set[tuple[str, LaunchShape]] = set()
 _CACHE: dict[tuple, KernelConfig | None] = {}
 _TABLES: dict[str, Table | None] = {}
 _CARDS: dict[int, str | None] = {}
-_ENABLED: list[bool | None] = [None]  # None: read TABLES_ENV at the first lookup
+_ENABLED: list[bool | None] = [None]  # set_enabled's word; None: follow TABLES_ENV
+_ENV_ENABLED: list[bool | None] = [None]  # TABLES_ENV as read at the first lookup
 
 
 def forced_config(kernel: str, shape: LaunchShape) -> KernelConfig | None:
@@ -264,24 +265,31 @@ def set_enabled(enabled: bool | None) -> None:
 
 
 def tables_enabled() -> bool:
-    """Whether :func:`lookup` reads tables (``ATTN_TUNED_TABLES``, unless :func:`set_enabled` said)."""
-    if _ENABLED[0] is None:
-        return os.environ.get(TABLES_ENV, "1").strip().lower() not in ("0", "off", "no", "false")
-    return bool(_ENABLED[0])
+    """Whether :func:`lookup` reads tables: :func:`set_enabled`'s word, else ``ATTN_TUNED_TABLES``
+    as it was at the first lookup since the last :func:`reset`."""
+    if _ENABLED[0] is not None:
+        return bool(_ENABLED[0])
+    if _ENV_ENABLED[0] is None:
+        _ENV_ENABLED[0] = os.environ.get(TABLES_ENV, "1").strip().lower() not in ("0", "off", "no", "false")
+    return _ENV_ENABLED[0]
 
 
 def reset() -> None:
-    """Forget the cached cards, tables and lookups (after a table was written, or the environment changed)."""
+    """Forget the cached cards, tables, lookups and ``ATTN_TUNED_TABLES`` (after a table was
+    written, or the environment changed)."""
     _CACHE.clear()
     _TABLES.clear()
     _CARDS.clear()
+    _ENV_ENABLED[0] = None
 
 
 def _current_card() -> tuple[int, str | None]:
     """``(device index, card name)`` of the current CUDA device; ``(-1, None)`` without CUDA."""
     import torch
 
-    if not torch.cuda.is_available():
+    if -1 not in _CARDS:  # whether CUDA is there at all, asked once
+        _CARDS[-1] = "" if torch.cuda.is_available() else None
+    if _CARDS[-1] is None:
         return -1, None
     index = torch.cuda.current_device()
     if index not in _CARDS:
