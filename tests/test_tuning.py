@@ -167,6 +167,26 @@ def test_no_entry_when_the_default_fails(tmp_path: Path) -> None:
     assert not run.paths and not (tmp_path / "nvidia-test-card-80gb.json").exists()
 
 
+def test_a_lost_cuda_context_ends_the_run(tmp_path: Path) -> None:
+    keys = _keys(ns=[1024, 4096])
+    bad = tn.candidates(keys[1], CAP)[1]
+
+    class Crashing(FakeRunner):
+        def time_ms(self, key, cfg):
+            if key == keys[1] and cfg == bad:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return super().time_ms(key, cfg)
+
+    runner = Crashing(2)
+    lines: list[str] = []
+    run = tn.tune(keys, runner, card=CARD, capability=CAP, budget_s=100, out_dirs=[tmp_path], echo=lines.append)
+    assert "illegal memory access" in run.context_lost and run.not_reached == keys[2:]
+    assert not any(c[1] == keys[2].table_key for c in runner.calls)  # nothing more was run
+    entry = tuning.Table.read(tmp_path / "nvidia-test-card-80gb.json").entry("flash_fwd", keys[1].table_key)
+    assert entry["name"] != bad.name and bad.name in entry["failed"]
+    assert any("context is lost" in line for line in lines)
+
+
 def test_stale_entries_are_detected_and_retuned(tmp_path: Path) -> None:
     keys = _keys()
     tn.tune(keys, FakeRunner(5), card=CARD, capability=CAP, budget_s=100, out_dirs=[tmp_path], echo=lambda s: None)

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from attention_variants import masks
 from attn_kernels import favor_configs, flash_configs, tuning
 from attn_kernels.launch import KernelConfig, LaunchShape, pad_pow2
 
@@ -43,6 +44,8 @@ DEFAULT_FEATURES = 256
 MIN_GAIN = 0.03  # a candidate replaces the default only when it is this much faster
 CHECK_N = 1000  # sequence length of the numerics check (not a multiple of any tile)
 HEADS = 16  # the problem timed: (1, HEADS, N, D), as in the gpu-quick sweep
+# Errors after which the process's CUDA context is unusable: the run stops (what it wrote stays).
+CONTEXT_LOST = ("CUDA error", "AcceleratorError", "illegal memory access", "device-side assert")
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,9 @@ class TuneKey:
         if self.family == "favor":
             return LaunchShape(self.head_dim, eb, self.causal, m_pad=pad_pow2(self.features or DEFAULT_FEATURES))
         band = None
-        if self.window is not None:
-            band = self.window + 1 if self.causal else 2 * self.window + 1
+        if self.window is not None:  # as the sliding-window backend folds causal in and clamps
+            left, right = masks.clamp_reach(*masks.window_bounds(self.window, self.causal), self.n, self.n)
+            band = left + right + 1
         return LaunchShape(self.head_dim, eb, self.causal, n=self.n, window=band)
 
     @property
@@ -161,6 +165,7 @@ class TuneRun:
     failed: list[tuple[TuneKey, str]] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
     stopped_by_budget: bool = False
+    context_lost: str = ""  # the error after which no CUDA call could succeed any more
 
 
 def choose(trials: Sequence[Trial], min_gain: float = MIN_GAIN) -> tuple[Trial, Trial] | None:
@@ -245,6 +250,9 @@ def tune(
             except Exception as exc:  # one failing candidate must not end the run
                 trial.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             trials.append(trial)
+            if any(s in trial.error for s in CONTEXT_LOST):
+                run.context_lost = f"{cfg}: {trial.error}"
+                break
         picked = choose(trials, min_gain)
         elapsed = clock() - t0
         if picked is None:
@@ -277,9 +285,11 @@ def tune(
                 f" ({entry['timed']} timed, {len(entry['failed'])} failed{note}) [{elapsed:.0f}/{budget_s:.0f} s]"
             )
             run.paths = [run.table.write(d) for d in out_dirs]
-        if run.stopped_by_budget:
+        if run.stopped_by_budget or run.context_lost:
             run.not_reached = todo[i + 1 :]
             break
+    if run.context_lost:
+        echo(f"tune: stopped, the CUDA context is lost ({run.context_lost}); {len(run.not_reached)} key(s) left")
     if run.stopped_by_budget:
         echo(f"tune: budget of {budget_s:.0f} s reached; {len(run.not_reached)} key(s) not reached")
     if not run.paths and run.table.entries:
