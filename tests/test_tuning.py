@@ -409,3 +409,21 @@ def test_sm90_forward_candidates_do_not_spill(cand, flags) -> None:
     print(f"\nfwd {cfg} D{cand.max_head_dim} {flags} sm_90: {stats.registers} registers, {stats.spill_bytes} B spilled")
     assert stats.spill_bytes == 0
     assert "wgmma" in stats.ptx  # Hopper's warp-group MMA, as the shipped sm_90 forwards
+
+
+@pytest.mark.gpu
+def test_real_tuner_on_the_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real runner on one key: every candidate checked and timed, the table written and read
+    back by the launch path."""
+    keys = tn.plan(kernels=["flash_fwd"], head_dims=[64], ns=[2048], windows=[None])[:1]
+    card, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    runner = tn.CudaRunner(warmup_ms=5, rep_ms=20)
+    run = tn.tune(keys, runner, card=card, capability=cap, budget_s=120, out_dirs=[tmp_path], echo=print)
+    assert run.tuned == keys and not run.failed, run.failed
+    entry = tuning.Table.read(run.paths[0]).entry("flash_fwd", keys[0].table_key)
+    assert entry["timed"] == entry["candidates"] == len(tn.candidates(keys[0], cap)) and not entry["failed"]
+    assert 0 < entry["ratio"] <= 1.0 and entry["ms"] > 0
+    monkeypatch.setenv(tuning.DIR_ENV, str(tmp_path))
+    tuning.reset()
+    chosen = tuning.config_from_dict(entry["config"])
+    assert flash_configs.select_config(keys[0].shape(), backward=False) == chosen
