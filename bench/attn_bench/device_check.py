@@ -405,7 +405,8 @@ def device_check(
     shutil.copy(out / RECORD, run_dir / RECORD)
     with tarfile.open(out / ARCHIVE, "w:gz") as tar:
         tar.add(run_dir, arcname=run_dir.name)
-    echo(f"device-check: done in {time.monotonic() - t_start:.0f} s: {out / SUMMARY} (+ {len(LOGS) + 2} files)")
+    more = len(record["files"]) - 1
+    echo(f"device-check: done in {time.monotonic() - t_start:.0f} s: {out / SUMMARY} (+ {more} files)")
     return 0
 
 
