@@ -152,6 +152,10 @@ def test_tune_stops_within_its_budget(tmp_path: Path) -> None:
     written = {k for keyed in table.entries.values() for k in keyed}
     assert written == {k.table_key for k in run.tuned}
     assert not {k.table_key for k in run.not_reached} & written
+    # a key cut short is used but marked, and the next run tunes it (and the ones not reached) again
+    partial = [k for k in run.tuned if not table.entry(k.kernel, k.table_key)["complete"]]
+    assert partial == run.tuned[-1:]
+    assert tn.pending(keys, table) == partial + run.not_reached
     with pytest.raises(ValueError, match="budget_s"):
         tn.tune(keys, runner, card=CARD, capability=CAP, budget_s=0)
 

@@ -181,14 +181,15 @@ def choose(trials: Sequence[Trial], min_gain: float = MIN_GAIN) -> tuple[Trial, 
 
 
 def pending(keys: Iterable[TuneKey], table: tuning.Table | None) -> list[TuneKey]:
-    """The keys without a fresh entry in ``table``."""
+    """The keys without a fresh, complete entry in ``table`` (an entry cut short by the budget
+    is used at launch but tuned again)."""
     if table is None:
         return list(keys)
     hashes = {f: tuning.source_hash(f) for f in tuning.FAMILY_SOURCES}
     out = []
     for key in keys:
         e = table.entry(key.kernel, key.table_key)
-        if e is None or e.get("source_hash") != hashes[key.family]:
+        if e is None or e.get("source_hash") != hashes[key.family] or e.get("complete") is False:
             out.append(key)
     return out
 
@@ -214,7 +215,8 @@ def tune(
 
     A candidate is started only while budget is left, so the run ends at most one candidate
     (its compilation, check and timing) past ``budget_s``; a key cut short keeps the best of the
-    candidates timed if the default was among them."""
+    candidates timed if the default was among them, marked ``complete: false`` (tuned again by
+    the next run). A lost CUDA context (:data:`CONTEXT_LOST`) ends the run too."""
     if budget_s <= 0:
         raise ValueError(f"budget_s must be positive, got {budget_s}")
     t0 = clock()
@@ -253,6 +255,9 @@ def tune(
             if any(s in trial.error for s in CONTEXT_LOST):
                 run.context_lost = f"{cfg}: {trial.error}"
                 break
+        if not trials:  # the budget ran out before this key's first candidate
+            run.not_reached = todo[i:]
+            break
         picked = choose(trials, min_gain)
         elapsed = clock() - t0
         if picked is None:
@@ -275,6 +280,8 @@ def tune(
                 "candidates": len(cands),
                 "timed": sum(t.ms is not None for t in trials),
                 "failed": {t.config.name: t.error for t in trials if t.error},
+                "complete": len(trials) == len(cands),
+                "versions": (meta or {}).get("versions"),
                 "source_hash": hashes[key.family],
             }
             run.table.put(key.kernel, key.table_key, entry)
