@@ -273,6 +273,10 @@ def test_lookup_uses_the_table_and_falls_back(tmp_path: Path, monkeypatch: pytes
     path.write_text(json.dumps(data))
     tuning.reset()
     assert flash_configs.select_config(shape, backward=False) == default
+    # a config that is no candidate for the shape (a hand-edited table): the heuristic
+    _table_with(tmp_path, "flash_fwd", shape, KernelConfig(256, 256, 8, 1), "flash")
+    tuning.reset()
+    assert flash_configs.select_config(shape, backward=False) == default
     # under the interpreter the table is never read: today's fixed config
     _table_with(tmp_path, "flash_fwd", shape, tuned, "flash")
     tuning.reset()
@@ -281,8 +285,10 @@ def test_lookup_uses_the_table_and_falls_back(tmp_path: Path, monkeypatch: pytes
 
 
 def test_lookup_without_cuda_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    shape = LaunchShape(64, 4, True, m_pad=256)
-    tuned = favor_configs.CONFIGS["fwd"][-1]
+    shape = LaunchShape(64, 2, False, m_pad=256)
+    heuristic = favor_configs.heuristic_configs("fwd", shape)
+    tuned = heuristic[-1]
+    assert len(heuristic) > 1 and tuned != heuristic[0]
     _table_with(tmp_path, "favor_fwd", shape, tuned, "favor")
     monkeypatch.setenv(tuning.DIR_ENV, str(tmp_path))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -293,6 +299,10 @@ def test_lookup_without_cuda_changes_nothing(tmp_path: Path, monkeypatch: pytest
     got = favor_configs.kept_configs("fwd", shape)
     assert got == [tuned] and isinstance(got[0], favor_configs.FeatureConfig)
     assert favor_configs.kept_configs("state", shape) == favor_configs.heuristic_configs("state", shape)
+    # a config the heuristic list does not hold for this shape is refused
+    _table_with(tmp_path, "favor_fwd", shape, favor_configs.FeatureConfig(128, 128, 4, 2), "favor")
+    tuning.reset()
+    assert favor_configs.kept_configs("fwd", shape) == heuristic
 
 
 def test_forced_configs_reach_the_launch_and_stay_correct() -> None:

@@ -108,7 +108,9 @@ def kept_configs(kernel: str, shape: LaunchShape) -> list[FeatureConfig]:
     """The configs to launch ``kernel`` with: the one the tuner forces or the card's table holds,
     else :func:`heuristic_configs` (never empty)."""
     name = "favor_" + kernel
-    chosen = tuning.forced_config(name, shape) or tuning.lookup(name, shape, FeatureConfig)
+    chosen = tuning.forced_config(name, shape)
+    if chosen is None:
+        chosen = tuning.lookup(name, shape, FeatureConfig, allowed=lambda c: c in heuristic_configs(kernel, shape))
     if chosen is not None:
         return [chosen]  # type: ignore[list-item]
     return heuristic_configs(kernel, shape)

@@ -144,7 +144,8 @@ def select_config(shape: LaunchShape, backward: bool) -> KernelConfig:
         return forced
     if interpreter_enabled():
         return INTERPRETER_CONFIG
-    return tuning.lookup(kernel, shape) or _select_gpu(shape, backward)
+    allowed = lambda cfg: cfg in tune_candidates(shape, backward, (99, 0))  # any card's candidates
+    return tuning.lookup(kernel, shape, allowed=allowed) or _select_gpu(shape, backward)
 
 
 def tune_candidates(shape: LaunchShape, backward: bool, capability: tuple[int, int]) -> list[KernelConfig]:
@@ -159,9 +160,10 @@ def tune_candidates(shape: LaunchShape, backward: bool, capability: tuple[int, i
 
 
 def shipped_configs() -> list[tuple[str, KernelConfig, int, torch.dtype]]:
-    """``(kernel, config, head dim, dtype)`` of every launch ``select_config`` can make on a GPU,
-    at the largest head dim the config serves (the most live state); 16-bit configs are listed
-    with bfloat16, the dtype the interpreter cannot check. The compile tests build each one."""
+    """``(kernel, config, head dim, dtype)`` of every launch the heuristic ``select_config`` can
+    make on a GPU, at the largest head dim the config serves (the most live state); 16-bit configs
+    are listed with bfloat16, the dtype the interpreter cannot check. The compile tests build each
+    one (the sm_90 tuning candidates: tests/test_tuning.py)."""
     out = []
     for kernels, candidates in ((("fwd",), FWD_CANDIDATES), (("bwd_dq", "bwd_dkdv"), BWD_CANDIDATES)):
         for c in candidates:

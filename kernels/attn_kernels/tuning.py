@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -324,10 +324,17 @@ def table_config(
         return None
 
 
-def lookup(kernel: str, shape: LaunchShape, cls: type[KernelConfig] = KernelConfig) -> KernelConfig | None:
+def lookup(
+    kernel: str,
+    shape: LaunchShape,
+    cls: type[KernelConfig] = KernelConfig,
+    allowed: Callable[[KernelConfig], bool] | None = None,
+) -> KernelConfig | None:
     """The tuned config of ``kernel`` for ``shape`` on the current CUDA device, or None: then the
-    caller's heuristic runs. Cached per (kernel, shape, device); never consulted on CPU, under
-    the interpreter or with the tables turned off."""
+    caller's heuristic runs. ``allowed`` (the caller's candidate list) must accept the table's
+    config, so a hand-edited or foreign table cannot launch a config the project does not ship.
+    Cached per (kernel, shape, device); never consulted on CPU, under the interpreter or with
+    the tables turned off."""
     if interpreter_enabled() or not tables_enabled():
         return None
     index, card = _current_card()
@@ -340,6 +347,8 @@ def lookup(kernel: str, shape: LaunchShape, cls: type[KernelConfig] = KernelConf
         pass
     table = _table_for(card)
     cfg = None if table is None else table_config(table, kernel, shape, cls)
+    if cfg is not None and allowed is not None and not allowed(cfg):
+        cfg = None
     _CACHE[ck] = cfg
     return cfg
 
