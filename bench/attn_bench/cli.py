@@ -868,9 +868,31 @@ def list_cmd(
     console.print(pt)
 
 
+@app.command()
+def tune(
+    budget_s: Annotated[float, typer.Option(help="seconds for all keys together")] = 300.0,
+    out: Annotated[Path, typer.Option(help="folder for the table, <card>.json")] = Path("runs/tune"),
+    kernels: Annotated[str | None, typer.Option(help="comma list: flash, favor or kernel names [default: all]")] = None,
+    dtypes: Annotated[str, typer.Option(help="comma list of dtypes")] = "bfloat16",
+    n: Annotated[str, typer.Option(help="comma list of sequence lengths, most important first")] = "16384,4096,1024",
+    head_dims: Annotated[str, typer.Option(help="comma list of head dims, most important first")] = "128,64",
+    install: Annotated[bool, typer.Option(help="also write the table into the package's tuned/ folder")] = False,
+    retune: Annotated[bool, typer.Option(help="tune keys that already have a fresh entry again")] = False,
+) -> None:
+    """Time each kernel's candidate configs on this GPU and write the card's tuning table (needs CUDA)."""
+    from .tune import main as tune_main
+
+    raise typer.Exit(
+        tune_main(
+            budget_s, out, kernels=kernels, dtypes=dtypes, n=n, head_dims=head_dims, install=install, retune=retune,
+            echo=lambda line: console.print(escape(line), soft_wrap=True),
+        )
+    )  # fmt: skip
+
+
 @app.command("device-check")
 def device_check_cmd(
-    out: Annotated[Path, typer.Option(help="folder for SUMMARY.md, the logs and the packed run (at most 6 files)")],
+    out: Annotated[Path, typer.Option(help="folder for SUMMARY.md, logs, packed run, tuning table (at most 7 files)")],
     budget_s: Annotated[float, typer.Option(help="seconds for all steps together")] = 500.0,
     work: Annotated[Path | None, typer.Option(help="where the run directory is built [default: a temp folder]")] = None,
 ) -> None:

@@ -6,6 +6,11 @@ every failure is recorded and the next step still runs):
 1. ``environment``: GPU, memory, driver, CUDA, torch, Triton, the SDPA backends that run, and
    the two ceilings every later figure is compared with: device-to-device copy bandwidth and
    the bfloat16 matmul rate, both measured.
+
+   Then, when this card's tuning table (:mod:`attn_kernels.tuning`) is missing, stale (kernel
+   sources changed) or lacks keys of the default plan, ``attn-bench tune`` runs with a share of
+   the budget (:data:`TUNE_SHARE`, at most :data:`TUNE_MAX_S`), starting from the table there is;
+   the later steps launch with the table it wrote. Recorded under ``tuning`` in the record.
 2. ``gpu-tests``: ``pytest -m gpu`` (the kernels at real sizes, against float64 references).
 3. ``verify``: ``attn-bench verify`` on CUDA, every variant x backend x {bf16, fp16, fp32}.
 4. ``sweep``: the ``gpu-quick`` preset with what is left of the budget (minus the report's
@@ -14,8 +19,9 @@ every failure is recorded and the next step still runs):
 
 Then everything is packed into at most :data:`MAX_FILES` files directly in ``--out``:
 ``SUMMARY.md`` (one page, the kernel engineer's table first), ``device-check.json`` (machine
-and step records), ``device-check.tar.gz`` (the run directory: CSVs, PNGs, report, worker log)
-and the logs ``gpu-tests.log``, ``verify.log`` and ``sweep.log``.
+and step records), ``device-check.tar.gz`` (the run directory: CSVs, PNGs, report, worker log),
+the logs ``gpu-tests.log``, ``verify.log`` and ``sweep.log`` (environment, tuning, sweep and
+report), and the card's tuning table ``<card>.json`` when there is a fresh one.
 
 Without CUDA the same command runs dry: the GPU steps are recorded as skipped with the reason,
 and the files are still written.
@@ -40,13 +46,13 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from attn_kernels import AUTOTUNE_ENV
+from attn_kernels import AUTOTUNE_ENV, tuning
 
 SUMMARY = "SUMMARY.md"
 RECORD = "device-check.json"
 ARCHIVE = "device-check.tar.gz"
 LOGS = {"gpu-tests": "gpu-tests.log", "verify": "verify.log", "sweep": "sweep.log"}
-MAX_FILES = 6
+MAX_FILES = 7
 PRESET = "gpu-quick"
 
 # Time boxes (s). The sweep gets what is left after the earlier steps, minus REPORT_RESERVE_S.
@@ -55,6 +61,10 @@ TESTS_BOX_S = 200.0
 VERIFY_BOX_S = 90.0
 REPORT_BOX_S = 45.0
 REPORT_RESERVE_S = 30.0
+TUNE_SHARE = 0.25  # of --budget-s, for tuning when the card's table is missing or stale
+TUNE_MAX_S = 150.0
+TUNE_MIN_S = 20.0  # less than this is not worth a tuning run
+TUNE_GRACE_S = 40.0  # beyond the tuner's own budget: start-up and the last candidate
 SWEEP_GRACE_S = 30.0  # beyond the sweep's own budget: worker start-up, the last row, the CSV
 TEST_GIB_PER_WORKER = 32.0
 # Configs per autotuned Triton kernel during the check (each tried config is one compilation).
@@ -306,6 +316,13 @@ def device_check(
     has_cuda, why = cuda_status()
     gpu_skip = None if has_cuda or device == "cpu" else why
 
+    # 1b. the tuning table (recorded apart from the steps)
+    try:
+        tuned = tune_table(environment, has_cuda and device == "cuda", run_dir, out, logs["sweep"], left, env_vars)
+    except Exception as exc:  # a broken table must not cost the check
+        tuned = {"status": "failed", "detail": f"{type(exc).__name__}: {exc}", "table_used": False, "copied": False}
+    echo(f"device-check: tuning: {tuned['status']} ({tuned.get('seconds', 0):.0f} s) {tuned['detail']}".rstrip())
+
     # 2. GPU tests
     tests_dir = ROOT / "tests"
     if gpu_skip or device != "cuda":
@@ -375,7 +392,8 @@ def device_check(
         "elapsed_s": round(time.monotonic() - t_start, 1),
         "environment": environment,
         "steps": [asdict(s) for s in steps],
-        "files": [SUMMARY, RECORD, ARCHIVE, *LOGS.values()],
+        "tuning": tuned,
+        "files": [SUMMARY, RECORD, ARCHIVE, *LOGS.values(), *([tuned["file"]] if tuned.get("copied") else [])],
     }
     try:
         text = summary_markdown(record, sweep_dir, verify_csv, logs["gpu-tests"])
@@ -387,8 +405,57 @@ def device_check(
     shutil.copy(out / RECORD, run_dir / RECORD)
     with tarfile.open(out / ARCHIVE, "w:gz") as tar:
         tar.add(run_dir, arcname=run_dir.name)
-    echo(f"device-check: done in {time.monotonic() - t_start:.0f} s: {out / SUMMARY} (+ {len(LOGS) + 2} files)")
+    more = len(record["files"]) - 1
+    echo(f"device-check: done in {time.monotonic() - t_start:.0f} s: {out / SUMMARY} (+ {more} files)")
     return 0
+
+
+def tune_table(
+    environment: dict, cuda: bool, run_dir: Path, out: Path, log: Path, left, env_vars: dict[str, str]
+) -> dict:
+    """Bring this card's tuning table up to date within a share of the budget (see the module
+    docstring); copy the table the later steps will use into ``out`` and point ``env_vars`` at
+    it. Returns the record: ``status`` (ok, failed, timeout, skipped), ``table_before``
+    (missing, unreadable, stale, fresh), ``pending`` keys, ``table_used``, ``entries``, ``file``."""
+    from .tune import pending, plan
+
+    rec: dict = {"status": "skipped", "detail": "", "table_before": None, "table_used": False, "copied": False}
+    card = environment.get("gpu")
+    if not cuda or not card:
+        rec["detail"] = "no CUDA device: the heuristic configs run" if not cuda else "the environment step named no GPU"
+        return rec
+    rec["card"], rec["file"] = card, f"{tuning.card_slug(card)}.json"
+    (out / rec["file"]).unlink(missing_ok=True)
+    status, path = tuning.table_status(card)
+    table = None
+    if status in ("stale", "fresh") and path is not None:
+        table = tuning.Table.read(path)
+    todo = pending(plan(), table)
+    rec.update(table_before=status, table_path=str(path) if path else None, pending=len(todo))
+    use = path if status == "fresh" else None
+    if todo:
+        budget = min(TUNE_MAX_S, TUNE_SHARE * max(0.0, left()))
+        if budget < TUNE_MIN_S:
+            rec["detail"] = f"table {status}, {len(todo)} keys to tune, but only {budget:.0f} s for it"
+        else:
+            tuned_dir = run_dir / "tuned"
+            cmd = [sys.executable, "-m", "attn_bench.cli", "tune", "--budget-s", f"{budget:.0f}"]
+            cmd += ["--out", str(tuned_dir)]
+            code, secs = run_boxed(cmd, log, budget + TUNE_GRACE_S, env_vars)
+            rec.update(seconds=round(secs, 1), returncode=code, budget_s=round(budget))
+            rec["status"] = "timeout" if code is None else "ok" if code == 0 else "failed"
+            new_status, new_path = tuning.table_status(card, [tuned_dir])
+            if new_path is not None and new_status == "fresh":
+                use = new_path
+                rec["pending_after"] = len(pending(plan(), tuning.Table.read(new_path)))
+            rec["detail"] = f"table {status}, {len(todo)} keys to tune; tuned within {budget:.0f} s, see sweep.log"
+    else:
+        rec.update(status="ok", detail=f"table fresh ({path}): nothing to tune")
+    if use is not None:
+        shutil.copy(use, out / rec["file"])
+        env_vars[tuning.DIR_ENV] = str(Path(use).parent)
+        rec.update(table_used=True, copied=True, entries=sum(len(v) for v in tuning.Table.read(use).entries.values()))
+    return rec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,6 +627,17 @@ def summary_markdown(record: dict, sweep_dir: Path, verify_csv: Path, tests_log:
         ]
     )
     md.append(md_table(view))
+
+    tuned = record.get("tuning") or {}
+    if tuned:
+        md.append("\n## Tuning table\n")
+        used = "none used"
+        if tuned.get("table_used"):
+            used = f"used, {tuned.get('entries', 0)} entries ({tuned.get('file')})"
+        md.append(
+            f"Table before: {tuned.get('table_before') or '-'}; tuning {tuned.get('status')}: {tuned.get('detail')}. "
+            f"Launches: {used}.\n"
+        )
 
     md.append("\n## Numerics\n")
     if tests_log.exists() and tests_log.stat().st_size:

@@ -1,8 +1,9 @@
 """Constants and launch configurations of the fused FAVOR+ kernels (plain Python and torch).
 
-A list of configs per kernel, pruned by :func:`keep` for the launch shape; on a GPU the kept
-configs are autotuned (at most ``ATTN_TRITON_AUTOTUNE_MAX`` of them), under the interpreter
-the first kept one runs.
+A list of configs per kernel, pruned by :func:`keep` for the launch shape; on a GPU the card's
+tuning table entry runs when there is one (:mod:`attn_kernels.tuning`), else the kept configs are
+autotuned (at most ``ATTN_TRITON_AUTOTUNE_MAX`` of them); under the interpreter the first kept
+one runs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import tuning
 from .launch import KernelConfig, LaunchShape, pad_pow2
 
 RELU_EPS = 1e-3  # the ``+ 1e-3`` of the relu feature map (attention_variants.performer.RELU_EPS)
@@ -103,6 +105,18 @@ def keep(kernel: str, cfg: FeatureConfig, shape: LaunchShape) -> bool:
 
 
 def kept_configs(kernel: str, shape: LaunchShape) -> list[FeatureConfig]:
+    """The configs to launch ``kernel`` with: the one the tuner forces or the card's table holds,
+    else :func:`heuristic_configs` (never empty)."""
+    name = "favor_" + kernel
+    chosen = tuning.forced_config(name, shape)
+    if chosen is None:
+        chosen = tuning.lookup(name, shape, FeatureConfig, allowed=lambda c: c in heuristic_configs(kernel, shape))
+    if chosen is not None:
+        return [chosen]  # type: ignore[list-item]
+    return heuristic_configs(kernel, shape)
+
+
+def heuristic_configs(kernel: str, shape: LaunchShape) -> list[FeatureConfig]:
     """The configs of ``kernel`` that :func:`keep` accepts, in list order (never empty)."""
     kept = [c for c in CONFIGS[kernel] if keep(kernel, c, shape)]
     if not kept:  # the narrowest config (most warps), its feature block clipped to m_pad

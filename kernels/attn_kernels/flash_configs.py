@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import interpreter_enabled
+from . import interpreter_enabled, tuning
 from .launch import KernelConfig, LaunchShape, pad_pow2
 
 MAX_HEAD_DIM = 256
@@ -78,6 +78,26 @@ BWD_CANDIDATES: tuple[Candidate, ...] = (
     Candidate(KernelConfig(32, 32, 8, 1), 2, 256),
     Candidate(KernelConfig(16, 16, 4, 1), 4, 256),
 )
+# More candidates that ``attn-bench tune`` times on sm_90 and newer (never a heuristic default):
+# the wider key tiles and deeper pipelines of the Hopper anchors (FlexAttention's and Triton
+# tutorial 06's 128 x 64 with 3-4 stages). Each forward here compiles without spills for sm_90
+# in the plain, global-token and key-padding specialisations at its largest head dim (the
+# ptxas figures of tests/test_tuning.py). Key tiles of 128 spilled in every tile tried
+# (M64/M128, 4/8 warps, D 64/128), M128-N64-w8-s3 by 48 B with global tokens at D 128, so they
+# are left out. Backward spills are only timed against the defaults, as the compile test does.
+TUNE_FWD_CANDIDATES: tuple[Candidate, ...] = (
+    Candidate(KernelConfig(128, 64, 8, 4), 2, 128),
+    Candidate(KernelConfig(128, 32, 8, 3), 2, 128),
+    Candidate(KernelConfig(64, 64, 8, 3), 2, 128),
+    Candidate(KernelConfig(64, 64, 4, 3), 2, 64),
+    Candidate(KernelConfig(64, 64, 4, 4), 2, 64),
+)
+TUNE_BWD_CANDIDATES: tuple[Candidate, ...] = (
+    Candidate(KernelConfig(128, 32, 8, 2), 2, 128),
+    Candidate(KernelConfig(64, 32, 4, 3), 2, 128),
+    Candidate(KernelConfig(64, 32, 8, 2), 2, 128),
+    Candidate(KernelConfig(64, 64, 4, 2), 2, 64),
+)
 # Under the interpreter: small tiles with block_m != block_n, so that tests at N <= 200 cover
 # several blocks, edge blocks and interior blocks of both shapes.
 INTERPRETER_CONFIG = KernelConfig(32, 16, 4, 1)
@@ -116,16 +136,34 @@ def _select_gpu(shape: LaunchShape, backward: bool) -> KernelConfig:
 
 
 def select_config(shape: LaunchShape, backward: bool) -> KernelConfig:
-    """The launch configuration for ``shape`` (a fixed one under the interpreter: no autotuning)."""
+    """The launch configuration for ``shape``: a fixed one under the interpreter; on a GPU the
+    card's tuning table entry (:mod:`attn_kernels.tuning`) or else the first kept candidate."""
+    kernel = "flash_bwd" if backward else "flash_fwd"
+    forced = tuning.forced_config(kernel, shape)
+    if forced is not None:
+        return forced
     if interpreter_enabled():
         return INTERPRETER_CONFIG
-    return _select_gpu(shape, backward)
+    allowed = lambda cfg: cfg in tune_candidates(shape, backward, (99, 0))  # any card's candidates
+    return tuning.lookup(kernel, shape, allowed=allowed) or _select_gpu(shape, backward)
+
+
+def tune_candidates(shape: LaunchShape, backward: bool, capability: tuple[int, int]) -> list[KernelConfig]:
+    """The configs ``attn-bench tune`` times for ``shape`` on a GPU of ``capability``: the heuristic
+    default first, then every other kept candidate, the Hopper/Blackwell ones included from sm_90."""
+    extra = (TUNE_BWD_CANDIDATES if backward else TUNE_FWD_CANDIDATES) if capability >= (9, 0) else ()
+    out = [_select_gpu(shape, backward)]
+    for c in (*(BWD_CANDIDATES if backward else FWD_CANDIDATES), *extra):
+        if keep(c, shape) and c.config not in out:
+            out.append(c.config)
+    return out
 
 
 def shipped_configs() -> list[tuple[str, KernelConfig, int, torch.dtype]]:
-    """``(kernel, config, head dim, dtype)`` of every launch ``select_config`` can make on a GPU,
-    at the largest head dim the config serves (the most live state); 16-bit configs are listed
-    with bfloat16, the dtype the interpreter cannot check. The compile tests build each one."""
+    """``(kernel, config, head dim, dtype)`` of every launch the heuristic ``select_config`` can
+    make on a GPU, at the largest head dim the config serves (the most live state); 16-bit configs
+    are listed with bfloat16, the dtype the interpreter cannot check. The compile tests build each
+    one (the sm_90 tuning candidates: tests/test_tuning.py)."""
     out = []
     for kernels, candidates in ((("fwd",), FWD_CANDIDATES), (("bwd_dq", "bwd_dkdv"), BWD_CANDIDATES)):
         for c in candidates:
