@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import attn_kernels
 from attn_bench import device_check as dc
 from attn_bench import tune as tn
 from attn_bench.cli import app
@@ -222,6 +223,7 @@ def _gpu_lookup(monkeypatch: pytest.MonkeyPatch, folder: Path, card: str = CARD)
     """Make the lookup act as on a GPU named ``card`` with tables in ``folder``; returns a list
     that counts the table reads."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    attn_kernels.refresh_environment()  # the kernels read the variable once per process
     monkeypatch.setenv(tuning.DIR_ENV, str(folder))
     monkeypatch.setattr(tuning, "_current_card", lambda: (0, card))
     reads = [0]
@@ -281,6 +283,7 @@ def test_lookup_uses_the_table_and_falls_back(tmp_path: Path, monkeypatch: pytes
     _table_with(tmp_path, "flash_fwd", shape, tuned, "flash")
     tuning.reset()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    attn_kernels.refresh_environment()
     assert flash_configs.select_config(shape, backward=False) == flash_configs.INTERPRETER_CONFIG
 
 
@@ -292,6 +295,7 @@ def test_lookup_without_cuda_changes_nothing(tmp_path: Path, monkeypatch: pytest
     _table_with(tmp_path, "favor_fwd", shape, tuned, "favor")
     monkeypatch.setenv(tuning.DIR_ENV, str(tmp_path))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    attn_kernels.refresh_environment()
     if not torch.cuda.is_available():
         assert tuning.lookup("favor_fwd", shape, favor_configs.FeatureConfig) is None
         assert favor_configs.kept_configs("fwd", shape) == favor_configs.heuristic_configs("fwd", shape)
@@ -321,6 +325,21 @@ def test_forced_configs_reach_the_launch_and_stay_correct() -> None:
     assert runner.check(key, cfg) is None
     with pytest.raises(ValueError, match="unknown kernel"), tuning.forced({"flash": cfg}):
         pass
+
+
+def test_each_forced_block_reaches_the_launch() -> None:
+    """The launches cache their config per launch shape; a forced block (one tuner candidate)
+    and the calls after it must still get their own config, not the one cached before."""
+    from attention_variants import attention
+
+    q, k, v = (torch.randn(1, 1, 40, 16) for _ in range(3))
+    for cfg in (KernelConfig(16, 32, 4, 1), KernelConfig(32, 16, 4, 1)):
+        with tuning.forced({"flash_fwd": cfg}) as seen:
+            attention(q, k, v, "full", backend="triton")
+        assert [kernel for kernel, _ in seen] == ["flash_fwd"], cfg
+    attention(q, k, v, "full", backend="triton")
+    shape = seen[0][1]
+    assert flash_configs.select_config(shape, backward=False) == flash_configs.INTERPRETER_CONFIG
 
 
 def test_table_file_round_trip_and_bad_input(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import HAS_TRITON, device_capability, interpreter_enabled
+from . import HAS_TRITON, device_capability, interpreter_enabled, tuning
 from .flash_configs import (
     MAX_HEAD_DIM,
     MIN_HEAD_DIM,
@@ -162,13 +162,14 @@ def _launches(
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_config(shape: LaunchShape, backward: bool, interpreter: bool) -> KernelConfig:
+def _cached_config(shape: LaunchShape, backward: bool, interpreter: bool, generation: int) -> KernelConfig:
     return select_config(shape, backward=backward)
 
 
 def _config(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions, backward: bool) -> KernelConfig:
     """:func:`select_config` for this call, looked up once per launch shape."""
-    return _cached_config(_launch_shape(q, k, v, opts), backward, interpreter_enabled())
+    shape = _launch_shape(q, k, v, opts)
+    return _cached_config(shape, backward, interpreter_enabled(), tuning.generation())
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple[Tensor, Tensor]:

@@ -223,6 +223,13 @@ _TABLES: dict[str, Table | None] = {}
 _CARDS: dict[int, str | None] = {}
 _ENABLED: list[bool | None] = [None]  # set_enabled's word; None: follow TABLES_ENV
 _ENV_ENABLED: list[bool | None] = [None]  # TABLES_ENV as read at the first lookup
+_GENERATION = [0]  # bumped whenever the config a launch shape gets may change
+
+
+def generation() -> int:
+    """A number that changes whenever :func:`forced`, :func:`set_enabled` or :func:`reset` may
+    change the config a launch shape gets: callers that cache configs key their cache by it."""
+    return _GENERATION[0]
 
 
 def forced_config(kernel: str, shape: LaunchShape) -> KernelConfig | None:
@@ -248,6 +255,7 @@ def forced(configs: Mapping[str, KernelConfig]) -> Iterator[list[tuple[str, Laun
     _FORCED.clear()
     _FORCED.update(configs)
     _SEEN.clear()
+    _GENERATION[0] += 1
     try:
         yield seen
     finally:
@@ -256,12 +264,14 @@ def forced(configs: Mapping[str, KernelConfig]) -> Iterator[list[tuple[str, Laun
         _SEEN.update(saved_seen)
         _FORCED.clear()
         _FORCED.update(saved)
+        _GENERATION[0] += 1
 
 
 def set_enabled(enabled: bool | None) -> None:
     """Turn the tables on or off in this process (None: follow ``ATTN_TUNED_TABLES`` again)."""
     _ENABLED[0] = enabled
     _CACHE.clear()
+    _GENERATION[0] += 1
 
 
 def tables_enabled() -> bool:
@@ -281,6 +291,7 @@ def reset() -> None:
     _TABLES.clear()
     _CARDS.clear()
     _ENV_ENABLED[0] = None
+    _GENERATION[0] += 1
 
 
 def _current_card() -> tuple[int, str | None]:
