@@ -141,13 +141,16 @@ class BenchConfig:
     )
     batch: int = _field("batch", [1], parse_count, "comma list of batch sizes B", 1)
     heads: int = _field("heads", [4], parse_count, "comma list of query head counts H", 4)
-    kv_heads: int = _field("kv_heads", [None], parse_count, "comma list of key/value head counts [default: H]", 4)
+    # None (the default) becomes ``heads``: one key/value head per query head.
+    kv_heads: int = _field("kv_heads", [None], parse_count, "comma list of key/value head counts [default: H]", None)
     head_dim: int = _field("head_dim", [64], parse_count, "comma list of head dims", 64)
     causal: bool = _field("causal", [False], parse_bool, "comma list of true,false", False)
     pass_: str = _field("passes", ["fwd"], parse_name, "comma list of fwd,fwd_bwd,decode", "fwd", column="pass")
     options: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.kv_heads is None:
+            object.__setattr__(self, "kv_heads", self.heads)
         problem = config_problem(self)
         if problem is not None:
             raise ConfigError(*problem)
@@ -206,11 +209,11 @@ def config_problem(cfg: BenchConfig) -> tuple[str, str] | None:
     if cfg.heads % cfg.kv_heads:
         return "kv_heads", f"heads {cfg.heads} is not a multiple of kv_heads {cfg.kv_heads}"
     try:
-        av.variant_class(cfg.variant)
+        cls = av.variant_class(cfg.variant)
     except ValueError:
         return None
     try:
-        av.get_variant(cfg.variant, **dict(cfg.options))
+        av.get_variant(cfg.variant, **{**cls.sweep_defaults(), **dict(cfg.options)})
     except (ValueError, TypeError) as exc:
         names = [k for k, _ in cfg.options if k in str(exc)] or [k for k, _ in cfg.options] or ["variants"]
         return names[0], f"{cfg.variant}: {exc}"

@@ -166,7 +166,7 @@ def same_dtype_fns(
 
 
 def sample_rows(nq: int, rows: int, seed: int = 0) -> list[tuple[int, int]]:
-    """Sorted disjoint runs ``[start, end)`` of query rows, ``rows`` rows at most in all, spread over
+    """Sorted disjoint runs ``[start, end)`` of query rows, ``rows`` rows in all, spread over
     ``0 .. nq``: the first rows, the last rows, runs straddling tile edges (multiples of
     :data:`TILE_ROWS`) picked evenly over the sequence, and random runs (a generator seeded with
     ``seed``); all rows, ``[(0, nq)]``, when ``rows >= nq``."""
@@ -183,12 +183,18 @@ def sample_rows(nq: int, rows: int, seed: int = 0) -> list[tuple[int, int]]:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     while len(starts) < count:
         starts.append(int(torch.randint(0, nq - length + 1, (1,), generator=gen)))
+    covered: set[int] = set()
+    for a in starts:
+        a = max(0, min(a, nq - length))
+        covered.update(range(a, a + min(length, rows - len(covered))))
+    while len(covered) < rows:  # runs that overlapped: random rows up to ``rows``
+        covered.add(int(torch.randint(0, nq, (1,), generator=gen)))
     runs: list[tuple[int, int]] = []
-    for a in sorted(max(0, min(x, nq - length)) for x in starts):
-        if runs and a <= runs[-1][1]:
-            runs[-1] = (runs[-1][0], max(runs[-1][1], a + length))
+    for i in sorted(covered):
+        if runs and i == runs[-1][1]:
+            runs[-1] = (runs[-1][0], i + 1)
         else:
-            runs.append((a, a + length))
+            runs.append((i, i + 1))
     return runs
 
 
