@@ -158,13 +158,14 @@ def test_failures_are_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert json.loads((out / "metadata.json").read_text())["worker_restarts"] == 2
 
 
-def test_impossible_config_is_recorded(tmp_path: Path) -> None:
+def test_impossible_config_is_refused_before_the_run(tmp_path: Path) -> None:
+    """Options the variant's constructor refuses make no row at all: exit 2 naming the option."""
     out = tmp_path / "run"
     args = ["--variants", "performer", "--backends", "torch", "--passes", "fwd", "--seq-lens", "64"]
     res = _sweep(tmp_path, out, *args, "--num-features", "0", "--no-report", "--no-accuracy")
-    assert res.exit_code == 0, res.output
-    (row,) = _rows(out)
-    assert row["status"] == "error" and "num_features" in row["error"]
+    assert res.exit_code == 2, res.output
+    assert "--num-features" in res.output and "num_features must be >= 1" in res.output
+    assert not out.exists()
 
 
 def test_interrupt_keeps_finished_rows(tmp_path: Path) -> None:

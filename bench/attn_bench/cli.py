@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import shlex
 import signal
 import sys
@@ -23,6 +22,7 @@ from rich.table import Table
 
 from .config import (
     PASSES,
+    ConfigError,
     RunSettings,
     all_backends,
     config_fields,
@@ -195,7 +195,7 @@ def _sweep(
     _positive(min_run_time, "--min-run-time")
     _positive(mem_limit_gb, "--mem-limit-gb")
     if out is not None:
-        _check_out(out, resume or overwrite)
+        _check_out(out)
     # What decides the configs: stored in metadata.json, so that `--resume` alone reproduces it.
     spec = {
         "preset": preset,
@@ -224,7 +224,13 @@ def _sweep(
     overrides = _overrides(spec["options"])
     if overrides.get("seq_lens"):  # explicit lengths override the preset's per-backend caps too
         overrides["max_seq_len"] = {}
-    configs = expand(p.groups, overrides)
+    try:
+        configs = expand(p.groups, overrides)
+    except ConfigError as exc:
+        # The option given that made the row (heads with the preset's kv_heads, say), else the preset.
+        keys = [k for k in (exc.key, *(["heads"] if exc.key == "kv_heads" else [])) if k in overrides]
+        where = "" if keys else f" (from preset {preset!r})"
+        raise typer.BadParameter(f"{exc}{where}", param_hint=_flag(keys[0]) if keys else "--preset") from None
     if not configs:
         raise typer.BadParameter(f"preset {preset!r} with these options gives no configs to run", param_hint="--preset")
     settings = p.settings
@@ -232,16 +238,21 @@ def _sweep(
     settings = RunSettings(**{**settings.__dict__, **{k: v for k, v in changes.items() if v is not None}})
     # A fresh directory by default, so a run never collides with an earlier one or a committed report.
     out = out or Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_out(out, resume or overwrite)
+    _check_out(out)
     results_path = out / "results.csv"
     if results_path.exists() and not (resume or overwrite):
         console.print(f"[red]{results_path} exists: pass --resume to continue it or --overwrite to start afresh")
         raise typer.Exit(2)
+    from .sweep import cuda_problem
+
+    problem = cuda_problem(c.device for c in configs)
+    if problem is not None:  # refused before the results of a run being replaced are removed
+        raise typer.BadParameter(problem, param_hint="--device")
     if overwrite and results_path.exists():
         results_path.unlink()
         for name in ("performer_accuracy.csv",):
             (out / name).unlink(missing_ok=True)
-    from .sweep import ResultsFileError, machine_metadata, now, run_sweep
+    from .sweep import ResultsFileError, RunSetupError, machine_metadata, now, run_sweep
     from .worker import WorkerStartError
 
     dev = configs[0].device if configs else "cpu"
@@ -281,6 +292,8 @@ def _sweep(
     except ResultsFileError as exc:
         console.print(f"[red]{exc}")
         raise typer.Exit(2) from None
+    except RunSetupError as exc:
+        raise _setup_error(exc) from None
     except WorkerStartError as exc:
         console.print(f"[red]Sweep stopped: {exc}. Finished rows are in {results_path}.")
         raise typer.Exit(1) from None
@@ -294,45 +307,55 @@ def _sweep(
 
         page = write_report(out)
         console.print(f"Report: [bold]{page}[/]")
+    _exit_if_all_failed([r.status for r in results])
 
 
-# Files a sweep writes into its output directory (any other file there is someone else's).
-SWEEP_FILES = ("results.csv", "metadata.json", "performer_accuracy.csv", "worker.log", "README.md")
+def _check_out(out: Path) -> None:
+    """Exit 2 naming ``--out`` unless it may hold a run (:func:`attn_bench.sweep.out_dir_problem`, the
+    rule every job's run function applies again before it starts)."""
+    from .sweep import out_dir_problem
+
+    problem = out_dir_problem(out)
+    if problem is not None:
+        raise typer.BadParameter(problem, param_hint="--out")
 
 
-def _check_out(out: Path, reuse: bool) -> None:
-    """Exit 2 naming ``--out`` unless it is a directory this sweep may write into: new, empty, or
-    an earlier sweep's (with ``--resume`` / ``--overwrite``), and writable."""
-    if str(out) in ("", "."):
-        raise typer.BadParameter("give a directory for the run (not the current directory)", param_hint="--out")
-    for parent in [out, *out.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise typer.BadParameter(f"{parent} exists and is not a directory", param_hint="--out")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise typer.BadParameter(f"{parent} is not writable", param_hint="--out")
-            break
-    if out.is_dir():
-        entries = [e for e in out.iterdir() if not e.name.startswith(".")]
-        ours = (out / "metadata.json").exists() or (out / "results.csv").exists()
-        if entries and not ours:
-            names = ", ".join(sorted(e.name for e in entries)[:5])
-            raise typer.BadParameter(
-                f"{out} holds files a sweep did not write ({names}); give a new or empty directory",
-                param_hint="--out",
-            )
+def _setup_error(exc: Exception) -> typer.BadParameter:
+    """A run function's :class:`~attn_bench.sweep.RunSetupError` as the CLI's exit 2 naming the option."""
+    return typer.BadParameter(str(exc), param_hint=getattr(exc, "option", None))
 
 
-def _resumed_spec(out: Path | None, given: dict) -> dict:
-    """The options of the run in ``out`` (from its metadata.json): used as they are when the
-    command gives none, refused with a message when it gives different ones."""
+def _exit_if_all_failed(statuses: list[str]) -> None:
+    """Exit 1 when no row ran ok and some failed (:func:`attn_bench.sweep.all_failed`)."""
+    from .sweep import all_failed
+
+    if all_failed(statuses):
+        console.print(f"[red]No row ran ok ({len(statuses)} rows)")
+        raise typer.Exit(1)
+
+
+def _resumed_spec(out: Path | None, given: dict, key: str = "sweep", kind: str | None = None) -> dict:
+    """The options of the run in ``out`` (``metadata.json``'s ``key`` entry): used as they are when
+    the command gives none, refused with a message when it gives different ones. ``kind``: the
+    job that wrote it (``metadata.json``'s ``kind``; None for a sweep); another job's run is refused,
+    and so is an ``out`` that holds no run."""
+    from .sweep import holds_run
+
     if out is None:
         raise typer.BadParameter("needs --out (the run to continue)", param_hint="--resume")
+    if not holds_run(out):
+        raise typer.BadParameter(
+            f"{out} holds no run to continue (no results.csv or metadata.json)", param_hint="--resume"
+        )
     meta_path = out / "metadata.json"
     try:
-        stored = json.loads(meta_path.read_text()).get("sweep") if meta_path.exists() else None
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     except (OSError, ValueError):
-        stored = None
+        meta = {}
+    if meta.get("kind") != kind:
+        job = f"attn-bench {meta.get('kind') or 'sweep'}"
+        raise typer.BadParameter(f"{out} holds an {job} run, not this command's", param_hint="--out")
+    stored = meta.get(key)
     if stored is None:  # a run from before the options were stored: take the command's
         return given
     asked = {k: v for k, v in given.items() if v not in (None, [], {})}
@@ -361,6 +384,14 @@ def _sweep_command(decode: bool = False):
     params = [p.replace(kind=KW) for p in base] + _config_parameters()
 
     def sweep(**kwargs: Any) -> None:
+        if decode and kwargs.get("passes") is not None:
+            other = [x for x in _values(kwargs["passes"], "--passes", str) if x != "decode"]
+            if other:
+                raise typer.BadParameter(
+                    f"attn-bench decode measures the decode pass only, got {', '.join(other)}; "
+                    "use attn-bench sweep for fwd and fwd_bwd",
+                    param_hint="--passes",
+                )
         if decode and kwargs.get("preset") is None:
             import torch
 
@@ -443,8 +474,9 @@ def report(
 @app.command()
 def task(
     preset: Annotated[
-        str, typer.Option(help="task_presets.toml name: task-quick (CPU) or task-gpu (CUDA)")
-    ] = "task-quick",
+        str | None,
+        typer.Option(help="task_presets.toml name: task-quick (CPU) or task-gpu (CUDA) [default: task-quick]"),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="output directory [default: runs/<preset>-<date>-<time>]")] = None,
     resume: Annotated[bool, typer.Option(help="skip the runs already in DIR/results.csv")] = False,
     overwrite: Annotated[bool, typer.Option(help="start afresh even if DIR/results.csv exists")] = False,
@@ -457,33 +489,50 @@ def task(
     accuracy over seeds, training time, time to a target accuracy, tokens/s, peak memory."""
     import dataclasses
 
+    from .sweep import RunSetupError
     from .taskrun import RESULTS, load_task_presets, run_tasks
 
     if resume and overwrite:
         raise typer.BadParameter("--resume continues the run in --out, --overwrite replaces it: pass one")
-    plugins = load_plugins(plugin)
+    _positive(timeout, "--timeout")
+    if out is not None:
+        _check_out(out)
+    # What decides the runs: stored in metadata.json, so that `--resume` alone reproduces it.
+    spec = {"preset": preset, "plugins": list(load_plugins(plugin)), "timeout": timeout}
+    if resume:
+        spec = _resumed_spec(out, spec, key="task_run", kind="task")
+    spec["preset"] = spec["preset"] or "task-quick"
+    plugins = load_plugins(spec["plugins"])
     presets = load_task_presets()
-    if preset not in presets:
-        raise typer.BadParameter(f"unknown preset {preset!r}; presets are {', '.join(presets)}", param_hint="--preset")
-    spec = presets[preset]
-    if resume and out is None:
-        raise typer.BadParameter("needs --out (the run to continue)", param_hint="--resume")
-    out = out or Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if spec["preset"] not in presets:
+        raise typer.BadParameter(
+            f"unknown preset {spec['preset']!r}; presets are {', '.join(presets)}", param_hint="--preset"
+        )
+    p = presets[spec["preset"]]
+    out = out or Path("runs") / f"{spec['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_out(out)
     if (out / RESULTS).exists() and not (resume or overwrite):
         console.print(f"[red]{out / RESULTS} exists: pass --resume to continue it or --overwrite to replace it")
         raise typer.Exit(2)
-    settings = dataclasses.replace(spec.settings, plugins=plugins)
-    if timeout is not None:
-        _positive(timeout, "--timeout")
-        settings = dataclasses.replace(settings, timeout_s=timeout)
+    from .sweep import cuda_problem
+
+    problem = cuda_problem(c.device for c in p.configs)
+    if problem is not None:
+        raise typer.BadParameter(f"preset {spec['preset']!r}: {problem}", param_hint="--preset")
+    settings = dataclasses.replace(p.settings, plugins=plugins)
+    if spec["timeout"] is not None:
+        settings = dataclasses.replace(settings, timeout_s=spec["timeout"])
     from .sweep import machine_metadata
 
-    devices = {c.device for c in spec.configs}
-    meta = {**machine_metadata(next(iter(devices))), "preset": preset, "description": spec.description}
+    devices = {c.device for c in p.configs}
+    meta = {**machine_metadata(next(iter(devices))), "preset": spec["preset"], "description": p.description}
     meta["command"] = shlex.join(["attn-bench", *sys.argv[1:]])
+    meta["task_run"] = spec
     t0 = time.perf_counter()
     try:
-        rows = run_tasks(list(spec.configs), out, settings, resume=resume, meta=meta, progress=progress)
+        rows = run_tasks(list(p.configs), out, settings, resume=resume, meta=meta, progress=progress)
+    except RunSetupError as exc:
+        raise _setup_error(exc) from None
     except KeyboardInterrupt:
         console.print(f"[yellow]Interrupted; finished runs are in {out / RESULTS} (continue with --resume)")
         raise typer.Exit(130) from None
@@ -494,6 +543,7 @@ def task(
 
         page = write_task_report(out)
         console.print(f"Report: [bold]{page}[/]")
+    _exit_if_all_failed([r.status for r in rows])
 
 
 def _model_overrides(options: dict[str, Any], known: dict[str, tuple[str, Any]]) -> dict[str, Any]:
@@ -560,6 +610,7 @@ def model(
     import dataclasses
 
     from .modelrun import OVERRIDES, RESULTS, expand_model_groups, load_model_presets, run_models
+    from .sweep import RunSetupError
 
     if resume and overwrite:
         raise typer.BadParameter("--resume continues the run in --out, --overwrite replaces it: pass one")
@@ -587,24 +638,9 @@ def model(
     )
     spec = {"preset": preset, "options": {k: v for k, v in given.items() if v is not None}}
     if out is not None:
-        _check_out(out, resume or overwrite)
+        _check_out(out)
     if resume:
-        try:
-            old_meta = json.loads((out / "metadata.json").read_text())
-        except (OSError, ValueError):
-            old_meta = {}
-        old, kind = old_meta.get("model_run"), old_meta.get("kind")
-        if kind not in (None, "model"):
-            raise typer.BadParameter(f"{out} holds an attn-bench {kind} run, not a model run", param_hint="--out")
-        if old is not None:
-            if spec["options"] and spec["options"] != old["options"]:
-                raise typer.BadParameter(
-                    f"this run was started with {old['options'] or 'no options'}; resume it without options",
-                    param_hint="--resume",
-                )
-            if preset is not None and preset != old["preset"]:
-                raise typer.BadParameter(f"this run used preset {old['preset']!r}", param_hint="--preset")
-            spec = old
+        spec = _resumed_spec(out, spec, key="model_run", kind="model")
     spec["preset"] = spec["preset"] or "model-quick"
     presets = load_model_presets()
     if spec["preset"] not in presets:
@@ -618,9 +654,15 @@ def model(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     out = out or Path("runs") / f"{spec['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_out(out)
     if (out / RESULTS).exists() and not (resume or overwrite):
         console.print(f"[red]{out / RESULTS} exists: pass --resume to continue it or --overwrite to replace it")
         raise typer.Exit(2)
+    from .sweep import cuda_problem
+
+    problem = cuda_problem(c.device for c in configs)
+    if problem is not None:  # refused before the results of a run being replaced are removed
+        raise typer.BadParameter(problem, param_hint="--device")
     if overwrite:
         (out / RESULTS).unlink(missing_ok=True)
     settings = p.settings
@@ -639,6 +681,8 @@ def model(
     t0 = time.perf_counter()
     try:
         rows = run_models(configs, out, settings, resume=resume, meta=meta, progress=progress, budget_s=budget)
+    except RunSetupError as exc:
+        raise _setup_error(exc) from None
     except KeyboardInterrupt:
         console.print(f"[yellow]Interrupted; finished rows are in {out / RESULTS} (continue with --resume)")
         raise typer.Exit(130) from None
@@ -652,6 +696,7 @@ def model(
 
         page = write_model_report(out)
         console.print(f"Report: [bold]{page}[/]")
+    _exit_if_all_failed([r.status for r in rows])
 
 
 @app.command()

@@ -100,6 +100,15 @@ def parse_bool(x: Any) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+class ConfigError(ValueError):
+    """A config whose fields do not make a runnable row; ``key`` is the preset key (and, as
+    ``--key``, the ``attn-bench sweep`` option) at fault."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def _field(
     group: str,
     default: list,
@@ -132,11 +141,19 @@ class BenchConfig:
     )
     batch: int = _field("batch", [1], parse_count, "comma list of batch sizes B", 1)
     heads: int = _field("heads", [4], parse_count, "comma list of query head counts H", 4)
-    kv_heads: int = _field("kv_heads", [None], parse_count, "comma list of key/value head counts [default: H]", 4)
+    # None (the default) becomes ``heads``: one key/value head per query head.
+    kv_heads: int = _field("kv_heads", [None], parse_count, "comma list of key/value head counts [default: H]", None)
     head_dim: int = _field("head_dim", [64], parse_count, "comma list of head dims", 64)
     causal: bool = _field("causal", [False], parse_bool, "comma list of true,false", False)
     pass_: str = _field("passes", ["fwd"], parse_name, "comma list of fwd,fwd_bwd,decode", "fwd", column="pass")
     options: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kv_heads is None:
+            object.__setattr__(self, "kv_heads", self.heads)
+        problem = config_problem(self)
+        if problem is not None:
+            raise ConfigError(*problem)
 
     def key(self) -> tuple:
         """Identity of the row (used by ``--resume`` and ``report --compare``)."""
@@ -183,6 +200,24 @@ class BenchConfig:
             except ValueError as exc:
                 raise ValueError(f"column {o.name!r}: {exc}") from None
         return cls(**kwargs, options=tuple(options))
+
+
+def config_problem(cfg: BenchConfig) -> tuple[str, str] | None:
+    """``(key, message)`` of what makes ``cfg`` not runnable, or None: ``heads`` not a multiple of
+    ``kv_heads``, or variant options the variant's constructor refuses (e.g. ``num_features=0``).
+    A variant that is not registered here (a plug-in's, in a results file) is not checked."""
+    if cfg.heads % cfg.kv_heads:
+        return "kv_heads", f"heads {cfg.heads} is not a multiple of kv_heads {cfg.kv_heads}"
+    try:
+        cls = av.variant_class(cfg.variant)
+    except ValueError:
+        return None
+    try:
+        av.get_variant(cfg.variant, **{**cls.sweep_defaults(), **dict(cfg.options)})
+    except (ValueError, TypeError) as exc:
+        names = [k for k, _ in cfg.options if k in str(exc)] or [k for k, _ in cfg.options] or ["variants"]
+        return names[0], f"{cfg.variant}: {exc}"
+    return None
 
 
 def config_fields() -> list[dataclasses.Field]:

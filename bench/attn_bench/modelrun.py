@@ -60,6 +60,7 @@ from .sweep import (
     atomic_write,
     now,
     pool_lifecycle,
+    prepare_run_dir,
     remove_stale_temp_files,
     rows_to_csv,
     write_metadata,
@@ -605,7 +606,7 @@ def run_models(
     from .sweep import MIN_CONFIG_S
     from .worker import WorkerPool, WorkerStartError
 
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(out, (c.device for c in configs), resume=resume)
     remove_stale_temp_files(out, (RESULTS, METADATA))
     path = out / RESULTS
     results = read_model_results(path) if resume else []

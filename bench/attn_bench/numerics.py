@@ -18,11 +18,18 @@ gradients. Also fla's RMS criterion, ``rms(out - truth) <= ratio[dtype] * rms(tr
 A peer library whose math differs from ours by design (performer-pytorch's epsilons) is gated
 against its own math in float64, and its distance from ours is reported (``semantic_dev``).
 
+Before any number, the output must be a tensor of the inputs' dtype, device and shape
+``(B, H, Nq, Dv)``, finite everywhere.
+
 Long sequences: the float64 ground truth needs ``B*H*rows*Nk`` elements. When the whole problem
-does not fit in ``check_elems``, only the *last* ``rows`` queries are checked: with
-bottom-right alignment the last rows of ``attention(q, k, v)`` equal
-``attention(q[..., -rows:, :], k, v)``, so the slice is checked exactly (gradients are then
-not checked, since dk and dv depend on every query).
+does not fit in ``check_elems``, a sample of ``rows`` query rows spread over the whole sequence is
+checked (:func:`sample_rows`: the first and the last rows, runs across tile edges, random runs),
+each run exactly: for a softmax variant the ground truth of rows ``[s, e)`` applies the mask
+predicate of the whole problem at those rows' own positions; for another variant (whose row
+depends on its own query and, when causal, on the keys up to its aligned position) it is the
+variant on ``q[..., s:e, :]`` with, when causal, the keys up to the last row's aligned position, so
+that bottom-right alignment puts every row where it was. Gradients are then not checked, since dk
+and dv depend on every query.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ RMS_RATIO = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torc
 FWD_FACTOR = 2.0
 BWD_FACTOR = 3.0
 TRUTH_BLOCK = 128  # query rows per block of the independent softmax computation
+SAMPLE_RUNS = 16  # at most this many runs of query rows make a long sequence's sample
+TILE_ROWS = 64  # the sample's runs straddle multiples of this (the kernels' query tiles are 16 to 128 rows)
 
 Fn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -156,6 +165,81 @@ def same_dtype_fns(
     ]
 
 
+def sample_rows(nq: int, rows: int, seed: int = 0) -> list[tuple[int, int]]:
+    """Sorted disjoint runs ``[start, end)`` of query rows, ``rows`` rows in all, spread over
+    ``0 .. nq``: the first rows, the last rows, runs straddling tile edges (multiples of
+    :data:`TILE_ROWS`) picked evenly over the sequence, and random runs (a generator seeded with
+    ``seed``); all rows, ``[(0, nq)]``, when ``rows >= nq``."""
+    if rows >= nq:
+        return [(0, nq)]
+    count = max(1, min(SAMPLE_RUNS, rows))
+    length = max(1, rows // count)
+    starts = [0, nq - length]
+    edges = list(range(TILE_ROWS, nq, TILE_ROWS))
+    n_edges = min(len(edges), (count - 2) // 2)
+    if n_edges > 0:
+        picks = {edges[round(i * (len(edges) - 1) / max(1, n_edges - 1))] for i in range(n_edges)}
+        starts += [e - length // 2 for e in sorted(picks)]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    while len(starts) < count:
+        starts.append(int(torch.randint(0, nq - length + 1, (1,), generator=gen)))
+    covered: set[int] = set()
+    for a in starts:
+        a = max(0, min(a, nq - length))
+        covered.update(range(a, a + min(length, rows - len(covered))))
+    while len(covered) < rows:  # runs that overlapped: random rows up to ``rows``
+        covered.add(int(torch.randint(0, nq, (1,), generator=gen)))
+    runs: list[tuple[int, int]] = []
+    for i in sorted(covered):
+        if runs and i == runs[-1][1]:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _rows_fns(
+    variant: av.AttentionVariant,
+    causal: bool,
+    scale: float,
+    kpm: Tensor | None,
+    nq: int,
+    nk: int,
+    start: int,
+    end: int,
+    device: torch.device,
+) -> tuple[Fn, list[Fn], int]:
+    """``(truth, same-dtype fns, kend)`` for query rows ``[start, end)`` of an ``Nq x Nk`` problem:
+    functions of ``(q[..., start:end, :], k[..., :kend, :], v[..., :kend, :])`` (see the module doc)."""
+    if variant.softmax:
+        whole = variant.mask_mod(nq, nk, causal, device)
+        mod = whole if start == 0 or whole is None else (lambda r, c: whole(r + start, c))
+
+        def naive(a, b, c, acc=None):
+            return softmax_by_rows(a, b, c, mod, scale, acc, key_padding_mask=kpm)
+
+        return naive, [naive, lambda a, b, c: naive(a, b, c, compute_dtype(a.dtype))], nk
+    kend = nk - (nq - end) if causal else nk
+    kp = None if kpm is None else kpm[:, : max(0, kend)]
+    return truth_fn(variant, causal, scale, kp), same_dtype_fns(variant, causal, scale, kp), kend
+
+
+def _output_problem(out: object, q: Tensor, v: Tensor) -> str:
+    """Why ``out`` is not an attention output of ``q`` and ``v``'s dtype, device and shape, or ``""``."""
+    if not isinstance(out, Tensor):
+        return f"output is a {type(out).__name__}, not a tensor"
+    want = (*q.shape[:3], v.shape[-1])
+    if tuple(out.shape) != want:
+        return f"output shape {tuple(out.shape)}, expected {want}"
+    if out.dtype != q.dtype:
+        return f"output dtype {out.dtype}, expected the inputs' {q.dtype}"
+    if out.device != q.device:
+        return f"output on {out.device}, expected the inputs' {q.device}"
+    if not torch.isfinite(out).all():
+        return "non-finite output"
+    return ""
+
+
 def _bound(errs: list[float], factor: float, dtype: torch.dtype, extra: float) -> float:
     finite = [e for e in errs if math.isfinite(e)]
     return factor * (max(finite) if finite else 0.0) + ATOL[dtype] + extra
@@ -202,38 +286,64 @@ def check(
     ``key_padding_mask (B, Nk)``: ``fn`` is expected to hide the keys where it is False (``fn``
     applies it itself); the ground truth and the same-dtype bound computations apply it on their
     own (for a softmax variant, together with the mask predicate: a row left with no key is 0)."""
-    dtype = q.dtype
     nq, nk = q.shape[2], k.shape[2]
     scale = resolve_scale(scale, q.shape[-1])
     bh = q.shape[0] * q.shape[1]
     rows = min(nq, max(1, check_elems // max(1, bh * nk)))
-    if rows < nq and getattr(variant, "global_tokens", None) not in (None, 0):
-        return CheckResult(True, None, None, message="not checked: too long for the reference, and global tokens")
+    runs = sample_rows(nq, rows, seed=nq)
+    rows = sum(e - s for s, e in runs)
     grads = grads and rows == nq
     gen = torch.Generator(device="cpu").manual_seed(1234)
-    dout = torch.randn(q.shape[0], q.shape[1], nq, v.shape[-1], generator=gen).to(q.device, dtype) if grads else None
+    dout = torch.randn(q.shape[0], q.shape[1], nq, v.shape[-1], generator=gen).to(q.device, q.dtype) if grads else None
 
     out, g = run_with_grads(fn, q, k, v, dout)
-    out_rows = out[:, :, nq - rows :]
-    qs = q[:, :, nq - rows :]
+    problem = _output_problem(out, q, v)
+    if problem:
+        return CheckResult(False, None, None, rows=0, message=problem)
     kpm = key_padding_mask
-    dout64 = None if dout is None else dout.double()
-    ref, ref_g = run_with_grads(truth_fn(variant, causal, scale, kpm), qs.double(), k.double(), v.double(), dout64)
+
+    def on_rows(
+        make: Callable[[int, int], tuple[Fn, list[Fn], int]], pick: int | None, a: Tensor, b: Tensor, c: Tensor
+    ):
+        """The rows of ``runs`` of ``make(start, end)``'s truth (``pick`` None) or same-dtype fn ``pick``."""
+        parts = []
+        for start, end in runs:
+            truth, pts, kend = make(start, end)
+            f = truth if pick is None else pts[pick]
+            if kend <= 0:  # causal with Nq > Nk: rows before the first key see none
+                parts.append(a.new_zeros(*a.shape[:2], end - start, c.shape[-1]))
+            else:
+                with torch.no_grad():
+                    parts.append(f(a[:, :, start:end], b[:, :, :kend], c[:, :, :kend]))
+        return torch.cat(parts, dim=2)
+
+    def rows_of(x: Tensor) -> Tensor:
+        return torch.cat([x[:, :, s:e] for s, e in runs], dim=2)
+
+    def make(start: int, end: int, var: av.AttentionVariant = variant):
+        return _rows_fns(var, causal, scale, kpm, nq, nk, start, end, q.device)
+
+    out_rows = rows_of(out)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    n_pts = len(make(0, nq)[1])
+    if grads:  # the whole problem: one run, with gradients
+        truth, pt_fns, _ = make(0, nq)
+        ref, ref_g = run_with_grads(truth, q64, k64, v64, dout.double())
+        pts = [run_with_grads(f, q, k, v, dout) for f in pt_fns]
+    else:
+        ref, ref_g = on_rows(make, None, q64, k64, v64), None
+        pts = [(on_rows(make, i, q, k, v), None) for i in range(n_pts)]
     semantic_dev = None
     if ground_truth is not None:
         ours = ref
-        ref, ref_g = run_with_grads(
-            ground_truth, q.double(), k.double(), v.double(), None if dout is None else dout.double()
-        )
-        ref = ref[:, :, nq - rows :]
+        ref, ref_g = run_with_grads(ground_truth, q64, k64, v64, None if dout is None else dout.double())
+        ref = rows_of(ref)
         semantic_dev = _max_abs(ref, ours)
-    pts = [run_with_grads(f, qs, k, v, dout) for f in same_dtype_fns(variant, causal, scale, kpm)]
 
     approx_err = None
     if approx and variant.approximates is not None:
-        with torch.no_grad():
-            exact = truth_fn(variant.exact(), causal, scale, kpm)(qs.double(), k.double(), v.double())
-        approx_err = _max_abs(out_rows, exact)
+        exact = variant.exact()
+        approx_err = _max_abs(out_rows, on_rows(lambda s, e: make(s, e, exact), None, q64, k64, v64))
 
     if out_rows.shape != ref.shape:
         return CheckResult(
@@ -253,7 +363,8 @@ def check(
                 break
     ok = not message
     if rows < nq:
-        message = message or f"checked the last {rows} of {nq} query rows (forward only)"
+        where = f"{len(runs)} runs from row {runs[0][0]} to {runs[-1][1] - 1}: first, last, tile edges, random"
+        message = message or f"checked {rows} of {nq} query rows ({where}; forward only)"
     if semantic_dev is not None:
         message = "; ".join(
             filter(None, [message, f"gated against its own float64 math, {semantic_dev:.3g} from ours (semantic_dev)"])

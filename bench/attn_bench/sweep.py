@@ -88,6 +88,93 @@ class SweepInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+class RunSetupError(ValueError):
+    """A run that cannot start as asked (checked before anything is run or written);
+    ``option`` names the command-line option at fault, e.g. ``--out``."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+# Files that mark a directory as an earlier run's (of a sweep, task or model run).
+RUN_MARKERS = (RESULTS, METADATA)
+# Statuses of a row that was meant to run and did not give a measurement.
+FAILED_STATUSES = ("error", "timeout", "oom", "wrong")
+
+
+def out_dir_problem(out: Path) -> str | None:
+    """Why ``out`` cannot be a run's directory without creating anything, or None: it must be new,
+    empty or an earlier run's (holding ``results.csv`` or ``metadata.json``; then any other file
+    there is the run's own), and its nearest existing folder a writable directory."""
+    if str(out) in ("", "."):
+        return "give a directory for the run (not the current directory)"
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} exists and is not a directory"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{parent} is not writable"
+            break
+    if out.is_dir():
+        entries = [e for e in out.iterdir() if not e.name.startswith(".")]
+        if entries and not any((out / name).exists() for name in RUN_MARKERS):
+            names = ", ".join(sorted(e.name for e in entries)[:5])
+            return f"{out} holds files a run did not write ({names}); give a new or empty directory"
+    return None
+
+
+def holds_run(out: Path) -> bool:
+    """Whether ``out`` holds an earlier run (its ``results.csv`` or ``metadata.json``)."""
+    return any((out / name).exists() for name in RUN_MARKERS)
+
+
+def cuda_problem(devices: Iterable[str]) -> str | None:
+    """Why configs on ``devices`` cannot run here (a CUDA device that this machine lacks), or None."""
+    import torch
+
+    wanted = sorted({d for d in devices if d.startswith("cuda")})
+    if not wanted:
+        return None
+    if not torch.cuda.is_available():
+        why = "this PyTorch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        return f"the configs run on {', '.join(wanted)} and CUDA is not available here ({why})"
+    count = torch.cuda.device_count()
+    missing = [d for d in wanted if ":" in d and int(d.split(":", 1)[1]) >= count]
+    if missing:
+        return f"{', '.join(missing)} does not exist here ({count} CUDA device(s))"
+    return None
+
+
+def prepare_run_dir(out: Path, devices: Iterable[str], *, resume: bool) -> None:
+    """Before a run starts: RunSetupError unless ``out`` can hold it (see :func:`out_dir_problem`;
+    with ``resume`` it must hold an earlier run) and its configs' devices exist here. Then
+    ``out`` is created and a file written and removed there, so that a directory that cannot be
+    written (a read-only or virtual file system) is refused before anything runs."""
+    problem = out_dir_problem(out)
+    if problem is not None:
+        raise RunSetupError("--out", problem)
+    if resume and not holds_run(out):
+        raise RunSetupError("--resume", f"{out} holds no run to continue (no {RESULTS} or {METADATA})")
+    problem = cuda_problem(devices)
+    if problem is not None:
+        raise RunSetupError("--device", problem)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RunSetupError("--out", f"{out} cannot be written: {exc.strerror or exc}") from None
+
+
+def all_failed(statuses: Iterable[str]) -> bool:
+    """Whether a run measured nothing it was meant to: no ``ok`` row and at least one failed
+    (error, timeout, oom or wrong). Its command then exits with status 1."""
+    seen = set(statuses)
+    return "ok" not in seen and bool(seen & set(FAILED_STATUSES))
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -419,7 +506,7 @@ def run_sweep(
     left, and the configs not started in time are recorded with status ``skipped``."""
     from .worker import WorkerPool, WorkerStartError
 
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(out, (c.device for c in configs), resume=resume)
     for f in remove_stale_temp_files(out):
         _stderr(f"removed {f}, left behind by a run that was killed")
     path = out / RESULTS

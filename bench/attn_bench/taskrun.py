@@ -37,6 +37,7 @@ from .sweep import (
     atomic_write,
     now,
     pool_lifecycle,
+    prepare_run_dir,
     remove_stale_temp_files,
     rows_to_csv,
     write_metadata,
@@ -378,7 +379,7 @@ def run_tasks(
     when ``resume``), rewriting ``results.csv`` atomically after each. Returns all rows."""
     from .worker import WorkerPool, WorkerStartError
 
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(out, (c.device for c in configs), resume=resume)
     remove_stale_temp_files(out, (RESULTS, METADATA))
     path = out / RESULTS
     results = read_task_results(path) if resume else []

@@ -182,7 +182,10 @@ def _run_job(conn, job_fn, msg: dict, settings: RunSettings) -> None:
         _inject_fault(_Cfg)  # type: ignore[arg-type]
         row = job_fn(msg, settings, progress)
     except Exception as exc:
-        row = {**msg, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        # The parent builds the row with the job's own result class: a job's config need not map
+        # to its row's columns one to one (a model row's ``pass`` is its config's ``pass_``).
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
     conn.send(row)
 
 
@@ -397,7 +400,11 @@ class WorkerPool:
                         if self.on_progress is not None:
                             self.on_progress(*msg[1:])
                         continue
-                    res = self.result_cls.from_row(msg)
+                    if isinstance(msg, tuple) and msg and msg[0] == "error":
+                        elapsed = round(time.perf_counter() - t0, 3)
+                        res = self.result_cls(cfg, "error", error=msg[1], elapsed_s=elapsed)
+                    else:
+                        res = self.result_cls.from_row(msg)
                     if res.status == "error" and context_lost(res.error):
                         self.kill()  # the worker is exiting; the next config starts a fresh one
                     return res
