@@ -359,3 +359,22 @@ def test_needs_initialised_process_group() -> None:
     x = torch.randn(1, 1, 4, 2)
     with pytest.raises(RuntimeError, match="init_process_group"):
         context_parallel_attention(x, x, x, "full")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layouts", "striped"], "layout"),
+        (["--ranks", "3", "--n", "100"], "not a multiple"),
+        (["--variants", "nope"], "unknown variant"),
+    ],
+)
+def test_cp_bench_rejects_bad_options(args: list[str], message: str, tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    from attn_bench.cli import app
+
+    res = CliRunner().invoke(app, ["cp", *args, "--out", str(tmp_path / "cp")])
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert not (tmp_path / "cp").exists()  # refused before any process starts
