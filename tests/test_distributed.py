@@ -378,3 +378,45 @@ def test_cp_bench_rejects_bad_options(args: list[str], message: str, tmp_path: A
     assert res.exit_code == 2, res.output
     assert message in res.output
     assert not (tmp_path / "cp").exists()  # refused before any process starts
+
+
+@pytest.mark.parametrize("impl", ["dense", "cpu_flash", "triton"])
+@pytest.mark.parametrize("diag", [False, True], ids=["full", "diag"])
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+def test_block_forward_backward(impl: str, diag: bool, padded: bool) -> None:
+    """One ring block's (out, lse) and its gradients from the merged lse, on each implementation,
+    against explicit float64 softmax with autograd (B2-H4-Hk2-N16-D16, GQA)."""
+    from attention_variants.distributed import blocks
+
+    if impl == "triton":
+        pytest.importorskip("triton")
+    if impl == "cpu_flash" and blocks._CPU_FWD is None:
+        pytest.skip("this PyTorch has no fused CPU attention op")
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, h, 16, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    dout = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64)
+    kpm = None
+    if padded:
+        kpm = torch.ones(2, 16, dtype=torch.bool)
+        kpm[1, :5] = False  # with diag, rows 0-4 of batch 1 see no key
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    s = leaves[0] @ leaves[1].repeat_interleave(2, 1).transpose(-1, -2) * 0.25
+    mask = torch.ones(16, 16, dtype=torch.bool).tril() if diag else torch.ones(16, 16, dtype=torch.bool)
+    if kpm is not None:
+        mask = mask & kpm[:, None, None, :]
+    s = s.masked_fill(~mask, float("-inf"))
+    lse_ref = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse_ref), 0.0, lse_ref)[..., None])
+    out_ref = p @ leaves[2].repeat_interleave(2, 1)
+    out_ref.backward(dout)
+    dtype = torch.float32
+    x32 = [x.to(dtype) for x in (q, k, v)]
+    out, lse = blocks.block_forward(impl, *x32, diag, 0.25, kpm)
+    seen = ~torch.isinf(lse_ref)
+    assert torch.equal(torch.isinf(lse), ~seen)
+    torch.testing.assert_close(lse[seen].double(), lse_ref[seen], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), out_ref.detach(), atol=2e-5, rtol=1e-5)
+    do32 = dout.to(dtype).masked_fill(~seen[..., None], 0.0)
+    grads = blocks.block_backward(impl, do32, *x32, out.to(dtype), lse, diag, 0.25, kpm)
+    for got, leaf in zip(grads, leaves, strict=True):
+        torch.testing.assert_close(got.double(), leaf.grad, atol=1e-4, rtol=1e-4)
