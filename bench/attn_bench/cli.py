@@ -967,6 +967,55 @@ def targets(
         raise typer.Exit(1)
 
 
+@app.command()
+def cp(
+    ranks: Annotated[str, typer.Option(help="comma list of gloo rank counts")] = "1,2,4",
+    n: Annotated[
+        str, typer.Option("--n", "-n", help="comma list of N (strong: total; weak: per rank at 1 rank)")
+    ] = "4096",
+    variants: Annotated[
+        str, typer.Option(help="comma list: full, sliding_window, performer")
+    ] = "full,sliding_window,performer",
+    layouts: Annotated[str, typer.Option(help="comma list: contiguous, zigzag")] = "contiguous,zigzag",
+    causal: Annotated[str, typer.Option(help="comma list of true/false")] = "true,false",
+    batch: Annotated[int, typer.Option(help="sequences per batch")] = 1,
+    heads: Annotated[int, typer.Option(help="query heads")] = 4,
+    kv_heads: Annotated[int, typer.Option(help="key/value heads")] = 4,
+    head_dim: Annotated[int, typer.Option(help="head dim")] = 64,
+    dtype: Annotated[str, typer.Option(help="float32 or float64")] = "float32",
+    window: Annotated[int, typer.Option(help="sliding window (sliding_window)")] = 128,
+    num_features: Annotated[int, typer.Option(help="random features (performer)")] = 128,
+    repeats: Annotated[int, typer.Option(help="timed calls per row and pass")] = 5,
+    threads: Annotated[int, typer.Option(help="torch threads per rank")] = 1,
+    timeout: Annotated[
+        float, typer.Option(help="seconds to wait for one row before giving up on a rank count")
+    ] = 600.0,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("reports/cp-quick"),
+) -> None:
+    """Context-parallel attention on gloo ranks (CPU): fwd and fwd+bwd time per variant and layout,
+    strong and weak scaling, and bytes sent (measured by the collectives, against the analytic count)."""
+    import attention_variants as av
+
+    from .cp import expand, run_cp
+
+    try:
+        vs = _split(variants)
+        bad = [v for v in vs if v not in av.list_variants()]
+        if bad:
+            raise ValueError(f"unknown variant(s) {', '.join(bad)}; variants are {', '.join(av.list_variants())}")
+        configs = expand(
+            _values(ranks, "--ranks", int), _values(n, "--n", int), vs, _split(layouts),
+            [parse_bool(c) for c in _split(causal)], batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+            dtype=dtype, window=window, num_features=num_features,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    console.print(f"[bold]attn-bench cp[/]: {len(configs)} rows -> {out}")
+    df = run_cp(configs, out, repeats=repeats, threads=threads, timeout_s=timeout)
+    bad_rows = df[df["status"] != "ok"]
+    console.print(f"{len(df) - len(bad_rows)} rows ok, {len(bad_rows)} not; report in {out}")
+
+
 def main() -> None:
     # Plug-ins may declare sweep options (each an `attn-bench sweep` option): import them before
     # the command line is parsed, then rebuild the sweep command with them.
