@@ -87,7 +87,7 @@ def context_parallel_attention(
         )
     kpm = validate_key_padding_mask(key_padding_mask, q, k)
     var = get_variant(variant, **variant_kwargs)
-    comm = Comm(group)
+    comm = Comm(group, q.device)
     _agree(comm, q, k, v, kpm, layout, causal, scale, repr(var) + backend)
     n_total = q.shape[2] * comm.world
     check_length(n_total, comm.world, layout)
@@ -158,5 +158,5 @@ def analytic_bytes(
         reach = reach_of(var, causal, n * world)
         return halo_bytes(world, layout, rank, b, h, hk, n, d, dv, elem, celem, reach, g, padded)
     if isinstance(var, PerformerAttention):
-        return performer_bytes(world, layout, b, hk, var.num_features, dv, celem, causal, var.kernel)
+        return performer_bytes(world, layout, rank, b, hk, var.num_features, dv, celem, causal, var.kernel)
     raise ValueError(f"variant {variant!r} has no context-parallel algorithm")

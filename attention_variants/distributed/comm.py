@@ -56,12 +56,14 @@ def nbytes(x: Tensor) -> int:
 class Comm:
     """A process group (None: the world) with this rank's index and the group size."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu") -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("context parallelism needs torch.distributed initialised (init_process_group)")
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
+        # NCCL moves CUDA tensors only: small metadata goes where the data lives; gloo keeps it on the CPU.
+        self.meta_device = torch.device(device) if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
     def peer(self, r: int) -> int:
         """The global rank of group rank ``r`` (point-to-point calls take global ranks)."""
@@ -71,7 +73,7 @@ class Comm:
 
     def gather_ints(self, values: list[int]) -> list[list[int]]:
         """Every rank's ``values`` (same length on all ranks), for agreement checks."""
-        mine = torch.tensor(values, dtype=torch.int64)
+        mine = torch.tensor(values, dtype=torch.int64, device=self.meta_device)
         out = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(out, mine, group=self.group)
         return [o.tolist() for o in out]

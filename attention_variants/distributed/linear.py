@@ -4,9 +4,9 @@ Every rank draws the same projection ``W`` (same seed, drawn on the CPU). The pe
 stabiliser is the maximum over *all* keys, as on one process: each rank's maximum, then an
 all-reduce MAX (no gradient; the shift cancels in the ratio). Non-causal: one all-reduce SUM of
 ``S = phi(K)^T [V, 1]`` ``(B, Hk, m, Dv + 1)``. Causal: an exclusive prefix scan of the per-chunk
-states (LASP-style), done as one all-gather of the per-chunk states followed by a local sum of the
-chunks before each of this rank's chunks; the chunk itself then runs the chunked causal form with
-that state as its start. The per-shard compute is the ``torch`` backend's feature maps and causal
+states (LASP-style): the running sum is handed from rank to rank in sequence order, so each rank
+sends at most one state per chunk it holds, flat in ``P``; each chunk then runs the chunked causal
+form with its prefix as its start. The per-shard compute is the ``torch`` backend's feature maps and causal
 chunk form, whichever backend is named (the fused Triton kernel does not expose its state).
 """
 
@@ -35,25 +35,62 @@ from .comm import Comm, _record, nbytes
 from .layout import chunk_ids, chunks_per_rank
 
 
-class _AllGather(torch.autograd.Function):
-    """``x (k, ...)`` from every rank stacked in rank order ``(P * k, ...)``; the backward sums each
-    rank's gradient slices back to their owner (a reduce-scatter done as an all-to-all)."""
+def _owners(world: int, layout: str) -> list[int]:
+    """``owners[i]``: the rank holding chunk ``i`` of the sequence."""
+    out = [0] * (world * chunks_per_rank(layout))
+    for r in range(world):
+        for i in chunk_ids(r, world, layout):
+            out[i] = r
+    return out
+
+
+class _ExclusiveScan(torch.autograd.Function):
+    """Exclusive prefix sum of the chunk states along the sequence, passed from chunk to chunk.
+
+    ``states (c, ...)``: this rank's chunk states in shard order; returns ``starts (c, ...)``,
+    the sum of the states of every earlier chunk of the sequence. The running sum walks the
+    chunks in sequence order and crosses to another rank only where the owner changes (LASP's
+    ring pass): each rank sends at most one state per chunk it holds, whatever ``P`` is. The
+    backward walks back with the gradient (an exclusive suffix sum). The walk is sequential in
+    ``P``; the state is small (``m (Dv + 1)`` per head), so it is latency, not bandwidth.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, comm: Comm) -> Tensor:  # type: ignore[override]
-        ctx.comm = comm
-        x = x.contiguous()
-        out = [torch.empty_like(x) for _ in range(comm.world)]
-        _record("all_gather", (comm.world - 1) * nbytes(x))
-        dist.all_gather(out, x, group=comm.group)
-        return torch.cat(out)
+    def _walk(comm: Comm, owners: list[int], local: dict[int, Tensor], order: range, op: str) -> dict[int, Tensor]:
+        carry: Tensor | None = None  # sum over the chunks walked so far (on the rank walking them)
+        template = next(iter(local.values()))
+        out: dict[int, Tensor] = {}
+        prev = None
+        for i in order:
+            if prev is not None and owners[prev] != owners[i]:
+                if comm.rank == owners[prev]:
+                    assert carry is not None
+                    _record(op, nbytes(carry))
+                    dist.send(carry.contiguous(), comm.peer(owners[i]), group=comm.group)
+                if comm.rank == owners[i]:
+                    carry = torch.empty_like(template)
+                    dist.recv(carry, comm.peer(owners[prev]), group=comm.group)
+            if comm.rank == owners[i]:
+                out[i] = torch.zeros_like(template) if carry is None else carry.clone()
+                carry = local[i] if carry is None else carry + local[i]
+            prev = i
+        return out
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        comm: Comm = ctx.comm
-        k = g.shape[0] // comm.world
-        got = comm._all_to_all(g, (k,) * comm.world, (k,) * comm.world, "all_gather_bwd")
-        return got.view(comm.world, k, *g.shape[1:]).sum(dim=0), None
+    def forward(ctx, states: Tensor, comm: Comm, layout: str) -> Tensor:  # type: ignore[override]
+        ids = chunk_ids(comm.rank, comm.world, layout)
+        owners = _owners(comm.world, layout)
+        ctx.comm, ctx.ids, ctx.owners = comm, ids, owners
+        local = {i: states[a] for a, i in enumerate(ids)}
+        starts = _ExclusiveScan._walk(comm, owners, local, range(len(owners)), "scan")
+        return torch.stack([starts[i] for i in ids])
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        local = {i: g[a] for a, i in enumerate(ctx.ids)}
+        # d state_j = sum of d start_i over the chunks i after j: the same walk, from the end.
+        grads = _ExclusiveScan._walk(ctx.comm, ctx.owners, local, range(len(ctx.owners) - 1, -1, -1), "scan_bwd")
+        return torch.stack([grads[i] for i in ctx.ids]), None, None
 
 
 def performer_attention(
@@ -90,26 +127,32 @@ def performer_attention(
     c = n // per
     pieces = [slice(a * c, (a + 1) * c) for a in range(per)]
     states = torch.stack([torch.matmul(phi_k[:, :, p].transpose(-1, -2), v1[:, :, p]) for p in pieces])
-    every = _AllGather.apply(states, comm)  # (P * per, B, Hk, m, Dv + 1), rank r's chunks at [r * per, ...)
-    ids = [i for r in range(comm.world) for i in chunk_ids(r, comm.world, layout)]
+    # Every rank's output depends on ``starts`` (zeros on the first chunk), so every rank runs the
+    # scan's backward and the walk back meets every send with its receive.
+    starts = _ExclusiveScan.apply(states, comm, layout)  # (per, B, Hk, m, Dv + 1)
     outs = []
-    for a, i in enumerate(chunk_ids(comm.rank, comm.world, layout)):
-        # Indexing even with no earlier chunk keeps every rank's output a function of the gather,
-        # so every rank runs its backward (gloo needs each collective on every rank).
-        before = torch.tensor([j for j, cid in enumerate(ids) if cid < i], dtype=torch.long, device=q.device)
-        start = every[before].sum(dim=0)
-        out, _ = _causal_piece(phi_q[:, :, pieces[a]], phi_k[:, :, pieces[a]], v1[:, :, pieces[a]], start, [])
+    for a in range(per):
+        out, _ = _causal_piece(phi_q[:, :, pieces[a]], phi_k[:, :, pieces[a]], v1[:, :, pieces[a]], starts[a], [])
         outs.append(out)
     return torch.cat(outs, dim=2).to(q.dtype)
 
 
 def performer_bytes(
-    world: int, layout: str, b: int, hk: int, m: int, dv: int, compute_elem: int, causal: bool, kernel: str
+    world: int,
+    layout: str,
+    rank: int,
+    b: int,
+    hk: int,
+    m: int,
+    dv: int,
+    compute_elem: int,
+    causal: bool,
+    kernel: str,
 ) -> dict[str, float]:
     """Analytic bytes one rank sends: the MAX all-reduce of the ``(B, Hk, m)`` shift (softmax
     kernel), then non-causal the SUM all-reduce of ``S`` ``(B, Hk, m, Dv + 1)`` (and again in the
-    backward), causal the all-gather of this rank's chunk states (and an all-to-all of their
-    gradients in the backward)."""
+    backward), causal one state per hand-over of the running prefix that leaves this rank (contiguous:
+    1, the last rank 0; zigzag: 2, the first and last ranks 1), the same walking back."""
     if world == 1:
         return {"forward": 0.0, "backward": 0.0}
     ring = 2.0 * (world - 1) / world
@@ -117,5 +160,8 @@ def performer_bytes(
     fwd = ring * b * hk * m * compute_elem if kernel == "softmax" else 0.0
     if not causal:
         return {"forward": fwd + ring * state, "backward": ring * state}
-    per = chunks_per_rank(layout)
-    return {"forward": fwd + (world - 1) * per * state, "backward": float((world - 1) * per * state)}
+    owners = _owners(world, layout)
+    # the running sum leaves this rank after chunk i when chunk i + 1 (forward) or i - 1 (backward) is another's
+    sends_fwd = sum(owners[i] == rank != owners[i + 1] for i in range(len(owners) - 1))
+    sends_bwd = sum(owners[i] == rank != owners[i - 1] for i in range(1, len(owners)))
+    return {"forward": fwd + sends_fwd * state, "backward": float(sends_bwd * state)}

@@ -982,7 +982,8 @@ def cp(
     heads: Annotated[int, typer.Option(help="query heads")] = 4,
     kv_heads: Annotated[int, typer.Option(help="key/value heads")] = 4,
     head_dim: Annotated[int, typer.Option(help="head dim")] = 64,
-    dtype: Annotated[str, typer.Option(help="float32 or float64")] = "float32",
+    dtype: Annotated[str, typer.Option(help="float32 or float64 (CUDA also bfloat16, float16)")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu (gloo ranks) or cuda (NCCL, one GPU per rank)")] = "cpu",
     window: Annotated[int, typer.Option(help="sliding window (sliding_window)")] = 128,
     num_features: Annotated[int, typer.Option(help="random features (performer)")] = 128,
     repeats: Annotated[int, typer.Option(help="timed calls per row and pass")] = 5,
@@ -1006,12 +1007,14 @@ def cp(
         configs = expand(
             _values(ranks, "--ranks", int), _values(n, "--n", int), vs, _split(layouts),
             [parse_bool(c) for c in _split(causal)], batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-            dtype=dtype, window=window, num_features=num_features,
+            dtype=dtype, window=window, num_features=num_features, device=device,
         )  # fmt: skip
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     console.print(f"[bold]attn-bench cp[/]: {len(configs)} rows -> {out}")
-    df = run_cp(configs, out, repeats=repeats, threads=threads, timeout_s=timeout)
+    df = run_cp(
+        configs, out, repeats=repeats, threads=threads, timeout_s=timeout, echo=lambda line: console.print(escape(line))
+    )
     bad_rows = df[df["status"] != "ok"]
     console.print(f"{len(df) - len(bad_rows)} rows ok, {len(bad_rows)} not; report in {out}")
 

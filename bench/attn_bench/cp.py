@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from .report import md_table
+from .cp_report import write_cp_report
 from .sweep import atomic_write, machine_metadata
 
 DEFAULT_OUT = Path("reports/cp-quick")
@@ -49,6 +49,7 @@ class CPConfig:
     dtype: str
     window: int
     num_features: int
+    device: str = "cpu"
 
     def options(self) -> dict[str, Any]:
         if self.variant == "sliding_window":
@@ -68,6 +69,7 @@ def expand(
         check_layout(lay)
     if any(p < 1 for p in ranks):
         raise ValueError(f"--ranks must be positive, got {ranks}")
+    check_device(shape.get("device", "cpu"), shape.get("dtype", "float32"), max(ranks, default=1))
     out = []
     for p in ranks:
         for n in ns:
@@ -79,6 +81,25 @@ def expand(
                         for c in causal:
                             out.append(CPConfig(v, lay, c, p, total, scaling, **shape))
     return out
+
+
+DTYPES = {"cpu": ("float32", "float64"), "cuda": ("bfloat16", "float16", "float32", "float64")}
+
+
+def check_device(device: str, dtype: str, ranks: int) -> None:
+    """ValueError unless ``device`` can hold ``ranks`` ranks (one GPU each on CUDA) in ``dtype``."""
+    if device not in DTYPES:
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if dtype not in DTYPES[device]:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES[device])} on {device}, got {dtype!r}")
+    if device == "cuda":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count < ranks:
+            raise ValueError(
+                f"--device cuda runs one rank per GPU (NCCL): {ranks} ranks need {ranks} GPUs, {count} visible"
+            )
 
 
 def _time(fn: Any, repeats: int, dist: Any) -> float:
@@ -102,11 +123,12 @@ def _row(cfg: CPConfig, rank: int, repeats: int) -> dict[str, Any]:
     dtype = getattr(torch, cfg.dtype)
     n = cfg.n_total // cfg.world
     gen = torch.Generator().manual_seed(rank)
-    q = torch.randn(cfg.batch, cfg.heads, n, cfg.head_dim, generator=gen, dtype=dtype)
-    k = torch.randn(cfg.batch, cfg.kv_heads, n, cfg.head_dim, generator=gen, dtype=dtype)
-    v = torch.randn(cfg.batch, cfg.kv_heads, n, cfg.head_dim, generator=gen, dtype=dtype)
+    dev = f"cuda:{rank}" if cfg.device == "cuda" else "cpu"
+    q = torch.randn(cfg.batch, cfg.heads, n, cfg.head_dim, generator=gen, dtype=dtype).to(dev)
+    k = torch.randn(cfg.batch, cfg.kv_heads, n, cfg.head_dim, generator=gen, dtype=dtype).to(dev)
+    v = torch.randn(cfg.batch, cfg.kv_heads, n, cfg.head_dim, generator=gen, dtype=dtype).to(dev)
     xs = [t.requires_grad_() for t in (q, k, v)]
-    kw = dict(layout=cfg.layout, causal=cfg.causal, backend="torch", **cfg.options())
+    kw = dict(layout=cfg.layout, causal=cfg.causal, backend="auto", **cfg.options())
 
     def fwd() -> Any:
         with torch.no_grad():
@@ -125,9 +147,10 @@ def _row(cfg: CPConfig, rank: int, repeats: int) -> dict[str, Any]:
     )  # fmt: skip
     t_f, t_fb = _time(fwd, repeats, dist), _time(fwd_bwd, repeats, dist)
     mine = torch.tensor([t_f, t_fb, tf.total, tb_.total, want["forward"], want["backward"]], dtype=torch.float64)
+    mine = mine.to(dev)  # NCCL gathers CUDA tensors only
     every = [torch.empty_like(mine) for _ in range(cfg.world)]
     dist.all_gather(every, mine)
-    s = torch.stack(every)
+    s = torch.stack(every).cpu()
     return {
         **asdict(cfg),
         "n_per_rank": n,
@@ -150,8 +173,15 @@ def _worker(
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
+    cuda = bool(configs) and configs[0].device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
     )
     for cfg in configs:
         try:
@@ -171,14 +201,24 @@ def _free_port() -> int:
 
 
 def run_cp(
-    configs: list[CPConfig], out: Path, *, repeats: int = 5, threads: int = 1, timeout_s: float = 600.0
+    configs: list[CPConfig],
+    out: Path,
+    *,
+    repeats: int = 5,
+    threads: int = 1,
+    timeout_s: float = 600.0,
+    echo: Any = print,
 ) -> pd.DataFrame:
-    """Run every row (one worker pool per rank count) and write the report into ``out``."""
+    """Run every row (one worker pool per rank count), printing a line per row, and write the
+    report into ``out``."""
     import torch.multiprocessing as mp
 
     out.mkdir(parents=True, exist_ok=True)
-    meta = {**machine_metadata("cpu"), "kind": "cp", "command": shlex.join(["attn-bench", *sys.argv[1:]])}
-    meta.update(repeats=repeats, threads_per_rank=threads, backend="torch", process_group="gloo")
+    device = configs[0].device if configs else "cpu"
+    meta = {**machine_metadata(device), "kind": "cp", "command": shlex.join(["attn-bench", *sys.argv[1:]])}
+    meta.update(
+        repeats=repeats, threads_per_rank=threads, backend="auto", process_group="nccl" if device == "cuda" else "gloo"
+    )
     atomic_write(out / "metadata.json", json.dumps(meta, indent=2, default=str))
     rows: list[dict[str, Any]] = []
     ctx = mp.get_context("spawn")
@@ -200,74 +240,22 @@ def run_cp(
                     break
                 rows.append(row)
                 got += 1
+                if row["status"] == "ok":
+                    what = f"fwd+bwd {row['fwd_bwd_s'] * 1e3:.1f} ms, bytes ratio {row['bytes_ratio']:.3f}"
+                else:
+                    what = row.get("error", row["status"])
+                echo(
+                    f"[{len(rows)}/{len(configs)}] P={world} {row['variant']} {row['layout']} causal={row['causal']} "
+                    f"{row['scaling']} N={row['n_total']}: {what}"
+                )
         except queue.Empty:
             rows += [{**asdict(c), "status": "timeout"} for c in mine[got:]]
+            echo(f"P={world}: no row within {timeout_s:.0f} s; {len(mine) - got} rows recorded as timeout")
         for p in procs:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
         atomic_write(out / "results.csv", pd.DataFrame(rows).to_csv(index=False))
     df = pd.DataFrame(rows)
-    write_cp_report(df, out)
+    write_cp_report(df, out, meta)
     return df
-
-
-def write_cp_report(df: pd.DataFrame, out: Path) -> None:
-    """Plots (strong-scaling speed-up, weak-scaling efficiency, bytes measured vs analytic) and README.md."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = df[df["status"] == "ok"] if "status" in df else df
-    lines = ["# Context-parallel attention (gloo, CPU)", "", "Times are the slowest rank's median.", ""]
-    if ok.empty:
-        atomic_write(out / "README.md", "\n".join([*lines, "No row ran.", ""]))
-        return
-    keys = ["variant", "layout", "causal"]
-    for scaling, ycol, title in (
-        ("strong", "speedup", "strong scaling: speed-up"),
-        ("weak", "efficiency", "weak scaling: efficiency"),
-    ):
-        sub = ok[ok["scaling"] == scaling].copy()
-        if sub.empty:
-            continue
-        base = sub[sub["world"] == sub["world"].min()].set_index(
-            [*keys, "n_per_rank" if scaling == "weak" else "n_total"]
-        )
-        idx = [*keys, "n_per_rank" if scaling == "weak" else "n_total"]
-        t1 = sub.join(base["fwd_bwd_s"].rename("t1"), on=idx)["t1"]
-        sub[ycol] = t1 / sub["fwd_bwd_s"]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, g in sub.groupby([*keys, idx[-1]]):
-            ax.plot(g["world"], g[ycol], marker="o", label="/".join(str(x) for x in name))
-        ax.set_xlabel("ranks")
-        ax.set_ylabel(f"{ycol} (fwd+bwd)")
-        ax.set_title(title)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / f"{scaling}.png", dpi=120)
-        plt.close(fig)
-        lines += [f"## {title}", "", f"![{scaling}]({scaling}.png)", ""]
-    fig, ax = plt.subplots(figsize=(5, 4))
-    measured = ok["fwd_bytes_max"] + ok["bwd_bytes_max"]
-    analytic = ok["fwd_bytes_analytic_max"] + ok["bwd_bytes_analytic_max"]
-    ax.loglog(analytic.clip(lower=1), measured.clip(lower=1), "o")
-    ax.set_xlabel("analytic bytes (max rank, fwd+bwd)")
-    ax.set_ylabel("measured bytes")
-    fig.tight_layout()
-    fig.savefig(out / "bytes.png", dpi=120)
-    plt.close(fig)
-    cols = [
-        *keys,
-        "scaling",
-        "world",
-        "n_total",
-        "fwd_s",
-        "fwd_bwd_s",
-        "fwd_bytes_max",
-        "fwd_bytes_analytic_max",
-        "bytes_ratio",
-    ]
-    lines += ["## Bytes sent, measured against analytic", "", "![bytes](bytes.png)", "", md_table(ok[cols]), ""]
-    atomic_write(out / "README.md", "\n".join(lines))
