@@ -191,7 +191,10 @@ def _worker(
             traceback.print_exc()
         if rank == 0:
             results.put(row)
-    results.put(None) if rank == 0 else None
+    if rank == 0:
+        results.put(None)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -152,21 +152,29 @@ def write_cp_report(df: pd.DataFrame, out: Path, meta: dict | None = None) -> No
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     measured = ok["fwd_bytes_max"] + ok["bwd_bytes_max"]
     analytic = ok["fwd_bytes_analytic_max"] + ok["bwd_bytes_analytic_max"]
-    axes[0].loglog(analytic.clip(lower=1), measured.clip(lower=1), "o")
-    axes[0].set_xlabel("analytic bytes (max rank, fwd+bwd)")
+    sends = analytic > 0
+    axes[0].loglog(analytic[sends], measured[sends], "o", alpha=0.6)
+    axes[0].set_xlabel("analytic bytes (busiest rank, fwd+bwd)")
     axes[0].set_ylabel("measured bytes")
+    axes[0].set_title("every row that sends")
     weak = ok[(ok["scaling"] == "weak") & (ok["world"] > 1)]
-    for name, g in weak.groupby([*keys, "n_per_rank"]):
-        g = g.sort_values("world")
-        axes[1].semilogy(
-            g["world"],
-            (g["fwd_bytes_max"] + g["bwd_bytes_max"]).clip(lower=1),
-            marker="o",
-            label="/".join(map(str, name)),
-        )
-    axes[1].set_xlabel("ranks (N / P fixed)")
-    axes[1].set_ylabel("bytes sent by the busiest rank (fwd+bwd)")
-    axes[1].legend(fontsize=5)
+    if not weak.empty:
+        weak = weak[weak["n_per_rank"] == weak["n_per_rank"].max()]
+        colours = {"full": "C3", "sliding_window": "C0", "performer": "C2"}
+        for (variant, layout, causal), g in weak.groupby(keys):
+            g = g.sort_values("world")
+            axes[1].semilogy(
+                g["world"],
+                g["fwd_bytes_max"] + g["bwd_bytes_max"],
+                marker="o" if causal else "s",
+                linestyle="-" if layout == "contiguous" else "--",
+                color=colours.get(variant),
+                label=f"{variant} {layout}{' causal' if causal else ''}",
+            )
+        axes[1].set_title(f"N / P = {int(weak['n_per_rank'].iloc[0])} fixed")
+        axes[1].set_xlabel("ranks")
+        axes[1].set_ylabel("bytes sent by the busiest rank (fwd+bwd)")
+        axes[1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "bytes.png", dpi=120)
     plt.close(fig)
