@@ -40,11 +40,11 @@ def test_dry_run_writes_its_files(tmp_path: Path) -> None:
     assert len(files) <= MAX_FILES and all((out / f).is_file() for f in files), files
     summary = (out / SUMMARY).read_text()
     assert "dry run" in summary
-    for step in ("gpu-tests", "verify", "sweep"):
+    for step in ("gpu-tests", "verify", "cp", "sweep"):
         assert f"| {step} | skipped |" in summary, summary
     assert "CUDA is not available" in summary
     record = json.loads((out / "device-check.json").read_text())
-    assert [s["name"] for s in record["steps"]] == ["environment", "gpu-tests", "verify", "sweep", "report"]
+    assert [s["name"] for s in record["steps"]] == ["environment", "gpu-tests", "verify", "cp", "sweep", "report"]
     assert record["environment"]["cuda_available"] is False
     with tarfile.open(out / "device-check.tar.gz") as tar:
         names = tar.getnames()
@@ -165,3 +165,22 @@ def test_gpu_test_workers_fit_the_gpu_memory() -> None:
     assert gpu_test_workers(16, 79.6) == 2  # H100
     assert gpu_test_workers(2, 139.8) == 1
     assert gpu_test_workers(16, None) == 1
+
+
+def test_cp_step_needs_two_gpus_and_covers_the_ring_target(tmp_path: Path) -> None:
+    from attn_bench.device_check import CP_N_PER_RANK, cp_command
+
+    assert cp_command(1, tmp_path, 60) is None
+    cmd = cp_command(6, tmp_path, 60)
+    assert cmd is not None
+    args = dict(zip(cmd[4::2], cmd[5::2], strict=False))  # after "python -m attn_bench.cli cp"
+    assert args["--device"] == "cuda" and args["--ranks"] == "1,2,4"
+    assert int(args["--n"]) >= 16384 == CP_N_PER_RANK
+    # the command parses as the CLI's cp command (no GPU needed to parse it)
+    import typer.main
+
+    from attn_bench.cli import app
+
+    group = typer.main.get_command(app)
+    ctx = group.make_context("attn-bench", ["cp"], resilient_parsing=True)
+    group.get_command(ctx, "cp").make_context("cp", cmd[4:])

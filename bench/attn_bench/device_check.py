@@ -67,6 +67,8 @@ TUNE_MIN_S = 20.0  # less than this is not worth a tuning run
 TUNE_GRACE_S = 40.0  # beyond the tuner's own budget: start-up and the last candidate
 SWEEP_GRACE_S = 30.0  # beyond the sweep's own budget: worker start-up, the last row, the CSV
 TEST_GIB_PER_WORKER = 32.0
+CP_BOX_S = 120.0  # context parallelism over NCCL, only where 2 or more GPUs are visible
+CP_N_PER_RANK = 16384  # the ring target's range (N / P >= 16k)
 # Configs per autotuned Triton kernel during the check (each tried config is one compilation).
 AUTOTUNE_MAX = 2
 VERIFY_BACKENDS = "triton,torch,reference,sdpa"
@@ -145,6 +147,25 @@ def cuda_status() -> tuple[bool, str]:
     built = torch.version.cuda
     why = "this PyTorch has no CUDA support" if built is None else f"no CUDA device visible (PyTorch built for {built})"
     return False, f"CUDA is not available: {why} (torch {torch.__version__})"
+
+
+def cp_command(gpus: int, out: Path, box_s: float) -> list[str] | None:
+    """``attn-bench cp`` over NCCL on 1, 2, 4, 8 ... of ``gpus`` GPUs (bf16, zigzag, causal, N/P=16k
+    weak and the same total strong); None with fewer than 2 GPUs."""
+    if gpus < 2:
+        return None
+    ranks = [p for p in (1, 2, 4, 8) if p <= gpus]
+    cmd = [sys.executable, "-m", "attn_bench.cli", "cp", "--device", "cuda", "--dtype", "bfloat16"]
+    cmd += ["--ranks", ",".join(map(str, ranks)), "--n", str(CP_N_PER_RANK), "--layouts", "zigzag"]
+    cmd += ["--causal", "true", "--heads", "16", "--kv-heads", "16", "--head-dim", "128", "--window", "1024"]
+    cmd += ["--num-features", "256", "--repeats", "5", "--timeout", f"{box_s:.0f}", "--out", str(out)]
+    return cmd
+
+
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +382,30 @@ def device_check(
         detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         detail += f"; {restarts} restart(s) after a lost CUDA context" if restarts else ""
         note(Step("verify", status, secs, box, detail, code))
+
+    # 3b. context parallelism over NCCL (before the sweep, which takes the rest of the budget)
+    cp_dir = run_dir / "cp"
+    gpus = 0 if gpu_skip or device != "cuda" else cuda_device_count()
+    box = max(10.0, min(CP_BOX_S, left() - 2 * REPORT_RESERVE_S - 60.0))
+    cp_cmd = cp_command(gpus, cp_dir, box)
+    if gpu_skip or device != "cuda":
+        note(Step("cp", "skipped", detail=gpu_skip or f"device {device}: NCCL needs CUDA"))
+    elif cp_cmd is None:
+        note(Step("cp", "skipped", detail=f"{gpus} GPU visible: context parallelism over NCCL needs 2 or more"))
+    else:
+        code, secs = run_boxed(cp_cmd, logs["sweep"], box + SWEEP_GRACE_S, env_vars)
+        counts = _status_counts(cp_dir / "results.csv")
+        status = "timeout" if code is None else "ok" if code == 0 else "failed"
+        note(
+            Step(
+                "cp",
+                status,
+                secs,
+                box,
+                f"{gpus} GPUs; rows: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+                code,
+            )
+        )
 
     # 4. sweep
     if gpu_skip:
@@ -638,6 +683,13 @@ def summary_markdown(record: dict, sweep_dir: Path, verify_csv: Path, tests_log:
             f"Table before: {tuned.get('table_before') or '-'}; tuning {tuned.get('status')}: {tuned.get('detail')}. "
             f"Launches: {used}.\n"
         )
+
+    cp_readme = sweep_dir.parent / "cp" / "README.md"
+    if cp_readme.exists():
+        text = cp_readme.read_text()
+        part = text.split("## Targets", 1)[1].split("\n## ", 1)[0] if "## Targets" in text else ""
+        md.append("\n## Context parallelism over NCCL (targets)\n")
+        md.append(part.strip() + "\n" if part.strip() else "_(no targets in the cp report)_\n")
 
     md.append("\n## Numerics\n")
     if tests_log.exists() and tests_log.stat().st_size:
