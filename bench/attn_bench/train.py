@@ -71,16 +71,23 @@ class TaskModel(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_classes)
 
-    def forward(self, ids: Tensor) -> Tensor:
-        """Logits ``(B, N, C)`` (causal) or ``(B, 1, C)`` (encoder)."""
+    def features(self, ids: Tensor) -> Tensor:
+        """Final-norm hidden states ``(B, N, d_model)`` of ``ids`` ``(B, N)``."""
         x = self.embed(ids) + self.pos[: ids.shape[1]]
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)
-        if not self.causal:
-            keep = (ids != 0).unsqueeze(-1).to(x.dtype)
-            x = (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
-        return self.head(x)
+        return self.norm(x)
+
+    def pool(self, ids: Tensor) -> Tensor:
+        """Mean of the hidden states over the non-padding positions: ``(B, 1, d_model)`` (zeros
+        for a row of padding only)."""
+        x = self.features(ids)
+        keep = (ids != 0).unsqueeze(-1).to(x.dtype)
+        return (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """Logits ``(B, N, C)`` (causal) or ``(B, 1, C)`` (encoder)."""
+        return self.head(self.features(ids) if self.causal else self.pool(ids))
 
 
 def _loss_and_hits(model: TaskModel, ids: Tensor, labels: Tensor) -> tuple[Tensor, int, int]:
