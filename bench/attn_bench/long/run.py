@@ -181,6 +181,7 @@ def load_long_presets(text: str | None = None) -> dict[str, TaskPreset]:
         for group in spec.get("groups", []):
             for cfg in expand_long_group(group, spec.get("defaults", {})):
                 configs.setdefault(cfg.key(), cfg)
+        ordered = sorted(configs.values(), key=lambda c: (c.seq_len, c.seed))  # a cut run has whole N
         settings = RunSettings(**spec.get("settings", {}))
-        presets[name] = TaskPreset(name, spec.get("description", ""), tuple(configs.values()), settings)
+        presets[name] = TaskPreset(name, spec.get("description", ""), tuple(ordered), settings)
     return presets
