@@ -91,7 +91,8 @@ class LongClassifier(nn.Module):
         """Chunk vectors ``(B, S, d_model)`` and which chunks hold a token ``(B, S)`` (bool)."""
         chunks = chunk(ids, self.segment_len)
         b, s, length = chunks.shape
-        vecs = self.encoder.pool(chunks.reshape(b * s, length)).view(b, s, -1)
+        # the last chunk's padding is masked: a chunk's vector is that of its tokens alone
+        vecs = self.encoder.pool(chunks.reshape(b * s, length), mask_padding=True).view(b, s, -1)
         return vecs, (chunks != 0).any(-1)
 
     def forward(self, ids: Tensor) -> Tensor:
