@@ -487,63 +487,13 @@ def task(
 ) -> None:
     """Train small Transformers with each variant on synthetic tasks (ListOps, MQAR, local max):
     accuracy over seeds, training time, time to a target accuracy, tokens/s, peak memory."""
-    import dataclasses
+    from .task_report import write_task_report
+    from .taskrun import load_task_presets
 
-    from .sweep import RunSetupError
-    from .taskrun import RESULTS, load_task_presets, run_tasks
-
-    if resume and overwrite:
-        raise typer.BadParameter("--resume continues the run in --out, --overwrite replaces it: pass one")
-    _positive(timeout, "--timeout")
-    if out is not None:
-        _check_out(out)
-    # What decides the runs: stored in metadata.json, so that `--resume` alone reproduces it.
-    spec = {"preset": preset, "plugins": list(load_plugins(plugin)), "timeout": timeout}
-    if resume:
-        spec = _resumed_spec(out, spec, key="task_run", kind="task")
-    spec["preset"] = spec["preset"] or "task-quick"
-    plugins = load_plugins(spec["plugins"])
-    presets = load_task_presets()
-    if spec["preset"] not in presets:
-        raise typer.BadParameter(
-            f"unknown preset {spec['preset']!r}; presets are {', '.join(presets)}", param_hint="--preset"
-        )
-    p = presets[spec["preset"]]
-    out = out or Path("runs") / f"{spec['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_out(out)
-    if (out / RESULTS).exists() and not (resume or overwrite):
-        console.print(f"[red]{out / RESULTS} exists: pass --resume to continue it or --overwrite to replace it")
-        raise typer.Exit(2)
-    from .sweep import cuda_problem
-
-    problem = cuda_problem(c.device for c in p.configs)
-    if problem is not None:
-        raise typer.BadParameter(f"preset {spec['preset']!r}: {problem}", param_hint="--preset")
-    settings = dataclasses.replace(p.settings, plugins=plugins)
-    if spec["timeout"] is not None:
-        settings = dataclasses.replace(settings, timeout_s=spec["timeout"])
-    from .sweep import machine_metadata
-
-    devices = {c.device for c in p.configs}
-    meta = {**machine_metadata(next(iter(devices))), "preset": spec["preset"], "description": p.description}
-    meta["command"] = shlex.join(["attn-bench", *sys.argv[1:]])
-    meta["task_run"] = spec
-    t0 = time.perf_counter()
-    try:
-        rows = run_tasks(list(p.configs), out, settings, resume=resume, meta=meta, progress=progress)
-    except RunSetupError as exc:
-        raise _setup_error(exc) from None
-    except KeyboardInterrupt:
-        console.print(f"[yellow]Interrupted; finished runs are in {out / RESULTS} (continue with --resume)")
-        raise typer.Exit(130) from None
-    ok = sum(r.status == "ok" for r in rows)
-    console.print(f"{ok}/{len(rows)} runs ok in {time.perf_counter() - t0:.0f} s: {out / RESULTS}")
-    if report:
-        from .task_report import write_task_report
-
-        page = write_task_report(out)
-        console.print(f"Report: [bold]{page}[/]")
-    _exit_if_all_failed([r.status for r in rows])
+    _train_study(
+        preset, out, resume, overwrite, timeout, plugin, report, progress,
+        kind="task", default="task-quick", presets=load_task_presets(), write_report=write_task_report,
+    )  # fmt: skip
 
 
 def _model_overrides(options: dict[str, Any], known: dict[str, tuple[str, Any]]) -> dict[str, Any]:
@@ -1017,6 +967,107 @@ def cp(
     )
     bad_rows = df[df["status"] != "ok"]
     console.print(f"{len(df) - len(bad_rows)} rows ok, {len(bad_rows)} not; report in {out}")
+
+
+def _train_study(
+    preset: str | None,
+    out: Path | None,
+    resume: bool,
+    overwrite: bool,
+    timeout: float | None,
+    plugin: list[str] | None,
+    report: bool,
+    progress: bool,
+    *,
+    kind: str,
+    default: str,
+    presets: dict[str, Any],
+    write_report: Any,
+    **run_kw: Any,
+) -> None:
+    """The body of ``task`` and ``long``: check the options, run the preset's configs through
+    :func:`attn_bench.taskrun.run_tasks` (``run_kw``: its job and result class) and report."""
+
+    import dataclasses
+
+    from .sweep import RunSetupError
+    from .taskrun import RESULTS, run_tasks
+
+    if resume and overwrite:
+        raise typer.BadParameter("--resume continues the run in --out, --overwrite replaces it: pass one")
+    _positive(timeout, "--timeout")
+    if out is not None:
+        _check_out(out)
+    # What decides the runs: stored in metadata.json, so that `--resume` alone reproduces it.
+    spec = {"preset": preset, "plugins": list(load_plugins(plugin)), "timeout": timeout}
+    if resume:
+        spec = _resumed_spec(out, spec, key=f"{kind}_run", kind=kind)
+    spec["preset"] = spec["preset"] or default
+    plugins = load_plugins(spec["plugins"])
+    if spec["preset"] not in presets:
+        raise typer.BadParameter(
+            f"unknown preset {spec['preset']!r}; presets are {', '.join(presets)}", param_hint="--preset"
+        )
+    p = presets[spec["preset"]]
+    out = out or Path("runs") / f"{spec['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_out(out)
+    if (out / RESULTS).exists() and not (resume or overwrite):
+        console.print(f"[red]{out / RESULTS} exists: pass --resume to continue it or --overwrite to replace it")
+        raise typer.Exit(2)
+    from .sweep import cuda_problem
+
+    problem = cuda_problem(c.device for c in p.configs)
+    if problem is not None:
+        raise typer.BadParameter(f"preset {spec['preset']!r}: {problem}", param_hint="--preset")
+    settings = dataclasses.replace(p.settings, plugins=plugins)
+    if spec["timeout"] is not None:
+        settings = dataclasses.replace(settings, timeout_s=spec["timeout"])
+    from .sweep import machine_metadata
+
+    devices = {c.device for c in p.configs}
+    meta = {**machine_metadata(next(iter(devices))), "preset": spec["preset"], "description": p.description}
+    meta["command"] = shlex.join(["attn-bench", *sys.argv[1:]])
+    meta[f"{kind}_run"] = spec
+    t0 = time.perf_counter()
+    try:
+        rows = run_tasks(list(p.configs), out, settings, resume=resume, meta=meta, progress=progress, **run_kw)
+    except RunSetupError as exc:
+        raise _setup_error(exc) from None
+    except KeyboardInterrupt:
+        console.print(f"[yellow]Interrupted; finished runs are in {out / RESULTS} (continue with --resume)")
+        raise typer.Exit(130) from None
+    ok = sum(r.status == "ok" for r in rows)
+    console.print(f"{ok}/{len(rows)} runs ok in {time.perf_counter() - t0:.0f} s: {out / RESULTS}")
+    if report:
+        page = write_report(out)
+        console.print(f"Report: [bold]{page}[/]")
+    _exit_if_all_failed([r.status for r in rows])
+
+
+@app.command()
+def long(
+    preset: Annotated[
+        str | None,
+        typer.Option(help="long_presets.toml name: long-quick (CPU) or long-gpu (CUDA) [default: long-quick]"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="output directory [default: runs/<preset>-<date>-<time>]")] = None,
+    resume: Annotated[bool, typer.Option(help="skip the runs already in DIR/results.csv")] = False,
+    overwrite: Annotated[bool, typer.Option(help="start afresh even if DIR/results.csv exists")] = False,
+    timeout: Annotated[float | None, typer.Option(help="per-run timeout in seconds")] = None,
+    plugin: Annotated[list[str] | None, typer.Option(help=PLUGIN_HELP)] = None,
+    report: Annotated[bool, typer.Option(help="write the report (plots + README.md) when done")] = True,
+    progress: Annotated[bool, typer.Option(help="show the progress bars")] = True,
+) -> None:
+    """Documents longer than the model: truncate, segment + mean-pool, hierarchical, sliding window
+    and Performer over the whole input, at N = 1-16 L: accuracy, training and inference time, memory."""
+    from .long.report import write_long_report
+    from .long.run import JOB, LongResult, load_long_presets
+
+    _train_study(
+        preset, out, resume, overwrite, timeout, plugin, report, progress,
+        kind="long", default="long-quick", presets=load_long_presets(), write_report=write_long_report,
+        job=JOB, result_cls=LongResult,
+    )  # fmt: skip
 
 
 def main() -> None:

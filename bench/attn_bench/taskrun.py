@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -102,19 +102,6 @@ class TaskConfig:
         return cls(**kwargs)
 
 
-_METRICS = (
-    "final_acc",
-    "best_acc",
-    "chance_acc",
-    "train_s",
-    "time_to_target_s",
-    "tokens_per_s",
-    "peak_mem_bytes",
-    "final_loss",
-    "approx_err",
-)
-
-
 @dataclass(frozen=True)
 class TaskResult:
     """A run's config and what it measured (metrics None unless ``status == "ok"``)."""
@@ -135,23 +122,28 @@ class TaskResult:
     loss_curve: str = ""  # JSON [[step, loss], ...]
     eval_curve: str = ""  # JSON [[step, train_s, acc], ...]
 
+    config_cls: ClassVar[type] = TaskConfig  # a subclass with a wider config names its own
+
     def to_row(self) -> dict[str, Any]:
         return result_row(self)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> TaskResult:
         kwargs: dict[str, Any] = {}
-        for name in (*_METRICS, "elapsed_s"):
-            x = row.get(name)
-            kwargs[name] = None if x in (None, "") or (isinstance(x, float) and math.isnan(x)) else float(x)
-        for name in ("status", "error", "loss_curve", "eval_curve"):
-            kwargs[name] = str(row.get(name) or "")
-        return cls(config=TaskConfig.from_row(row), **kwargs)
+        for f in dataclasses.fields(cls):
+            if f.name == "config":
+                continue
+            x = row.get(f.name)
+            if f.type == "float | None":
+                kwargs[f.name] = None if x in (None, "") or (isinstance(x, float) and math.isnan(x)) else float(x)
+            else:
+                kwargs[f.name] = str(x or "")
+        return cls(config=cls.config_cls.from_row(row), **kwargs)
 
 
-def result_columns() -> list[str]:
-    cfg = [f.name for f in dataclasses.fields(TaskConfig)]
-    return [*cfg, *(f.name for f in dataclasses.fields(TaskResult) if f.name != "config")]
+def result_columns(result_cls: type[TaskResult] = TaskResult) -> list[str]:
+    cfg = [f.name for f in dataclasses.fields(result_cls.config_cls)]
+    return [*cfg, *(f.name for f in dataclasses.fields(result_cls) if f.name != "config")]
 
 
 # -- one run, in the worker -----------------------------------------------------------------------
@@ -344,7 +336,7 @@ def load_task_presets(text: str | None = None) -> dict[str, TaskPreset]:
 # -- the run loop ---------------------------------------------------------------------------------
 
 
-def read_task_results(path: Path) -> list[TaskResult]:
+def read_task_results(path: Path, result_cls: type[TaskResult] = TaskResult) -> list[TaskResult]:
     """Rows of a task results.csv; a line that does not parse is skipped (and runs again on resume)."""
     if not path.exists():
         return []
@@ -352,7 +344,7 @@ def read_task_results(path: Path) -> list[TaskResult]:
     with open(path, newline="", encoding="utf-8") as f:
         for i, row in enumerate(csv.DictReader(f), start=2):
             try:
-                res = TaskResult.from_row(row)
+                res = result_cls.from_row(row)
                 if res.status not in TASK_STATUSES:
                     raise ValueError(f"status {res.status!r}")
                 out.append(res)
@@ -361,8 +353,8 @@ def read_task_results(path: Path) -> list[TaskResult]:
     return out
 
 
-def write_task_results(path: Path, results: list[TaskResult]) -> None:
-    atomic_write(path, rows_to_csv((r.to_row() for r in results), result_columns()))
+def write_task_results(path: Path, results: list[TaskResult], result_cls: type[TaskResult] = TaskResult) -> None:
+    atomic_write(path, rows_to_csv((r.to_row() for r in results), result_columns(result_cls)))
 
 
 def run_tasks(
@@ -374,15 +366,21 @@ def run_tasks(
     meta: dict | None = None,
     progress: bool = True,
     on_result: Callable[[TaskResult], None] | None = None,
+    job: str = "attn_bench.taskrun:run_task_row",
+    result_cls: type[TaskResult] = TaskResult,
+    kind: str = "task",
 ) -> list[TaskResult]:
     """Run ``configs`` one by one in a worker process (skipping those already in ``out/results.csv``
-    when ``resume``), rewriting ``results.csv`` atomically after each. Returns all rows."""
+    when ``resume``), rewriting ``results.csv`` atomically after each. Returns all rows.
+
+    ``job`` (``module:function``) and ``result_cls`` (a :class:`TaskResult` subclass) let another
+    study with a wider config run through the same loop; ``kind`` goes to ``metadata.json``."""
     from .worker import WorkerPool, WorkerStartError
 
     prepare_run_dir(out, (c.device for c in configs), resume=resume)
     remove_stale_temp_files(out, (RESULTS, METADATA))
     path = out / RESULTS
-    results = read_task_results(path) if resume else []
+    results = read_task_results(path, result_cls) if resume else []
     done = {r.config.key() for r in results}
     todo = [c for c in configs if c.key() not in done]
     meta = dict(meta or {})
@@ -390,14 +388,14 @@ def run_tasks(
     meta["started"] = old.get("started", now())
     if resume:
         meta["resumes"] = [*old.get("resumes", []), {"started": now(), "previous_status": old.get("status")}]
-    meta.update(settings=dataclasses.asdict(settings), configs=len(configs), status="running", kind="task")
+    meta.update(settings=dataclasses.asdict(settings), configs=len(configs), status="running", kind=kind)
     write_metadata(out, meta)
     bar = _TaskProgress(len(todo), enabled=progress)
     pool = WorkerPool(
         settings,
         str(out / WORKER_LOG),
-        job="attn_bench.taskrun:run_task_row",
-        result_cls=TaskResult,
+        job=job,
+        result_cls=result_cls,
         on_progress=bar.step,
     )
     with pool_lifecycle(pool, out, meta, results), bar:
@@ -405,7 +403,7 @@ def run_tasks(
             bar.start(cfg.label(), cfg.steps)
             res = pool.run(cfg)
             results.append(res)
-            write_task_results(path, results)
+            write_task_results(path, results, result_cls)
             if on_result is not None:
                 on_result(res)
             acc = f" acc {res.final_acc:.3f} in {res.train_s:.1f} s" if res.status == "ok" else f" {res.error}"

@@ -16,10 +16,15 @@ its first position, whose label is the only one set).
 - **Local max**: random tokens ``0..vocab-1``; the label at position ``t`` is the largest token
   of the last ``width`` positions (``t-width+1..t``) modulo 10. Causal. Only a neighbourhood
   matters, so a sliding window no smaller than ``width`` sees all it needs.
+- **Long majority** (:func:`long_majority`): ``evidence`` (odd) pairs ``<mark> yes|no`` at
+  uniformly random even positions over the whole document, ``yes``/``no`` distractors and filler
+  words elsewhere; the label is the majority answer of the marked pairs. Evidence lies everywhere,
+  so a prefix of the document leaves the label undetermined (:func:`prefix_bayes_accuracy`).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -29,7 +34,7 @@ from torch import Tensor
 IGNORE = -100
 """Label of positions without a loss (``torch.nn.functional.cross_entropy``'s ``ignore_index``)."""
 
-TASKS: tuple[str, ...] = ("listops", "mqar", "local_max")
+TASKS: tuple[str, ...] = ("listops", "mqar", "local_max", "long_majority")
 
 # -- ListOps --------------------------------------------------------------------------------------
 
@@ -198,6 +203,63 @@ def local_max(count: int, seq_len: int, seed: int, *, width: int = 8, vocab: int
     return TaskData(inputs, labels, vocab, 10, causal=True)
 
 
+# -- long majority --------------------------------------------------------------------------------
+
+LONG_PAD, LONG_MARK, LONG_NO, LONG_YES = 0, 1, 2, 3
+LONG_FILLER0 = 4  # filler words are LONG_FILLER0 .. LONG_FILLER0 + filler - 1
+
+
+def long_majority(
+    count: int, seq_len: int, seed: int, *, evidence: int = 7, filler: int = 16, distractor_pct: int = 20
+) -> TaskData:
+    """Majority vote of evidence spread over the whole document (an encoder task, 2 classes).
+
+    Token ids: 0 padding (unused), 1 ``<mark>``, 2 ``no``, 3 ``yes``, then ``filler`` filler words.
+    ``evidence`` (odd) distinct pair slots ``(2s, 2s+1)`` are drawn uniformly from all
+    ``seq_len // 2``; each holds ``<mark>`` then an answer drawn fairly. Every other position is a
+    ``yes``/``no`` distractor (not after a mark) with probability ``distractor_pct`` %, else a
+    filler word. Label at position 0: 1 if most marked answers are ``yes``, else 0."""
+    if evidence < 1 or evidence % 2 == 0:
+        raise ValueError(f"evidence must be odd and positive, got {evidence}")
+    if 2 * evidence > seq_len:
+        raise ValueError(f"seq_len ({seq_len}) must hold {evidence} evidence pairs")
+    g = torch.Generator().manual_seed(seed)
+    inputs = LONG_FILLER0 + torch.randint(filler, (count, seq_len), generator=g)
+    distract = torch.rand(count, seq_len, generator=g) < distractor_pct / 100
+    inputs[distract] = LONG_NO + torch.randint(2, (int(distract.sum()),), generator=g)
+    slots = torch.rand(count, seq_len // 2, generator=g).argsort(-1)[:, :evidence]
+    answers = torch.randint(2, (count, evidence), generator=g)
+    inputs.scatter_(1, 2 * slots, LONG_MARK)
+    inputs.scatter_(1, 2 * slots + 1, LONG_NO + answers)
+    labels = torch.full((count, seq_len), IGNORE, dtype=torch.long)
+    labels[:, 0] = (answers.sum(-1) * 2 > evidence).long()
+    return TaskData(inputs, labels, LONG_FILLER0 + filler, 2, causal=False)
+
+
+def long_evidence(inputs: Tensor) -> Tensor:
+    """Marked answers ``(S, N)``: +1 yes, -1 no, 0 elsewhere (the token after each ``<mark>``)."""
+    after_mark = torch.zeros_like(inputs, dtype=torch.bool)
+    after_mark[:, 1:] = inputs[:, :-1] == LONG_MARK
+    return after_mark * ((inputs == LONG_YES).long() - (inputs == LONG_NO).long())
+
+
+def prefix_bayes_accuracy(inputs: Tensor, prefix: int, evidence: int) -> float:
+    """Accuracy of the best classifier that sees only ``inputs[:, :prefix]`` (a Bayes bound).
+
+    The answers of the evidence beyond the prefix are fair coins independent of the prefix, so
+    given ``y`` yes and ``n`` no in view, P(label = yes) = P(y + Bin(evidence - y - n, 1/2) >
+    evidence / 2); the best guess is right with probability max(p, 1 - p). Mean over rows."""
+    ev = long_evidence(inputs[:, :prefix])
+    yes, no = (ev == 1).sum(-1).tolist(), (ev == -1).sum(-1).tolist()
+    total = 0.0
+    for y, n in zip(yes, no, strict=True):
+        hidden = evidence - y - n
+        need = evidence // 2 + 1 - y  # yes among the hidden ones for a yes majority
+        p = sum(math.comb(hidden, k) for k in range(max(0, need), hidden + 1)) / 2**hidden
+        total += max(p, 1 - p)
+    return total / max(1, len(yes))
+
+
 def make_task(task: str, count: int, seq_len: int, seed: int, **params: int) -> TaskData:
     """Generate ``count`` examples of ``task`` (one of :data:`TASKS`) with its parameters."""
     if task == "listops":
@@ -206,4 +268,6 @@ def make_task(task: str, count: int, seq_len: int, seed: int, **params: int) -> 
         return mqar(count, seq_len, seed, **params)
     if task == "local_max":
         return local_max(count, seq_len, seed, **params)
+    if task == "long_majority":
+        return long_majority(count, seq_len, seed, **params)
     raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")

@@ -35,10 +35,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         if self.conv is not None:  # causal: output t sees inputs t-conv+1..t
             x = x + self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
-        x = x + self.attn(self.norm1(x))
+        x = x + self.attn(self.norm1(x), key_padding_mask=key_padding_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -71,16 +71,26 @@ class TaskModel(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_classes)
 
-    def forward(self, ids: Tensor) -> Tensor:
-        """Logits ``(B, N, C)`` (causal) or ``(B, 1, C)`` (encoder)."""
+    def features(self, ids: Tensor, mask_padding: bool = False) -> Tensor:
+        """Final-norm hidden states ``(B, N, d_model)`` of ``ids`` ``(B, N)``; with
+        ``mask_padding``, padding (id 0) is invisible as a key, so a padded sequence gives its
+        real tokens the states of the unpadded one."""
+        mask = (ids != 0) if mask_padding else None
         x = self.embed(ids) + self.pos[: ids.shape[1]]
         for block in self.blocks:
-            x = block(x)
-        x = self.norm(x)
-        if not self.causal:
-            keep = (ids != 0).unsqueeze(-1).to(x.dtype)
-            x = (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
-        return self.head(x)
+            x = block(x, mask)
+        return self.norm(x)
+
+    def pool(self, ids: Tensor, mask_padding: bool = False) -> Tensor:
+        """Mean of the hidden states over the non-padding positions: ``(B, 1, d_model)`` (zeros
+        for a row of padding only); ``mask_padding`` as in :meth:`features`."""
+        x = self.features(ids, mask_padding)
+        keep = (ids != 0).unsqueeze(-1).to(x.dtype)
+        return (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """Logits ``(B, N, C)`` (causal) or ``(B, 1, C)`` (encoder)."""
+        return self.head(self.features(ids) if self.causal else self.pool(ids))
 
 
 def _loss_and_hits(model: TaskModel, ids: Tensor, labels: Tensor) -> tuple[Tensor, int, int]:

@@ -1,0 +1,1 @@
+"""``attn-bench long``: documents longer than the model (truncate, segment, window, Performer)."""
