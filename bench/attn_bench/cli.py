@@ -983,10 +983,12 @@ def _train_study(
     default: str,
     presets: dict[str, Any],
     write_report: Any,
+    extra_meta: dict | None = None,
     **run_kw: Any,
 ) -> None:
-    """The body of ``task`` and ``long``: check the options, run the preset's configs through
-    :func:`attn_bench.taskrun.run_tasks` (``run_kw``: its job and result class) and report."""
+    """The body of ``task``, ``long`` and ``swap``: check the options, run the preset's configs
+    through :func:`attn_bench.taskrun.run_tasks` (``run_kw``: its job and result class) and
+    report; ``extra_meta`` goes to ``metadata.json``."""
 
     import dataclasses
 
@@ -1028,9 +1030,12 @@ def _train_study(
     meta = {**machine_metadata(next(iter(devices))), "preset": spec["preset"], "description": p.description}
     meta["command"] = shlex.join(["attn-bench", *sys.argv[1:]])
     meta[f"{kind}_run"] = spec
+    meta.update(extra_meta or {})
     t0 = time.perf_counter()
     try:
-        rows = run_tasks(list(p.configs), out, settings, resume=resume, meta=meta, progress=progress, **run_kw)
+        rows = run_tasks(
+            list(p.configs), out, settings, resume=resume, meta=meta, progress=progress, kind=kind, **run_kw
+        )
     except RunSetupError as exc:
         raise _setup_error(exc) from None
     except KeyboardInterrupt:
@@ -1067,6 +1072,38 @@ def long(
         preset, out, resume, overwrite, timeout, plugin, report, progress,
         kind="long", default="long-quick", presets=load_long_presets(), write_report=write_long_report,
         job=JOB, result_cls=LongResult,
+    )  # fmt: skip
+
+
+@app.command()
+def swap(
+    preset: Annotated[
+        str | None,
+        typer.Option(help="swap_presets.toml name: swap-quick (CPU) or swap-gpu (CUDA) [default: swap-quick]"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="output directory [default: runs/<preset>-<date>-<time>]")] = None,
+    resume: Annotated[bool, typer.Option(help="skip the runs already in DIR/results.csv")] = False,
+    overwrite: Annotated[bool, typer.Option(help="start afresh even if DIR/results.csv exists")] = False,
+    timeout: Annotated[float | None, typer.Option(help="per-run timeout in seconds")] = None,
+    report: Annotated[bool, typer.Option(help="write the report (plots + README.md) when done")] = True,
+    progress: Annotated[bool, typer.Option(help="show the progress bars")] = True,
+) -> None:
+    """Swap the attention of a trained byte-level LM (the Python standard library's sources) for a
+    sliding window or FAVOR+, keeping its weights: the loss right after the swap, the fine-tuning
+    steps that win it back, and the same variant trained from scratch; also through Transformers."""
+    from .swap.corpus import load_corpus, manifest
+    from .swap.report import write_swap_report
+    from .swap.run import JOB, SwapResult, load_swap_presets
+
+    try:
+        corpus = manifest(load_corpus())
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]Error: the corpus: {exc}")
+        raise typer.Exit(2) from None
+    _train_study(
+        preset, out, resume, overwrite, timeout, None, report, progress,
+        kind="swap", default="swap-quick", presets=load_swap_presets(), write_report=write_swap_report,
+        extra_meta={"corpus": corpus}, job=JOB, result_cls=SwapResult,
     )  # fmt: skip
 
 

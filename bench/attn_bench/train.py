@@ -93,7 +93,7 @@ class TaskModel(nn.Module):
         return self.head(self.features(ids) if self.causal else self.pool(ids))
 
 
-def _loss_and_hits(model: TaskModel, ids: Tensor, labels: Tensor) -> tuple[Tensor, int, int]:
+def _loss_and_hits(model: nn.Module, ids: Tensor, labels: Tensor) -> tuple[Tensor, int, int]:
     logits = model(ids)
     if not model.causal:
         labels = labels[:, :1]
@@ -104,15 +104,21 @@ def _loss_and_hits(model: TaskModel, ids: Tensor, labels: Tensor) -> tuple[Tenso
 
 
 @torch.no_grad()
-def evaluate(model: TaskModel, data: TaskData, batch: int, device: torch.device) -> float:
-    """Accuracy over the labelled positions of ``data``."""
+def evaluate_metrics(model: nn.Module, data: TaskData, batch: int, device: torch.device) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy (nats) over the labelled positions of ``data``."""
     model.eval()
     hits = total = 0
+    loss_sum = 0.0
     for i in range(0, data.inputs.shape[0], batch):
-        _, h, t = _loss_and_hits(model, data.inputs[i : i + batch].to(device), data.labels[i : i + batch].to(device))
-        hits, total = hits + h, total + t
+        loss, h, t = _loss_and_hits(model, data.inputs[i : i + batch].to(device), data.labels[i : i + batch].to(device))
+        hits, total, loss_sum = hits + h, total + t, loss_sum + float(loss) * t
     model.train()
-    return hits / max(total, 1)
+    return hits / max(total, 1), loss_sum / max(total, 1)
+
+
+def evaluate(model: nn.Module, data: TaskData, batch: int, device: torch.device) -> float:
+    """Accuracy over the labelled positions of ``data``."""
+    return evaluate_metrics(model, data, batch, device)[0]
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -136,9 +142,10 @@ class TrainResult:
     final_loss: float
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     eval_curve: list[tuple[int, float, float]] = field(default_factory=list)
+    eval_loss_curve: list[tuple[int, float]] = field(default_factory=list)  # held-out (step, loss)
 
 
-def saved_tensor_bytes(model: TaskModel, ids: Tensor, labels: Tensor) -> int:
+def saved_tensor_bytes(model: nn.Module, ids: Tensor, labels: Tensor) -> int:
     """Bytes of the distinct tensors one training step's forward saves for the backward pass."""
     seen: dict[tuple, int] = {}
 
@@ -154,7 +161,7 @@ def saved_tensor_bytes(model: TaskModel, ids: Tensor, labels: Tensor) -> int:
 
 
 def train(
-    model: TaskModel,
+    model: nn.Module,
     train_data: TaskData,
     test_data: TaskData,
     *,
@@ -171,7 +178,10 @@ def train(
     progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` AdamW steps on random batches of ``train_data``; evaluate on
-    ``test_data`` every ``eval_every`` steps and at the end."""
+    ``test_data`` every ``eval_every`` steps and at the end.
+
+    ``model`` is a :class:`TaskModel` or any module with its interface: a ``causal`` attribute and
+    ``forward(ids (B, N)) -> logits`` (``(B, N, C)`` causal, ``(B, 1, C)`` otherwise)."""
     device = torch.device(device)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -186,6 +196,7 @@ def train(
         act = saved_tensor_bytes(model, train_data.inputs[idx].to(device), train_data.labels[idx].to(device))
     loss_curve: list[tuple[int, float]] = []
     eval_curve: list[tuple[int, float, float]] = []
+    eval_loss_curve: list[tuple[int, float]] = []
     train_s, t_target, loss_val = 0.0, None, math.nan
     for step in range(steps):
         t0 = time.perf_counter()
@@ -203,8 +214,9 @@ def train(
         if progress is not None:
             progress(step + 1, steps, loss_val)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            acc = evaluate(model, test_data, 4 * batch, device)
+            acc, test_loss = evaluate_metrics(model, test_data, 4 * batch, device)
             eval_curve.append((step + 1, train_s, acc))
+            eval_loss_curve.append((step + 1, test_loss))
             if t_target is None and target_acc is not None and acc >= target_acc:
                 t_target = train_s
     # CPU: parameters, gradients, two AdamW moments, and the activations saved for backward.
@@ -220,4 +232,5 @@ def train(
         final_loss=loss_val,
         loss_curve=loss_curve,
         eval_curve=eval_curve,
+        eval_loss_curve=eval_loss_curve,
     )
