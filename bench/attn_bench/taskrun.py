@@ -192,12 +192,28 @@ def _task_data(task: str, count: int, seq_len: int, seed: int, params: tuple[tup
     return make_task(task, count, seq_len, seed, **dict(params))
 
 
+def train_config(cfg: TaskConfig, model: Any, tr: Any, te: Any, progress: Callable[..., None] | None) -> Any:
+    """:func:`attn_bench.train.train` with ``cfg``'s training fields, reporting about 50 progress ticks."""
+    from .train import train
+
+    every = max(1, cfg.steps // 50)
+
+    def tick(step: int, steps: int, loss: float) -> None:
+        if progress is not None and (step % every == 0 or step == steps):
+            progress(step, steps, loss)
+
+    return train(
+        model, tr, te, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, eval_every=cfg.eval_every,
+        target_acc=cfg.target_acc, seed=cfg.seed, device=cfg.device, progress=tick,
+    )  # fmt: skip
+
+
 def run_task(cfg: TaskConfig, progress: Callable[..., None] | None = None) -> TaskResult:
     """Generate the task's data from ``cfg.seed``, train, and measure."""
     import torch
 
     from .tasks import IGNORE
-    from .train import TaskModel, train
+    from .train import TaskModel
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -220,25 +236,7 @@ def run_task(cfg: TaskConfig, progress: Callable[..., None] | None = None) -> Ta
         causal=data.causal,
         conv=cfg.conv,
     )
-    every = max(1, cfg.steps // 50)
-
-    def tick(step: int, steps: int, loss: float) -> None:
-        if progress is not None and (step % every == 0 or step == steps):
-            progress(step, steps, loss)
-
-    res = train(
-        model,
-        tr,
-        te,
-        steps=cfg.steps,
-        batch=cfg.batch,
-        lr=cfg.lr,
-        eval_every=cfg.eval_every,
-        target_acc=cfg.target_acc,
-        seed=cfg.seed,
-        device=cfg.device,
-        progress=tick,
-    )
+    res = train_config(cfg, model, tr, te, progress)
     err = attention_error(model.eval(), te.inputs[: cfg.batch].to(cfg.device))
     stride = max(1, len(res.loss_curve) // CURVE_POINTS)
     curve = [(s, round(v, 5)) for s, v in res.loss_curve[stride - 1 :: stride]]

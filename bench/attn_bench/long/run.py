@@ -23,7 +23,15 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..config import RunSettings
-from ..taskrun import TaskConfig, TaskPreset, TaskResult, _task_data, _variant_options, expand_group
+from ..taskrun import (
+    TaskConfig,
+    TaskPreset,
+    TaskResult,
+    _task_data,
+    _variant_options,
+    expand_group,
+    train_config,
+)
 from .models import STRATEGIES, STRATEGY_VARIANT
 
 LONG_TASK = "long_majority"
@@ -81,7 +89,6 @@ def run_long(cfg: LongConfig, progress: Callable[..., None] | None = None) -> Lo
     import torch
 
     from ..tasks import prefix_bayes_accuracy
-    from ..train import train
     from .models import LongClassifier
 
     if cfg.threads > 0:
@@ -104,25 +111,7 @@ def run_long(cfg: LongConfig, progress: Callable[..., None] | None = None) -> Lo
         layers=cfg.layers,
         conv=cfg.conv,
     )
-    every = max(1, cfg.steps // 50)
-
-    def tick(step: int, steps: int, loss: float) -> None:
-        if progress is not None and (step % every == 0 or step == steps):
-            progress(step, steps, loss)
-
-    res = train(
-        model,
-        tr,
-        te,
-        steps=cfg.steps,
-        batch=cfg.batch,
-        lr=cfg.lr,
-        eval_every=cfg.eval_every,
-        target_acc=cfg.target_acc,
-        seed=cfg.seed,
-        device=cfg.device,
-        progress=tick,
-    )
+    res = train_config(cfg, model, tr, te, progress)
     return LongResult(
         cfg,
         "ok",

@@ -35,7 +35,7 @@ else:  # pragma: no cover
 import attention_variants as av
 
 from ..config import RunSettings
-from ..taskrun import CURVE_POINTS, TaskConfig, TaskPreset, TaskResult, _variant_options
+from ..taskrun import CURVE_POINTS, TaskConfig, TaskPreset, TaskResult, _variant_options, train_config
 from .models import MODELS
 
 SWAP_TASK = "stdlib_bytes"
@@ -131,21 +131,6 @@ def _new_model(cfg: SwapConfig, variant: str, options: dict[str, Any]) -> Any:
     return task_lm(variant, options, cfg.seq_len, cfg.d_model, cfg.heads, cfg.layers, cfg.conv)
 
 
-def _train(cfg: SwapConfig, model: Any, tr: Any, te: Any, progress: Callable[..., None] | None) -> Any:
-    from ..train import train
-
-    every = max(1, cfg.steps // 50)
-
-    def tick(step: int, steps: int, loss: float) -> None:
-        if progress is not None and (step % every == 0 or step == steps):
-            progress(step, steps, loss)
-
-    return train(
-        model, tr, te, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, eval_every=cfg.eval_every,
-        target_acc=cfg.target_acc, seed=cfg.seed, device=cfg.device, progress=tick,
-    )  # fmt: skip
-
-
 def _pretrained(cfg: SwapConfig, progress: Callable[..., None] | None = None) -> tuple[dict, Any, float]:
     """The trained weights of ``cfg``'s pretrain row, its :class:`~attn_bench.train.TrainResult` and
     its held-out loss at step 0; trained here unless the worker holds them."""
@@ -159,7 +144,7 @@ def _pretrained(cfg: SwapConfig, progress: Callable[..., None] | None = None) ->
         _, tr, te = _data(key)
         model = _new_model(key, "full", {}).to(key.device)
         start = evaluate_metrics(model, te, 4 * key.batch, torch.device(key.device))[1]
-        res = _train(key, model, tr, te, progress)
+        res = train_config(key, model, tr, te, progress)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         while len(_PRETRAINED) >= 2:
             _PRETRAINED.pop(next(iter(_PRETRAINED)))
@@ -202,7 +187,7 @@ def run_swap(cfg: SwapConfig, progress: Callable[..., None] | None = None) -> Sw
         start = evaluate_metrics(model, te, 4 * cfg.batch, device)[1]
         if cfg.model == "task" and cfg.mode == "swap":
             err = attention_error(model.eval(), te.inputs[: cfg.batch].to(device))
-        res = _train(cfg, model, tr, te, progress)
+        res = train_config(cfg, model, tr, te, progress)
     curve = [(0, start), *res.eval_loss_curve]
     reached = steps_to_within(curve, ref)
     labels = te.labels.flatten()
