@@ -18,7 +18,7 @@ import pandas as pd
 
 from .plots import color
 from .sweep import METADATA, atomic_write
-from .taskrun import RESULTS, read_task_results
+from .taskrun import RESULTS, TaskResult, read_task_results
 
 
 def load_task_results(directory: Path) -> pd.DataFrame:
@@ -169,15 +169,18 @@ def _f(x: float, digits: int = 3) -> str:
     return "" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}g}"
 
 
-def write_task_report(directory: Path) -> Path:
-    """Write ``README.md`` and the plots into ``directory``; returns the page's path."""
-    df = load_task_results(directory)
+def report_header(
+    directory: Path, title: str, result_cls: type[TaskResult] = TaskResult
+) -> tuple[dict, dict[str, int], list[str]]:
+    """What every training study's page opens with: its ``metadata.json`` (empty if unreadable),
+    the count of rows by status, and the title, machine and command lines."""
     try:
         meta = json.loads((directory / METADATA).read_text())
     except (OSError, ValueError):
         meta = {}
-    all_rows = read_task_results(directory / RESULTS)
-    lines = [f"# Task benchmark: {meta.get('preset', directory.name)}", ""]
+    rows = read_task_results(directory / RESULTS, result_cls)
+    statuses = pd.Series([r.status for r in rows]).value_counts().to_dict() if rows else {}
+    lines = [f"# {title}: {meta.get('preset', directory.name)}", ""]
     if meta:
         lines += [
             f"Machine: **{meta.get('cpu_model')}**, {meta.get('cpu_count')} logical cores; gpu: {meta.get('gpu')}. "
@@ -187,7 +190,13 @@ def write_task_report(directory: Path) -> Path:
             f"({meta.get('status')}).",
             "",
         ]
-    statuses = pd.Series([r.status for r in all_rows]).value_counts().to_dict() if all_rows else {}
+    return meta, statuses, lines
+
+
+def write_task_report(directory: Path) -> Path:
+    """Write ``README.md`` and the plots into ``directory``; returns the page's path."""
+    df = load_task_results(directory)
+    meta, statuses, lines = report_header(directory, "Task benchmark")
     lines += [
         f"{meta.get('description', '')}",
         "",

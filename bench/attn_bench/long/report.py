@@ -7,7 +7,6 @@ memory are means over seeds. ``prefix bound``: the best accuracy any classifier 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -16,8 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..sweep import METADATA, atomic_write
-from ..task_report import _f, _pareto
+from ..sweep import atomic_write
+from ..task_report import _f, _pareto, report_header
 from ..taskrun import RESULTS, read_task_results
 from .models import STRATEGIES
 from .run import LongResult
@@ -100,22 +99,7 @@ def plot_cost(s: pd.DataFrame, out: Path) -> str:
 def write_long_report(directory: Path) -> Path:
     """Write ``README.md`` and the plots into ``directory``; returns the page's path."""
     df = load_long_results(directory)
-    try:
-        meta = json.loads((directory / METADATA).read_text())
-    except (OSError, ValueError):
-        meta = {}
-    rows = read_task_results(directory / RESULTS, LongResult)
-    statuses = pd.Series([r.status for r in rows]).value_counts().to_dict() if rows else {}
-    lines = [f"# Long inputs: {meta.get('preset', directory.name)}", ""]
-    if meta:
-        lines += [
-            f"Machine: **{meta.get('cpu_model')}**, {meta.get('cpu_count')} logical cores; gpu: {meta.get('gpu')}. "
-            f"Python {meta.get('python')}, torch {meta.get('torch')}, commit `{meta.get('git_commit')}`.",
-            "",
-            f"Command: `{meta.get('command')}`; started {meta.get('started')}, finished {meta.get('finished')} "
-            f"({meta.get('status')}).",
-            "",
-        ]
+    meta, statuses, lines = report_header(directory, "Long inputs", LongResult)
     lines += [
         meta.get("description", ""),
         "",

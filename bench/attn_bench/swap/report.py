@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..sweep import METADATA, atomic_write
-from ..task_report import _f
+from ..sweep import atomic_write
+from ..task_report import _f, report_header
 from ..taskrun import RESULTS, read_task_results
 from .run import MODES, RECOVER_FRAC, SwapResult, loss_curve_of
 
@@ -105,22 +105,7 @@ def plot_curves(df: pd.DataFrame, out: Path) -> str:
 def write_swap_report(directory: Path) -> Path:
     """Write ``README.md`` and the plot into ``directory``; returns the page's path."""
     df = load_swap_results(directory)
-    try:
-        meta = json.loads((directory / METADATA).read_text())
-    except (OSError, ValueError):
-        meta = {}
-    rows = read_task_results(directory / RESULTS, SwapResult)
-    statuses = pd.Series([r.status for r in rows]).value_counts().to_dict() if rows else {}
-    lines = [f"# Attention swap: {meta.get('preset', directory.name)}", ""]
-    if meta:
-        lines += [
-            f"Machine: **{meta.get('cpu_model')}**, {meta.get('cpu_count')} logical cores; gpu: {meta.get('gpu')}. "
-            f"Python {meta.get('python')}, torch {meta.get('torch')}, commit `{meta.get('git_commit')}`.",
-            "",
-            f"Command: `{meta.get('command')}`; started {meta.get('started')}, finished {meta.get('finished')} "
-            f"({meta.get('status')}).",
-            "",
-        ]
+    meta, statuses, lines = report_header(directory, "Attention swap", SwapResult)
     corpus = meta.get("corpus", {})
     lines += [meta.get("description", ""), ""]
     if corpus:
