@@ -24,7 +24,8 @@ from .decode import DecodeState, KVCache, PerformerState, StateLayout, WindowCac
 from .full import FullAttention
 from .generate import TinyDecoder, generate, top_p_probs, top_p_sample
 from .module import AttentionLayer
-from .performer import PerformerAttention, PrecisionWarning, draw_projection
+from .favor import PrecisionWarning, draw_projection
+from .performer import PerformerAttention
 from .sliding_window import SlidingWindowAttention
 
 __all__ = [

@@ -10,8 +10,6 @@ and the benchmark harness all iterate this registry.
 from __future__ import annotations
 
 import inspect
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from .checks import FLOAT_DTYPES, check_causal, resolve_scale, shape4, validate_key_padding_mask, validate_qkv
+from .dense import compute_dtype, dense_softmax_attention, empty_attention, padding_to_mask, repeat_kv
 from .masks import MaskMod, dense_from_mod
 
 if TYPE_CHECKING:
@@ -28,8 +28,6 @@ BACKENDS: tuple[str, ...] = ("reference", "torch", "triton")
 """The project's concrete backends, in the order the harness reports them. ``"auto"`` picks one
 of them. A plug-in may register a backend under a new name; :func:`list_backends` lists those too."""
 _EXTRA_BACKENDS: list[str] = []
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 ForwardFn = Callable[..., Tensor]
 """``forward(variant, q, k, v, causal, scale)``; a backend registered with ``padding=True`` also
@@ -156,117 +154,6 @@ def get_variant(name: str, **options: Any) -> AttentionVariant:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation (public entry points only; backends and kernels assume valid input)
-# ---------------------------------------------------------------------------------------------
-
-
-def validate_qkv(q: object, k: object, v: object) -> None:
-    """Check ranks, shapes, dtypes and devices of ``q (B,H,Nq,D)``, ``k (B,Hk,Nk,D)``, ``v (B,Hk,Nk,Dv)``."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        if t.ndim != 4:
-            raise ValueError(f"{name} must have 4 dims (B, H, N, D), got shape {tuple(t.shape)}")
-    assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share one dtype")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; q, k and v must share one device")
-    b, h, _, d = q.shape
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ValueError(f"batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k and v must have the same number of heads, got k {k.shape[1]}, v {v.shape[1]}")
-    hk = k.shape[1]
-    if hk == 0 or h % hk != 0:
-        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hk}) for grouped-query attention")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v must have the same sequence length, got k {k.shape[2]}, v {v.shape[2]}")
-    if k.shape[3] != d:
-        raise ValueError(f"q and k must have the same head dim, got q {d}, k {k.shape[3]}")
-
-
-def validate_key_padding_mask(key_padding_mask: object, q: Tensor, k: Tensor) -> Tensor | None:
-    """Check ``key_padding_mask``: None, or a bool tensor ``(B, Nk)`` on q's device (True = a real key)."""
-    if key_padding_mask is None:
-        return None
-    if not isinstance(key_padding_mask, Tensor):
-        raise TypeError(f"key_padding_mask must be a bool torch.Tensor or None, got {type(key_padding_mask).__name__}")
-    if key_padding_mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask must be a bool tensor (True = real key), got dtype {key_padding_mask.dtype}")
-    want = (q.shape[0], k.shape[2])
-    if tuple(key_padding_mask.shape) != want:
-        raise ValueError(f"key_padding_mask must have shape (B, Nk) = {want}, got {tuple(key_padding_mask.shape)}")
-    if key_padding_mask.device != q.device:
-        raise ValueError(
-            f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}; it must be on q's device"
-        )
-    return key_padding_mask
-
-
-def resolve_scale(scale: object, head_dim: int) -> float:
-    """``scale`` or the default ``head_dim ** -0.5``; must be a positive finite number."""
-    if scale is None:
-        return head_dim**-0.5 if head_dim > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
-    return float(scale)
-
-
-def check_causal(causal: object) -> bool:
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    return causal
-
-
-def repeat_kv(x: Tensor, groups: int) -> Tensor:
-    """``(B, Hk, N, D) -> (B, Hk * groups, N, D)``: query head ``h`` reads key head ``h // groups``."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def padding_to_mask(mask: Tensor | None, key_padding_mask: Tensor | None) -> Tensor | None:
-    """A variant's bool ``(Nq, Nk)`` mask (or None) combined with a key padding mask ``(B, Nk)``
-    into one broadcastable to ``(B, H, Nq, Nk)``: ``(B, 1, Nq, Nk)``, or ``(B, 1, 1, Nk)`` for no mask."""
-    if key_padding_mask is None:
-        return mask
-    pad = key_padding_mask[:, None, None, :]
-    return pad if mask is None else mask & pad
-
-
-def dense_softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """Naive softmax attention in the dtype of the inputs, N x N scores; rows with no visible key give 0.
-
-    ``q (B,H,Nq,D)``, ``k (B,H,Nk,D)``, ``v (B,H,Nk,Dv)`` (heads already repeated), ``mask`` bool
-    broadcastable to ``(B,H,Nq,Nk)``.
-    """
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if mask is None:
-        return torch.matmul(torch.softmax(scores, dim=-1), v)
-    row_any = mask.any(dim=-1, keepdim=True)
-    # Fill invisible entries with -inf, and empty rows with 0 so their softmax (discarded below)
-    # stays finite and their gradient is exactly zero instead of NaN.
-    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~row_any, 0.0)
-    probs = torch.softmax(scores, dim=-1) * row_any
-    return torch.matmul(probs, v)
-
-
-def empty_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Output for ``Nq == 0`` or ``Nk == 0``: zeros of shape ``(B, H, Nq, Dv)``, still differentiable."""
-    groups = q.shape[1] // k.shape[1]
-    return torch.matmul(torch.matmul(q, repeat_kv(k, groups).transpose(-1, -2)), repeat_kv(v, groups))
-
-
-# ---------------------------------------------------------------------------------------------
 # The variant base class
 # ---------------------------------------------------------------------------------------------
 
@@ -386,8 +273,8 @@ class AttentionVariant:
         ``q``, ``k``, ``v`` are tensors or their shapes ``(B, H, Nq, D)``, ``(B, Hk, Nk, D)``,
         ``(B, Hk, Nk, Dv)``. A multiply-add counts as 2 FLOPs; softmax is not counted.
         """
-        b, h, nq, d = _shape(q)
-        nk, dv = _shape(k)[2], _shape(v)[3]
+        b, h, nq, d = shape4(q)
+        nk, dv = shape4(k)[2], shape4(v)[3]
         return 2 * b * h * self.visible_pairs(nq, nk, causal) * (d + dv)
 
     # -- backends ---------------------------------------------------------------------------------
@@ -568,13 +455,6 @@ class AttentionVariant:
     ) -> Tensor:
         """The dense ground truth (builds the Nq x Nk matrix), in float32 or float64 arithmetic."""
         return self(q, k, v, causal=causal, scale=scale, backend="reference", key_padding_mask=key_padding_mask)
-
-
-def _shape(x: Tensor | Sequence[int]) -> tuple[int, ...]:
-    shape = tuple(x.shape) if isinstance(x, Tensor) else tuple(int(s) for s in x)
-    if len(shape) != 4:
-        raise ValueError(f"expected a 4-dim shape (B, H, N, D), got {shape}")
-    return shape
 
 
 def attention(

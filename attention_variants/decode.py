@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .base import FLOAT_DTYPES, resolve_scale, validate_qkv
+from .checks import FLOAT_DTYPES, resolve_scale, validate_qkv
 
 if TYPE_CHECKING:
     from .base import AttentionVariant

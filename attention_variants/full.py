@@ -9,8 +9,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from . import masks
-from .base import AttentionVariant, register_backend, register_variant, repeat_kv
+from .base import AttentionVariant, register_backend, register_variant
 from .decode import DecodeState, KVCache, StateLayout, triton_step
+from .dense import repeat_kv
 
 
 @register_variant("full")

@@ -158,7 +158,7 @@ def test_triton_backend_without_cuda(monkeypatch):
 
 
 def test_triton_backend_without_triton(monkeypatch):
-    import attn_kernels as kernels
+    import attn_kernels.env as kernels
 
     monkeypatch.setattr(kernels, "HAS_TRITON", False)
     monkeypatch.setattr(kernels, "_TRITON_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")

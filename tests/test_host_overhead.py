@@ -140,7 +140,7 @@ def test_capability_is_queried_once_per_device(monkeypatch: pytest.MonkeyPatch) 
         return (9, 0) if index == 0 else (7, 5)
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
-    attn_kernels._capability.cache_clear()
+    attn_kernels.env._capability.cache_clear()
     try:
         for _ in range(3):
             assert attn_kernels.device_capability(torch.device("cuda", 0)) == (9, 0)
@@ -152,7 +152,7 @@ def test_capability_is_queried_once_per_device(monkeypatch: pytest.MonkeyPatch) 
         assert "8.0" in flash.unsupported_reason(var, torch.device("cuda", 1), torch.bfloat16, 64)
         assert calls == [0, 1]
     finally:
-        attn_kernels._capability.cache_clear()
+        attn_kernels.env._capability.cache_clear()
 
 
 def test_environment_is_read_once_until_refreshed(monkeypatch: pytest.MonkeyPatch) -> None:

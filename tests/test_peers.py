@@ -38,7 +38,7 @@ def _check_peer(
     grad: bool = False,
 ) -> None:
     """The peer's output (and gradients) against the float64 ground truth, through the harness's checker."""
-    sc = av.base.resolve_scale(scale, q.shape[-1])
+    sc = av.checks.resolve_scale(scale, q.shape[-1])
     fn = peers.get_peer(name).make(variant, q, k, v, causal, sc)
     res = check(fn, variant, q, k, v, causal, scale=sc, grads=grad, approx=False)
     assert res.ok, res.message

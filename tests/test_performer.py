@@ -9,7 +9,7 @@ import torch
 from helpers import check_backend, make_qkv, max_err
 
 import attention_variants as av
-from attention_variants.performer import draw_projection
+from attention_variants.favor import draw_projection
 
 
 def test_orthogonal_draw_structure():
@@ -122,10 +122,10 @@ def test_relu_kernel_features():
 @pytest.mark.parametrize(("nq", "nk"), [(700, 700), (300, 650), (650, 300)])
 def test_torch_backend_in_many_pieces(monkeypatch, causal, nq, nk):
     """The PyTorch backend walks long sequences in pieces; force several, with ragged ends."""
-    from attention_variants import performer
+    from attention_variants import favor
 
-    monkeypatch.setattr(performer, "PIECE_ELEMENTS", 2 * 2 * 16 * 256)  # 256 rows per piece here
-    assert performer.piece_rows(4, 16) == 256
+    monkeypatch.setattr(favor, "PIECE_ELEMENTS", 2 * 2 * 16 * 256)  # 256 rows per piece here
+    assert favor.piece_rows(4, 16) == 256
     q, k, v = make_qkv(1, 4, 2, nq, nk, 16)
     check_backend(av.PerformerAttention(num_features=16), "torch", q, k, v, causal=causal)
 

@@ -18,16 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..base import (
-    BACKENDS,
-    check_causal,
-    compute_dtype,
-    empty_attention,
-    get_variant,
-    resolve_scale,
-    validate_key_padding_mask,
-    validate_qkv,
-)
+from ..base import BACKENDS, get_variant
+from ..checks import check_causal, resolve_scale, validate_key_padding_mask, validate_qkv
+from ..dense import compute_dtype, empty_attention
 from ..full import FullAttention
 from ..performer import PerformerAttention
 from ..sliding_window import SlidingWindowAttention

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import masks
-from ..base import compute_dtype, dense_softmax_attention, repeat_kv
+from ..dense import compute_dtype, dense_softmax_attention, repeat_kv
 from ..sliding_window import SlidingWindowAttention
 from .comm import Comm
 from .layout import chunk_ids, chunks_per_rank, positions

@@ -18,9 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..base import compute_dtype
-from ..performer import (
-    PerformerAttention,
+from ..dense import compute_dtype
+from ..favor import (
     _causal_piece,
     _drop_padded,
     _group,
@@ -31,6 +30,7 @@ from ..performer import (
     key_features,
     query_features,
 )
+from ..performer import PerformerAttention
 from .comm import Comm, _record, nbytes
 from .layout import chunk_ids, chunks_per_rank
 

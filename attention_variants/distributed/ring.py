@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..base import compute_dtype
+from ..dense import compute_dtype
 from .blocks import block_backward, block_forward
 from .comm import Comm
 from .layout import chunk_ids, chunks_per_rank

@@ -43,7 +43,8 @@ import torch
 from torch import Tensor
 
 import attention_variants as av
-from attention_variants.base import compute_dtype, resolve_scale
+from attention_variants.checks import resolve_scale
+from attention_variants.dense import compute_dtype
 from attention_variants.masks import MaskMod
 
 from .baselines import Target, Unsupported, make_target, unsupported_reason

@@ -36,7 +36,8 @@ from torch import Tensor
 
 import attention_variants as av
 from attention_variants import masks
-from attention_variants.base import repeat_kv
+from attention_variants.checks import resolve_scale
+from attention_variants.dense import repeat_kv
 
 Fn = Callable[[Tensor, Tensor, Tensor], Tensor]
 CheckFn = Callable[[av.AttentionVariant, torch.device, torch.dtype, int, bool], "str | None"]
@@ -536,7 +537,7 @@ def semantic_deviation(
     peer = get_peer(name)
     if peer.exact:
         return 0.0
-    s = av.base.resolve_scale(scale, q.shape[-1])
+    s = resolve_scale(scale, q.shape[-1])
     q64, k64, v64 = (t.detach().to(torch.float64) for t in (q, k, v))
     with torch.no_grad():
         ours = variant.reference(q64, k64, v64, causal=causal, scale=s)

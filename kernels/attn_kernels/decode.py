@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import HAS_TRITON
+from .env import HAS_TRITON
 from .flash_configs import dot_precision
 from .launch import KernelConfig, cdiv, launch, pad_pow2
 

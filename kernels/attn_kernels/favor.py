@@ -76,7 +76,7 @@ import torch
 import triton
 from torch import Tensor
 
-from . import device_capability
+from .env import device_capability
 from .favor_configs import (
     BLOCK_ROWS,
     CHUNK,

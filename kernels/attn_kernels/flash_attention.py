@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import HAS_TRITON, device_capability, interpreter_enabled, tuning
+from . import tuning
+from .env import HAS_TRITON, device_capability, interpreter_enabled
 from .flash_configs import (
     MAX_HEAD_DIM,
     MIN_HEAD_DIM,

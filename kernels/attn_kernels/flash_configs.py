@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import interpreter_enabled, tuning
+from . import tuning
+from .env import interpreter_enabled
 from .launch import KernelConfig, LaunchShape, pad_pow2
 
 MAX_HEAD_DIM = 256

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from . import AUTOTUNE_ENV, interpreter_enabled, interpreter_range
+from .env import AUTOTUNE_ENV, interpreter_enabled, interpreter_range
 
 try:
     import triton

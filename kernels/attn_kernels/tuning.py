@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import interpreter_enabled
+from .env import interpreter_enabled
 from .launch import KernelConfig, LaunchShape, pad_pow2
 
 FORMAT = 1
