@@ -121,7 +121,7 @@ def fresh_process_after_lost_cuda_context(request: pytest.FixtureRequest):
     try:
         torch.cuda.synchronize()
     except Exception as exc:
-        from attn_bench.worker import context_lost
+        from attn_bench.core.worker import context_lost
 
         if not context_lost(str(exc)):
             raise

@@ -1,5 +1,5 @@
 """Helpers of the numerics tests. The tolerance policy is the harness's own checker
-(:mod:`attn_bench.numerics`): against a float64 ground truth, a backend's max error is at most
+(:mod:`attn_bench.core.numerics`): against a float64 ground truth, a backend's max error is at most
 ``factor`` times the error of a naive computation in the same dtype plus ``atol`` (``factor`` 2
 for outputs, 3 for gradients), and fla's RMS criterion holds."""
 
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from attention_variants import AttentionVariant
-from attn_bench.numerics import check  # one checker: the harness's gate
+from attn_bench.core.numerics import check
 
 
 def shape_id(b: int, h: int, hk: int, nq: int, nk: int, d: int, causal: bool) -> str:
@@ -49,7 +49,7 @@ def check_backend(
     key_padding_mask: Tensor | None = None,
 ) -> None:
     """``variant(..., backend=backend)`` against the float64 ground truth, output and gradients,
-    through the harness's own checker (:func:`attn_bench.numerics.check`); ``q, k, v`` in the dtype
+    through the harness's own checker (:func:`attn_bench.core.numerics.check`); ``q, k, v`` in the dtype
     under test; ``key_padding_mask (B, Nk)`` is passed to the backend and applied by the ground
     truth on its own."""
 
@@ -64,13 +64,13 @@ def check_backend(
 
 def tiny_configs(*lengths: int):
     """Harness tests: one-head, D=16 ``full``/``torch`` configs at these lengths."""
-    from attn_bench.config import BenchConfig
+    from attn_bench.core.config import BenchConfig
 
     return [BenchConfig("full", "torch", n, heads=1, kv_heads=1, head_dim=16) for n in lengths]
 
 
 def ok_result(cfg):
     """Harness tests: a made-up ``ok`` row of ``cfg``."""
-    from attn_bench.config import BenchResult
+    from attn_bench.core.config import BenchResult
 
     return BenchResult(cfg, "ok", backend_used="torch", time_ms=1.0, time_ms_p10=0.9, time_ms_p90=1.1, elapsed_s=0.5)

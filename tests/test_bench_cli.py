@@ -10,8 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from attn_bench.cli import app
-from attn_bench.config import BenchConfig, RunSettings
-from attn_bench.sweep import RESULTS, read_results, run_sweep
+from attn_bench.core.config import BenchConfig, RunSettings
+from attn_bench.core.results import RESULTS, read_results
+from attn_bench.sweep.run import run_sweep
 
 TINY = """
 [presets.tiny]
@@ -197,7 +198,7 @@ def test_verify_quick_passes() -> None:
 
 
 def test_verify_fails_on_wrong_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    import attn_bench.baselines as baselines
+    import attn_bench.baselines.torch_builtin as baselines
 
     real = baselines.sdpa_fn
 

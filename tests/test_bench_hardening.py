@@ -66,9 +66,10 @@ def test_an_unwritable_out_is_refused_by_every_job(job: str, kind: str, tmp_path
 
 
 def test_the_api_refuses_an_unwritable_out_with_the_cli_message(tmp_path: Path) -> None:
-    from attn_bench.config import RunSettings
-    from attn_bench.sweep import RunSetupError, run_sweep
-    from attn_bench.taskrun import TaskConfig, run_tasks
+    from attn_bench.core.config import RunSettings
+    from attn_bench.core.results import RunSetupError
+    from attn_bench.sweep.run import run_sweep
+    from attn_bench.task.run import TaskConfig, run_tasks
 
     out = _unwritable("under-file", tmp_path)
     cli = runner.invoke(app, [*JOBS["task"], "--out", str(out)]).output
@@ -131,7 +132,7 @@ def test_a_run_with_one_ok_row_exits_0(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_all_failed_counts_only_failures() -> None:
-    from attn_bench.sweep import all_failed
+    from attn_bench.core.results import all_failed
 
     assert all_failed(["error", "timeout", "unsupported"])
     assert all_failed(["wrong"]) and all_failed(["oom", "skipped"])
@@ -160,7 +161,7 @@ def test_options_no_row_could_run_with_are_refused(args: list[str], option: str,
 
 
 def test_the_config_itself_refuses_what_the_cli_refuses() -> None:
-    from attn_bench.config import BenchConfig, ConfigError
+    from attn_bench.core.config import BenchConfig, ConfigError
 
     with pytest.raises(ConfigError, match="not a multiple of kv_heads 3") as err:
         BenchConfig("full", "torch", 64, heads=4, kv_heads=3)
@@ -185,7 +186,7 @@ def test_resume_of_a_missing_run_is_refused(job: str, tmp_path: Path) -> None:
 def _task_run(out: Path, timeout: float | None) -> None:
     """A task run's directory as ``attn-bench task --preset task-quick`` leaves it after its first
     row (metadata.json with the command's own options, one row)."""
-    from attn_bench.taskrun import TaskResult, load_task_presets, write_task_results
+    from attn_bench.task.run import TaskResult, load_task_presets, write_task_results
 
     cfg = load_task_presets()["task-quick"].configs[0]
     out.mkdir()
@@ -242,8 +243,8 @@ def float64_out(variant, q, k, v, causal, scale):
 def test_the_gate_sees_a_wrong_plugin_backend_at_long_n(tmp_path: Path) -> None:
     """Non-causal full attention, H=1, D=16, float32. With ``check_elems`` 2**22 the gate checks 512
     of the 8192 rows at N=8192 (all 256 at N=256); SDPA passes at both lengths."""
-    from attn_bench.config import BenchConfig, RunSettings
-    from attn_bench.sweep import run_sweep
+    from attn_bench.core.config import BenchConfig, RunSettings
+    from attn_bench.sweep.run import run_sweep
 
     plugin = tmp_path / "bad_backends.py"
     plugin.write_text(BAD_BACKENDS)
@@ -266,7 +267,7 @@ def test_the_gate_sees_a_wrong_plugin_backend_at_long_n(tmp_path: Path) -> None:
 
 
 def test_row_sample_spreads_over_the_sequence() -> None:
-    from attn_bench.numerics import TILE_ROWS, sample_rows
+    from attn_bench.core.numerics import TILE_ROWS, sample_rows
 
     assert sample_rows(300, 300) == [(0, 300)] and sample_rows(300, 1000) == [(0, 300)]
     for nq, rows, seed in [(8192, 512, 0), (8192, 512, 7), (1000, 40, 1), (4097, 3, 2), (50, 17, 3)]:
@@ -289,7 +290,7 @@ def test_sampled_rows_follow_an_independent_float64_computation(variant: str, ca
     Nq < Nk: an output right only under the whole problem's alignment passes, the same output
     with a middle run's rows moved by one fails, for the window against its mask written out here."""
     import attention_variants as av
-    from attn_bench.numerics import check, sample_rows
+    from attn_bench.core.numerics import check, sample_rows
 
     torch.manual_seed(0)
     nq, nk, d = 700, 760, 16
@@ -318,7 +319,7 @@ def test_sampled_rows_follow_an_independent_float64_computation(variant: str, ca
 
 def test_the_gate_checks_shape_dtype_and_device() -> None:
     import attention_variants as av
-    from attn_bench.numerics import check
+    from attn_bench.core.numerics import check
 
     var = av.FullAttention()
     q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import attention_variants as av
-from attn_bench.analysis import compare_runs, crossover, exponents, fit_exponent
-from attn_bench.baselines import make_target
-from attn_bench.config import BenchConfig, BenchResult, expand, load_presets
-from attn_bench.measure import cpu_peak_memory, pass_flops
-from attn_bench.numerics import check_target
-from attn_bench.sweep import atomic_write, read_results, write_results
+from attn_bench.baselines.registry import make_target
+from attn_bench.core.config import BenchConfig, BenchResult, expand, load_presets
+from attn_bench.core.measure import cpu_peak_memory, pass_flops
+from attn_bench.core.numerics import check_target
+from attn_bench.core.results import atomic_write, read_results, write_results
+from attn_bench.sweep.analysis import compare_runs, crossover, exponents, fit_exponent
 
 
 def test_fit_exponent_recovers_power_law() -> None:
@@ -170,8 +170,8 @@ def test_cpu_peak_memory_sees_allocations() -> None:
 def test_time_fn_short_and_long_calls() -> None:
     import time
 
-    from attn_bench.config import RunSettings
-    from attn_bench.measure import time_fn
+    from attn_bench.core.config import RunSettings
+    from attn_bench.core.measure import time_fn
 
     cpu = torch.device("cpu")
     med, p10, p90, reps = time_fn(lambda: torch.ones(64).sum(), cpu, RunSettings(min_run_time=0.01, min_repeats=3))

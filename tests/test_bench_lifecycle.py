@@ -17,18 +17,13 @@ import pytest
 from helpers import ok_result, tiny_configs
 from typer.testing import CliRunner
 
-from attn_bench import sweep as sweep_mod
-from attn_bench import worker as worker_mod
 from attn_bench.cli import app
-from attn_bench.config import BenchResult, RunSettings
-from attn_bench.sweep import (
-    METADATA,
-    RESULTS,
-    SweepInterrupted,
-    read_results,
-    run_sweep,
-    write_results,
-)
+from attn_bench.core import lifecycle as lifecycle_mod
+from attn_bench.core import worker as worker_mod
+from attn_bench.core.config import BenchResult, RunSettings
+from attn_bench.core.lifecycle import SweepInterrupted
+from attn_bench.core.results import METADATA, RESULTS, read_results, write_results
+from attn_bench.sweep.run import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = RunSettings(min_run_time=0.005, min_repeats=3, timeout_s=120)
@@ -169,7 +164,7 @@ def test_second_signal_exits_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def fake_exit(code: int) -> None:
         raise Exited(code)
 
-    real_write = sweep_mod.write_metadata
+    real_write = lifecycle_mod.write_metadata
 
     def write_metadata(out: Path, meta: dict) -> None:
         if meta["status"] == "interrupted":
@@ -184,7 +179,7 @@ def test_second_signal_exits_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
         raise AssertionError("the second Ctrl-C was not handled by the sweep")
 
     monkeypatch.setattr(os, "_exit", fake_exit)
-    monkeypatch.setattr(sweep_mod, "write_metadata", write_metadata)
+    monkeypatch.setattr(lifecycle_mod, "write_metadata", write_metadata)
     previous = signal.signal(signal.SIGINT, unhandled)
     try:
         old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}

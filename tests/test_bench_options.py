@@ -104,12 +104,12 @@ def test_resume_alone_reproduces_the_run(tmp_path: Path) -> None:
 
 
 def test_interrupt_message_gives_a_command_that_resumes(tmp_path: Path, monkeypatch) -> None:
-    import attn_bench.sweep
+    import attn_bench.sweep.run
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(attn_bench.sweep, "run_sweep", interrupted)
+    monkeypatch.setattr(attn_bench.sweep.run, "run_sweep", interrupted)
     res = _sweep(*TINY, "--seq-lens", "32", "--out", str(tmp_path / "run"), *QUIET)
     assert res.exit_code == 130
     assert f"attn-bench sweep --out {tmp_path / 'run'} --resume" in " ".join(res.output.split())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attn_bench.config import BenchConfig, BenchResult
+from attn_bench.core.config import BenchConfig, BenchResult
 
 
 def _rows_with_zero_length() -> pd.DataFrame:
@@ -28,8 +28,8 @@ def _rows_with_zero_length() -> pd.DataFrame:
 
 
 def test_plots_and_crossovers_are_quiet_with_zero_length_rows(tmp_path: Path) -> None:
-    from attn_bench.analysis import crossovers
-    from attn_bench.plots import sweep_plots
+    from attn_bench.sweep.analysis import crossovers
+    from attn_bench.sweep.plots import sweep_plots
 
     df = _rows_with_zero_length()
     with warnings.catch_warnings():
@@ -44,8 +44,8 @@ def test_targets_print_each_result_once_and_no_profiler_chatter(
 ) -> None:
     import torch
 
-    from attn_bench import targets
-    from attn_bench.measure import cpu_peak_memory
+    from attn_bench.core.measure import cpu_peak_memory
+    from attn_bench.sweep import targets
 
     with targets._without_profiler_chatter():
         cpu_peak_memory(lambda: torch.ones(64) + 1)

@@ -15,15 +15,9 @@ from helpers import ok_result, tiny_configs
 from typer.testing import CliRunner
 
 from attn_bench.cli import app
-from attn_bench.config import BenchResult, RunSettings
-from attn_bench.sweep import (
-    METADATA,
-    RESULTS,
-    ResultsFileError,
-    read_results,
-    run_sweep,
-    write_results,
-)
+from attn_bench.core.config import BenchResult, RunSettings
+from attn_bench.core.results import METADATA, RESULTS, ResultsFileError, read_results, write_results
+from attn_bench.sweep.run import run_sweep
 
 SETTINGS = RunSettings(min_run_time=0.005, min_repeats=3, timeout_s=120)
 runner = CliRunner()
@@ -101,8 +95,8 @@ def test_resume_reruns_a_truncated_row(tmp_path: Path) -> None:
 
 
 def test_report_leaves_garbage_out(tmp_path: Path) -> None:
-    from attn_bench.analysis import load_results
-    from attn_bench.report import write_report
+    from attn_bench.sweep.analysis import load_results
+    from attn_bench.sweep.report import write_report
 
     _written(tmp_path / RESULTS)
     with open(tmp_path / RESULTS, "a") as f:

@@ -79,7 +79,7 @@ def _row(variant: str, world: int, n_per_rank: int, sent: float, analytic: float
 
 
 def test_targets_catch_traffic_off_the_count_and_growing_with_ranks() -> None:
-    from attn_bench.cp_report import targets
+    from attn_bench.cp.report import targets
 
     good = pd.DataFrame(
         [_row("performer", p, 64, 100.0 * (2 * (p - 1) / p), 100.0 * (2 * (p - 1) / p)) for p in (3, 4)]
@@ -96,7 +96,7 @@ def test_targets_catch_traffic_off_the_count_and_growing_with_ranks() -> None:
 
 
 def test_ring_efficiency_judged_on_gpus_only() -> None:
-    from attn_bench.cp_report import targets
+    from attn_bench.cp.report import targets
 
     rows = [_row("full", 1, 16384, 0.0, 0.0, t=1.0), _row("full", 4, 16384, 300.0, 300.0, t=1.5)]
     on_gpu = targets(pd.DataFrame(rows), "cuda").set_index("target")

@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attention_variants as av
-from attn_bench.numerics import check
+from attn_bench.core.numerics import check
 from tests.helpers import make_qkv
 
 PROMPT = 5

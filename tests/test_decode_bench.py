@@ -9,15 +9,15 @@ import pytest
 from typer.testing import CliRunner
 
 from attn_bench.cli import app
-from attn_bench.config import BenchConfig, RunSettings, load_presets
-from attn_bench.measure import run_config
+from attn_bench.core.config import BenchConfig, RunSettings, load_presets
+from attn_bench.sweep.measure import run_config
 
 runner = CliRunner()
 SETTINGS = RunSettings(min_run_time=0.005, min_repeats=3)
 
 
 def test_decode_presets_are_causal_decode_rows() -> None:
-    from attn_bench.config import expand
+    from attn_bench.core.config import expand
 
     presets = load_presets()
     for name in ("decode-quick", "decode-gpu"):

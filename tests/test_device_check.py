@@ -16,9 +16,10 @@ import torch
 from typer.testing import CliRunner
 
 from attn_bench.cli import app, default_preset
-from attn_bench.config import BenchConfig, RunSettings
-from attn_bench.device_check import MAX_FILES, SUMMARY, device_check, gpu_test_workers, kernel_table, pytest_counts
-from attn_bench.sweep import read_results, run_sweep
+from attn_bench.core.config import BenchConfig, RunSettings
+from attn_bench.core.results import read_results
+from attn_bench.device.check import MAX_FILES, SUMMARY, device_check, gpu_test_workers, kernel_table, pytest_counts
+from attn_bench.sweep.run import run_sweep
 
 runner = CliRunner()
 
@@ -168,7 +169,7 @@ def test_gpu_test_workers_fit_the_gpu_memory() -> None:
 
 
 def test_cp_step_needs_two_gpus_and_covers_the_ring_target(tmp_path: Path) -> None:
-    from attn_bench.device_check import CP_N_PER_RANK, cp_command
+    from attn_bench.device.check import CP_N_PER_RANK, cp_command
 
     assert cp_command(1, tmp_path, 60) is None
     cmd = cp_command(6, tmp_path, 60)

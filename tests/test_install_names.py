@@ -113,4 +113,4 @@ def test_wheel_installs_only_distinct_names(tmp_path: Path) -> None:
     tops = {name.split("/", 1)[0] for name in names}
     tops = {t for t in tops if not t.endswith((".dist-info", ".data"))}
     assert tops == OUR_PACKAGES, tops
-    assert "attn_bench/presets.toml" in names  # package data travels with the package
+    assert "attn_bench/sweep/presets.toml" in names  # package data travels with the package

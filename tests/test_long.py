@@ -13,11 +13,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from attn_bench import tasks
 from attn_bench.cli import app
 from attn_bench.long.models import STRATEGIES, LongClassifier, chunk, unchunk
 from attn_bench.long.run import load_long_presets
-from attn_bench.tasks import IGNORE, LONG_MARK, LONG_NO, LONG_YES
+from attn_bench.task import tasks
+from attn_bench.task.tasks import IGNORE, LONG_MARK, LONG_NO, LONG_YES
 
 L = 32
 

@@ -17,13 +17,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from attn_bench.modelrun import (
-    ModelConfig,
-    ModelResult,
-    _blocked,
-    skip_attention,
-    truth_attention,
-)
+from attn_bench.model.run import ModelConfig, ModelResult, _blocked, skip_attention, truth_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "model-tiny", "--seq-lens", "64", "--no-progress"]
@@ -137,7 +131,7 @@ def test_skip_attention_is_q_plus_k_plus_v_per_head() -> None:
 @pytest.mark.parametrize("causal", [True, False])
 def test_truth_attention_matches_sdpa_in_float64(causal: bool) -> None:
     import attention_variants as av
-    from attn_bench import modelrun
+    from attn_bench.model import run as modelrun
 
     q, k, v = (torch.randn(1, 4, 33, 16, dtype=torch.float64) for _ in range(3))
     k, v = k[:, :2], v[:, :2]
@@ -161,7 +155,7 @@ def test_truth_attention_matches_sdpa_in_float64(causal: bool) -> None:
 def test_crossover() -> None:
     import pandas as pd
 
-    from attn_bench.model_report import crossover, largest_common_speedup
+    from attn_bench.model.report import crossover, largest_common_speedup
 
     def row(impl: str, n: int, t: float | None, status: str = "ok") -> dict:
         return {"arch": "llama", "pass": "fwd", "impl": impl, "seq_len": n, "time_ms": t, "status": status}
@@ -199,7 +193,7 @@ def test_config_validation_names_the_field() -> None:
 
 
 def test_presets_expand_in_order_of_n() -> None:
-    from attn_bench.modelrun import expand_model_groups, load_model_presets
+    from attn_bench.model.run import expand_model_groups, load_model_presets
 
     presets = load_model_presets()
     assert {"model-quick", "model-gpu"} <= set(presets)
@@ -215,7 +209,7 @@ def test_presets_expand_in_order_of_n() -> None:
 
 
 def test_archs_option_selects_groups() -> None:
-    from attn_bench.modelrun import expand_model_groups, load_model_presets
+    from attn_bench.model.run import expand_model_groups, load_model_presets
 
     groups = load_model_presets()["model-gpu"].groups
     llama = expand_model_groups(groups, {"archs": ["llama"], "seq_lens": [4096]})
@@ -230,8 +224,8 @@ def test_archs_option_selects_groups() -> None:
 
 
 def test_report_tells_two_models_of_one_arch_apart(tmp_path: Path) -> None:
-    from attn_bench.model_report import crossover, load_model_frame
-    from attn_bench.modelrun import ModelResult, expand_model_groups, write_model_results
+    from attn_bench.model.report import crossover, load_model_frame
+    from attn_bench.model.run import ModelResult, expand_model_groups, write_model_results
 
     groups = ({"archs": ["llama"], "impls": ["sdpa", "av_full"], "seq_lens": [512, 1024], "passes": ["fwd"]},)
     configs = expand_model_groups(groups) + expand_model_groups(groups, {"intermediate": 1024})

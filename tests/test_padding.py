@@ -2,7 +2,7 @@
 
 A padded key is invisible; positions are not shifted, so the variant's mask is computed on the
 padded layout (as Hugging Face's masks are). Every backend is checked against the float64 ground
-truth of :mod:`attn_bench.numerics`, which applies the padding vector on its own (from the mask
+truth of :mod:`attn_bench.core.numerics`, which applies the padding vector on its own (from the mask
 predicate for the softmax variants; for the Performer, whose ground truth is its float64
 ``reference``, an independent unstabilised FAVOR+ is checked below too).
 """
@@ -18,7 +18,7 @@ from helpers import check_backend, make_qkv
 import attention_variants as av
 import attention_variants.base as base
 from attention_variants import masks
-from attn_bench.numerics import check
+from attn_bench.core.numerics import check
 
 CPU_BACKENDS = ["reference", "torch"]
 B, H, HK, N, D = 4, 4, 2, 37, 16  # GQA, odd length

@@ -3,7 +3,7 @@
 The kernels see no dense mask: an int8 key-valid vector ``(B, Nk)`` is folded into the masks of
 each key tile (softmax kernels, plus the per-batch range of real keys that clips their block
 schedule) and into the key rows of the FAVOR+ kernels. Outputs and gradients are checked against
-the float64 ground truth of :mod:`attn_bench.numerics`, which applies the padding on its own. The
+the float64 ground truth of :mod:`attn_bench.core.numerics`, which applies the padding on its own. The
 interpreter tiles are 32 queries x 16 keys (softmax) and chunks of 64 positions (FAVOR+ causal),
 so the masks below leave whole key blocks padded, cut blocks in the middle and leave holes.
 bfloat16 and long sequences run in tests/test_flash_gpu.py and tests/test_favor_gpu.py.

@@ -1,4 +1,4 @@
-"""The peer adapters (bench/attn_bench/peers.py) against our float64 reference.
+"""The peer adapters (bench/attn_bench/baselines/peer_*.py) against our float64 reference.
 
 local-attention and performer-pytorch run here when installed (``pip install .[peers]``),
 else their tests skip. flash-attn and xformers are CUDA only: their ``check`` reasons are
@@ -20,9 +20,12 @@ from helpers import make_qkv, max_err
 from torch import Tensor
 
 import attention_variants as av
-from attn_bench import peers
-from attn_bench.baselines import Unsupported, make_target
-from attn_bench.numerics import check, check_target
+from attn_bench.baselines import peers
+from attn_bench.baselines.peer import import_reason
+from attn_bench.baselines.peer_local_attention import local_attention_params
+from attn_bench.baselines.registry import make_target
+from attn_bench.baselines.target import Unsupported
+from attn_bench.core.numerics import check, check_target
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -89,7 +92,7 @@ def test_unknown_peer() -> None:
     ],
 )
 def test_local_attention_params(left: int, right: int, causal: bool, expected: tuple[int, int, int]) -> None:
-    p = peers.local_attention_params(left, right, causal)
+    p = local_attention_params(left, right, causal)
     assert (p["window_size"], p["look_backward"], p["look_forward"]) == expected
     assert p["window_size"] * p["look_backward"] == left and p["window_size"] * p["look_forward"] == right
     assert p["exact_windowsize"] and p["causal"] == causal and not p["use_rotary_pos_emb"] and p["dropout"] == 0
@@ -369,5 +372,5 @@ def test_broken_install_is_not_called_missing(monkeypatch) -> None:
     for name in [m for m in sys.modules if m.split(".")[0] == "performer_pytorch"]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "einops", None)
-    reason = peers.import_reason("performer_pytorch", peers.PEERS_EXTRA)
+    reason = import_reason("performer_pytorch", peers.PEERS_EXTRA)
     assert reason is not None and "failed to import" in reason and "einops" in reason

@@ -40,7 +40,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def own_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Variants registered in this test are forgotten after it (the registry is process-wide)."""
     import attention_variants.base as base
-    import attn_bench.plugins as plugins
+    import attn_bench.core.plugins as plugins
 
     monkeypatch.setattr(base, "_VARIANTS", dict(base._VARIANTS))
     monkeypatch.setattr(base, "_EXTRA_BACKENDS", list(base._EXTRA_BACKENDS))
@@ -49,7 +49,7 @@ def own_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_plugin_variant_matches_an_independent_computation(plugin: Path, own_registry: None) -> None:
     """The example's torch backend against a per-chunk loop in float64 (not the checker, not the mask)."""
-    from attn_bench.plugins import load_plugin
+    from attn_bench.core.plugins import load_plugin
 
     load_plugin(str(plugin))
     import attention_variants as av

@@ -198,7 +198,7 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
 
 def test_trained_loss_is_next_byte_cross_entropy() -> None:
     """The held-out loss train() reports equals cross-entropy computed here from the logits."""
-    from attn_bench.train import evaluate_metrics
+    from attn_bench.task.train import evaluate_metrics
 
     c = load_corpus()
     _, te = lm_data(c, 32, 4, 5, seed=0)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from attn_bench import tasks
-from attn_bench.tasks import IGNORE
+from attn_bench.task import tasks
+from attn_bench.task.tasks import IGNORE
 
 
 def _eval_recursive(tokens: list[str]) -> int:
-    """An evaluator written apart from attn_bench.tasks: recursive descent, statistics for the median."""
+    """An evaluator written apart from attn_bench.task.tasks: recursive descent, statistics for the median."""
     import statistics
 
     def parse(i: int) -> tuple[int, int]:
@@ -86,7 +86,7 @@ def test_local_max_labels_match_brute_force() -> None:
 
 
 def test_training_reduces_the_loss_on_a_tiny_case() -> None:
-    from attn_bench.train import TaskModel, train
+    from attn_bench.task.train import TaskModel, train
 
     torch.manual_seed(0)
     tr = tasks.local_max(256, 16, seed=0, width=2, vocab=10)
@@ -103,7 +103,7 @@ def test_training_reduces_the_loss_on_a_tiny_case() -> None:
 
 
 def _tiny(seed: int, variant: str = "full"):
-    from attn_bench.taskrun import TaskConfig
+    from attn_bench.task.run import TaskConfig
 
     return TaskConfig(
         task="local_max",
@@ -124,9 +124,9 @@ def _tiny(seed: int, variant: str = "full"):
 
 
 def test_resume_skips_finished_runs_and_the_report_is_written(tmp_path) -> None:
-    from attn_bench.config import RunSettings
-    from attn_bench.task_report import write_task_report
-    from attn_bench.taskrun import RESULTS, read_task_results, run_tasks
+    from attn_bench.core.config import RunSettings
+    from attn_bench.task.report import write_task_report
+    from attn_bench.task.run import RESULTS, read_task_results, run_tasks
 
     settings = RunSettings(timeout_s=120)
     first = [_tiny(0), _tiny(1)]
@@ -145,7 +145,7 @@ def test_resume_skips_finished_runs_and_the_report_is_written(tmp_path) -> None:
 
 
 def test_task_presets_expand_through_the_registry() -> None:
-    from attn_bench.taskrun import load_task_presets
+    from attn_bench.task.run import load_task_presets
 
     presets = load_task_presets()
     assert {"task-quick", "task-gpu"} <= set(presets)

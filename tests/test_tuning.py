@@ -13,9 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 import attn_kernels
-from attn_bench import device_check as dc
-from attn_bench import tune as tn
 from attn_bench.cli import app
+from attn_bench.device import check as dc
+from attn_bench.device import tune as tn
 from attn_kernels import favor_configs, flash_configs, tuning
 from attn_kernels.launch import KernelConfig, LaunchShape
 

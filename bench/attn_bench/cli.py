@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .config import (
+from attn_bench.core.config import (
     PASSES,
     ConfigError,
     RunSettings,
@@ -86,7 +86,7 @@ PLUGIN_HELP = "a module name or a .py file that registers variants or backends (
 def load_plugins(specs: list[str] | None) -> tuple[str, ...]:
     """Import each plug-in; exit 2 naming ``--plugin`` if one cannot be imported. Returns the specs
     as the worker processes import them (files as absolute paths)."""
-    from .plugins import PluginError, load_plugin
+    from attn_bench.core.plugins import PluginError, load_plugin
 
     out = []
     for spec in specs or []:
@@ -243,7 +243,7 @@ def _sweep(
     if results_path.exists() and not (resume or overwrite):
         console.print(f"[red]{results_path} exists: pass --resume to continue it or --overwrite to start afresh")
         raise typer.Exit(2)
-    from .sweep import cuda_problem
+    from attn_bench.core.results import cuda_problem
 
     problem = cuda_problem(c.device for c in configs)
     if problem is not None:  # refused before the results of a run being replaced are removed
@@ -252,8 +252,10 @@ def _sweep(
         results_path.unlink()
         for name in ("performer_accuracy.csv",):
             (out / name).unlink(missing_ok=True)
-    from .sweep import ResultsFileError, RunSetupError, machine_metadata, now, run_sweep
-    from .worker import WorkerStartError
+    from attn_bench.core.machine import machine_metadata, now
+    from attn_bench.core.results import ResultsFileError, RunSetupError
+    from attn_bench.core.worker import WorkerStartError
+    from attn_bench.sweep.run import run_sweep
 
     dev = configs[0].device if configs else "cpu"
     meta = {
@@ -303,7 +305,7 @@ def _sweep(
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     console.print(f"Sweep done in {time.perf_counter() - t0:.0f} s: {summary}. Results: {results_path}")
     if report:
-        from .report import write_report
+        from attn_bench.sweep.report import write_report
 
         page = write_report(out)
         console.print(f"Report: [bold]{page}[/]")
@@ -311,9 +313,9 @@ def _sweep(
 
 
 def _check_out(out: Path) -> None:
-    """Exit 2 naming ``--out`` unless it may hold a run (:func:`attn_bench.sweep.out_dir_problem`, the
+    """Exit 2 naming ``--out`` unless it may hold a run (:func:`attn_bench.core.results.out_dir_problem`, the
     rule every job's run function applies again before it starts)."""
-    from .sweep import out_dir_problem
+    from attn_bench.core.results import out_dir_problem
 
     problem = out_dir_problem(out)
     if problem is not None:
@@ -321,13 +323,13 @@ def _check_out(out: Path) -> None:
 
 
 def _setup_error(exc: Exception) -> typer.BadParameter:
-    """A run function's :class:`~attn_bench.sweep.RunSetupError` as the CLI's exit 2 naming the option."""
+    """A run function's :class:`~attn_bench.core.results.RunSetupError` as the CLI's exit 2 naming the option."""
     return typer.BadParameter(str(exc), param_hint=getattr(exc, "option", None))
 
 
 def _exit_if_all_failed(statuses: list[str]) -> None:
-    """Exit 1 when no row ran ok and some failed (:func:`attn_bench.sweep.all_failed`)."""
-    from .sweep import all_failed
+    """Exit 1 when no row ran ok and some failed (:func:`attn_bench.core.results.all_failed`)."""
+    from attn_bench.core.results import all_failed
 
     if all_failed(statuses):
         console.print(f"[red]No row ran ok ({len(statuses)} rows)")
@@ -339,7 +341,7 @@ def _resumed_spec(out: Path | None, given: dict, key: str = "sweep", kind: str |
     the command gives none, refused with a message when it gives different ones. ``kind``: the
     job that wrote it (``metadata.json``'s ``kind``; None for a sweep); another job's run is refused,
     and so is an ``out`` that holds no run."""
-    from .sweep import holds_run
+    from attn_bench.core.results import holds_run
 
     if out is None:
         raise typer.BadParameter("needs --out (the run to continue)", param_hint="--resume")
@@ -436,9 +438,9 @@ def report(
     or ok before and not now), 3 when the two runs have no row in common."""
     import math
 
-    from .analysis import compare_runs, load_results
-    from .report import write_report
-    from .sweep import ResultsFileError
+    from attn_bench.core.results import ResultsFileError
+    from attn_bench.sweep.analysis import compare_runs, load_results
+    from attn_bench.sweep.report import write_report
 
     if not (directory / "results.csv").exists():
         raise typer.BadParameter(f"{directory / 'results.csv'} does not exist", param_hint="DIRECTORY")
@@ -487,8 +489,8 @@ def task(
 ) -> None:
     """Train small Transformers with each variant on synthetic tasks (ListOps, MQAR, local max):
     accuracy over seeds, training time, time to a target accuracy, tokens/s, peak memory."""
-    from .task_report import write_task_report
-    from .taskrun import load_task_presets
+    from attn_bench.task.report import write_task_report
+    from attn_bench.task.run import load_task_presets
 
     _train_study(
         preset, out, resume, overwrite, timeout, plugin, report, progress,
@@ -498,7 +500,7 @@ def task(
 
 def _model_overrides(options: dict[str, Any], known: dict[str, tuple[str, Any]]) -> dict[str, Any]:
     """Preset-group overrides from ``attn-bench model``'s options, each checked (exit 2 naming the option)."""
-    from .modelrun import ARCHS, IMPLS, MODEL_DTYPES, MODEL_PASSES
+    from attn_bench.model.run import ARCHS, IMPLS, MODEL_DTYPES, MODEL_PASSES
 
     allowed = {"archs": ARCHS, "impls": IMPLS, "passes": MODEL_PASSES, "dtype": MODEL_DTYPES}
     out: dict[str, Any] = {}
@@ -559,8 +561,8 @@ def model(
     in attention (against the model with attention skipped), and the logits' numerics gate."""
     import dataclasses
 
-    from .modelrun import OVERRIDES, RESULTS, expand_model_groups, load_model_presets, run_models
-    from .sweep import RunSetupError
+    from attn_bench.core.results import RunSetupError
+    from attn_bench.model.run import OVERRIDES, RESULTS, expand_model_groups, load_model_presets, run_models
 
     if resume and overwrite:
         raise typer.BadParameter("--resume continues the run in --out, --overwrite replaces it: pass one")
@@ -608,7 +610,7 @@ def model(
     if (out / RESULTS).exists() and not (resume or overwrite):
         console.print(f"[red]{out / RESULTS} exists: pass --resume to continue it or --overwrite to replace it")
         raise typer.Exit(2)
-    from .sweep import cuda_problem
+    from attn_bench.core.results import cuda_problem
 
     problem = cuda_problem(c.device for c in configs)
     if problem is not None:  # refused before the results of a run being replaced are removed
@@ -618,7 +620,7 @@ def model(
     settings = p.settings
     if timeout is not None:
         settings = dataclasses.replace(settings, timeout_s=timeout)
-    from .sweep import machine_metadata
+    from attn_bench.core.machine import machine_metadata
 
     meta = {**machine_metadata(configs[0].device), "preset": spec["preset"], "description": p.description}
     meta["command"] = shlex.join(["attn-bench", *sys.argv[1:]])
@@ -642,7 +644,7 @@ def model(
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     console.print(f"Done in {time.perf_counter() - t0:.0f} s: {summary}. Results: {out / RESULTS}")
     if report:
-        from .model_report import write_model_report
+        from attn_bench.model.report import write_model_report
 
         page = write_model_report(out)
         console.print(f"Report: [bold]{page}[/]")
@@ -668,8 +670,8 @@ def verify(
     import attention_variants as av
 
     load_plugins(plugin)
-    from .numerics import run_case, verify_cases
-    from .worker import context_lost
+    from attn_bench.core.worker import context_lost
+    from attn_bench.verify.cases import run_case, verify_cases
 
     backend_list = _split(backends) or [*av.list_backends(), "sdpa"]
     dtype_list = _split(dtypes) or []
@@ -825,8 +827,7 @@ def list_cmd(
     import torch
 
     import attention_variants as av
-
-    from .baselines import baseline_names, get_baseline, unsupported_reason
+    from attn_bench.baselines.registry import baseline_names, get_baseline, unsupported_reason
 
     load_plugins(plugin)
     try:
@@ -875,7 +876,7 @@ def tune(
     retune: Annotated[bool, typer.Option(help="tune keys that already have a fresh entry again")] = False,
 ) -> None:
     """Time each kernel's candidate configs on this GPU and write the card's tuning table (needs CUDA)."""
-    from .tune import main as tune_main
+    from attn_bench.device.tune import main as tune_main
 
     raise typer.Exit(
         tune_main(
@@ -895,7 +896,7 @@ def device_check_cmd(
 
     Each step runs in its own time box; failures are recorded and the next step still runs.
     Without CUDA it runs dry (GPU steps recorded as skipped) and still writes its files."""
-    from .device_check import device_check
+    from attn_bench.device.check import device_check
 
     if budget_s < 30:
         raise typer.BadParameter(f"must be at least 30 s, got {budget_s:g}", param_hint="--budget-s")
@@ -910,7 +911,7 @@ def targets(
     flex: Annotated[bool, typer.Option(help="include the compiled FlexAttention comparison")] = True,
 ) -> None:
     """The CPU performance targets (ratios against baselines measured in the same run)."""
-    from .targets import main as targets_main
+    from attn_bench.sweep.targets import main as targets_main
 
     ok = targets_main(quick=quick, flex=flex)
     if not ok:
@@ -946,8 +947,7 @@ def cp(
     """Context-parallel attention on gloo ranks (CPU): fwd and fwd+bwd time per variant and layout,
     strong and weak scaling, and bytes sent (measured by the collectives, against the analytic count)."""
     import attention_variants as av
-
-    from .cp import expand, run_cp
+    from attn_bench.cp.run import expand, run_cp
 
     try:
         vs = _split(variants)
@@ -987,13 +987,13 @@ def _train_study(
     **run_kw: Any,
 ) -> None:
     """The body of ``task``, ``long`` and ``swap``: check the options, run the preset's configs
-    through :func:`attn_bench.taskrun.run_tasks` (``run_kw``: its job and result class) and
+    through :func:`attn_bench.task.run.run_tasks` (``run_kw``: its job and result class) and
     report; ``extra_meta`` goes to ``metadata.json``."""
 
     import dataclasses
 
-    from .sweep import RunSetupError
-    from .taskrun import RESULTS, run_tasks
+    from attn_bench.core.results import RunSetupError
+    from attn_bench.task.run import RESULTS, run_tasks
 
     if resume and overwrite:
         raise typer.BadParameter("--resume continues the run in --out, --overwrite replaces it: pass one")
@@ -1016,7 +1016,7 @@ def _train_study(
     if (out / RESULTS).exists() and not (resume or overwrite):
         console.print(f"[red]{out / RESULTS} exists: pass --resume to continue it or --overwrite to replace it")
         raise typer.Exit(2)
-    from .sweep import cuda_problem
+    from attn_bench.core.results import cuda_problem
 
     problem = cuda_problem(c.device for c in p.configs)
     if problem is not None:
@@ -1024,7 +1024,7 @@ def _train_study(
     settings = dataclasses.replace(p.settings, plugins=plugins)
     if spec["timeout"] is not None:
         settings = dataclasses.replace(settings, timeout_s=spec["timeout"])
-    from .sweep import machine_metadata
+    from attn_bench.core.machine import machine_metadata
 
     devices = {c.device for c in p.configs}
     meta = {**machine_metadata(next(iter(devices))), "preset": spec["preset"], "description": p.description}
@@ -1065,8 +1065,8 @@ def long(
 ) -> None:
     """Documents longer than the model: truncate, segment + mean-pool, hierarchical, sliding window
     and Performer over the whole input, at N = 1-16 L: accuracy, training and inference time, memory."""
-    from .long.report import write_long_report
-    from .long.run import JOB, LongResult, load_long_presets
+    from attn_bench.long.report import write_long_report
+    from attn_bench.long.run import JOB, LongResult, load_long_presets
 
     _train_study(
         preset, out, resume, overwrite, timeout, plugin, report, progress,
@@ -1091,9 +1091,9 @@ def swap(
     """Swap the attention of a trained byte-level LM (the Python standard library's sources) for a
     sliding window or FAVOR+, keeping its weights: the loss right after the swap, the fine-tuning
     steps that win it back, and the same variant trained from scratch; also through Transformers."""
-    from .swap.corpus import load_corpus, manifest
-    from .swap.report import write_swap_report
-    from .swap.run import JOB, SwapResult, load_swap_presets
+    from attn_bench.swap.corpus import load_corpus, manifest
+    from attn_bench.swap.report import write_swap_report
+    from attn_bench.swap.run import JOB, SwapResult, load_swap_presets
 
     try:
         corpus = manifest(load_corpus())
@@ -1114,7 +1114,7 @@ def main() -> None:
     specs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--plugin"]
     specs += [a.split("=", 1)[1] for a in args if a.startswith("--plugin=")]
     if specs:
-        from .plugins import PluginError, load_plugins
+        from attn_bench.core.plugins import PluginError, load_plugins
 
         try:
             load_plugins(specs)

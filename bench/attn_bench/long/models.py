@@ -1,7 +1,7 @@
 """Classifiers of documents longer than the encoder's training length ``L``.
 
-Every strategy returns logits ``(B, 1, C)`` like an encoder :class:`~attn_bench.train.TaskModel`
-and has ``causal = False``, so :func:`attn_bench.train.train` and ``evaluate`` drive it as is.
+Every strategy returns logits ``(B, 1, C)`` like an encoder :class:`~attn_bench.task.train.TaskModel`
+and has ``causal = False``, so :func:`attn_bench.task.train.train` and ``evaluate`` drive it as is.
 
 - ``truncate``: the encoder (length ``L``) over the first ``L`` tokens only.
 - ``segment_pool``: the document cut into chunks of ``L`` (the last one padded), each encoded by
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..train import Block, TaskModel
+from attn_bench.task.train import Block, TaskModel
 
 STRATEGIES: tuple[str, ...] = ("truncate", "segment_pool", "hierarchical", "window", "performer")
 STRATEGY_VARIANT: dict[str, str] = {

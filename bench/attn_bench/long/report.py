@@ -2,7 +2,7 @@
 
 Accuracy is the mean and standard deviation over seeds of the final held-out accuracy; times and
 memory are means over seeds. ``prefix bound``: the best accuracy any classifier of the first
-``L`` tokens can reach on the same test documents (:func:`attn_bench.tasks.prefix_bayes_accuracy`).
+``L`` tokens can reach on the same test documents (:func:`attn_bench.task.tasks.prefix_bayes_accuracy`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..sweep import atomic_write
-from ..task_report import _f, _pareto, report_header
-from ..taskrun import RESULTS, read_task_results
-from .models import STRATEGIES
-from .run import LongResult
+from attn_bench.core.results import atomic_write
+from attn_bench.long.models import STRATEGIES
+from attn_bench.long.run import LongResult
+from attn_bench.task.report import _f, _pareto, report_header
+from attn_bench.task.run import RESULTS, read_task_results
 
 COLORS = {
     "truncate": "tab:gray",

@@ -1,9 +1,9 @@
 """Runs of ``attn-bench long``: a :class:`LongConfig` per (strategy, N, seed), trained and measured
-through :func:`attn_bench.taskrun.run_tasks` (worker pool, atomic ``results.csv``, resume).
+through :func:`attn_bench.task.run.run_tasks` (worker pool, atomic ``results.csv``, resume).
 
 Presets live in ``long_presets.toml``: each group is a cross product of ``strategies``,
 ``seq_lens`` and ``seeds`` at one ``segment_len`` (the model's training length ``L``); other
-keys set :class:`~attn_bench.taskrun.TaskConfig` fields, the variants' sweep options
+keys set :class:`~attn_bench.task.run.TaskConfig` fields, the variants' sweep options
 (``window``, ``num_features``) and the generator's ``params``.
 """
 
@@ -22,8 +22,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from ..config import RunSettings
-from ..taskrun import (
+from attn_bench.core.config import RunSettings
+from attn_bench.long.models import STRATEGIES, STRATEGY_VARIANT
+from attn_bench.task.run import (
     TaskConfig,
     TaskPreset,
     TaskResult,
@@ -32,7 +33,6 @@ from ..taskrun import (
     expand_group,
     train_config,
 )
-from .models import STRATEGIES, STRATEGY_VARIANT
 
 LONG_TASK = "long_majority"
 JOB = "attn_bench.long.run:run_long_row"
@@ -88,8 +88,8 @@ def run_long(cfg: LongConfig, progress: Callable[..., None] | None = None) -> Lo
     """Generate the documents from ``cfg.seed``, train the strategy's model, and measure."""
     import torch
 
-    from ..tasks import prefix_bayes_accuracy
-    from .models import LongClassifier
+    from attn_bench.long.models import LongClassifier
+    from attn_bench.task.tasks import prefix_bayes_accuracy
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..tasks import TaskData
+from attn_bench.task.tasks import TaskData
 
 SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 HELDOUT_BYTE = 26  # of 256: about 10% of the files are held out

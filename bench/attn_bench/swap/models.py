@@ -1,6 +1,6 @@
 """The two models of ``attn-bench swap`` and how their attention is swapped, keeping every weight.
 
-- ``task``: :class:`attn_bench.train.TaskModel` (causal, learned positions). The variant of each
+- ``task``: :class:`attn_bench.task.train.TaskModel` (causal, learned positions). The variant of each
   layer is an attribute of its :class:`~attention_variants.AttentionLayer` (no parameters of its
   own), so :func:`swap_attention` replaces it in place and the projections stay as trained.
 - ``hf``: a Hugging Face ``LlamaForCausalLM`` built from a tiny ``LlamaConfig``, trained with
@@ -18,9 +18,8 @@ import torch
 from torch import Tensor, nn
 
 import attention_variants as av
-
-from ..train import TaskModel
-from .corpus import VOCAB
+from attn_bench.swap.corpus import VOCAB
+from attn_bench.task.train import TaskModel
 
 MODELS = ("task", "hf")
 
@@ -41,7 +40,7 @@ def swap_attention(model: TaskModel, variant: str, options: dict[str, Any]) -> T
 
 
 class CausalLM(nn.Module):
-    """A Transformers causal LM seen through :func:`attn_bench.train.train`'s interface:
+    """A Transformers causal LM seen through :func:`attn_bench.task.train.train`'s interface:
     ``forward(ids (B, N)) -> logits (B, N, vocab)``, ``causal = True``."""
 
     causal = True

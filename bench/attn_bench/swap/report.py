@@ -19,13 +19,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..sweep import atomic_write
-from ..task_report import _f, report_header
-from ..taskrun import RESULTS, read_task_results
-from .run import MODES, RECOVER_FRAC, SwapResult, loss_curve_of
+from attn_bench.core.results import atomic_write
+from attn_bench.swap.run import MODES, RECOVER_FRAC, SwapResult, loss_curve_of
+from attn_bench.task.report import _f, report_header
+from attn_bench.task.run import RESULTS, read_task_results
 
 COLORS = {"full": "black", "sliding_window": "tab:orange", "performer": "tab:red"}
-MODEL_NAMES = {"task": "TaskModel (attn_bench.train)", "hf": "Transformers Llama (attn_implementation)"}
+MODEL_NAMES = {"task": "TaskModel (attn_bench.task.train)", "hf": "Transformers Llama (attn_implementation)"}
 
 
 def load_swap_results(directory: Path) -> pd.DataFrame:

@@ -1,5 +1,5 @@
 """Runs of ``attn-bench swap``: a :class:`SwapConfig` per (model, mode, variant, seed), trained and
-measured through :func:`attn_bench.taskrun.run_tasks` (worker pool, atomic ``results.csv``, resume).
+measured through :func:`attn_bench.task.run.run_tasks` (worker pool, atomic ``results.csv``, resume).
 
 Modes, for a seed and a model (``task`` or ``hf``, see :mod:`.models`):
 
@@ -33,10 +33,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 import attention_variants as av
-
-from ..config import RunSettings
-from ..taskrun import CURVE_POINTS, TaskConfig, TaskPreset, TaskResult, _variant_options, train_config
-from .models import MODELS
+from attn_bench.core.config import RunSettings
+from attn_bench.swap.models import MODELS
+from attn_bench.task.run import CURVE_POINTS, TaskConfig, TaskPreset, TaskResult, _variant_options, train_config
 
 SWAP_TASK = "stdlib_bytes"
 MODES = ("pretrain", "swap", "scratch")
@@ -116,7 +115,7 @@ _PRETRAINED: dict[SwapConfig, tuple[dict, Any]] = {}
 
 
 def _data(cfg: SwapConfig) -> tuple[Any, Any, Any]:
-    from .corpus import lm_data, load_corpus
+    from attn_bench.swap.corpus import lm_data, load_corpus
 
     corpus = load_corpus()
     tr, te = lm_data(corpus, cfg.seq_len, cfg.train_size, cfg.test_size, 1000 + cfg.seed)
@@ -124,7 +123,7 @@ def _data(cfg: SwapConfig) -> tuple[Any, Any, Any]:
 
 
 def _new_model(cfg: SwapConfig, variant: str, options: dict[str, Any]) -> Any:
-    from .models import hf_config, hf_lm, task_lm
+    from attn_bench.swap.models import hf_config, hf_lm, task_lm
 
     if cfg.model == "hf":
         return hf_lm(hf_config(cfg.seq_len, cfg.d_model, cfg.heads, cfg.layers), "sdpa")
@@ -132,11 +131,11 @@ def _new_model(cfg: SwapConfig, variant: str, options: dict[str, Any]) -> Any:
 
 
 def _pretrained(cfg: SwapConfig, progress: Callable[..., None] | None = None) -> tuple[dict, Any, float]:
-    """The trained weights of ``cfg``'s pretrain row, its :class:`~attn_bench.train.TrainResult` and
+    """The trained weights of ``cfg``'s pretrain row, its :class:`~attn_bench.task.train.TrainResult` and
     its held-out loss at step 0; trained here unless the worker holds them."""
     import torch
 
-    from ..train import evaluate_metrics
+    from attn_bench.task.train import evaluate_metrics
 
     key = cfg.pretraining()
     if key not in _PRETRAINED:
@@ -156,9 +155,9 @@ def run_swap(cfg: SwapConfig, progress: Callable[..., None] | None = None) -> Sw
     """Train (or fetch) the seed's pretrained model and do ``cfg``'s row; see the module."""
     import torch
 
-    from ..taskrun import attention_error
-    from ..train import evaluate_metrics
-    from .models import hf_reload, swap_attention
+    from attn_bench.swap.models import hf_reload, swap_attention
+    from attn_bench.task.run import attention_error
+    from attn_bench.task.train import evaluate_metrics
 
     check_config(cfg)
     if cfg.threads > 0:

@@ -1,0 +1,754 @@
+"""``attn-bench device-check``: what a short GPU rental should tell, in one command.
+
+Steps, each in its own time box and its own process (a hang or a crash costs that step only;
+every failure is recorded and the next step still runs):
+
+1. ``environment``: GPU, memory, driver, CUDA, torch, Triton, the SDPA backends that run, and
+   the two ceilings every later figure is compared with: device-to-device copy bandwidth and
+   the bfloat16 matmul rate, both measured.
+
+   Then, when this card's tuning table (:mod:`attn_kernels.tuning`) is missing, stale (kernel
+   sources changed) or lacks keys of the default plan, ``attn-bench tune`` runs with a share of
+   the budget (:data:`TUNE_SHARE`, at most :data:`TUNE_MAX_S`), starting from the table there is;
+   the later steps launch with the table it wrote. Recorded under ``tuning`` in the record.
+2. ``gpu-tests``: ``pytest -m gpu`` (the kernels at real sizes, against float64 references).
+3. ``verify``: ``attn-bench verify`` on CUDA, every variant x backend x {bf16, fp16, fp32}.
+4. ``sweep``: the ``gpu-quick`` preset with what is left of the budget (minus the report's
+   reserve); configs not reached are rows with status ``skipped``.
+5. ``report``: plots and the sweep's Markdown page.
+
+Then everything is packed into at most :data:`MAX_FILES` files directly in ``--out``:
+``SUMMARY.md`` (one page, the kernel engineer's table first), ``device-check.json`` (machine
+and step records), ``device-check.tar.gz`` (the run directory: CSVs, PNGs, report, worker log),
+the logs ``gpu-tests.log``, ``verify.log`` and ``sweep.log`` (environment, tuning, sweep and
+report), and the card's tuning table ``<card>.json`` when there is a fresh one.
+
+Without CUDA the same command runs dry: the GPU steps are recorded as skipped with the reason,
+and the files are still written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from attn_kernels import AUTOTUNE_ENV, tuning
+
+SUMMARY = "SUMMARY.md"
+RECORD = "device-check.json"
+ARCHIVE = "device-check.tar.gz"
+LOGS = {"gpu-tests": "gpu-tests.log", "verify": "verify.log", "sweep": "sweep.log"}
+MAX_FILES = 7
+PRESET = "gpu-quick"
+
+# Time boxes (s). The sweep gets what is left after the earlier steps, minus REPORT_RESERVE_S.
+ENV_BOX_S = 60.0
+TESTS_BOX_S = 200.0
+VERIFY_BOX_S = 90.0
+REPORT_BOX_S = 45.0
+REPORT_RESERVE_S = 30.0
+TUNE_SHARE = 0.25  # of --budget-s, for tuning when the card's table is missing or stale
+TUNE_MAX_S = 150.0
+TUNE_MIN_S = 20.0  # less than this is not worth a tuning run
+TUNE_GRACE_S = 40.0  # beyond the tuner's own budget: start-up and the last candidate
+SWEEP_GRACE_S = 30.0  # beyond the sweep's own budget: worker start-up, the last row, the CSV
+TEST_GIB_PER_WORKER = 32.0
+CP_BOX_S = 120.0  # context parallelism over NCCL, only where 2 or more GPUs are visible
+CP_N_PER_RANK = 16384  # the ring target's range (N / P >= 16k)
+# Configs per autotuned Triton kernel during the check (each tried config is one compilation).
+AUTOTUNE_MAX = 2
+VERIFY_BACKENDS = "triton,torch,reference,sdpa"
+VERIFY_DTYPES = "bfloat16,float16,float32"
+ROOT = Path(__file__).resolve().parents[3]  # the checkout: bench/attn_bench/device/ -> .
+
+
+@dataclass
+class Step:
+    """What one step did: ``status`` is ok, failed, timeout or skipped; ``detail`` says why."""
+
+    name: str
+    status: str
+    seconds: float = 0.0
+    box_s: float | None = None
+    detail: str = ""
+    returncode: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a step
+# ---------------------------------------------------------------------------------------------
+
+
+def run_boxed(cmd: list[str], log: Path, box_s: float, env: dict[str, str] | None = None) -> tuple[int | None, float]:
+    """Run ``cmd`` with stdout and stderr appended to ``log``; kill its process group after
+    ``box_s`` seconds. Returns ``(returncode or None on timeout, seconds)``."""
+    t0 = time.monotonic()
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+        try:
+            code: int | None = proc.wait(timeout=max(1.0, box_s))
+        except subprocess.TimeoutExpired:
+            code = None
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            f.write(f"\n[device-check] stopped after its {box_s:.0f} s time box\n")
+    return code, time.monotonic() - t0
+
+
+def gpu_test_workers(cpus: int, gpu_memory_gib: float | None) -> int:
+    """Parallel pytest workers for the GPU tests: compilation is CPU-bound, but the largest tests
+    hold up to ~30 GiB of GPU memory each (8 workers ran an H200 out of memory), so one worker
+    per TEST_GIB_PER_WORKER GiB, at most half the cores and 8."""
+    by_memory = int((gpu_memory_gib or 0) // TEST_GIB_PER_WORKER)
+    return max(1, min(8, cpus // 2, by_memory))
+
+
+def child_env() -> dict[str, str]:
+    """The steps' environment: this source tree importable, unbuffered output, capped autotuning."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault(AUTOTUNE_ENV, str(AUTOTUNE_MAX))
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def cuda_status() -> tuple[bool, str]:
+    """``(available, reason if not)``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True, ""
+    built = torch.version.cuda
+    why = "this PyTorch has no CUDA support" if built is None else f"no CUDA device visible (PyTorch built for {built})"
+    return False, f"CUDA is not available: {why} (torch {torch.__version__})"
+
+
+def cp_command(gpus: int, out: Path, box_s: float) -> list[str] | None:
+    """``attn-bench cp`` over NCCL on 1, 2, 4, 8 ... of ``gpus`` GPUs (bf16, zigzag, causal, N/P=16k
+    weak and the same total strong); None with fewer than 2 GPUs."""
+    if gpus < 2:
+        return None
+    ranks = [p for p in (1, 2, 4, 8) if p <= gpus]
+    cmd = [sys.executable, "-m", "attn_bench.cli", "cp", "--device", "cuda", "--dtype", "bfloat16"]
+    cmd += ["--ranks", ",".join(map(str, ranks)), "--n", str(CP_N_PER_RANK), "--layouts", "zigzag"]
+    cmd += ["--causal", "true", "--heads", "16", "--kv-heads", "16", "--head-dim", "128", "--window", "1024"]
+    cmd += ["--num-features", "256", "--repeats", "5", "--timeout", f"{box_s:.0f}", "--out", str(out)]
+    return cmd
+
+
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 1: the environment and the two ceilings
+# ---------------------------------------------------------------------------------------------
+
+
+def probe_environment() -> dict:
+    """Machine, versions, SDPA backends and the measured copy bandwidth and bf16 matmul rate."""
+    import torch
+
+    from attn_bench.core.machine import cpu_model, git_commit
+
+    env: dict = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda_build": torch.version.cuda,
+        "git_commit": git_commit(ROOT),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception as exc:
+        env["triton"] = f"not importable: {type(exc).__name__}: {exc}"
+    ok, why = cuda_status()
+    env["cuda_available"] = ok
+    if not ok:
+        env["cuda_reason"] = why
+        return env
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    env.update(
+        gpu=props.name,
+        capability=f"{props.major}.{props.minor}",
+        sm_count=props.multi_processor_count,
+        memory_gib=round(props.total_memory / 2**30, 1),
+        l2_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+        driver=_driver_version(),
+    )
+    env["sdpa_backends"] = _sdpa_backends(dev)
+    env.update(_ceilings(dev))
+    return env
+
+
+def _driver_version() -> str:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except Exception as exc:
+        return f"unknown ({type(exc).__name__})"
+
+
+def _sdpa_backends(dev) -> dict[str, str]:
+    """Each SDPA backend tried alone on a bf16 (1, 16, 1024, 128) problem, causal, with grads."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, 16, 1024, 128, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out: dict[str, str] = {}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            out[name.lower()] = "not in this PyTorch"
+            continue
+        try:
+            with sdpa_kernel([backend]):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                o.sum().backward()
+            torch.cuda.synchronize(dev)
+            out[name.lower()] = "runs"
+        except Exception as exc:
+            out[name.lower()] = f"no: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    return out
+
+
+def _ceilings(dev) -> dict:
+    """Copy bandwidth (bytes read + written) and the bf16 matmul rate, on random data."""
+    import torch
+    from triton.testing import do_bench
+
+    res: dict = {}
+    n = 1 << 28  # 1 GiB of float32 each way
+    src = torch.randn(n, device=dev)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    res["copy_gb_s"] = round(2 * n * 4 / (ms * 1e-3) / 1e9, 1)
+    src = dst = None  # free before the matmul's operands
+    s = 8192
+    a = torch.randn(s, s, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(s, s, device=dev, dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    res["matmul_bf16_tflops"] = round(2 * s**3 / (ms * 1e-3) / 1e12, 1)
+    res["ceilings_method"] = (
+        "triton.testing.do_bench medians on random data: a 1 GiB float32 device-to-device copy "
+        "(bytes read + written) and an 8192^3 bfloat16 matmul (torch.matmul)"
+    )
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole check
+# ---------------------------------------------------------------------------------------------
+
+
+def device_check(
+    out: Path,
+    budget_s: float = 500.0,
+    work: Path | None = None,
+    echo=print,
+    device: str = "cuda",
+    sweep_args: tuple[str, ...] = (),
+    verify_args: tuple[str, ...] = (),
+) -> int:
+    """Run every step within ``budget_s`` seconds, write the files into ``out``; returns 0
+    (failures are findings, recorded in the files, not exit codes).
+
+    ``device="cpu"`` runs the verify and sweep steps on the CPU, with ``verify_args`` and
+    ``sweep_args`` added to their command lines: the harness's own tests use it to exercise every
+    step and the summary on a machine without a GPU."""
+    t_start = time.monotonic()
+
+    def left() -> float:
+        return budget_s - (time.monotonic() - t_start)
+
+    out.mkdir(parents=True, exist_ok=True)
+    stale = [p for p in (out / SUMMARY, out / RECORD, out / ARCHIVE, *(out / n for n in LOGS.values())) if p.exists()]
+    for p in stale:
+        p.unlink()
+    work = work or Path(tempfile.mkdtemp(prefix="attn-device-check-"))
+    run_dir = work / "device-check"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sweep_dir = run_dir / "sweep"
+    logs = {k: out / v for k, v in LOGS.items()}
+    for p in logs.values():
+        p.write_text("")
+    env_vars = child_env()
+    steps: list[Step] = []
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+    def note(step: Step) -> None:
+        steps.append(step)
+        echo(f"device-check: {step.name}: {step.status} ({step.seconds:.0f} s) {step.detail}".rstrip())
+
+    # 1. environment
+    env_json = run_dir / "environment.json"
+    box = min(ENV_BOX_S, max(5.0, left()))
+    code, secs = run_boxed(
+        [sys.executable, "-m", "attn_bench.device.check", "--environment", str(env_json)], logs["sweep"], box, env_vars
+    )
+    environment: dict = {}
+    if env_json.exists():
+        environment = json.loads(env_json.read_text())
+    if code == 0:
+        detail = environment.get("gpu") or environment.get("cuda_reason", "")
+        note(Step("environment", "ok", secs, box, detail))
+    else:
+        status = "timeout" if code is None else "failed"
+        note(Step("environment", status, secs, box, f"exit code {code}; see sweep.log"))
+    has_cuda, why = cuda_status()
+    gpu_skip = None if has_cuda or device == "cpu" else why
+
+    # 1b. the tuning table (recorded apart from the steps)
+    try:
+        tuned = tune_table(environment, has_cuda and device == "cuda", run_dir, out, logs["sweep"], left, env_vars)
+    except Exception as exc:  # a broken table must not cost the check
+        tuned = {"status": "failed", "detail": f"{type(exc).__name__}: {exc}", "table_used": False, "copied": False}
+    echo(f"device-check: tuning: {tuned['status']} ({tuned.get('seconds', 0):.0f} s) {tuned['detail']}".rstrip())
+
+    # 2. GPU tests
+    tests_dir = ROOT / "tests"
+    if gpu_skip or device != "cuda":
+        note(Step("gpu-tests", "skipped", detail=gpu_skip or f"device {device}: the GPU tests need CUDA"))
+    elif not tests_dir.is_dir():
+        note(Step("gpu-tests", "skipped", detail=f"no tests/ folder next to the package ({ROOT})"))
+    else:
+        box = max(10.0, min(TESTS_BOX_S, left() - 2 * REPORT_RESERVE_S - VERIFY_BOX_S))
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "--tb=short", "--maxfail=40"]
+        cmd += ["-p", "no:cacheprovider", str(tests_dir)]
+        if importlib.util.find_spec("xdist") is not None:  # compilation is CPU-bound: spread it
+            workers = gpu_test_workers(os.cpu_count() or 2, environment.get("memory_gib"))
+            if workers > 1:
+                cmd += ["-n", str(workers), "--max-worker-restart", "20"]
+        code, secs = run_boxed(cmd, logs["gpu-tests"], box, env_vars)
+        counts = pytest_counts(logs["gpu-tests"].read_text(errors="replace"))
+        status = "timeout" if code is None else "ok" if code == 0 else "failed"
+        note(Step("gpu-tests", status, secs, box, _counts_text(counts), code, {"counts": counts}))
+
+    # 3. verify
+    verify_csv = run_dir / "verify.csv"
+    if gpu_skip:
+        note(Step("verify", "skipped", detail=gpu_skip))
+    else:
+        box = max(10.0, min(VERIFY_BOX_S, left() - 2 * REPORT_RESERVE_S - 60.0))
+        cmd = [sys.executable, "-m", "attn_bench.cli", "verify", "--device", device, "--dtypes", VERIFY_DTYPES]
+        cmd += ["--backends", VERIFY_BACKENDS, "--show", "failures", "--csv", str(verify_csv), *verify_args]
+        code, secs = run_boxed(cmd, logs["verify"], box, env_vars)
+        restarts = 0
+        while code == 3 and box - secs > 10:  # the CUDA context was lost: go on in a fresh process
+            restarts += 1
+            more, extra = run_boxed([*cmd, "--resume"], logs["verify"], box - secs, env_vars)
+            code, secs = more, secs + extra
+        counts = _status_counts(verify_csv)
+        status = "timeout" if code is None else "ok" if code == 0 else "failed"
+        detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        detail += f"; {restarts} restart(s) after a lost CUDA context" if restarts else ""
+        note(Step("verify", status, secs, box, detail, code))
+
+    # 3b. context parallelism over NCCL (before the sweep, which takes the rest of the budget)
+    cp_dir = run_dir / "cp"
+    gpus = 0 if gpu_skip or device != "cuda" else cuda_device_count()
+    box = max(10.0, min(CP_BOX_S, left() - 2 * REPORT_RESERVE_S - 60.0))
+    cp_cmd = cp_command(gpus, cp_dir, box)
+    if gpu_skip or device != "cuda":
+        note(Step("cp", "skipped", detail=gpu_skip or f"device {device}: NCCL needs CUDA"))
+    elif cp_cmd is None:
+        note(Step("cp", "skipped", detail=f"{gpus} GPU visible: context parallelism over NCCL needs 2 or more"))
+    else:
+        code, secs = run_boxed(cp_cmd, logs["sweep"], box + SWEEP_GRACE_S, env_vars)
+        counts = _status_counts(cp_dir / "results.csv")
+        status = "timeout" if code is None else "ok" if code == 0 else "failed"
+        note(
+            Step(
+                "cp",
+                status,
+                secs,
+                box,
+                f"{gpus} GPUs; rows: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+                code,
+            )
+        )
+
+    # 4. sweep
+    if gpu_skip:
+        note(Step("sweep", "skipped", detail=gpu_skip))
+    else:
+        sweep_budget = max(5.0, left() - REPORT_RESERVE_S - SWEEP_GRACE_S)
+        box = sweep_budget + SWEEP_GRACE_S
+        cmd = [sys.executable, "-m", "attn_bench.cli", "sweep", "--preset", PRESET, "--out", str(sweep_dir)]
+        cmd += ["--budget-s", f"{sweep_budget:.0f}", "--no-report", "--overwrite", "--device", device, *sweep_args]
+        code, secs = run_boxed(cmd, logs["sweep"], box, env_vars)
+        counts = _status_counts(sweep_dir / "results.csv")
+        status = "timeout" if code is None else "ok" if code == 0 else "failed"
+        detail = f"budget {sweep_budget:.0f} s; rows: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        note(Step("sweep", status, secs, box, detail, code))
+
+    # 5. report
+    if not (sweep_dir / "results.csv").exists():
+        note(Step("report", "skipped", detail="no sweep results"))
+    else:
+        box = max(10.0, min(REPORT_BOX_S, left() + REPORT_RESERVE_S))
+        cmd = [sys.executable, "-m", "attn_bench.cli", "report", str(sweep_dir)]
+        code, secs = run_boxed(cmd, logs["sweep"], box, env_vars)
+        note(Step("report", "timeout" if code is None else "ok" if code == 0 else "failed", secs, box, "", code))
+
+    # Summary, record, archive
+    record = {
+        "started": started,
+        "budget_s": budget_s,
+        "elapsed_s": round(time.monotonic() - t_start, 1),
+        "environment": environment,
+        "steps": [asdict(s) for s in steps],
+        "tuning": tuned,
+        "files": [SUMMARY, RECORD, ARCHIVE, *LOGS.values(), *([tuned["file"]] if tuned.get("copied") else [])],
+    }
+    try:
+        text = summary_markdown(record, sweep_dir, verify_csv, logs["gpu-tests"])
+    except Exception:  # the summary must exist even when the data it reads is broken
+        text = f"# device-check\n\nThe summary could not be built:\n\n```\n{traceback.format_exc()}\n```\n"
+    (out / SUMMARY).write_text(text)
+    (run_dir / SUMMARY).write_text(text)
+    (out / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    shutil.copy(out / RECORD, run_dir / RECORD)
+    with tarfile.open(out / ARCHIVE, "w:gz") as tar:
+        tar.add(run_dir, arcname=run_dir.name)
+    more = len(record["files"]) - 1
+    echo(f"device-check: done in {time.monotonic() - t_start:.0f} s: {out / SUMMARY} (+ {more} files)")
+    return 0
+
+
+def tune_table(
+    environment: dict, cuda: bool, run_dir: Path, out: Path, log: Path, left, env_vars: dict[str, str]
+) -> dict:
+    """Bring this card's tuning table up to date within a share of the budget (see the module
+    docstring); copy the table the later steps will use into ``out`` and point ``env_vars`` at
+    it. Returns the record: ``status`` (ok, failed, timeout, skipped), ``table_before``
+    (missing, unreadable, stale, fresh), ``pending`` keys, ``table_used``, ``entries``, ``file``."""
+    from attn_bench.device.tune import pending, plan
+
+    rec: dict = {"status": "skipped", "detail": "", "table_before": None, "table_used": False, "copied": False}
+    card = environment.get("gpu")
+    if not cuda or not card:
+        rec["detail"] = "no CUDA device: the heuristic configs run" if not cuda else "the environment step named no GPU"
+        return rec
+    rec["card"], rec["file"] = card, f"{tuning.card_slug(card)}.json"
+    (out / rec["file"]).unlink(missing_ok=True)
+    status, path = tuning.table_status(card)
+    table = None
+    if status in ("stale", "fresh") and path is not None:
+        table = tuning.Table.read(path)
+    todo = pending(plan(), table)
+    rec.update(table_before=status, table_path=str(path) if path else None, pending=len(todo))
+    use = path if status == "fresh" else None
+    if todo:
+        budget = min(TUNE_MAX_S, TUNE_SHARE * max(0.0, left()))
+        if budget < TUNE_MIN_S:
+            rec["detail"] = f"table {status}, {len(todo)} keys to tune, but only {budget:.0f} s for it"
+        else:
+            tuned_dir = run_dir / "tuned"
+            cmd = [sys.executable, "-m", "attn_bench.cli", "tune", "--budget-s", f"{budget:.0f}"]
+            cmd += ["--out", str(tuned_dir)]
+            code, secs = run_boxed(cmd, log, budget + TUNE_GRACE_S, env_vars)
+            rec.update(seconds=round(secs, 1), returncode=code, budget_s=round(budget))
+            rec["status"] = "timeout" if code is None else "ok" if code == 0 else "failed"
+            new_status, new_path = tuning.table_status(card, [tuned_dir])
+            if new_path is not None and new_status == "fresh":
+                use = new_path
+                rec["pending_after"] = len(pending(plan(), tuning.Table.read(new_path)))
+            rec["detail"] = f"table {status}, {len(todo)} keys to tune; tuned within {budget:.0f} s, see sweep.log"
+    else:
+        rec.update(status="ok", detail=f"table fresh ({path}): nothing to tune")
+    if use is not None:
+        shutil.copy(use, out / rec["file"])
+        env_vars[tuning.DIR_ENV] = str(Path(use).parent)
+        rec.update(table_used=True, copied=True, entries=sum(len(v) for v in tuning.Table.read(use).entries.values()))
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the steps' output
+# ---------------------------------------------------------------------------------------------
+
+_PYTEST_LINE = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_PYTEST_FINAL = re.compile(r"=+ (.*\d+ (?:passed|failed|error|errors|skipped|deselected).*) in [\d.]+s")
+
+
+def pytest_counts(log: str) -> dict[str, int]:
+    """Outcome counts from a ``pytest -v`` log: the final summary line, or (for a run stopped by
+    its time box) the per-test lines."""
+    final = _PYTEST_FINAL.findall(log)
+    if final:
+        counts = {}
+        for part in final[-1].split(","):
+            m = re.match(r"\s*(\d+) (\w+)", part)
+            if m:
+                counts[{"errors": "error"}.get(m.group(2), m.group(2))] = int(m.group(1))
+        return counts
+    counts = {}
+    for line in log.splitlines():
+        if "::" not in line:
+            continue
+        m = _PYTEST_LINE.search(line)
+        if m:
+            key = m.group(1).lower()
+            counts[key] = counts.get(key, 0) + 1
+    if counts:
+        counts["unfinished"] = 1
+    return counts
+
+
+def pytest_failures(log: str) -> list[str]:
+    """The ``FAILED nodeid - message`` / ``ERROR ...`` lines of pytest's short summary."""
+    return [ln.strip() for ln in log.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    fin = " (stopped by its time box)" if counts.pop("unfinished", None) else ""
+    return ", ".join(f"{n} {s}" for s, n in counts.items()) + fin
+
+
+def _status_counts(path: Path) -> dict[str, int]:
+    """Rows per ``status`` of a results or verify CSV ({} when it does not exist)."""
+    if not path.exists():
+        return {}
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    return df["status"].value_counts().to_dict() if len(df) else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# SUMMARY.md
+# ---------------------------------------------------------------------------------------------
+
+_LINE_BACKENDS = ("triton", "sdpa", "flex", "torch")
+
+
+def _ms(x) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+
+def kernel_table(df, matmul_tflops: float | None):
+    """Per variant, setting and N: triton vs sdpa vs flex (and torch) time, the Triton kernel's
+    TFLOP/s, its fraction of the measured matmul ceiling, and every line's numerics gate.
+
+    A row that did not run shows its status in place of the time (``WRONG``, ``ERROR``...), and
+    its error in the gate column."""
+    import pandas as pd
+
+    from attn_bench.sweep.analysis import line_label, option_cols, setting_label
+
+    rows = []
+    options = option_cols(df)
+    keys = ["variant", *options, "dtype", "heads", "kv_heads", "head_dim", "causal", "pass", "seq_len"]
+    df = df.copy()
+    for c in options:
+        df[c] = pd.to_numeric(df[c], errors="coerce").fillna(-1).astype(int)
+    for _, g in df.groupby(keys, dropna=False, sort=False):
+        first = g.iloc[0]
+        row = {
+            "variant": line_label(first).rsplit(" / ", 1)[0],
+            "setting": setting_label(first).replace(f"{first['device']}-", ""),
+            "pass": first["pass"],
+            "N": int(first["seq_len"]),
+        }
+        gates = []
+        by = {r["backend"]: r for _, r in g.iterrows()}
+        for b in _LINE_BACKENDS:
+            r = by.get(b)
+            if r is None:
+                row[f"{b} ms"] = ""
+                continue
+            if r["status"] == "ok":
+                row[f"{b} ms"] = _ms(r["time_ms"])
+            else:
+                row[f"{b} ms"] = str(r["status"]).upper()
+            if r["status"] in ("ok", "wrong"):
+                gates.append(f"{b} {'ok' if r['status'] == 'ok' else 'FAIL'}")
+            elif r["status"] not in ("skipped",):
+                err = str(r.get("error") or "")[:90]
+                gates.append(f"{b} {str(r['status']).upper()}: {err}")
+        t = by.get("triton")
+        tf = t["tflops"] if t is not None and t["status"] == "ok" else math.nan
+        row["triton TFLOP/s"] = _ms(tf)
+        row["% of matmul"] = f"{100 * tf / matmul_tflops:.0f}%" if matmul_tflops and not math.isnan(tf) else ""
+        s = by.get("sdpa")
+        if t is not None and s is not None and t["status"] == "ok" and s["status"] == "ok":
+            row["sdpa/triton"] = f"{s['time_ms'] / t['time_ms']:.2f}x"
+        else:
+            row["sdpa/triton"] = ""
+        row["gate"] = "; ".join(gates)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary_markdown(record: dict, sweep_dir: Path, verify_csv: Path, tests_log: Path) -> str:
+    """The one-page summary: kernel table, steps, environment, numerics, what did not run."""
+    import pandas as pd
+
+    from attn_bench.sweep.report import md_table
+
+    env = record.get("environment", {})
+    steps = record.get("steps", [])
+    md = [f"# device-check: {env.get('gpu') or 'no GPU (dry run)'}\n"]
+    md.append(
+        f"Started {record.get('started')}; {record.get('elapsed_s')} s of a {record.get('budget_s'):g} s budget. "
+        f"torch {env.get('torch')}, Triton {env.get('triton')}, CUDA {env.get('cuda_build')}, "
+        f"driver {env.get('driver', '-')}, commit {env.get('git_commit', '?')}.\n"
+    )
+    ceil = env.get("matmul_bf16_tflops")
+    if ceil:
+        md.append(
+            f"Measured ceilings: **{ceil} TFLOP/s** bf16 matmul, **{env.get('copy_gb_s')} GB/s** device copy "
+            f"(read + write).\n"
+        )
+
+    results = sweep_dir / "results.csv"
+    df = pd.read_csv(results) if results.exists() else None
+    md.append("\n## Triton vs SDPA vs FlexAttention\n")
+    md.append(
+        "Median ms per call. `% of matmul`: the Triton kernel's TFLOP/s over the measured bf16 matmul rate. "
+        "A line that did not run shows its status instead of a time, and its error under `gate`.\n"
+    )
+    if df is not None:
+        ran = df[df["status"] != "skipped"]
+        md.append(md_table(kernel_table(ran, ceil)) if len(ran) else "_(no row ran)_\n")
+        skipped = df[df["status"] == "skipped"]
+        if len(skipped):
+            md.append(f"\n{len(skipped)} of {len(df)} configs were not reached within the sweep's budget.\n")
+    else:
+        sweep_step = next((s for s in steps if s["name"] == "sweep"), None)
+        md.append(f"_(no sweep: {sweep_step['detail'] if sweep_step else 'not run'})_\n")
+
+    md.append("\n## Steps\n")
+    view = pd.DataFrame(
+        [
+            {
+                "step": s["name"],
+                "status": s["status"],
+                "seconds": f"{s['seconds']:.0f}",
+                "time box": "" if s["box_s"] is None else f"{s['box_s']:.0f}",
+                "detail": s["detail"],
+            }
+            for s in steps
+        ]
+    )
+    md.append(md_table(view))
+
+    tuned = record.get("tuning") or {}
+    if tuned:
+        md.append("\n## Tuning table\n")
+        used = "none used"
+        if tuned.get("table_used"):
+            used = f"used, {tuned.get('entries', 0)} entries ({tuned.get('file')})"
+        md.append(
+            f"Table before: {tuned.get('table_before') or '-'}; tuning {tuned.get('status')}: {tuned.get('detail')}. "
+            f"Launches: {used}.\n"
+        )
+
+    cp_readme = sweep_dir.parent / "cp" / "README.md"
+    if cp_readme.exists():
+        text = cp_readme.read_text()
+        part = text.split("## Targets", 1)[1].split("\n## ", 1)[0] if "## Targets" in text else ""
+        md.append("\n## Context parallelism over NCCL (targets)\n")
+        md.append(part.strip() + "\n" if part.strip() else "_(no targets in the cp report)_\n")
+
+    md.append("\n## Numerics\n")
+    if tests_log.exists() and tests_log.stat().st_size:
+        fails = pytest_failures(tests_log.read_text(errors="replace"))
+        md.append(f"GPU tests (`pytest -m gpu`): {len(fails)} failure(s).\n")
+        for line in fails[:20]:
+            md.append(f"- `{line[:220]}`")
+        md.append("")
+    if verify_csv.exists():
+        v = pd.read_csv(verify_csv)
+        if len(v):
+            piv = v.pivot_table(index=["backend", "dtype"], columns="status", values="variant", aggfunc="count")
+            md.append("`attn-bench verify` on CUDA (checks by status):\n")
+            md.append(md_table(piv.fillna(0).astype(int).reset_index()))
+            bad = v[v["status"].isin(["wrong", "error"])]
+            for _, r in bad.head(20).iterrows():
+                md.append(
+                    f"- {r['status'].upper()} {r['variant']}({r['options'] if isinstance(r['options'], str) else ''}) "
+                    f"{r['backend']} {r['dtype']} {r['shape']}: {str(r['message'])[:160]}"
+                )
+            md.append("")
+
+    if df is not None:
+        from attn_bench.sweep.report import failed_rows_table
+
+        md.append("\n## Sweep rows that failed\n")
+        md.append(failed_rows_table(df, skip=("ok", "skipped"), width=160))
+        comp = df[df["compile_s"].notna() & (df["status"] == "ok")]
+        if len(comp):
+            c = comp.groupby("backend")["compile_s"].agg(["count", "median", "max", "sum"]).reset_index()
+            md.append("\nFirst-call time (compilation, autotuning) by backend, s:\n")
+            md.append(md_table(c))
+
+    if env.get("sdpa_backends"):
+        md.append("\n## Environment\n")
+        md.append(
+            f"{env.get('gpu')} (sm_{str(env.get('capability', '')).replace('.', '')}, {env.get('sm_count')} SMs, "
+            f"{env.get('memory_gib')} GiB, L2 {env.get('l2_mib')} MiB); {env.get('cpu_count')} CPU cores "
+            f"({env.get('cpu_model')}); Python {env.get('python')}.\n"
+        )
+        md.append(
+            "SDPA backends (each alone, bf16, causal, with backward): "
+            + ", ".join(f"{k} {v}" for k, v in env["sdpa_backends"].items())
+            + ".\n"
+        )
+    md.append(f"\nFiles: {', '.join(record.get('files', []))}.\n")
+    return "\n".join(md)
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m attn_bench.device.check --environment PATH``: the environment step (a subprocess)."""
+    if len(argv) == 2 and argv[0] == "--environment":
+        env = probe_environment()
+        Path(argv[1]).write_text(json.dumps(env, indent=2, default=str) + "\n")
+        print(json.dumps(env, indent=2, default=str))
+        return 0
+    print("usage: python -m attn_bench.device.check --environment PATH  (the whole check: attn-bench device-check)")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,496 @@
+"""``attn-bench tune``: time each kernel's candidate configs on this GPU and write its table.
+
+For every key of the plan (kernel, dtype, head dim, causal, band, N: :class:`TuneKey`), each
+candidate config (:func:`candidates`, the heuristic default first) is first checked against the
+float64 ground truth with the project's numerics gate (:func:`attn_bench.core.numerics.check`, on a
+small problem of the same kind), then timed with ``triton.testing.do_bench`` on the key's problem,
+the heuristic default in the same run. The fastest config that passed becomes the key's entry
+(the default stays unless another is :data:`MIN_GAIN` faster), with the time ratio against the
+default. The table (:class:`attn_kernels.tuning.Table`) is written after every key, so a run cut
+short keeps what it measured; a run on a card that already has a table starts from it and
+skips the keys whose entries are fresh.
+
+The loop (:func:`tune`) takes the timer and the checker as a :class:`Runner` and the clock as
+a function: :class:`CudaRunner` is the real one; the tests drive the loop with their own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from attention_variants import masks
+from attn_kernels import favor_configs, flash_configs, tuning
+from attn_kernels.launch import KernelConfig, LaunchShape, pad_pow2
+
+FLASH_KERNELS = ("flash_fwd", "flash_bwd")
+FAVOR_KERNELS = ("favor_key_max", "favor_state", "favor_fwd", "favor_bwd_dq", "favor_bwd_dkv")
+KERNELS = FLASH_KERNELS + FAVOR_KERNELS
+# The pass each kernel is timed in: its own where it can be isolated; the FAVOR+ state kernel
+# runs in the forward and the backward, so it is timed in both.
+PASS = {"flash_fwd": "fwd", "flash_bwd": "bwd", "favor_key_max": "fwd", "favor_state": "fwd_bwd"}
+PASS |= {"favor_fwd": "fwd", "favor_bwd_dq": "bwd", "favor_bwd_dkv": "bwd"}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_DTYPES = ("bfloat16",)
+DEFAULT_HEAD_DIMS = (128, 64)
+DEFAULT_NS = (16384, 4096, 1024)
+DEFAULT_WINDOWS = (None, 256)  # softmax kernels: full attention and the sweeps' band
+DEFAULT_FEATURES = 256
+MIN_GAIN = 0.03  # a candidate replaces the default only when it is this much faster
+CHECK_N = 1000  # sequence length of the numerics check (not a multiple of any tile)
+HEADS = 16  # the problem timed: (1, HEADS, N, D), as in the gpu-quick sweep
+# Errors after which the process's CUDA context is unusable: the run stops (what it wrote stays).
+CONTEXT_LOST = ("CUDA error", "AcceleratorError", "illegal memory access", "device-side assert")
+
+
+@dataclass(frozen=True)
+class TuneKey:
+    """One table key to tune: ``kernel`` (see :data:`KERNELS`) at inputs of ``dtype``, head dim
+    ``head_dim``, sequence length ``n``; ``window`` the sliding-window size ``w`` of the softmax
+    kernels (None: full attention), ``features`` the random features of the FAVOR+ kernels."""
+
+    kernel: str
+    dtype: torch.dtype
+    head_dim: int
+    causal: bool
+    n: int
+    window: int | None = None
+    features: int | None = None
+
+    @property
+    def family(self) -> str:
+        return tuning.KERNEL_FAMILY[self.kernel]
+
+    def shape(self) -> LaunchShape:
+        """The launch shape the kernels see for this key's problem."""
+        eb = torch.finfo(self.dtype).bits // 8
+        if self.family == "favor":
+            return LaunchShape(self.head_dim, eb, self.causal, m_pad=pad_pow2(self.features or DEFAULT_FEATURES))
+        band = None
+        if self.window is not None:  # as the sliding-window backend folds causal in and clamps
+            left, right = masks.clamp_reach(*masks.window_bounds(self.window, self.causal), self.n, self.n)
+            band = left + right + 1
+        return LaunchShape(self.head_dim, eb, self.causal, n=self.n, window=band)
+
+    @property
+    def table_key(self) -> str:
+        return tuning.shape_key(self.kernel, self.shape())
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        extra = f" w={self.window}" if self.window is not None else f" m={self.features}" if self.features else ""
+        return f"{self.kernel} {dt} D={self.head_dim} {'causal' if self.causal else 'non-causal'}{extra} N={self.n}"
+
+
+def plan(
+    kernels: Sequence[str] = KERNELS,
+    dtypes: Sequence[torch.dtype] = tuple(DTYPES[d] for d in DEFAULT_DTYPES),
+    head_dims: Sequence[int] = DEFAULT_HEAD_DIMS,
+    ns: Sequence[int] = DEFAULT_NS,
+    windows: Sequence[int | None] = DEFAULT_WINDOWS,
+    features: int = DEFAULT_FEATURES,
+) -> list[TuneKey]:
+    """The keys to tune, most important first (a run cut short loses the last): by head dim,
+    then kernel, band, causal flag and N in the orders given. Keys that map to the same table
+    entry are tuned once (the first wins: float16 and bfloat16 share the 16-bit entries, the
+    FAVOR+ entries do not depend on N)."""
+    unknown = [k for k in kernels if k not in KERNELS]
+    if unknown:
+        raise ValueError(f"kernels must be among {', '.join(KERNELS)}, got {', '.join(unknown)}")
+    for name, values in (("head_dims", head_dims), ("ns", ns)):
+        if not values or any(not isinstance(x, int) or x < 1 for x in values):
+            raise ValueError(f"{name} must be positive ints, got {list(values)}")
+    keys: list[TuneKey] = []
+    seen: set[tuple[str, str]] = set()
+    for d in head_dims:
+        for kernel in kernels:
+            favor = tuning.KERNEL_FAMILY[kernel] == "favor"
+            for dtype in dtypes:
+                for window in (None,) if favor else windows:
+                    for causal in (False, True):
+                        for n in ns:
+                            key = TuneKey(kernel, dtype, d, causal, n, window, features if favor else None)
+                            if (kernel, key.table_key) not in seen:
+                                seen.add((kernel, key.table_key))
+                                keys.append(key)
+    return keys
+
+
+def candidates(key: TuneKey, capability: tuple[int, int]) -> list[KernelConfig]:
+    """The configs timed for ``key`` on a GPU of ``capability``, the heuristic default first."""
+    shape = key.shape()
+    if key.family == "flash":
+        return flash_configs.tune_candidates(shape, key.kernel == "flash_bwd", capability)
+    return list(favor_configs.heuristic_configs(key.kernel.removeprefix("favor_"), shape))
+
+
+def heuristic_defaults(key: TuneKey) -> dict[str, KernelConfig]:
+    """The heuristic config of every kernel of ``key``'s family at its shape (what runs today)."""
+    shape = key.shape()
+    if key.family == "flash":
+        return {k: flash_configs._select_gpu(shape, k == "flash_bwd") for k in FLASH_KERNELS}
+    return {k: favor_configs.heuristic_configs(k.removeprefix("favor_"), shape)[0] for k in FAVOR_KERNELS}
+
+
+class Runner(Protocol):
+    """What :func:`tune` measures with."""
+
+    def check(self, key: TuneKey, cfg: KernelConfig) -> str | None:
+        """None when ``key.kernel`` launched with ``cfg`` passes the numerics gate, else why not."""
+
+    def time_ms(self, key: TuneKey, cfg: KernelConfig) -> float:
+        """Milliseconds of the key's pass with ``key.kernel`` launched with ``cfg``."""
+
+
+@dataclass
+class Trial:
+    config: KernelConfig
+    ms: float | None = None
+    error: str = ""
+
+
+@dataclass
+class TuneRun:
+    """What :func:`tune` did: the table, the keys tuned, skipped (fresh already), not reached."""
+
+    table: tuning.Table
+    tuned: list[TuneKey] = field(default_factory=list)
+    fresh: list[TuneKey] = field(default_factory=list)
+    not_reached: list[TuneKey] = field(default_factory=list)
+    failed: list[tuple[TuneKey, str]] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)
+    stopped_by_budget: bool = False
+    context_lost: str = ""  # the error after which no CUDA call could succeed any more
+
+
+def choose(trials: Sequence[Trial], min_gain: float = MIN_GAIN) -> tuple[Trial, Trial] | None:
+    """``(chosen, default)`` from the trials of one key (the default is the first), or None when
+    the default itself did not pass or was not timed (then there is nothing to compare with)."""
+    if not trials or trials[0].ms is None:
+        return None
+    default = trials[0]
+    timed = [t for t in trials if t.ms is not None]
+    best = min(timed, key=lambda t: t.ms)  # type: ignore[arg-type, return-value]
+    assert best.ms is not None and default.ms is not None
+    return (best if best.ms < (1.0 - min_gain) * default.ms else default), default
+
+
+def pending(keys: Iterable[TuneKey], table: tuning.Table | None) -> list[TuneKey]:
+    """The keys without a fresh, complete entry in ``table`` (an entry cut short by the budget
+    is used at launch but tuned again)."""
+    if table is None:
+        return list(keys)
+    hashes = {f: tuning.source_hash(f) for f in tuning.FAMILY_SOURCES}
+    out = []
+    for key in keys:
+        e = table.entry(key.kernel, key.table_key)
+        if e is None or e.get("source_hash") != hashes[key.family] or e.get("complete") is False:
+            out.append(key)
+    return out
+
+
+def tune(
+    keys: Sequence[TuneKey],
+    runner: Runner,
+    *,
+    card: str,
+    capability: tuple[int, int],
+    budget_s: float,
+    out_dirs: Sequence[Path] = (),
+    table: tuning.Table | None = None,
+    meta: dict | None = None,
+    retune: bool = False,
+    clock: Callable[[], float] = time.monotonic,
+    echo: Callable[[str], None] = print,
+    min_gain: float = MIN_GAIN,
+) -> TuneRun:
+    """Tune ``keys`` within ``budget_s`` seconds of ``clock`` and write the table into each of
+    ``out_dirs`` after every key. Starts from ``table`` (this card's earlier table, if any) with
+    its stale entries dropped, and skips the keys it already holds fresh unless ``retune``.
+
+    A candidate is started only while budget is left, so the run ends at most one candidate
+    (its compilation, check and timing) past ``budget_s``; a key cut short keeps the best of the
+    candidates timed if the default was among them, marked ``complete: false`` (tuned again by
+    the next run). A lost CUDA context (:data:`CONTEXT_LOST`) ends the run too."""
+    if budget_s <= 0:
+        raise ValueError(f"budget_s must be positive, got {budget_s}")
+    t0 = clock()
+    base = tuning.Table(card, meta=dict(meta or {}))
+    if table is not None:
+        stale = set(table.stale())
+        for kernel, keyed in table.entries.items():
+            for k, e in keyed.items():
+                if (kernel, k) not in stale and kernel in tuning.KERNEL_FAMILY:
+                    base.put(kernel, k, e)
+    run = TuneRun(base)
+    todo = list(keys) if retune else pending(keys, base)
+    run.fresh = [k for k in keys if k not in todo]
+    if run.fresh:
+        echo(f"tune: {len(run.fresh)} of {len(keys)} keys already have a fresh entry; {len(todo)} to tune")
+    hashes = {f: tuning.source_hash(f) for f in tuning.FAMILY_SOURCES}
+    for i, key in enumerate(todo):
+        if clock() - t0 >= budget_s:
+            run.not_reached = todo[i:]
+            run.stopped_by_budget = True
+            break
+        cands = candidates(key, capability)
+        trials: list[Trial] = []
+        for cfg in cands:
+            if clock() - t0 >= budget_s:
+                run.stopped_by_budget = True
+                break
+            trial = Trial(cfg)
+            try:
+                trial.error = runner.check(key, cfg) or ""
+                if not trial.error:
+                    trial.ms = float(runner.time_ms(key, cfg))
+            except Exception as exc:  # one failing candidate must not end the run
+                trial.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            trials.append(trial)
+            if any(s in trial.error for s in CONTEXT_LOST):
+                run.context_lost = f"{cfg}: {trial.error}"
+                break
+        if not trials:  # the budget ran out before this key's first candidate
+            run.not_reached = todo[i:]
+            break
+        picked = choose(trials, min_gain)
+        elapsed = clock() - t0
+        if picked is None:
+            why = trials[0].error if trials else "not reached"
+            run.failed.append((key, f"heuristic default {cands[0]}: {why or 'not timed'}"))
+            echo(f"tune [{i + 1}/{len(todo)}] {key}: no entry (default {cands[0]}: {why}) [{elapsed:.0f} s]")
+        else:
+            chosen, default = picked
+            assert chosen.ms is not None and default.ms is not None
+            entry = {
+                "config": tuning.config_dict(chosen.config),
+                "name": chosen.config.name,
+                "ms": round(chosen.ms, 6),
+                "default": default.config.name,
+                "default_ms": round(default.ms, 6),
+                "ratio": round(chosen.ms / default.ms, 4),
+                "pass": PASS[key.kernel],
+                "problem": {"dtype": str(key.dtype).removeprefix("torch."), "batch": 1, "heads": HEADS}
+                | {"n": key.n, "head_dim": key.head_dim, "window": key.window, "features": key.features},
+                "candidates": len(cands),
+                "timed": sum(t.ms is not None for t in trials),
+                "failed": {t.config.name: t.error for t in trials if t.error},
+                "complete": len(trials) == len(cands),
+                "versions": (meta or {}).get("versions"),
+                "source_hash": hashes[key.family],
+            }
+            run.table.put(key.kernel, key.table_key, entry)
+            run.tuned.append(key)
+            note = "" if len(trials) == len(cands) else f", budget reached after {len(trials)} of {len(cands)}"
+            echo(
+                f"tune [{i + 1}/{len(todo)}] {key}: {chosen.config} {entry['ratio']:.2f}x of default {default.config}"
+                f" ({entry['timed']} timed, {len(entry['failed'])} failed{note}) [{elapsed:.0f}/{budget_s:.0f} s]"
+            )
+            run.paths = [run.table.write(d) for d in out_dirs]
+        if run.stopped_by_budget or run.context_lost:
+            run.not_reached = todo[i + 1 :]
+            break
+    if run.context_lost:
+        echo(f"tune: stopped, the CUDA context is lost ({run.context_lost}); {len(run.not_reached)} key(s) left")
+    if run.stopped_by_budget:
+        echo(f"tune: budget of {budget_s:.0f} s reached; {len(run.not_reached)} key(s) not reached")
+    if not run.paths and run.table.entries:
+        run.paths = [run.table.write(d) for d in out_dirs]
+    tuning.reset()
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# The real runner (CUDA)
+# ---------------------------------------------------------------------------------------------
+
+
+class CudaRunner:
+    """Checks with :func:`attn_bench.core.numerics.check` on a ``(1, 2, min(N, check_n), D)`` problem
+    (output and, for a kernel timed with a backward, gradients) and times the key's pass on
+    ``(1, HEADS, N, D)`` with ``triton.testing.do_bench`` (median of ``rep_ms``)."""
+
+    def __init__(self, device: str = "cuda", warmup_ms: int = 25, rep_ms: int = 100, check_n: int = CHECK_N) -> None:
+        self.device = torch.device(device)
+        self.warmup_ms, self.rep_ms, self.check_n = warmup_ms, rep_ms, check_n
+        self._inputs: dict[tuple, tuple] = {}
+
+    def _variant(self, key: TuneKey):
+        import attention_variants as av
+
+        if key.family == "favor":
+            return av.get_variant("performer", num_features=key.features or DEFAULT_FEATURES)
+        if key.window is None:
+            return av.get_variant("full")
+        return av.get_variant("sliding_window", window=key.window)
+
+    def _qkv(self, key: TuneKey, n: int, heads: int, seed: int) -> tuple[torch.Tensor, ...]:
+        ck = (key.dtype, key.head_dim, n, heads, seed)
+        if ck not in self._inputs:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            if len(self._inputs) >= 2:  # the check's problem and the timed one: the latter can hold GiBs
+                self._inputs.clear()
+            self._inputs[ck] = tuple(
+                torch.randn(1, heads, n, key.head_dim, device=self.device, dtype=key.dtype, generator=gen)
+                for _ in range(4)
+            )
+        return self._inputs[ck]
+
+    def _forced(self, key: TuneKey, cfg: KernelConfig) -> dict[str, KernelConfig]:
+        return heuristic_defaults(key) | {key.kernel: cfg}
+
+    def check(self, key: TuneKey, cfg: KernelConfig) -> str | None:
+        from attn_bench.core.numerics import check
+
+        variant = self._variant(key)
+        q, k, v, _ = self._qkv(key, min(key.n, self.check_n), 2, seed=1)
+        fn = lambda a, b, c: variant(a, b, c, causal=key.causal, backend="triton")
+        with tuning.forced(self._forced(key, cfg)) as seen:
+            res = check(fn, variant, q, k, v, key.causal, grads=PASS[key.kernel] != "fwd")
+        if key.kernel not in {kernel for kernel, _ in seen}:
+            raise RuntimeError(f"the check of {key} never launched {key.kernel}")
+        return None if res.ok else res.message or "numerics gate failed"
+
+    def time_ms(self, key: TuneKey, cfg: KernelConfig) -> float:
+        from triton.testing import do_bench
+
+        variant = self._variant(key)
+        q, k, v, dout = self._qkv(key, key.n, HEADS, seed=2)
+        mode = PASS[key.kernel]
+        q, k, v = (t.detach().requires_grad_(mode != "fwd") for t in (q, k, v))
+        fn = lambda: variant(q, k, v, causal=key.causal, backend="triton")
+        with tuning.forced(self._forced(key, cfg)) as seen:
+            if mode == "fwd":
+                with torch.no_grad():
+                    fn()  # compiles; the launch shape is checked below
+                ms = do_bench(lambda: fn(), warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
+            elif mode == "bwd":
+                out = fn()
+                step = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+                step()
+                ms = do_bench(step, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
+            else:
+                step = lambda: torch.autograd.grad(fn(), (q, k, v), dout)
+                step()
+                ms = do_bench(step, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
+        keys = {tuning.shape_key(kernel, shape) for kernel, shape in seen if kernel == key.kernel}
+        if keys != {key.table_key}:  # the tuner's idea of the launch shape must be the kernels' own
+            raise RuntimeError(f"{key.kernel} launched with key(s) {sorted(keys)}, expected {key.table_key}")
+        return float(ms)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be a comma list of positive ints, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise ValueError(f"{name} must be a comma list of positive ints, got {text!r}")
+    return vals
+
+
+def parse_args(kernels: str | None, dtypes: str, n: str, head_dims: str) -> dict:
+    """The :func:`plan` arguments from the command line's comma lists; ValueError names the option.
+    ``kernels`` may name families (``flash``, ``favor``) as well as kernels."""
+    names: list[str] = []
+    for x in (kernels or "flash,favor").split(","):
+        x = x.strip()
+        if not x:
+            continue
+        fam = {"flash": FLASH_KERNELS, "favor": FAVOR_KERNELS}.get(x)
+        if fam is None and x not in KERNELS:
+            raise ValueError(f"--kernels: unknown kernel {x!r}; choose from flash, favor, {', '.join(KERNELS)}")
+        names.extend(fam or (x,))
+    dts = []
+    for x in dtypes.split(","):
+        if x.strip() and x.strip() not in DTYPES:
+            raise ValueError(f"--dtypes: unknown dtype {x.strip()!r}; choose from {', '.join(DTYPES)}")
+        if x.strip():
+            dts.append(DTYPES[x.strip()])
+    if not names or not dts:
+        raise ValueError("--kernels and --dtypes must name at least one each")
+    return {
+        "kernels": list(dict.fromkeys(names)),
+        "dtypes": dts,
+        "ns": _ints(n, "--n"),
+        "head_dims": _ints(head_dims, "--head-dims"),
+    }
+
+
+def _versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except Exception:
+        out["triton"] = "not importable"
+    return out
+
+
+def main(
+    budget_s: float,
+    out: Path,
+    *,
+    kernels: str | None = None,
+    dtypes: str = ",".join(DEFAULT_DTYPES),
+    n: str = ",".join(map(str, DEFAULT_NS)),
+    head_dims: str = ",".join(map(str, DEFAULT_HEAD_DIMS)),
+    install: bool = False,
+    retune: bool = False,
+    echo: Callable[[str], None] = print,
+) -> int:
+    """``attn-bench tune``: 0 when the table was written, 1 when no key could be tuned, 2 without
+    CUDA (nothing is measured then) or for a bad argument."""
+    try:
+        args = parse_args(kernels, dtypes, n, head_dims)
+        if budget_s <= 0:
+            raise ValueError(f"--budget-s must be positive, got {budget_s:g}")
+    except ValueError as exc:
+        echo(f"attn-bench tune: {exc}")
+        return 2
+    if not torch.cuda.is_available():
+        build = torch.version.cuda or "none"
+        echo(f"attn-bench tune: needs a CUDA device (torch {torch.__version__}, CUDA build {build}); nothing tuned")
+        return 2
+    keys = plan(**args)
+    card = torch.cuda.get_device_name()
+    cap = torch.cuda.get_device_capability()
+    out_dirs = [Path(out)] + ([tuning.PACKAGE_DIR] if install else [])
+    previous = None
+    for d in (Path(out), *tuning.table_dirs()):
+        path = tuning.find_table(card, [d])
+        if path is not None:
+            try:
+                previous = tuning.Table.read(path)
+                echo(f"tune: starting from {path}")
+                break
+            except (OSError, ValueError) as exc:
+                echo(f"tune: ignoring unreadable table {path}: {exc}")
+    meta = {"capability": f"{cap[0]}.{cap[1]}", "versions": _versions(), "created": time.strftime("%Y-%m-%d %H:%M %Z")}
+    dirs = ", ".join(map(str, out_dirs))
+    echo(f"tune: {card} (sm_{cap[0]}{cap[1]}), {len(keys)} keys, budget {budget_s:.0f} s -> {dirs}")
+    run = tune(
+        keys, CudaRunner(), card=card, capability=cap, budget_s=budget_s, out_dirs=out_dirs, table=previous,
+        meta=meta, retune=retune, echo=echo,
+    )  # fmt: skip
+    for key, why in run.failed:
+        echo(f"tune: FAILED {key}: {why}")
+    if not run.paths:
+        echo("tune: no table written (no key tuned)")
+        return 1
+    echo(f"tune: {len(run.tuned)} key(s) tuned, {len(run.fresh)} kept; table: {', '.join(map(str, run.paths))}")
+    return 0
+
+
+__all__ = ["CudaRunner", "Runner", "TuneKey", "TuneRun", "candidates", "choose", "main", "pending", "plan", "tune"]

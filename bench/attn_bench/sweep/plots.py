@@ -1,0 +1,201 @@
+"""Log-log plots of a sweep (matplotlib, Agg backend; PNG files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+import attention_variants as av
+from attn_bench.sweep.analysis import (
+    SETTING,
+    line_cols,
+    line_label,
+    ok_rows,
+    setting_label,
+    speedups,
+    without_copies,
+)
+
+# Colour says the variant (in registration order: full blue, sliding window green, Performer red,
+# then plug-ins), line style and marker the backend.
+PALETTE = ["tab:blue", "tab:green", "tab:red", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive"]
+
+
+def color(variant: str) -> str | None:
+    names = av.list_variants()
+    return PALETTE[names.index(variant) % len(PALETTE)] if variant in names else None
+
+
+STYLE = {"torch": "-", "triton": "-", "auto": "-", "sdpa": "--", "flex": "-.", "reference": ":"}
+MARKER = {"torch": "o", "triton": "s", "sdpa": "^", "flex": "D", "reference": "x", "auto": "v"}
+
+
+# Peers and plug-ins' backends: dash-dot-dot lines, one marker each.
+OTHER_STYLE = (0, (4, 1, 1, 1, 1, 1))
+OTHER_MARKERS = ["P", "*", "h", "<", ">", "p"]
+
+
+def _other_marker(backend: str) -> str:
+    from attn_bench.baselines.registry import baseline_names
+
+    names = [*baseline_names(), *av.list_backends()]
+    i = names.index(backend) if backend in names else len(backend)
+    return OTHER_MARKERS[i % len(OTHER_MARKERS)]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").replace("--", "-")
+
+
+def _lines(ax, df: pd.DataFrame, ycol: str, scale: float = 1.0) -> bool:
+    drew = False
+    for _, g in df.groupby(line_cols(df), dropna=False, sort=False):
+        g = g.sort_values("seq_len")
+        y = g[ycol].astype(float) * scale
+        if not (y > 0).any():  # nothing to show on a log scale
+            continue
+        first = g.iloc[0]
+        ax.plot(
+            g["seq_len"],
+            y,
+            color=color(first["variant"]),
+            linestyle=STYLE.get(first["backend"], OTHER_STYLE),
+            marker=MARKER.get(first["backend"]) or _other_marker(first["backend"]),
+            label=line_label(first),
+        )
+        drew = True
+    return drew
+
+
+def _guides(ax, df: pd.DataFrame, ycol: str, scale: float = 1.0) -> None:
+    """Faint N^1 and N^2 slopes through the lowest point, for reading exponents by eye."""
+    y = df[ycol].astype(float) * scale
+    y = y[y > 0]
+    if y.empty:
+        return
+    n0, n1 = df["seq_len"].min(), df["seq_len"].max()
+    if n0 <= 0:
+        return
+    y0 = y.min()
+    xs = np.array([n0, n1], dtype=float)
+    for p in (1, 2):
+        ax.plot(xs, y0 * (xs / n0) ** p, color="0.8", linewidth=0.8, zorder=0)
+        ax.annotate(f"N^{p}", (xs[1], y0 * (xs[1] / n0) ** p), color="0.6", fontsize=7)
+
+
+def _figure(
+    df: pd.DataFrame, ycol: str, ylabel: str, title: str, path: Path, scale: float = 1.0, guides: bool = True
+) -> Path | None:
+    passes = [p for p in ("fwd", "fwd_bwd") if (df["pass"] == p).any()]
+    if not passes:
+        return None
+    fig, axes = plt.subplots(1, len(passes), figsize=(6.5 * len(passes), 4.8), squeeze=False)
+    drew = False
+    for ax, p in zip(axes[0], passes, strict=True):
+        sub = df[df["pass"] == p]
+        drawn = _lines(ax, sub, ycol, scale)
+        if drawn:
+            drew = True
+            if ycol == "speedup":
+                ax.axhline(1.0, color="0.5", linewidth=0.8)
+            if guides:
+                _guides(ax, sub, ycol, scale)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        lengths = sorted(sub["seq_len"].unique())
+        ax.set_xticks(lengths, [str(int(n)) for n in lengths], rotation=45, fontsize=7)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{p}")
+        ax.grid(True, which="both", alpha=0.3)
+        if drawn:  # an empty legend is a warning
+            ax.legend(fontsize=7)
+    if not drew:
+        plt.close(fig)
+        return None
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sweep_plots(df: pd.DataFrame, out: Path, baseline: str = "sdpa") -> dict[str, list[Path]]:
+    """Time, memory, speed-up and FLOP/s vs N, one figure per setting; returns the files by kind."""
+    ok = without_copies(ok_rows(df))  # a copied row (Performer's SDPA = full's SDPA) is drawn once
+    ok = ok[ok["seq_len"] > 0]  # the N axis is logarithmic
+    files: dict[str, list[Path]] = {"time": [], "memory": [], "speedup": [], "flops": []}
+    sp = speedups(df, baseline)
+    sp = sp[sp["seq_len"] > 0] if len(sp) else sp
+    for _, s in ok.groupby(SETTING, dropna=False, sort=False):
+        first = s.iloc[0]
+        label = setting_label(first)
+        slug = _slug(label)
+        for kind, col, ylabel, scale in (
+            ("time", "time_ms", "median time (ms)", 1.0),
+            ("memory", "peak_mem_bytes", "peak memory beyond inputs (MiB)", 1 / 2**20),
+            ("flops", "tflops", "achieved GFLOP/s (analytic, mask-aware)", 1e3),
+        ):
+            f = _figure(
+                s, col, ylabel, f"{kind} vs N: {label}", out / f"{kind}_vs_n_{slug}.png", scale, guides=kind != "flops"
+            )
+            if f:
+                files[kind].append(f)
+        ssp = sp[(sp[SETTING] == first[SETTING]).all(axis=1)] if len(sp) else sp
+        if len(ssp):
+            f = _figure(
+                ssp,
+                "speedup",
+                f"speed-up over {baseline} (x)",
+                f"speed-up vs {baseline}: {label}",
+                out / f"speedup_vs_{baseline}_{slug}.png",
+                guides=False,
+            )
+            if f:
+                files["speedup"].append(f)
+    return files
+
+
+def accuracy_plots(acc: pd.DataFrame, out: Path) -> list[Path]:
+    """Performer error vs number of features (orthogonal vs i.i.d.) and vs sharpness."""
+    files = []
+    for study, xcol, xlabel in (
+        ("features", "num_features", "number of random features m"),
+        ("sharpness", "sharpness", "sharpness s (standard deviation of the attention logits)"),
+    ):
+        sub = acc[acc["study"] == study]
+        if sub.empty:
+            continue
+        fig, ax = plt.subplots(figsize=(6.5, 4.8))
+        for (causal, ortho), g in sub.groupby(["causal", "ortho"], sort=False):
+            stats = g.groupby(xcol)["rel_err"].agg(["mean", "min", "max"]).reset_index()
+            label = f"{'orthogonal' if str(ortho) == 'True' else 'i.i.d.'}{' causal' if str(causal) == 'True' else ''}"
+            ax.plot(stats[xcol], stats["mean"], marker="o", label=label)
+            ax.fill_between(stats[xcol], stats["min"], stats["max"], alpha=0.15)
+        if study == "features":
+            xs = np.array([sub[xcol].min(), sub[xcol].max()], dtype=float)
+            y0 = sub[sub[xcol] == xs[0]]["rel_err"].mean()
+            ax.plot(xs, y0 * (xs / xs[0]) ** -0.5, color="0.7", linewidth=0.8, label="m^-1/2")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("output error rms(out - exact) / rms(v)")
+        first = sub.iloc[0]
+        extra = f", m={int(first['num_features'])}" if study == "sharpness" else f", s={first['sharpness']:g}"
+        ax.set_title(f"Performer vs exact softmax: N={int(first['seq_len'])}, D={int(first['head_dim'])}{extra}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"performer_error_vs_{study}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files

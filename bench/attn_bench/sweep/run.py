@@ -1,0 +1,223 @@
+"""Running a sweep: configs through the worker, rows written atomically, metadata, resume.
+
+Files in the output directory:
+- ``results.csv``: one row per config (columns from :func:`attn_bench.core.config.result_columns`), rewritten
+  whole after every row (temporary file + ``os.replace``), so it is never half-written and an
+  interrupted sweep keeps every finished row. Reading it back validates every line.
+- ``metadata.json``: machine, versions, git commit, command line, preset, times, status
+  (``running``, ``complete``, ``interrupted`` or ``failed``) and the list of resumes.
+- ``performer_accuracy.csv``: the Performer accuracy study (when the preset has one).
+- ``worker.log``: what the worker processes printed (compiler and profiler chatter, tracebacks).
+
+SIGTERM and SIGHUP stop a sweep like Ctrl-C: the worker is killed, the finished rows and the
+metadata (``interrupted``) are kept, and :class:`SweepInterrupted` is raised. A second signal
+while that is done exits at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import attention_variants as av
+from attn_bench.baselines.registry import exact_baselines
+from attn_bench.core.config import (
+    AccuracyStudy,
+    BenchConfig,
+    BenchResult,
+    RunSettings,
+)
+
+if TYPE_CHECKING:  # for the annotation only: runs import the worker when they start
+    pass
+from attn_bench.core.lifecycle import MIN_CONFIG_S, pool_lifecycle
+from attn_bench.core.machine import now
+from attn_bench.core.results import (
+    ACCURACY,
+    RESULTS,
+    RETRY_STATUSES,
+    WORKER_LOG,
+    _read_metadata,
+    _stderr,
+    atomic_write,
+    prepare_run_dir,
+    read_results,
+    remove_stale_temp_files,
+    rows_to_csv,
+    write_metadata,
+    write_results,
+)
+
+# ... and the Performer accuracy study only if this many are left.
+ACCURACY_MIN_S = 30.0
+
+
+def run_sweep(
+    configs: list[BenchConfig],
+    out: Path,
+    settings: RunSettings,
+    *,
+    resume: bool = False,
+    retry_failed: bool = False,
+    meta: dict | None = None,
+    accuracy: AccuracyStudy | None = None,
+    progress: bool = True,
+    on_result: Callable[[BenchResult], None] | None = None,
+    budget_s: float | None = None,
+) -> list[BenchResult]:
+    """Run ``configs`` (skipping those already in ``out/results.csv`` when ``resume``), writing
+    every row as it finishes. Returns all rows of the file.
+
+    ``retry_failed`` (with ``resume``): configs whose rows say ``timeout``, ``oom`` or ``error``
+    run again, and the new row replaces the old one.
+
+    Ctrl-C, SIGTERM and SIGHUP kill the worker at once (the config in flight is not recorded, so
+    ``resume`` runs it again), save the metadata as ``interrupted`` and raise KeyboardInterrupt
+    (:class:`SweepInterrupted` for SIGTERM and SIGHUP). After :data:`~attn_bench.core.worker.MAX_START_FAILURES`
+    failed worker starts in a row, :class:`~attn_bench.core.worker.WorkerStartError` is raised and the
+    metadata says ``failed``.
+
+    ``budget_s``: wall-clock seconds for the whole sweep. A config's timeout is cut to what is
+    left, and the configs not started in time are recorded with status ``skipped``."""
+    from attn_bench.core.worker import WorkerPool, WorkerStartError
+
+    prepare_run_dir(out, (c.device for c in configs), resume=resume)
+    for f in remove_stale_temp_files(out):
+        _stderr(f"removed {f}, left behind by a run that was killed")
+    path = out / RESULTS
+    results = read_results(path) if resume else []
+    where = {r.config.key(): i for i, r in enumerate(results)}
+    rerun = {k for k, i in where.items() if retry_failed and results[i].status in RETRY_STATUSES}
+    todo = [c for c in configs if c.key() not in where or c.key() in rerun]
+    meta = dict(meta or {})
+    old_meta = _read_metadata(out) if resume else {}
+    if "started" in old_meta:
+        meta["started"] = old_meta["started"]  # the run's start; each resume is listed below
+    meta.setdefault("started", now())
+    if resume:
+        earlier = old_meta.get("resumes", [{"started": t} for t in old_meta.get("resumed", [])])
+        this = {"started": now(), "command": meta.get("command"), "git_commit": meta.get("git_commit")}
+        this |= {"previous_status": old_meta.get("status"), "retry_failed": retry_failed}
+        meta["resumes"] = [*earlier, this]
+        for key in ("command", "git_commit"):  # the run's own; each resume's are in its entry
+            if key in old_meta:
+                meta[key] = old_meta[key]
+    meta["settings"] = dataclasses.asdict(settings)
+    meta["configs"] = len(configs)
+    meta["status"] = "running"
+    meta.pop("error", None)
+    if budget_s is not None:
+        meta["budget_s"] = budget_s
+    write_metadata(out, meta)
+
+    pool = WorkerPool(settings, str(out / WORKER_LOG))
+    bar = _Progress(len(todo), enabled=progress)
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    with pool_lifecycle(pool, out, meta, results):
+        with bar:
+            for cfg in todo:
+                bar.start(cfg.label())
+                left = math.inf if deadline is None else deadline - time.monotonic()
+                if left < MIN_CONFIG_S:
+                    res = BenchResult(cfg, "skipped", error=f"not reached: the sweep's {budget_s:g} s budget ran out")
+                else:
+                    res = _copy_of_same_computation(cfg, results) or pool.run(cfg, timeout_s=left)
+                if cfg.key() in where:
+                    results[where[cfg.key()]] = res
+                else:
+                    where[cfg.key()] = len(results)
+                    results.append(res)
+                write_results(path, results)
+                if on_result is not None:
+                    on_result(res)
+                bar.advance(f"{cfg.label()}: {res.status}" + (f" {res.time_ms:.3g} ms" if res.time_ms else ""))
+                if pool.gave_up:
+                    raise WorkerStartError(f"{res.error} ({pool.start_failures} failed starts in a row)")
+        out_of_time = deadline is not None and deadline - time.monotonic() < ACCURACY_MIN_S
+        if accuracy is not None and not (out / ACCURACY).exists() and not out_of_time:
+            from attn_bench.sweep.accuracy import run_accuracy
+
+            bar_msg = "Performer accuracy study"
+            if progress:
+                print(f"{bar_msg} ...", file=sys.stderr)
+            rows = run_accuracy(accuracy)
+            atomic_write(out / ACCURACY, rows_to_csv(rows, list(rows[0].keys()) if rows else []))
+    return results
+
+
+def same_computation(cfg: BenchConfig) -> BenchConfig | None:
+    """The config that computes exactly the same thing, if any: the ``sdpa`` and ``flex`` baselines
+    of an approximation (the Performer) compute the exact variant it approximates (full softmax
+    attention), i.e. that variant's row."""
+    exact = av.variant_class(cfg.variant).approximates
+    if exact is not None and cfg.backend in exact_baselines():
+        return dataclasses.replace(cfg, variant=exact, options=())
+    return None
+
+
+def _copy_of_same_computation(cfg: BenchConfig, results: list[BenchResult]) -> BenchResult | None:
+    twin = same_computation(cfg)
+    if twin is None:
+        return None
+    for r in results:
+        if r.config == twin and r.status == "ok":
+            note = f"same computation as {twin.variant}/{twin.backend}; measured once"
+            return dataclasses.replace(r, config=cfg, note=note, elapsed_s=0.0)
+    return None
+
+
+class _Progress:
+    """A rich progress bar (config name, count, elapsed, ETA); silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.progress = None
+        self.task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}", justify="left"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self.progress.__enter__()
+            self.task = self.progress.add_task("sweep", total=self.total)
+        return self
+
+    def start(self, label: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=label)
+
+    def advance(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(message)
+            self.progress.advance(self.task)
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+
+def elapsed(t0: float) -> str:
+    s = time.perf_counter() - t0
+    return f"{s / 60:.1f} min" if s >= 120 else f"{s:.1f} s"

@@ -1,0 +1,1 @@
+"""``attn-bench verify``: every variant x backend checked on fresh random inputs."""
