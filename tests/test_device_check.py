@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 from attn_bench.cli import app, default_preset
 from attn_bench.core.config import BenchConfig, RunSettings
 from attn_bench.core.results import read_results
-from attn_bench.device.check import MAX_FILES, SUMMARY, device_check, gpu_test_workers, kernel_table, pytest_counts
+from attn_bench.device.check import MAX_FILES, SUMMARY, device_check
+from attn_bench.device.probe import gpu_test_workers
+from attn_bench.device.summary import kernel_table, pytest_counts
 from attn_bench.sweep.run import run_sweep
 
 runner = CliRunner()

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from attn_bench.model.run import ModelConfig, ModelResult, _blocked, skip_attention, truth_attention
+from attn_bench.model.config import ModelConfig, ModelResult
+from attn_bench.model.hf import skip_attention, truth_attention
+from attn_bench.model.run import _blocked
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "model-tiny", "--seq-lens", "64", "--no-progress"]
@@ -131,18 +133,18 @@ def test_skip_attention_is_q_plus_k_plus_v_per_head() -> None:
 @pytest.mark.parametrize("causal", [True, False])
 def test_truth_attention_matches_sdpa_in_float64(causal: bool) -> None:
     import attention_variants as av
-    from attn_bench.model import run as modelrun
+    from attn_bench.model import hf as model_hf
 
     q, k, v = (torch.randn(1, 4, 33, 16, dtype=torch.float64) for _ in range(3))
     k, v = k[:, :2], v[:, :2]
-    modelrun._TRUTH["variant"] = av.FullAttention()
+    model_hf._TRUTH["variant"] = av.FullAttention()
     out, _ = truth_attention(_Layer(causal), q, k, v, None, scaling=0.3)
     want = F.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=causal, scale=0.3
     )
     torch.testing.assert_close(out, want.transpose(1, 2), rtol=1e-12, atol=1e-12)
     # the sliding window: keys j with i - 3 <= j <= i (causal) or |i - j| <= 3, written out here
-    modelrun._TRUTH["variant"] = av.SlidingWindowAttention(window=3)
+    model_hf._TRUTH["variant"] = av.SlidingWindowAttention(window=3)
     out, _ = truth_attention(_Layer(causal), q, k, v, None, scaling=0.3)
     i, j = torch.arange(33)[:, None], torch.arange(33)[None, :]
     mask = (j <= i) & (j >= i - 3) if causal else (j - i).abs() <= 3
@@ -193,7 +195,7 @@ def test_config_validation_names_the_field() -> None:
 
 
 def test_presets_expand_in_order_of_n() -> None:
-    from attn_bench.model.run import expand_model_groups, load_model_presets
+    from attn_bench.model.config import expand_model_groups, load_model_presets
 
     presets = load_model_presets()
     assert {"model-quick", "model-gpu"} <= set(presets)
@@ -209,7 +211,7 @@ def test_presets_expand_in_order_of_n() -> None:
 
 
 def test_archs_option_selects_groups() -> None:
-    from attn_bench.model.run import expand_model_groups, load_model_presets
+    from attn_bench.model.config import expand_model_groups, load_model_presets
 
     groups = load_model_presets()["model-gpu"].groups
     llama = expand_model_groups(groups, {"archs": ["llama"], "seq_lens": [4096]})
@@ -224,8 +226,8 @@ def test_archs_option_selects_groups() -> None:
 
 
 def test_report_tells_two_models_of_one_arch_apart(tmp_path: Path) -> None:
+    from attn_bench.model.config import ModelResult, expand_model_groups, write_model_results
     from attn_bench.model.report import crossover, load_model_frame
-    from attn_bench.model.run import ModelResult, expand_model_groups, write_model_results
 
     groups = ({"archs": ["llama"], "impls": ["sdpa", "av_full"], "seq_lens": [512, 1024], "passes": ["fwd"]},)
     configs = expand_model_groups(groups) + expand_model_groups(groups, {"intermediate": 1024})

@@ -1,6 +1,6 @@
 """Every variant x CPU backend against the float64 ground truth, outputs and gradients.
 
-The checker is the harness's (bench/attn_bench/numerics.py): FlashAttention's ``err <= 2 * err_same_dtype +
+The checker is the harness's (bench/attn_bench/core/numerics.py): FlashAttention's ``err <= 2 * err_same_dtype +
 atol`` (3x for gradients) plus an RMS-ratio bound, on fresh random inputs. For the softmax
 variants the ground truth is computed by the checker from the mask predicate alone, so the
 ``reference`` backend is tested too. The Performer's reference is its own ground truth (the

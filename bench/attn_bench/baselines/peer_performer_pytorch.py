@@ -19,9 +19,7 @@ from attn_bench.baselines.peer import Fn, _refuse
 
 PERFORMER_FEATURE_EPS = 1e-4  # added inside its softmax-kernel features
 
-
 PERFORMER_CAUSAL_EPS = 1e-6  # added to its causal normaliser (k cumsum)
-
 
 PERFORMER_SEMANTICS = """\
 performer_pytorch.FastAttention(dim_heads=D, nb_features=m, causal=causal,

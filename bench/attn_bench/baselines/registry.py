@@ -14,7 +14,6 @@ from attn_bench.baselines.target import Fn, Target, Unsupported
 
 BaselineCheck = Callable[[av.AttentionVariant, torch.device, torch.dtype, int, bool], "str | None"]
 
-
 BaselineMake = Callable[[av.AttentionVariant, Tensor, Tensor, bool], Fn]
 
 

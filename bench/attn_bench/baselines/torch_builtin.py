@@ -75,7 +75,6 @@ def _flex_target(variant: av.AttentionVariant, q: Tensor, k: Tensor, v: Tensor, 
 
 _FLEX_COMPILED: dict[str, Callable] = {}
 
-
 _BLOCK_MASKS: dict[tuple, object] = {}
 
 
@@ -121,7 +120,6 @@ register_baseline(
         "dense SDPA with the variant's mask (for an approximation: the exact attention it approximates)",
     )
 )
-
 
 register_baseline(
     Baseline("flex", _flex_check, _flex_target, "compiled FlexAttention with the block mask of the variant's predicate")

@@ -24,7 +24,7 @@ else:  # pragma: no cover
 
 import attention_variants as av
 
-# ``decode``: per-token cost of generation from the variant's incremental state (bench/attn_bench/decode.py).
+# ``decode``: per-token cost of generation from the variant's incremental state (bench/attn_bench/decode/run.py).
 PASSES: tuple[str, ...] = ("fwd", "fwd_bwd", "decode")
 # ``skipped``: not reached before the sweep's time budget (``--budget-s``) ran out.
 STATUSES: tuple[str, ...] = ("ok", "oom", "unsupported", "timeout", "wrong", "error", "skipped")

@@ -20,7 +20,6 @@ from attn_bench.core.results import write_metadata
 # Under a time budget, a config is started only if at least this many seconds are left.
 MIN_CONFIG_S = 2.0
 
-
 # Signals that stop a sweep the way Ctrl-C does.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 

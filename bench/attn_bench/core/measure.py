@@ -27,9 +27,7 @@ from attn_bench.core.config import BenchConfig, RunSettings
 
 CPU_MEMORY_METHOD = "torch.profiler(profile_memory=True): peak of the running sum of CPU allocator events"
 
-
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the inputs"
-
 
 # A call at least this long (s) is timed one call per measurement, its first call included (the
 # numerics check has already run it once).

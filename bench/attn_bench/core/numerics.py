@@ -49,24 +49,17 @@ from attn_bench.baselines.target import Target
 
 ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
-
 RMS_RATIO = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}
-
 
 FWD_FACTOR = 2.0
 
-
 BWD_FACTOR = 3.0
-
 
 TRUTH_BLOCK = 128  # query rows per block of the independent softmax computation
 
-
 SAMPLE_RUNS = 16  # at most this many runs of query rows make a long sequence's sample
 
-
 TILE_ROWS = 64  # the sample's runs straddle multiples of this (the kernels' query tiles are 16 to 128 rows)
-
 
 Fn = Callable[[Tensor, Tensor, Tensor], Tensor]
 

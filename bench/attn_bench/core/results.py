@@ -27,22 +27,16 @@ from attn_bench.core.config import (
 if TYPE_CHECKING:  # for the annotation only: runs import the worker when they start
     pass
 
-
 RESULTS = "results.csv"
-
 
 METADATA = "metadata.json"
 
-
 ACCURACY = "performer_accuracy.csv"
-
 
 WORKER_LOG = "worker.log"
 
-
 # Rows that ``--retry-failed`` runs again.
 RETRY_STATUSES = ("timeout", "oom", "error")
-
 
 # Earlier column sets of results.csv that can be read, with the function that maps such a row
 # to the current columns. None so far: the columns have not changed since the first release.
@@ -69,7 +63,6 @@ class RunSetupError(ValueError):
 
 # Files that mark a directory as an earlier run's (of a sweep, task or model run).
 RUN_MARKERS = (RESULTS, METADATA)
-
 
 # Statuses of a row that was meant to run and did not give a measurement.
 FAILED_STATUSES = ("error", "timeout", "oom", "wrong")

@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
-import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -46,34 +43,57 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from attn_kernels import AUTOTUNE_ENV, tuning
+from attn_bench.device.probe import (
+    ROOT,
+    child_env,
+    cuda_device_count,
+    cuda_status,
+    gpu_test_workers,
+    probe_environment,
+)
+from attn_bench.device.summary import _counts_text, _status_counts, pytest_counts, summary_markdown
+from attn_kernels import tuning
 
 SUMMARY = "SUMMARY.md"
+
 RECORD = "device-check.json"
+
 ARCHIVE = "device-check.tar.gz"
+
 LOGS = {"gpu-tests": "gpu-tests.log", "verify": "verify.log", "sweep": "sweep.log"}
+
 MAX_FILES = 7
+
 PRESET = "gpu-quick"
 
 # Time boxes (s). The sweep gets what is left after the earlier steps, minus REPORT_RESERVE_S.
 ENV_BOX_S = 60.0
+
 TESTS_BOX_S = 200.0
+
 VERIFY_BOX_S = 90.0
+
 REPORT_BOX_S = 45.0
+
 REPORT_RESERVE_S = 30.0
+
 TUNE_SHARE = 0.25  # of --budget-s, for tuning when the card's table is missing or stale
+
 TUNE_MAX_S = 150.0
+
 TUNE_MIN_S = 20.0  # less than this is not worth a tuning run
+
 TUNE_GRACE_S = 40.0  # beyond the tuner's own budget: start-up and the last candidate
+
 SWEEP_GRACE_S = 30.0  # beyond the sweep's own budget: worker start-up, the last row, the CSV
-TEST_GIB_PER_WORKER = 32.0
+
 CP_BOX_S = 120.0  # context parallelism over NCCL, only where 2 or more GPUs are visible
+
 CP_N_PER_RANK = 16384  # the ring target's range (N / P >= 16k)
-# Configs per autotuned Triton kernel during the check (each tried config is one compilation).
-AUTOTUNE_MAX = 2
+
 VERIFY_BACKENDS = "triton,torch,reference,sdpa"
+
 VERIFY_DTYPES = "bfloat16,float16,float32"
-ROOT = Path(__file__).resolve().parents[3]  # the checkout: bench/attn_bench/device/ -> .
 
 
 @dataclass
@@ -120,35 +140,6 @@ def run_boxed(cmd: list[str], log: Path, box_s: float, env: dict[str, str] | Non
     return code, time.monotonic() - t0
 
 
-def gpu_test_workers(cpus: int, gpu_memory_gib: float | None) -> int:
-    """Parallel pytest workers for the GPU tests: compilation is CPU-bound, but the largest tests
-    hold up to ~30 GiB of GPU memory each (8 workers ran an H200 out of memory), so one worker
-    per TEST_GIB_PER_WORKER GiB, at most half the cores and 8."""
-    by_memory = int((gpu_memory_gib or 0) // TEST_GIB_PER_WORKER)
-    return max(1, min(8, cpus // 2, by_memory))
-
-
-def child_env() -> dict[str, str]:
-    """The steps' environment: this source tree importable, unbuffered output, capped autotuning."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault(AUTOTUNE_ENV, str(AUTOTUNE_MAX))
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
-def cuda_status() -> tuple[bool, str]:
-    """``(available, reason if not)``."""
-    import torch
-
-    if torch.cuda.is_available():
-        return True, ""
-    built = torch.version.cuda
-    why = "this PyTorch has no CUDA support" if built is None else f"no CUDA device visible (PyTorch built for {built})"
-    return False, f"CUDA is not available: {why} (torch {torch.__version__})"
-
-
 def cp_command(gpus: int, out: Path, box_s: float) -> list[str] | None:
     """``attn-bench cp`` over NCCL on 1, 2, 4, 8 ... of ``gpus`` GPUs (bf16, zigzag, causal, N/P=16k
     weak and the same total strong); None with fewer than 2 GPUs."""
@@ -162,122 +153,23 @@ def cp_command(gpus: int, out: Path, box_s: float) -> list[str] | None:
     return cmd
 
 
-def cuda_device_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Step 1: the environment and the two ceilings
-# ---------------------------------------------------------------------------------------------
-
-
-def probe_environment() -> dict:
-    """Machine, versions, SDPA backends and the measured copy bandwidth and bf16 matmul rate."""
-    import torch
-
-    from attn_bench.core.machine import cpu_model, git_commit
-
-    env: dict = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda_build": torch.version.cuda,
-        "git_commit": git_commit(ROOT),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception as exc:
-        env["triton"] = f"not importable: {type(exc).__name__}: {exc}"
-    ok, why = cuda_status()
-    env["cuda_available"] = ok
-    if not ok:
-        env["cuda_reason"] = why
-        return env
-    dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    env.update(
-        gpu=props.name,
-        capability=f"{props.major}.{props.minor}",
-        sm_count=props.multi_processor_count,
-        memory_gib=round(props.total_memory / 2**30, 1),
-        l2_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
-        driver=_driver_version(),
-    )
-    env["sdpa_backends"] = _sdpa_backends(dev)
-    env.update(_ceilings(dev))
-    return env
-
-
-def _driver_version() -> str:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except Exception as exc:
-        return f"unknown ({type(exc).__name__})"
-
-
-def _sdpa_backends(dev) -> dict[str, str]:
-    """Each SDPA backend tried alone on a bf16 (1, 16, 1024, 128) problem, causal, with grads."""
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    q, k, v = (torch.randn(1, 16, 1024, 128, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    out: dict[str, str] = {}
-    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
-        backend = getattr(SDPBackend, name, None)
-        if backend is None:
-            out[name.lower()] = "not in this PyTorch"
-            continue
-        try:
-            with sdpa_kernel([backend]):
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                o.sum().backward()
-            torch.cuda.synchronize(dev)
-            out[name.lower()] = "runs"
-        except Exception as exc:
-            out[name.lower()] = f"no: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-    return out
-
-
-def _ceilings(dev) -> dict:
-    """Copy bandwidth (bytes read + written) and the bf16 matmul rate, on random data."""
-    import torch
-    from triton.testing import do_bench
-
-    res: dict = {}
-    n = 1 << 28  # 1 GiB of float32 each way
-    src = torch.randn(n, device=dev)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    res["copy_gb_s"] = round(2 * n * 4 / (ms * 1e-3) / 1e9, 1)
-    src = dst = None  # free before the matmul's operands
-    s = 8192
-    a = torch.randn(s, s, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(s, s, device=dev, dtype=torch.bfloat16)
-    ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
-    res["matmul_bf16_tflops"] = round(2 * s**3 / (ms * 1e-3) / 1e12, 1)
-    res["ceilings_method"] = (
-        "triton.testing.do_bench medians on random data: a 1 GiB float32 device-to-device copy "
-        "(bytes read + written) and an 8192^3 bfloat16 matmul (torch.matmul)"
-    )
-    return res
-
-
 # ---------------------------------------------------------------------------------------------
 # The whole check
 # ---------------------------------------------------------------------------------------------
+
+
+def device_check_command(out: Path, budget_s: float = 500.0, work: Path | None = None, echo=print) -> None:
+    """``attn-bench device-check``: the options checked, then :func:`device_check`."""
+    from attn_bench.core.results import RunSetupError
+    from attn_bench.core.setup import JobExit
+
+    if budget_s < 30:
+        raise RunSetupError("--budget-s", f"must be at least 30 s, got {budget_s:g}")
+    if out.exists() and not out.is_dir():
+        raise RunSetupError("--out", f"{out} exists and is not a folder")
+    code = device_check(out, budget_s=budget_s, work=work, echo=echo)
+    if code:
+        raise JobExit("", code)
 
 
 def device_check(
@@ -501,242 +393,6 @@ def tune_table(
         env_vars[tuning.DIR_ENV] = str(Path(use).parent)
         rec.update(table_used=True, copied=True, entries=sum(len(v) for v in tuning.Table.read(use).entries.values()))
     return rec
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the steps' output
-# ---------------------------------------------------------------------------------------------
-
-_PYTEST_LINE = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
-_PYTEST_FINAL = re.compile(r"=+ (.*\d+ (?:passed|failed|error|errors|skipped|deselected).*) in [\d.]+s")
-
-
-def pytest_counts(log: str) -> dict[str, int]:
-    """Outcome counts from a ``pytest -v`` log: the final summary line, or (for a run stopped by
-    its time box) the per-test lines."""
-    final = _PYTEST_FINAL.findall(log)
-    if final:
-        counts = {}
-        for part in final[-1].split(","):
-            m = re.match(r"\s*(\d+) (\w+)", part)
-            if m:
-                counts[{"errors": "error"}.get(m.group(2), m.group(2))] = int(m.group(1))
-        return counts
-    counts = {}
-    for line in log.splitlines():
-        if "::" not in line:
-            continue
-        m = _PYTEST_LINE.search(line)
-        if m:
-            key = m.group(1).lower()
-            counts[key] = counts.get(key, 0) + 1
-    if counts:
-        counts["unfinished"] = 1
-    return counts
-
-
-def pytest_failures(log: str) -> list[str]:
-    """The ``FAILED nodeid - message`` / ``ERROR ...`` lines of pytest's short summary."""
-    return [ln.strip() for ln in log.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
-
-
-def _counts_text(counts: dict[str, int]) -> str:
-    fin = " (stopped by its time box)" if counts.pop("unfinished", None) else ""
-    return ", ".join(f"{n} {s}" for s, n in counts.items()) + fin
-
-
-def _status_counts(path: Path) -> dict[str, int]:
-    """Rows per ``status`` of a results or verify CSV ({} when it does not exist)."""
-    if not path.exists():
-        return {}
-    import pandas as pd
-
-    df = pd.read_csv(path)
-    return df["status"].value_counts().to_dict() if len(df) else {}
-
-
-# ---------------------------------------------------------------------------------------------
-# SUMMARY.md
-# ---------------------------------------------------------------------------------------------
-
-_LINE_BACKENDS = ("triton", "sdpa", "flex", "torch")
-
-
-def _ms(x) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
-
-
-def kernel_table(df, matmul_tflops: float | None):
-    """Per variant, setting and N: triton vs sdpa vs flex (and torch) time, the Triton kernel's
-    TFLOP/s, its fraction of the measured matmul ceiling, and every line's numerics gate.
-
-    A row that did not run shows its status in place of the time (``WRONG``, ``ERROR``...), and
-    its error in the gate column."""
-    import pandas as pd
-
-    from attn_bench.sweep.analysis import line_label, option_cols, setting_label
-
-    rows = []
-    options = option_cols(df)
-    keys = ["variant", *options, "dtype", "heads", "kv_heads", "head_dim", "causal", "pass", "seq_len"]
-    df = df.copy()
-    for c in options:
-        df[c] = pd.to_numeric(df[c], errors="coerce").fillna(-1).astype(int)
-    for _, g in df.groupby(keys, dropna=False, sort=False):
-        first = g.iloc[0]
-        row = {
-            "variant": line_label(first).rsplit(" / ", 1)[0],
-            "setting": setting_label(first).replace(f"{first['device']}-", ""),
-            "pass": first["pass"],
-            "N": int(first["seq_len"]),
-        }
-        gates = []
-        by = {r["backend"]: r for _, r in g.iterrows()}
-        for b in _LINE_BACKENDS:
-            r = by.get(b)
-            if r is None:
-                row[f"{b} ms"] = ""
-                continue
-            if r["status"] == "ok":
-                row[f"{b} ms"] = _ms(r["time_ms"])
-            else:
-                row[f"{b} ms"] = str(r["status"]).upper()
-            if r["status"] in ("ok", "wrong"):
-                gates.append(f"{b} {'ok' if r['status'] == 'ok' else 'FAIL'}")
-            elif r["status"] not in ("skipped",):
-                err = str(r.get("error") or "")[:90]
-                gates.append(f"{b} {str(r['status']).upper()}: {err}")
-        t = by.get("triton")
-        tf = t["tflops"] if t is not None and t["status"] == "ok" else math.nan
-        row["triton TFLOP/s"] = _ms(tf)
-        row["% of matmul"] = f"{100 * tf / matmul_tflops:.0f}%" if matmul_tflops and not math.isnan(tf) else ""
-        s = by.get("sdpa")
-        if t is not None and s is not None and t["status"] == "ok" and s["status"] == "ok":
-            row["sdpa/triton"] = f"{s['time_ms'] / t['time_ms']:.2f}x"
-        else:
-            row["sdpa/triton"] = ""
-        row["gate"] = "; ".join(gates)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def summary_markdown(record: dict, sweep_dir: Path, verify_csv: Path, tests_log: Path) -> str:
-    """The one-page summary: kernel table, steps, environment, numerics, what did not run."""
-    import pandas as pd
-
-    from attn_bench.sweep.report import md_table
-
-    env = record.get("environment", {})
-    steps = record.get("steps", [])
-    md = [f"# device-check: {env.get('gpu') or 'no GPU (dry run)'}\n"]
-    md.append(
-        f"Started {record.get('started')}; {record.get('elapsed_s')} s of a {record.get('budget_s'):g} s budget. "
-        f"torch {env.get('torch')}, Triton {env.get('triton')}, CUDA {env.get('cuda_build')}, "
-        f"driver {env.get('driver', '-')}, commit {env.get('git_commit', '?')}.\n"
-    )
-    ceil = env.get("matmul_bf16_tflops")
-    if ceil:
-        md.append(
-            f"Measured ceilings: **{ceil} TFLOP/s** bf16 matmul, **{env.get('copy_gb_s')} GB/s** device copy "
-            f"(read + write).\n"
-        )
-
-    results = sweep_dir / "results.csv"
-    df = pd.read_csv(results) if results.exists() else None
-    md.append("\n## Triton vs SDPA vs FlexAttention\n")
-    md.append(
-        "Median ms per call. `% of matmul`: the Triton kernel's TFLOP/s over the measured bf16 matmul rate. "
-        "A line that did not run shows its status instead of a time, and its error under `gate`.\n"
-    )
-    if df is not None:
-        ran = df[df["status"] != "skipped"]
-        md.append(md_table(kernel_table(ran, ceil)) if len(ran) else "_(no row ran)_\n")
-        skipped = df[df["status"] == "skipped"]
-        if len(skipped):
-            md.append(f"\n{len(skipped)} of {len(df)} configs were not reached within the sweep's budget.\n")
-    else:
-        sweep_step = next((s for s in steps if s["name"] == "sweep"), None)
-        md.append(f"_(no sweep: {sweep_step['detail'] if sweep_step else 'not run'})_\n")
-
-    md.append("\n## Steps\n")
-    view = pd.DataFrame(
-        [
-            {
-                "step": s["name"],
-                "status": s["status"],
-                "seconds": f"{s['seconds']:.0f}",
-                "time box": "" if s["box_s"] is None else f"{s['box_s']:.0f}",
-                "detail": s["detail"],
-            }
-            for s in steps
-        ]
-    )
-    md.append(md_table(view))
-
-    tuned = record.get("tuning") or {}
-    if tuned:
-        md.append("\n## Tuning table\n")
-        used = "none used"
-        if tuned.get("table_used"):
-            used = f"used, {tuned.get('entries', 0)} entries ({tuned.get('file')})"
-        md.append(
-            f"Table before: {tuned.get('table_before') or '-'}; tuning {tuned.get('status')}: {tuned.get('detail')}. "
-            f"Launches: {used}.\n"
-        )
-
-    cp_readme = sweep_dir.parent / "cp" / "README.md"
-    if cp_readme.exists():
-        text = cp_readme.read_text()
-        part = text.split("## Targets", 1)[1].split("\n## ", 1)[0] if "## Targets" in text else ""
-        md.append("\n## Context parallelism over NCCL (targets)\n")
-        md.append(part.strip() + "\n" if part.strip() else "_(no targets in the cp report)_\n")
-
-    md.append("\n## Numerics\n")
-    if tests_log.exists() and tests_log.stat().st_size:
-        fails = pytest_failures(tests_log.read_text(errors="replace"))
-        md.append(f"GPU tests (`pytest -m gpu`): {len(fails)} failure(s).\n")
-        for line in fails[:20]:
-            md.append(f"- `{line[:220]}`")
-        md.append("")
-    if verify_csv.exists():
-        v = pd.read_csv(verify_csv)
-        if len(v):
-            piv = v.pivot_table(index=["backend", "dtype"], columns="status", values="variant", aggfunc="count")
-            md.append("`attn-bench verify` on CUDA (checks by status):\n")
-            md.append(md_table(piv.fillna(0).astype(int).reset_index()))
-            bad = v[v["status"].isin(["wrong", "error"])]
-            for _, r in bad.head(20).iterrows():
-                md.append(
-                    f"- {r['status'].upper()} {r['variant']}({r['options'] if isinstance(r['options'], str) else ''}) "
-                    f"{r['backend']} {r['dtype']} {r['shape']}: {str(r['message'])[:160]}"
-                )
-            md.append("")
-
-    if df is not None:
-        from attn_bench.sweep.report import failed_rows_table
-
-        md.append("\n## Sweep rows that failed\n")
-        md.append(failed_rows_table(df, skip=("ok", "skipped"), width=160))
-        comp = df[df["compile_s"].notna() & (df["status"] == "ok")]
-        if len(comp):
-            c = comp.groupby("backend")["compile_s"].agg(["count", "median", "max", "sum"]).reset_index()
-            md.append("\nFirst-call time (compilation, autotuning) by backend, s:\n")
-            md.append(md_table(c))
-
-    if env.get("sdpa_backends"):
-        md.append("\n## Environment\n")
-        md.append(
-            f"{env.get('gpu')} (sm_{str(env.get('capability', '')).replace('.', '')}, {env.get('sm_count')} SMs, "
-            f"{env.get('memory_gib')} GiB, L2 {env.get('l2_mib')} MiB); {env.get('cpu_count')} CPU cores "
-            f"({env.get('cpu_model')}); Python {env.get('python')}.\n"
-        )
-        md.append(
-            "SDPA backends (each alone, bf16, causal, with backward): "
-            + ", ".join(f"{k} {v}" for k, v in env["sdpa_backends"].items())
-            + ".\n"
-        )
-    md.append(f"\nFiles: {', '.join(record.get('files', []))}.\n")
-    return "\n".join(md)
 
 
 def _main(argv: list[str]) -> int:

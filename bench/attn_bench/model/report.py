@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from attn_bench.core.results import METADATA, atomic_write
-from attn_bench.model.run import IMPLS, RESULTS, SKIP_IMPL, read_model_results
+from attn_bench.model.config import IMPLS, RESULTS, SKIP_IMPL, read_model_results
 
 COLORS = {
     "sdpa": "tab:gray",

@@ -1,0 +1,272 @@
+"""``attn-bench sweep`` / ``decode`` / ``report`` as functions: the options checked, the configs
+expanded from a preset, the run started and reported. The CLI only parses the command line."""
+
+from __future__ import annotations
+
+import math
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from attn_bench.core.config import (
+    ConfigError,
+    RunSettings,
+    config_fields,
+    expand,
+    load_presets,
+    name_problems,
+    parse_bool,
+    parse_option,
+    sweep_options,
+)
+from attn_bench.core.results import RunSetupError
+from attn_bench.core.setup import (
+    Echo,
+    JobExit,
+    check_out,
+    exclusive,
+    exit_if_all_failed,
+    load_plugins,
+    positive,
+    resumed_spec,
+    run_dir,
+    status_summary,
+    values,
+)
+
+DEFAULT_PRESET = "cpu-quick"
+GPU_PRESET = "gpu-quick"
+DECODE_PRESETS = ("decode-quick", "decode-gpu")
+
+
+def default_preset() -> tuple[str, str]:
+    """``(preset, why)``: ``gpu-quick`` when CUDA is available, else ``cpu-quick``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return GPU_PRESET, f"CUDA is available ({torch.cuda.get_device_name(0)})"
+    why = "this PyTorch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+    return DEFAULT_PRESET, f"{why}; on a GPU the default is {GPU_PRESET}"
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def overrides_of(options: dict) -> dict:
+    """Preset-group overrides from the config options (``--variants`` ... and the variants' sweep
+    options), each a comma list, each value parsed and validated."""
+    overrides: dict = {}
+    for f in config_fields():
+        key = f.metadata["group"]
+        if options.get(key) is None:
+            continue
+        if f.metadata["parse"] is parse_bool:
+            overrides[key] = [options[key]]
+        else:
+            overrides[key] = values(options[key], flag(key), f.metadata["parse"])
+    for o in sweep_options():
+        if options.get(o.name) is not None:
+            overrides[o.name] = values(options[o.name], flag(o.name), parse_option)
+    names = {k: overrides.get(k) or [] for k in ("variants", "backends", "passes", "dtypes")}
+    for key, message in name_problems(names["variants"], names["backends"], names["passes"], names["dtypes"]):
+        raise RunSetupError(flag(key), message)
+    return overrides
+
+
+def decode_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``attn-bench decode``: the decode pass only, and a decode preset by default."""
+    if options.get("passes") is not None:
+        other = [x for x in values(options["passes"], "--passes", str) if x != "decode"]
+        if other:
+            raise RunSetupError(
+                "--passes",
+                f"attn-bench decode measures the decode pass only, got {', '.join(other)}; "
+                "use attn-bench sweep for fwd and fwd_bwd",
+            )
+    if options.get("preset") is None:
+        import torch
+
+        options = {**options, "preset": DECODE_PRESETS[1] if torch.cuda.is_available() else DECODE_PRESETS[0]}
+    return options
+
+
+def _configs(preset: str, presets: dict, options: dict) -> list:
+    overrides = overrides_of(options)
+    if overrides.get("seq_lens"):  # explicit lengths override the preset's per-backend caps too
+        overrides["max_seq_len"] = {}
+    try:
+        configs = expand(presets[preset].groups, overrides)
+    except ConfigError as exc:
+        # The option given that made the row (heads with the preset's kv_heads, say), else the preset.
+        keys = [k for k in (exc.key, *(["heads"] if exc.key == "kv_heads" else [])) if k in overrides]
+        where = "" if keys else f" (from preset {preset!r})"
+        raise RunSetupError(flag(keys[0]) if keys else "--preset", f"{exc}{where}") from None
+    if not configs:
+        raise RunSetupError("--preset", f"preset {preset!r} with these options gives no configs to run")
+    return configs
+
+
+def _spec(preset, preset_file, plugin, out, resume, fields) -> tuple[dict, dict]:
+    """What decides the configs (stored in metadata.json, so that ``--resume`` alone reproduces
+    it) and the presets it names."""
+    spec = {
+        "preset": preset,
+        "preset_file": None if preset_file is None else str(preset_file.resolve()),
+        "plugins": list(load_plugins(plugin)),
+        "options": {k: v for k, v in fields.items() if v is not None},
+    }
+    if resume:
+        spec = resumed_spec(out, spec)
+    preset_path = None if spec["preset_file"] is None else Path(spec["preset_file"])
+    if preset_path is not None and not preset_path.is_file():
+        raise RunSetupError("--preset-file", f"{preset_path} is not a readable file")
+    try:
+        presets = load_presets(preset_path.read_text() if preset_path else None)
+    except (OSError, ValueError) as exc:
+        raise RunSetupError("--preset-file" if preset_path else "--preset", str(exc)) from None
+    return spec, presets
+
+
+def sweep_command(
+    *,
+    preset: str | None = None,
+    preset_file: Path | None = None,
+    plugin: list[str] | None = None,
+    out: Path | None = None,
+    resume: bool = False,
+    retry_failed: bool = False,
+    overwrite: bool = False,
+    timeout: float | None = None,
+    min_run_time: float | None = None,
+    mem_limit_gb: float | None = None,
+    accuracy: bool = True,
+    report: bool = True,
+    progress: bool = True,
+    budget_s: float | None = None,
+    decode: bool = False,
+    echo: Echo = print,
+    **fields: Any,
+) -> None:
+    """Run a sweep into ``out`` (results.csv + metadata.json), then write its report. ``fields``:
+    the config options (``variants="full,performer"``, ``window="64"`` ...), each a comma list that
+    replaces that key in every group of the preset. ``decode``: ``attn-bench decode``, the decode
+    pass only and a decode preset by default."""
+    if decode:
+        options = decode_options({"preset": preset, "passes": fields.get("passes")})
+        preset = options["preset"]
+    exclusive(resume, overwrite)
+    if retry_failed and not resume:
+        raise RunSetupError("--retry-failed", "needs --resume")
+    if budget_s is not None and budget_s <= 0:
+        raise RunSetupError("--budget-s", f"must be positive, got {budget_s:g}")
+    positive(timeout, "--timeout")
+    positive(min_run_time, "--min-run-time")
+    positive(mem_limit_gb, "--mem-limit-gb")
+    if out is not None:
+        check_out(out)
+    spec, presets = _spec(preset, preset_file, plugin, out, resume, fields)
+    plugins = load_plugins(spec["plugins"])
+    preset = spec["preset"]
+    if preset is None:
+        preset, why = default_preset()
+        spec["preset"] = preset
+        echo(f"preset [cyan]{preset}[/] (the default here: {why})")
+    if preset not in presets:
+        raise RunSetupError("--preset", f"unknown preset {preset!r}; presets are {', '.join(presets)}")
+    p = presets[preset]
+    configs = _configs(preset, presets, spec["options"])
+    changes = {"timeout_s": timeout, "min_run_time": min_run_time, "mem_limit_gb": mem_limit_gb, "plugins": plugins}
+    settings = RunSettings(**{**p.settings.__dict__, **{k: v for k, v in changes.items() if v is not None}})
+    out = run_dir(out, preset, "results.csv", resume, overwrite, "start afresh")
+    results_path = out / "results.csv"
+    from attn_bench.core.results import cuda_problem
+
+    problem = cuda_problem(c.device for c in configs)
+    if problem is not None:  # refused before the results of a run being replaced are removed
+        raise RunSetupError("--device", problem)
+    if overwrite and results_path.exists():
+        results_path.unlink()
+        (out / "performer_accuracy.csv").unlink(missing_ok=True)
+    from attn_bench.core.machine import machine_metadata, now
+    from attn_bench.core.results import ResultsFileError
+    from attn_bench.core.worker import WorkerStartError
+    from attn_bench.sweep.run import run_sweep
+
+    dev = configs[0].device if configs else "cpu"
+    command = shlex.join(["attn-bench", *sys.argv[1:]])
+    meta = {**machine_metadata(dev), "preset": preset, "command": command, "sweep": spec, "started": now()}
+    want_accuracy = accuracy and p.accuracy is not None and any(c.variant == p.accuracy.variant for c in configs)
+    echo(
+        f"[bold]attn-bench[/] preset [cyan]{preset}[/]: {len(configs)} configs -> {out} "
+        f"({meta['cpu_model']}, {meta['cpu_count']} cores{', ' + meta['gpu'] if meta['gpu'] else ''})"
+    )
+    t0 = time.perf_counter()
+    try:
+        results = run_sweep(
+            configs,
+            out,
+            settings,
+            resume=resume,
+            retry_failed=retry_failed,
+            meta=meta,
+            accuracy=p.accuracy if want_accuracy else None,
+            progress=progress,
+            budget_s=budget_s,
+        )
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        again = shlex.join(["attn-bench", "sweep", "--out", str(out), "--resume"])
+        message = (
+            f"\nInterrupted ({signal.Signals(signum).name}): finished rows are in {results_path}; "
+            f"continue with: {again}"
+        )
+        raise JobExit(message, 128 + signum, "yellow") from None
+    except ResultsFileError as exc:
+        raise JobExit(str(exc), 2) from None
+    except WorkerStartError as exc:
+        raise JobExit(f"Sweep stopped: {exc}. Finished rows are in {results_path}.", 1) from None
+    summary = status_summary(r.status for r in results)
+    echo(f"Sweep done in {time.perf_counter() - t0:.0f} s: {summary}. Results: {results_path}")
+    if report:
+        from attn_bench.sweep.report import write_report
+
+        echo(f"Report: [bold]{write_report(out)}[/]")
+    exit_if_all_failed([r.status for r in results])
+
+
+def report_command(
+    directory: Path, baseline: str = "sdpa", compare: Path | None = None, threshold: float = 0.10, echo: Echo = print
+) -> None:
+    """Plots and README.md in ``directory``; with ``compare``, exit 1 when a row regressed (slower
+    beyond ``threshold``, or ok before and not now) and 3 when the two runs share no row."""
+    from attn_bench.core.results import ResultsFileError
+    from attn_bench.sweep.analysis import compare_runs, load_results
+    from attn_bench.sweep.report import write_report
+
+    if not (directory / "results.csv").exists():
+        raise RunSetupError("DIRECTORY", f"{directory / 'results.csv'} does not exist")
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise RunSetupError("--threshold", f"must be a positive fraction such as 0.1, got {threshold:g}")
+    if compare is not None and not (compare / "results.csv").exists():
+        raise RunSetupError("--compare", f"{compare / 'results.csv'} does not exist")
+    try:
+        df = load_results(directory)
+        if baseline not in set(df["backend"]):
+            present = ", ".join(sorted(set(df["backend"])))
+            raise RunSetupError("--baseline", f"no {baseline!r} rows in this run; its backends are {present}")
+        page = write_report(directory, baseline=baseline, compare=compare, threshold=threshold)
+        cmp = None if compare is None else compare_runs(df, load_results(compare), threshold)
+    except ResultsFileError as exc:
+        raise JobExit(str(exc), 2) from None
+    echo(f"Report: [bold]{page}[/]")
+    if cmp is not None:
+        if len(cmp) == 0:
+            raise JobExit(f"No row in common with {compare}: nothing was compared", 3)
+        n = int(cmp["regression"].sum())
+        echo(f"{n} regression(s) beyond {threshold:.0%} in {len(cmp)} common rows against {compare}")
+        if n:
+            raise JobExit("", 1)
