@@ -1,4 +1,4 @@
-"""Plug-ins: a variant defined in a file outside the package (the README's example) is listed,
+"""Plug-ins: a variant defined in a file outside the package (the example in docs/harness.md) is listed,
 verified, swept, reported and resumed through ``--plugin``, with nothing in bench/ naming it."""
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _readme_plugin() -> str:
-    """The plug-in example of the README (the python block that registers ``chunked``)."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+def _docs_plugin() -> str:
+    """The plug-in example of docs/harness.md (the python block that registers ``chunked``)."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "harness.md").read_text(), flags=re.S)
     found = [b for b in blocks if '@av.register_variant("chunked")' in b]
-    assert len(found) == 1, "the README must hold the chunked-attention plug-in example once"
+    assert len(found) == 1, "docs/harness.md must hold the chunked-attention plug-in example once"
     return found[0]
 
 
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("plugin") / "chunked.py"
-    path.write_text(_readme_plugin())
+    path.write_text(_docs_plugin())
     return path
 
 
