@@ -245,7 +245,7 @@ def plugin_example() -> str:
 def own_registry():
     """Variants, backends and plug-ins registered inside are forgotten afterwards."""
     import attention_variants.base as base
-    import attn_bench.plugins as plugins
+    import attn_bench.core.plugins as plugins
 
     modules = set(sys.modules)
     with pytest.MonkeyPatch.context() as mp:
@@ -274,7 +274,7 @@ def groups(plugin_file: Path) -> dict:
     import typer.main
 
     from attn_bench import cli
-    from attn_bench.plugins import load_plugin
+    from attn_bench.core.plugins import load_plugin
 
     plain = typer.main.get_command(cli.app)
     with own_registry(), pytest.MonkeyPatch.context() as mp:

@@ -176,7 +176,7 @@ def test_compiles_without_forward_spills(spec: Spec, arch: int, record_property)
 
 
 def _known_spill(spec: Spec, arch: int) -> bool:
-    """Forward specialisations known to spill (reported above, documented in the README).
+    """Forward specialisations known to spill (reported above, documented in docs/kernels.md).
 
     The causal query pass with float32 inputs (three-TF32 products double every operand), and
     with head dim 128 on sm_80 (a few bytes with the smallest config).

@@ -137,7 +137,7 @@ def analytic_bytes(
     **variant_kwargs: Any,
 ) -> dict[str, float]:
     """Bytes rank ``rank`` sends in one forward and in its backward, from the shard shapes
-    ``(B, H, n, D)``, ``(B, Hk, n, D)``, ``(B, Hk, n, Dv)`` alone (the formulas in the README)."""
+    ``(B, H, n, D)``, ``(B, Hk, n, D)``, ``(B, Hk, n, Dv)`` alone (the formulas in docs/context-parallel.md)."""
     b, h, n, d = q_shape
     hk, dv = k_shape[1], v_shape[3]
     elem = torch.empty((), dtype=dtype).element_size()

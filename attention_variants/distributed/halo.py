@@ -212,7 +212,7 @@ def halo_bytes(
     world: int, layout: str, rank: int, b: int, h: int, hk: int, n: int, d: int, dv: int, elem: int, compute_elem: int,
     reach: tuple[int, int], g: int, padded: bool,
 ) -> dict[str, float]:  # fmt: skip
-    """Analytic bytes rank ``rank`` sends (see the README): the halo rows it owns that others need,
+    """Analytic bytes rank ``rank`` sends (see docs/context-parallel.md): the halo rows it owns that others need,
     ``B (Hk (D + Dv) elem + padded)`` bytes each; with ``g`` global tokens, the gather
     ``2 (P-1)/P g B (H D + Hk (D + Dv) + padded) elem`` and the row reduction
     ``2 (P-1)/P B H g (Dv + 2) compute_elem``. Backward: the halo received, sent back as gradients,

@@ -66,7 +66,8 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if not HAS_TRITON:
         return f"Triton is not importable ({_TRITON_IMPORT_ERROR})"
     if device.type == "cuda":
-        return None
+        # The capability query below would fail on a PyTorch without CUDA or a machine without a GPU.
+        return None if torch.cuda.is_available() else f"CUDA is not available here (asked for {device})"
     if device.type == "cpu" and interpreter_enabled():
         return None
     return f"Triton kernels need a CUDA device, got {device} (on CPU only under TRITON_INTERPRET=1)"
