@@ -155,3 +155,43 @@ def test_report_compare_gates(a_run: Path, tmp_path: Path) -> None:
     (other / "results.csv").write_text("\n".join(lines) + "\n")
     res = runner.invoke(app, ["report", str(a), "--compare", str(other)])
     assert res.exit_code == 3 and "No row in common" in res.output
+
+
+@pytest.mark.parametrize(
+    ("command", "cli_args", "kwargs", "option"),
+    [
+        ("sweep", ["--timeout", "-1"], {"timeout": -1.0}, "--timeout"),
+        ("sweep", ["--seq-lens", "abc"], {"seq_lens": "abc"}, "--seq-lens"),
+        ("sweep", ["--retry-failed"], {"retry_failed": True}, "--retry-failed"),
+        ("model", ["--archs", "gpt"], {"archs": "gpt"}, "--archs"),
+        ("model", ["--layers", "0"], {"layers": 0}, "--layers"),
+        ("task", ["--preset", "nope"], {"preset": "nope"}, "--preset"),
+        ("cp", ["--ranks", "x"], {"ranks": "x"}, "--ranks"),
+    ],
+)
+def test_api_and_cli_refuse_alike(command, cli_args, kwargs, option, tmp_path: Path) -> None:
+    """A job's function refuses a bad option with the message the CLI prints for it (one check)."""
+    from attn_bench.core.results import RunSetupError
+    from attn_bench.cp.command import cp_command
+    from attn_bench.model.command import model_command
+    from attn_bench.sweep.command import sweep_command
+    from attn_bench.task.command import train_study
+    from attn_bench.task.report import write_task_report
+    from attn_bench.task.run import load_task_presets
+
+    jobs = {
+        "sweep": sweep_command,
+        "model": model_command,
+        "cp": cp_command,
+        "task": lambda **kw: train_study(
+            kind="task", default="task-quick", presets=load_task_presets(), write_report=write_task_report, **kw
+        ),
+    }
+    out = tmp_path / "run"
+    with pytest.raises(RunSetupError) as info:
+        jobs[command](out=out, **kwargs)
+    assert info.value.option == option
+    res = runner.invoke(app, [command, *cli_args, "--out", str(out)])
+    _bad(res, option)
+    assert " ".join(str(info.value).split()) in " ".join(res.output.replace("│", " ").split())
+    assert not out.exists()

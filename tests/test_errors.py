@@ -226,3 +226,12 @@ def test_num_features_bounded(monkeypatch):
         k,
         v,
     )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks about CUDA where there is none")
+def test_triton_on_cuda_without_cuda_is_a_reason():
+    """Without CUDA, whether the Triton backend runs on "cuda" is False with a reason, not a crash
+    in the capability query."""
+    for variant in (av.SlidingWindowAttention(window=16), av.PerformerAttention(num_features=16)):
+        assert variant.supports("triton", "cuda", torch.bfloat16, 128) is False
+        assert "CUDA" in variant.unsupported_reason("triton", "cuda", torch.bfloat16, 128)
