@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover
-    import tomli as tomllib
+    pass
 
 from attn_bench.core.config import RunSettings
 from attn_bench.long.models import STRATEGIES, STRATEGY_VARIANT
@@ -31,6 +31,7 @@ from attn_bench.task.run import (
     _task_data,
     _variant_options,
     expand_group,
+    parse_presets,
     train_config,
 )
 
@@ -164,13 +165,4 @@ def load_long_presets(text: str | None = None) -> dict[str, TaskPreset]:
     """Parse ``long_presets.toml`` (shipped with the package) or the given TOML text."""
     if text is None:
         text = (Path(__file__).resolve().parent / "long_presets.toml").read_text()
-    presets = {}
-    for name, spec in tomllib.loads(text).get("presets", {}).items():
-        configs: dict[tuple, LongConfig] = {}
-        for group in spec.get("groups", []):
-            for cfg in expand_long_group(group, spec.get("defaults", {})):
-                configs.setdefault(cfg.key(), cfg)
-        ordered = sorted(configs.values(), key=lambda c: (c.seq_len, c.seed))  # a cut run has whole N
-        settings = RunSettings(**spec.get("settings", {}))
-        presets[name] = TaskPreset(name, spec.get("description", ""), tuple(ordered), settings)
-    return presets
+    return parse_presets(text, expand_long_group, order=lambda c: (c.seq_len, c.seed))  # a cut run has whole N

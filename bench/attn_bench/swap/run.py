@@ -28,14 +28,22 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover
-    import tomli as tomllib
+    pass
 
 import attention_variants as av
 from attn_bench.core.config import RunSettings
 from attn_bench.swap.models import MODELS
-from attn_bench.task.run import CURVE_POINTS, TaskConfig, TaskPreset, TaskResult, _variant_options, train_config
+from attn_bench.task.run import (
+    CURVE_POINTS,
+    TaskConfig,
+    TaskPreset,
+    TaskResult,
+    _variant_options,
+    parse_presets,
+    train_config,
+)
 
 SWAP_TASK = "stdlib_bytes"
 MODES = ("pretrain", "swap", "scratch")
@@ -274,15 +282,7 @@ def load_swap_presets(text: str | None = None) -> dict[str, TaskPreset]:
     """Parse ``swap_presets.toml`` (shipped with the package) or the given TOML text."""
     if text is None:
         text = (Path(__file__).resolve().parent / "swap_presets.toml").read_text()
-    presets = {}
-    for name, spec in tomllib.loads(text).get("presets", {}).items():
-        configs: dict[tuple, SwapConfig] = {}
-        for group in spec.get("groups", []):
-            for cfg in expand_swap_group(group, spec.get("defaults", {})):
-                configs.setdefault(cfg.key(), cfg)
-        settings = RunSettings(**spec.get("settings", {}))
-        presets[name] = TaskPreset(name, spec.get("description", ""), tuple(configs.values()), settings)
-    return presets
+    return parse_presets(text, expand_swap_group)
 
 
 def loss_curve_of(curve_json: str) -> list[tuple[int, float]]:

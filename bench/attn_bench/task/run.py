@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -310,24 +310,28 @@ def expand_group(group: dict[str, Any], defaults: dict[str, Any]) -> list[TaskCo
     return out
 
 
+def parse_presets(
+    text: str, expand: Callable[[dict, dict], Iterable[Any]], order: Callable[[Any], Any] | None = None
+) -> dict[str, TaskPreset]:
+    """The presets of a task-family TOML (task, long, swap): per preset, every group expanded by
+    ``expand(group, defaults)``, each config once (first seen first, or sorted by ``order``)."""
+    presets = {}
+    for name, spec in tomllib.loads(text).get("presets", {}).items():
+        configs: dict[tuple, Any] = {}
+        for group in spec.get("groups", []):
+            for cfg in expand(group, spec.get("defaults", {})):
+                configs.setdefault(cfg.key(), cfg)
+        ordered = sorted(configs.values(), key=order) if order else list(configs.values())
+        settings = RunSettings(**spec.get("settings", {}))
+        presets[name] = TaskPreset(name, spec.get("description", ""), tuple(ordered), settings)
+    return presets
+
+
 def load_task_presets(text: str | None = None) -> dict[str, TaskPreset]:
     """Parse ``task_presets.toml`` (shipped with the package) or the given TOML text."""
     if text is None:
         text = (Path(__file__).resolve().parent / "task_presets.toml").read_text()
-    data = tomllib.loads(text)
-    presets = {}
-    for name, spec in data.get("presets", {}).items():
-        defaults = spec.get("defaults", {})
-        seen: set[tuple] = set()
-        configs = []
-        for group in spec.get("groups", []):
-            for cfg in expand_group(group, defaults):
-                if cfg.key() not in seen:
-                    seen.add(cfg.key())
-                    configs.append(cfg)
-        settings = RunSettings(**spec.get("settings", {}))
-        presets[name] = TaskPreset(name, spec.get("description", ""), tuple(configs), settings)
-    return presets
+    return parse_presets(text, expand_group)
 
 
 # -- the run loop ---------------------------------------------------------------------------------
