@@ -163,7 +163,12 @@ def _peer_target(peer: Peer, variant: av.AttentionVariant, q: Tensor, k: Tensor,
     return Target(fn, variant, peer.name, False, ground_truth=truth)
 
 
-for _peer in PEERS.values():
-    _kind = "same semantics" if _peer.exact else "documented deviation, measured"
-    _what = f"peer {_peer.module} ({', '.join(_peer.variants)}; {'/'.join(_peer.devices)}; {_kind}; {_peer.install})"
-    register_baseline(Baseline(_peer.name, _peer.check, functools.partial(_peer_target, _peer), _what, exact=False))
+def _register_peers() -> None:
+    """Every peer becomes a baseline of the sweep (once, when this module is imported)."""
+    for peer in PEERS.values():
+        kind = "same semantics" if peer.exact else "documented deviation, measured"
+        what = f"peer {peer.module} ({', '.join(peer.variants)}; {'/'.join(peer.devices)}; {kind}; {peer.install})"
+        register_baseline(Baseline(peer.name, peer.check, functools.partial(_peer_target, peer), what, exact=False))
+
+
+_register_peers()

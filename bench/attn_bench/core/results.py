@@ -13,7 +13,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from attn_bench.core.config import (
     PASSES,
@@ -235,6 +235,24 @@ def _row_problem(row: dict[str, str]) -> str | None:
     if row["status"] == "ok" and not row["time_ms"]:
         return "an ok row without time_ms"
     return None
+
+
+def read_job_rows(path: Path, from_row: Callable[[dict[str, str]], Any], statuses: Iterable[str]) -> list[Any]:
+    """The rows of a task or model ``results.csv`` (``from_row`` builds one); a line that does not
+    parse, or has a status outside ``statuses``, is skipped with a warning (and runs again on resume)."""
+    if not path.exists():
+        return []
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                res = from_row(row)
+                if res.status not in statuses:
+                    raise ValueError(f"status {res.status!r}")
+                out.append(res)
+            except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
+                print(f"{path}:{i}: skipped, not a whole row ({type(exc).__name__}: {exc})", file=sys.stderr)
+    return out
 
 
 def read_results(path: Path, warn: Callable[[str], None] | None = _stderr) -> list[BenchResult]:

@@ -3,7 +3,6 @@ its CSV, and the presets (``model_presets.toml``) expanded into rows."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -16,6 +15,7 @@ from typing import Any
 from attn_bench.core.config import RunSettings, result_row
 from attn_bench.core.results import (
     atomic_write,
+    read_job_rows,
     rows_to_csv,
 )
 
@@ -194,19 +194,7 @@ def result_columns() -> list[str]:
 
 def read_model_results(path: Path) -> list[ModelResult]:
     """Rows of a model results.csv; a line that does not parse is skipped (and runs again on resume)."""
-    if not path.exists():
-        return []
-    out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.DictReader(f), start=2):
-            try:
-                res = ModelResult.from_row(row)
-                if res.status not in MODEL_STATUSES:
-                    raise ValueError(f"status {res.status!r}")
-                out.append(res)
-            except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
-                print(f"{path}:{i}: skipped, not a whole row ({type(exc).__name__}: {exc})", file=sys.stderr)
-    return out
+    return read_job_rows(path, ModelResult.from_row, MODEL_STATUSES)
 
 
 def write_model_results(path: Path, results: list[ModelResult]) -> None:

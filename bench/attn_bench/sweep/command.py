@@ -77,21 +77,20 @@ def overrides_of(options: dict) -> dict:
     return overrides
 
 
-def decode_options(options: dict[str, Any]) -> dict[str, Any]:
-    """``attn-bench decode``: the decode pass only, and a decode preset by default."""
-    if options.get("passes") is not None:
-        other = [x for x in values(options["passes"], "--passes", str) if x != "decode"]
-        if other:
-            raise RunSetupError(
-                "--passes",
-                f"attn-bench decode measures the decode pass only, got {', '.join(other)}; "
-                "use attn-bench sweep for fwd and fwd_bwd",
-            )
-    if options.get("preset") is None:
-        import torch
+def decode_preset(preset: str | None, passes: str | None) -> str:
+    """``attn-bench decode``: the decode pass only; ``preset`` or decode-gpu with CUDA, else decode-quick."""
+    other = [x for x in values(passes, "--passes", str) or [] if x != "decode"]
+    if other:
+        raise RunSetupError(
+            "--passes",
+            f"attn-bench decode measures the decode pass only, got {', '.join(other)}; "
+            "use attn-bench sweep for fwd and fwd_bwd",
+        )
+    if preset is not None:
+        return preset
+    import torch
 
-        options = {**options, "preset": DECODE_PRESETS[1] if torch.cuda.is_available() else DECODE_PRESETS[0]}
-    return options
+    return DECODE_PRESETS[1] if torch.cuda.is_available() else DECODE_PRESETS[0]
 
 
 def _configs(preset: str, presets: dict, options: dict) -> list:
@@ -156,8 +155,7 @@ def sweep_command(
     replaces that key in every group of the preset. ``decode``: ``attn-bench decode``, the decode
     pass only and a decode preset by default."""
     if decode:
-        options = decode_options({"preset": preset, "passes": fields.get("passes")})
-        preset = options["preset"]
+        preset = decode_preset(preset, fields.get("passes"))
     exclusive(resume, overwrite)
     if retry_failed and not resume:
         raise RunSetupError("--retry-failed", "needs --resume")

@@ -10,7 +10,6 @@ sweep options they declare, so plug-in variants train the same way), lengths and
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import json
@@ -37,6 +36,7 @@ from attn_bench.core.results import (
     _read_metadata,
     atomic_write,
     prepare_run_dir,
+    read_job_rows,
     remove_stale_temp_files,
     rows_to_csv,
     write_metadata,
@@ -339,19 +339,7 @@ def load_task_presets(text: str | None = None) -> dict[str, TaskPreset]:
 
 def read_task_results(path: Path, result_cls: type[TaskResult] = TaskResult) -> list[TaskResult]:
     """Rows of a task results.csv; a line that does not parse is skipped (and runs again on resume)."""
-    if not path.exists():
-        return []
-    out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.DictReader(f), start=2):
-            try:
-                res = result_cls.from_row(row)
-                if res.status not in TASK_STATUSES:
-                    raise ValueError(f"status {res.status!r}")
-                out.append(res)
-            except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
-                print(f"{path}:{i}: skipped, not a whole row ({type(exc).__name__}: {exc})", file=sys.stderr)
-    return out
+    return read_job_rows(path, result_cls.from_row, TASK_STATUSES)
 
 
 def write_task_results(path: Path, results: list[TaskResult], result_cls: type[TaskResult] = TaskResult) -> None:

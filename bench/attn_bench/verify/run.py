@@ -13,7 +13,7 @@ from rich.table import Table
 
 from attn_bench.core.config import validate_names
 from attn_bench.core.results import RunSetupError
-from attn_bench.core.setup import JobExit, load_plugins, split
+from attn_bench.core.setup import JobExit, load_plugins, split, status_summary
 
 VERIFY_COLUMNS = [
     "variant",
@@ -156,9 +156,7 @@ def verify_command(
     order = {name: i for i, name in enumerate(av.list_variants())}
     done.sort(key=lambda r: (order.get(r.case.variant, 99), str(r.case.options), r.case.backend, r.case.dtype))
     failures = 0
-    counts: dict[str, int] = {}
     for res in done:
-        counts[res.status] = counts.get(res.status, 0) + 1
         bad = res.status in ("wrong", "error")
         failures += bad
         if show == "failures" and not bad:
@@ -172,7 +170,6 @@ def verify_command(
             res.message[:80],
         )  # fmt: skip
     echo(table)
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    echo(f"{len(cases)} checks in {time.perf_counter() - t0:.1f} s: {summary}")
+    echo(f"{len(cases)} checks in {time.perf_counter() - t0:.1f} s: {status_summary(r.status for r in done)}")
     if failures:
         raise JobExit(f"{failures} check(s) failed", 1)
