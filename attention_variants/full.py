@@ -118,8 +118,9 @@ def _full_torch_padded(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: flo
 
     Causal with ``Nq == Nk`` needs causality and the bias together, which public SDPA does not
     take without an Nq x Nk mask: on the CPU, PyTorch's fused kernel that takes both is used
-    when present. Otherwise (and for causal ``Nq < Nk``, where PyTorch's own lower-right causal
-    bias is expanded to an Nq x Nk mask on the CPU anyway) the causal part is a dense mask.
+    when present (it needs ``Dv == D``). Otherwise (and for causal ``Nq < Nk``, where PyTorch's own
+    lower-right causal bias is expanded to an Nq x Nk mask on the CPU anyway) the causal part is a
+    dense mask.
     """
     nq, nk = q.shape[2], k.shape[2]
     if causal and nq > nk:
@@ -131,7 +132,7 @@ def _full_torch_padded(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: flo
     bias = masks.padding_bias(key_padding_mask, q.dtype)[:, None, None, :]
     if not causal or nq == 1:  # one query sits at the last position (bottom-right): it sees every key
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=groups > 1)
-    elif nq == nk and _FUSED_CPU_CAUSAL_WITH_MASK is not None and q.device.type == "cpu":
+    elif nq == nk and _FUSED_CPU_CAUSAL_WITH_MASK is not None and q.device.type == "cpu" and v.shape[-1] == q.shape[-1]:
         out = _FUSED_CPU_CAUSAL_WITH_MASK(
             q, repeat_kv(k, groups), repeat_kv(v, groups), 0.0, True, attn_mask=bias, scale=scale
         )[0]
