@@ -257,7 +257,8 @@ def init_state(
         device = torch.device("cuda", torch.cuda.current_device())
     capacity = DEFAULT_CAPACITY if capacity is None else _check_dim(capacity, "capacity", 1)
     layout = StateLayout(variant.name, batch, kv_heads, head_dim, value_dim, dtype, device)
-    state = variant.decode_state(layout, capacity=capacity)
+    with torch.inference_mode(False):  # a state made under inference_mode is stepped in any mode
+        state = variant.decode_state(layout, capacity=capacity)
     state.options = dict(variant.decode_options())
     return state
 
@@ -364,7 +365,9 @@ def step(
     name = step_backend(variant, backend, q, v)
     if q.shape[2] == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1]), state
-    with torch.no_grad():
+    # Outside inference mode, so that what the step writes into the state (in place, or regrown
+    # buffers) stays a normal tensor that later steps in any mode can update.
+    with torch.inference_mode(False), torch.no_grad():
         out = variant.decode_step(q, k, v, state, scale, name)
     state.scale = scale
     state.length += q.shape[2]

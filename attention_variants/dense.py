@@ -12,6 +12,16 @@ def repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def normal_tensor(t: Tensor) -> Tensor:
+    """``t``, or a copy of it made outside inference mode if ``t`` is an inference tensor: what a
+    variant keeps (an option, a cache) must serve calls in every mode, autograd included, and an
+    inference tensor can be neither saved for backward nor updated in place outside inference mode."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64, everything else computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

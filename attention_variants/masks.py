@@ -45,6 +45,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .dense import normal_tensor
+
 WindowArg = int | tuple[int, int]
 GlobalArg = int | Sequence[int] | Tensor | None
 MaskMod = Callable[[Tensor, Tensor], Tensor]
@@ -101,7 +103,7 @@ def check_global_tokens(global_tokens: object) -> GlobalArg:
             raise TypeError(f"global_tokens must be a bool mask or integer positions, got dtype {global_tokens.dtype}")
         if global_tokens.dtype != torch.bool and global_tokens.numel() and int(global_tokens.min()) < 0:
             raise ValueError("global_tokens positions must be non-negative")
-        return global_tokens
+        return normal_tensor(global_tokens)
     if isinstance(global_tokens, Sequence) and not isinstance(global_tokens, str):
         positions = [_check_nonneg_int(p, "global_tokens[i]") for p in global_tokens]
         return torch.tensor(positions, dtype=torch.long)

@@ -44,7 +44,7 @@ from . import masks
 from .base import AttentionVariant, SweepOption, register_backend, register_variant
 from .checks import shape4
 from .decode import DecodeState, PerformerState, StateLayout, triton_step
-from .dense import compute_dtype
+from .dense import compute_dtype, normal_tensor
 from .favor import (
     RELU_EPS,
     _causal_piece,
@@ -162,7 +162,7 @@ class PerformerAttention(AttentionVariant):
             if num_features not in (256, projection.shape[0]):
                 raise ValueError(f"num_features={num_features} disagrees with projection rows ({projection.shape[0]})")
             num_features = projection.shape[0]
-            projection = projection.detach().to("cpu", torch.float64)
+            projection = normal_tensor(projection.detach().to("cpu", torch.float64))
         self.num_features = int(num_features)
         self.kernel = kernel
         self.ortho = ortho
@@ -208,7 +208,9 @@ class PerformerAttention(AttentionVariant):
         else:
             if head_dim not in self._cache:
                 _check_projection_memory(self.num_features, head_dim)
-                self._cache[head_dim] = draw_projection(self.num_features, head_dim, ortho=self.ortho, seed=self.seed)
+                with torch.inference_mode(False):  # the cache serves calls in every mode
+                    w = draw_projection(self.num_features, head_dim, ortho=self.ortho, seed=self.seed)
+                self._cache[head_dim] = w
             w = self._cache[head_dim]
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -216,7 +218,8 @@ class PerformerAttention(AttentionVariant):
         key = (head_dim, device, dtype)
         placed = self._placed.get(key)
         if placed is None or placed[0] is not w or placed[1] != w._version:
-            placed = self._placed[key] = (w, w._version, w.to(device=device, dtype=dtype))
+            with torch.inference_mode(False):
+                placed = self._placed[key] = (w, w._version, w.to(device=device, dtype=dtype))
         return placed[2]
 
     def check_call(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:

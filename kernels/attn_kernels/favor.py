@@ -189,11 +189,15 @@ _MAX_PROJECTIONS = 64
 def _projection_operands(w: Tensor, dtype: torch.dtype, opts: FavorOptions, geo: _Geometry) -> tuple[Tensor, Tensor]:
     """:func:`_prepare_projection`, made once per projection tensor (unchanged since), dtype and
     scale: a model calls the same ``W`` layer after layer, step after step. Treated as read-only."""
+    if w.is_inference():  # keeps no version counter: not cached
+        with torch.inference_mode(False):
+            return _prepare_projection(w, dtype, opts, geo)
     key = (id(w), w._version, dtype, opts.scale, geo.m_pad, geo.d_pad)
     hit = _PROJECTIONS.get(key)
     if hit is not None and hit[0]() is w:
         return hit[1], hit[2]
-    ws, wt = _prepare_projection(w, dtype, opts, geo)
+    with torch.inference_mode(False):  # the cache serves calls in every mode
+        ws, wt = _prepare_projection(w, dtype, opts, geo)
     if len(_PROJECTIONS) >= _MAX_PROJECTIONS:
         _PROJECTIONS.clear()
     _PROJECTIONS[key] = (weakref.ref(w), ws, wt)
