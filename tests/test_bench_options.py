@@ -51,6 +51,11 @@ def _bad(res, option: str) -> None:
         (["--mem-limit-gb", "-1"], "--mem-limit-gb"),
         (["--min-run-time", "0"], "--min-run-time"),
         (["--budget-s", "0"], "--budget-s"),
+        (["--budget-s", "nan"], "--budget-s"),
+        (["--budget-s", "inf"], "--budget-s"),
+        (["--seq-lens", "99999999999999999999"], "--seq-lens"),
+        (["--batch", "99999999999999999999"], "--batch"),
+        (["--seq-lens", "4294967296", "--batch", "4294967296"], "--seq-lens"),
         (["--retry-failed"], "--retry-failed"),
         (["--preset-file", "missing.toml"], "--preset-file"),
         (["--plugin", "missing_plugin.py"], "--plugin"),
@@ -195,3 +200,23 @@ def test_api_and_cli_refuse_alike(command, cli_args, kwargs, option, tmp_path: P
     _bad(res, option)
     assert " ".join(str(info.value).split()) in " ".join(res.output.replace("│", " ").split())
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args", [["--budget-s", "nan"], ["--seq-lens", "99999999999999999999"]])
+def test_bad_decode_options(tmp_path: Path, args: list[str]) -> None:
+    res = runner.invoke(app, ["decode", *TINY[:-2], "--out", str(tmp_path / "run"), *QUIET, *args])
+    _bad(res, args[0])
+
+
+@pytest.mark.parametrize(("command", "budget"), [("tune", "nan"), ("device-check", "nan"), ("device-check", "inf")])
+def test_bad_budget_of_the_gpu_commands(tmp_path: Path, command: str, budget: str) -> None:
+    res = runner.invoke(app, [command, "--budget-s", budget, "--out", str(tmp_path / "x")])
+    _bad(res, "--budget-s")
+
+
+def test_report_of_a_binary_results_file(tmp_path: Path) -> None:
+    """A results.csv of random bytes: one line naming the file, exit 2, no traceback."""
+    (tmp_path / "results.csv").write_bytes(bytes(range(256)) * 8)
+    res = runner.invoke(app, ["report", str(tmp_path)])
+    _bad(res, "results.csv")
+    assert "not text" in res.output

@@ -202,12 +202,24 @@ class BenchConfig:
         return cls(**kwargs, options=tuple(options))
 
 
+MAX_ELEMENTS = 2**63 - 1
+"""The most elements a PyTorch tensor can index (int64 sizes and strides)."""
+
+
 def config_problem(cfg: BenchConfig) -> tuple[str, str] | None:
     """``(key, message)`` of what makes ``cfg`` not runnable, or None: ``heads`` not a multiple of
     ``kv_heads``, or variant options the variant's constructor refuses (e.g. ``num_features=0``).
     A variant that is not registered here (a plug-in's, in a results file) is not checked."""
     if cfg.heads % cfg.kv_heads:
         return "kv_heads", f"heads {cfg.heads} is not a multiple of kv_heads {cfg.kv_heads}"
+    sizes = {"seq_lens": cfg.seq_len, "batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim}
+    elements = math.prod(sizes.values())
+    if elements > MAX_ELEMENTS:
+        key = max(sizes, key=lambda k: sizes[k])
+        return key, (
+            f"{key} {sizes[key]} makes q hold B*H*N*D = {elements:.3g} elements, more than a tensor "
+            f"can index ({MAX_ELEMENTS:.3g})"
+        )
     try:
         cls = av.variant_class(cfg.variant)
     except ValueError:

@@ -274,6 +274,8 @@ def read_results(path: Path, warn: Callable[[str], None] | None = _stderr) -> li
             return []
         except csv.Error as exc:
             raise ResultsFileError(path, 1, f"unreadable header: {exc}") from None
+        if any(not c.isprintable() or "\ufffd" in c for c in header):
+            raise ResultsFileError(path, 1, "not a results.csv: its first line is not text (binary data?)")
         migrate = None
         options = set(option_columns())
         # The config's columns and the status make a row; result columns added in later releases

@@ -163,8 +163,8 @@ def device_check_command(out: Path, budget_s: float = 500.0, work: Path | None =
     from attn_bench.core.results import RunSetupError
     from attn_bench.core.setup import JobExit
 
-    if budget_s < 30:
-        raise RunSetupError("--budget-s", f"must be at least 30 s, got {budget_s:g}")
+    if not 30 <= budget_s < float("inf"):
+        raise RunSetupError("--budget-s", f"must be at least 30 s and finite, got {budget_s:g}")
     if out.exists() and not out.is_dir():
         raise RunSetupError("--out", f"{out} exists and is not a folder")
     code = device_check(out, budget_s=budget_s, work=work, echo=echo)

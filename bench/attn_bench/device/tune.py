@@ -217,8 +217,8 @@ def tune(
     (its compilation, check and timing) past ``budget_s``; a key cut short keeps the best of the
     candidates timed if the default was among them, marked ``complete: false`` (tuned again by
     the next run). A lost CUDA context (:data:`CONTEXT_LOST`) ends the run too."""
-    if budget_s <= 0:
-        raise ValueError(f"budget_s must be positive, got {budget_s}")
+    if not 0 < budget_s < float("inf"):
+        raise ValueError(f"budget_s must be a positive number of seconds, got {budget_s}")
     t0 = clock()
     base = tuning.Table(card, meta=dict(meta or {}))
     if table is not None:
@@ -454,8 +454,8 @@ def main(
     CUDA (nothing is measured then) or for a bad argument."""
     try:
         args = parse_args(kernels, dtypes, n, head_dims)
-        if budget_s <= 0:
-            raise ValueError(f"--budget-s must be positive, got {budget_s:g}")
+        if not 0 < budget_s < float("inf"):
+            raise ValueError(f"--budget-s must be a positive number of seconds, got {budget_s:g}")
     except ValueError as exc:
         echo(f"attn-bench tune: {exc}")
         return 2

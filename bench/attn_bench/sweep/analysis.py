@@ -44,7 +44,7 @@ def load_results(directory: Path | str) -> pd.DataFrame:
     from attn_bench.core.results import read_results, rows_to_csv
 
     path = Path(directory) / "results.csv"
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:  # read_results judges the bytes
         header = f.readline().strip().split(",")
     rows = read_results(path)
     # Through CSV text again, so the columns get the types pandas gives the file itself; the

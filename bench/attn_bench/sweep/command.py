@@ -159,8 +159,7 @@ def sweep_command(
     exclusive(resume, overwrite)
     if retry_failed and not resume:
         raise RunSetupError("--retry-failed", "needs --resume")
-    if budget_s is not None and budget_s <= 0:
-        raise RunSetupError("--budget-s", f"must be positive, got {budget_s:g}")
+    positive(budget_s, "--budget-s")
     positive(timeout, "--timeout")
     positive(min_run_time, "--min-run-time")
     positive(mem_limit_gb, "--mem-limit-gb")
