@@ -287,6 +287,41 @@ def test_lookup_uses_the_table_and_falls_back(tmp_path: Path, monkeypatch: pytes
     assert flash_configs.select_config(shape, backward=False) == flash_configs.INTERPRETER_CONFIG
 
 
+@pytest.mark.parametrize(
+    "bad",
+    ["a string", ["a", "list"], {"config": "not an object"}, 7, "deep"],
+    ids=["string", "list", "config-string", "number", "deeply-nested"],
+)
+def test_a_malformed_entry_falls_back_to_the_heuristic(tmp_path: Path, monkeypatch, bad) -> None:
+    """A hand-edited or corrupted table: lookup and table_status do not raise; the malformed
+    entry's shape gets the heuristic with one warning, the table's good entries still serve, and
+    the status says stale (so device-check tunes it again)."""
+    shape, other = LaunchShape(128, 2, False, n=4000), LaunchShape(128, 2, True, n=4000)
+    default = flash_configs._select_gpu(shape, False)
+    tuned = next(
+        c for c in flash_configs.tune_candidates(other, False, CAP) if c != flash_configs._select_gpu(other, False)
+    )
+    path = _table_with(tmp_path, "flash_fwd", other, tuned, "flash")
+    data = json.loads(path.read_text())
+    key = tuning.shape_key("flash_fwd", shape)
+    if bad == "deep":
+        path.write_text(
+            path.read_text().replace('"entries":', '"deep": ' + "[" * 100000 + "]" * 100000 + ', "entries":')
+        )
+    else:
+        data["entries"]["flash_fwd"][key] = bad
+        path.write_text(json.dumps(data))
+    _gpu_lookup(monkeypatch, tmp_path)
+    with pytest.warns(UserWarning, match="tuning table") as caught:
+        assert flash_configs.select_config(shape, backward=False) == default
+        if bad != "deep":  # the rest of the table still serves
+            assert flash_configs.select_config(other, backward=False) == tuned
+        flash_configs.select_config(LaunchShape(128, 2, False, n=2000), backward=False)
+    assert len([w for w in caught if "tuning table" in str(w.message)]) == 1
+    status, _ = tuning.table_status(CARD, [tmp_path])
+    assert status == ("unreadable" if bad == "deep" else "stale")
+
+
 def test_lookup_without_cuda_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shape = LaunchShape(64, 2, False, m_pad=256)
     heuristic = favor_configs.heuristic_configs("fwd", shape)

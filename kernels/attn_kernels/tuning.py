@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,9 @@ class Table:
     card: str
     entries: dict[str, dict[str, dict]] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    malformed: list[str] = field(default_factory=list)
+    """``kernel/key`` of the file's entries that were not objects with a ``config`` object: left
+    out when read (their shapes get the heuristic), and counted as stale, so a tuner redoes them."""
 
     @property
     def slug(self) -> str:
@@ -147,12 +151,13 @@ class Table:
     def stale(self, hashes: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
         """``(kernel, key)`` of the entries made for other kernel sources than today's."""
         hashes = hashes or {f: source_hash(f) for f in FAMILY_SOURCES}
-        return [
+        stale = [
             (kernel, key)
             for kernel, keys in self.entries.items()
             for key, e in keys.items()
             if e.get("source_hash") != hashes.get(KERNEL_FAMILY.get(kernel, ""))
         ]
+        return stale + [tuple(name.split("/", 1)) for name in self.malformed]
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "card": self.card, **self.meta, "entries": self.entries}
@@ -166,7 +171,15 @@ class Table:
         if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
             raise ValueError("a tuning table needs an 'entries' object of kernel -> key -> entry")
         meta = {k: v for k, v in data.items() if k not in ("format", "card", "entries")}
-        return cls(str(data.get("card", "")), {k: dict(v) for k, v in entries.items()}, meta)
+        kept: dict[str, dict[str, dict]] = {}
+        malformed = []
+        for kernel, keys in entries.items():
+            for key, entry in keys.items():
+                if isinstance(entry, dict) and isinstance(entry.get("config"), dict):
+                    kept.setdefault(kernel, {})[key] = dict(entry)
+                else:
+                    malformed.append(f"{kernel}/{key}")
+        return cls(str(data.get("card", "")), kept, meta, malformed)
 
     def write(self, folder: Path) -> Path:
         """Write ``folder/<card slug>.json`` (through a temporary file, so a reader never sees half
@@ -181,7 +194,12 @@ class Table:
 
     @classmethod
     def read(cls, path: Path) -> Table:
-        return cls.from_json(json.loads(Path(path).read_text()))
+        """The table in ``path``; ValueError (or OSError) when it cannot be used as a table."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except RecursionError:
+            raise ValueError("JSON nested too deeply to be a tuning table") from None
+        return cls.from_json(data)
 
 
 def table_dirs() -> list[Path]:
@@ -316,8 +334,16 @@ def _table_for(card: str) -> Table | None:
         if path is not None:
             try:
                 table = Table.read(path)
-            except (OSError, ValueError):
+            except (OSError, ValueError) as exc:
                 table = None  # an unreadable table is no table: the heuristics run
+                warnings.warn(f"tuning table {path} is unreadable ({exc}); the heuristic configs run", stacklevel=3)
+            if table is not None and table.malformed:
+                bad = ", ".join(table.malformed[:3]) + (" ..." if len(table.malformed) > 3 else "")
+                warnings.warn(
+                    f"tuning table {path}: {len(table.malformed)} malformed entries ({bad}) ignored; "
+                    "their shapes run the heuristic configs",
+                    stacklevel=3,
+                )
         _TABLES[slug] = table
     return _TABLES[slug]
 
