@@ -277,6 +277,18 @@ class AttentionVariant:
         nk, dv = shape4(k)[2], shape4(v)[3]
         return 2 * b * h * self.visible_pairs(nq, nk, causal) * (d + dv)
 
+    def decode_flops(
+        self, q: Tensor | Sequence[int], k: Tensor | Sequence[int], v: Tensor | Sequence[int], context: int
+    ) -> int:
+        """Analytic FLOPs of one decoding step from the variant's state: ``q (B, H, T, D)``,
+        ``k (B, Hk, T, D)``, ``v (B, Hk, T, Dv)`` are the ``T`` new tokens and ``context`` tokens
+        are already in the state. By default the new queries attend causally to every token so
+        far (a KV cache); a variant whose state summarises the context (a recurrent state)
+        overrides it."""
+        b, hk, t, d = shape4(k)
+        whole = (b, hk, context + t, d)
+        return self.flops(q, whole, (*whole[:3], shape4(v)[3]), causal=True)
+
     # -- backends ---------------------------------------------------------------------------------
 
     def backend(self, name: str) -> Backend:

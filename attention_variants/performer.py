@@ -359,6 +359,13 @@ class PerformerAttention(AttentionVariant):
         feature = 2 * m * d * b * (h * nq + hk * nk)
         return feature + 2 * m * (dv + 1) * b * (hk * nk + h * nq)
 
+    def decode_flops(
+        self, q: Tensor | Sequence[int], k: Tensor | Sequence[int], v: Tensor | Sequence[int], context: int
+    ) -> int:
+        """A step reads the recurrent state ``S, z``, not the context: the features of the new
+        queries and keys, their update of the state and the readout, whatever ``context`` is."""
+        return self.flops(q, k, v, causal=True)
+
 
 @register_backend(PerformerAttention, "torch", padding=True)
 def _performer_torch(

@@ -106,7 +106,8 @@ def run_decode(
             check_elems=settings.check_elems,
             ground_truth=ground_truth,
         )
-    flops = truth.flops(q1, k, v, causal=True)
+    # Stateless lines read the whole cache; a state's step does what its variant says it does.
+    flops = truth.flops(q1, k, v, causal=True) if stateless else variant.decode_flops(q1, k1, v1, context=n)
     common = dict(
         backend_used=cfg.backend if cfg.backend != "auto" else variant.resolve_backend("auto", q1, v1),
         flops=flops,

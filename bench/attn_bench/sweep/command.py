@@ -196,6 +196,13 @@ def sweep_command(
     dev = configs[0].device if configs else "cpu"
     command = shlex.join(["attn-bench", *sys.argv[1:]])
     meta = {**machine_metadata(dev), "preset": preset, "command": command, "sweep": spec, "started": now()}
+    if configs:  # what no row's rate may exceed (each row is checked against it in its worker)
+        import torch
+
+        from attn_bench.core import ceilings
+
+        dtypes = sorted({c.dtype for c in configs if c.device == dev})
+        meta["ceilings"] = ceilings.measure(dev, [getattr(torch, d) for d in dtypes]).to_json()
     want_accuracy = accuracy and p.accuracy is not None and any(c.variant == p.accuracy.variant for c in configs)
     echo(
         f"[bold]attn-bench[/] preset [cyan]{preset}[/]: {len(configs)} configs -> {out} "

@@ -13,6 +13,7 @@ import torch
 import attention_variants as av
 from attn_bench.baselines.registry import dense_bytes, make_target
 from attn_bench.baselines.target import Unsupported
+from attn_bench.core.ceilings import rate_problem
 from attn_bench.core.config import BenchConfig, BenchResult, RunSettings
 from attn_bench.core.measure import is_oom, make_inputs, pass_flops, peak_memory, time_fn
 from attn_bench.core.numerics import check_target
@@ -22,7 +23,20 @@ PERTURB = 0.0
 
 
 def run_config(cfg: BenchConfig, settings: RunSettings) -> BenchResult:
-    """Measure ``cfg``; every failure becomes a row with a status and a reason."""
+    """Measure ``cfg``; every failure becomes a row with a status and a reason. A row whose rate
+    is above the machine's measured matmul ceiling is an ``error`` with the reason, its speed
+    figures left out (:mod:`attn_bench.core.ceilings`): a wrong FLOP count or timing is never published."""
+    res = _measure(cfg, settings)
+    if res.status != "ok":
+        return res
+    problem = rate_problem(res.tflops, cfg.device, getattr(torch, cfg.dtype))
+    if problem is None:
+        return res
+    speed = ("time_ms", "time_ms_p10", "time_ms_p90", "tflops", "tokens_per_s", "peak_mem_bytes", "repeats")
+    return dataclasses.replace(res, status="error", error=problem, **dict.fromkeys(speed))
+
+
+def _measure(cfg: BenchConfig, settings: RunSettings) -> BenchResult:
     t0 = time.perf_counter()
 
     def result(status: str, **kw) -> BenchResult:

@@ -160,6 +160,13 @@ def write_report(
         f"Peak memory method: {meta.get('memory_method', '?')}. Memory is what one call allocates "
         "beyond its inputs (outputs and gradients included).\n"
     )
+    ceil = meta.get("ceilings")
+    if ceil:
+        gemm = ", ".join(f"{v:g} GFLOP/s {k}" for k, v in ceil.get("gemm_gflops", {}).items())
+        md.append(
+            f"Measured ceilings: matmul {gemm}; copy {ceil.get('copy_gb_s', '?')} GB/s ({ceil.get('method', '?')}). "
+            "A row whose rate exceeds the matmul ceiling is refused as an error, never published.\n"
+        )
     md.append(
         "Times are medians over repeated calls after a warm-up (`torch.utils.benchmark` on CPU, "
         "`triton.testing.do_bench` on CUDA); FLOPs are analytic and mask-aware (only visible query-key "
