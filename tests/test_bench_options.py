@@ -120,6 +120,31 @@ def test_interrupt_message_gives_a_command_that_resumes(tmp_path: Path, monkeypa
     assert f"attn-bench sweep --out {tmp_path / 'run'} --resume" in " ".join(res.output.split())
 
 
+def test_printed_commands_work_as_typed(tmp_path: Path, monkeypatch) -> None:
+    """A command attn-bench prints names the program as the user can type it in this shell: the
+    bare name when it is on PATH (an activated venv), else the path it was started by."""
+    from attn_bench.core.setup import command_line, program
+
+    bindir = tmp_path / ".venv" / "bin"
+    bindir.mkdir(parents=True)
+    exe = bindir / "attn-bench"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", [".venv/bin/attn-bench", "sweep"])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # not activated
+    assert program() == ".venv/bin/attn-bench"
+    assert command_line("sweep", "--out", "a b", "--resume") == ".venv/bin/attn-bench sweep --out 'a b' --resume"
+    monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")  # activated
+    assert program() == "attn-bench"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "attn-bench").write_text("#!/bin/sh\n")
+    (other / "attn-bench").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{other}:/usr/bin:/bin")  # another attn-bench first on PATH
+    assert program() == ".venv/bin/attn-bench"
+
+
 @pytest.fixture(scope="module")
 def a_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "a"

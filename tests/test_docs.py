@@ -431,3 +431,14 @@ def test_link_resolves(path: Path, line: int, target: str) -> None:
     if anchor:
         assert dest.suffix == ".md" and dest.is_file(), f"{where}: an anchor into {file}, which is not a markdown file"
         assert anchor in anchors(dest), f"{where}: {rel(dest)} has no heading #{anchor}"
+
+
+def test_readme_says_how_bare_commands_work_before_the_first_one() -> None:
+    """The README opens with commands that name ``.venv/bin/...``; before its first bare
+    ``attn-bench`` command it tells the reader to activate the virtual environment."""
+    text = (ROOT / "README.md").read_text()
+    activate = text.find("source .venv/bin/activate")
+    first_bare = re.search(r"^attn-bench ", text, flags=re.MULTILINE)
+    assert activate != -1 and first_bare is not None
+    assert activate < first_bare.start()
+    assert all(line.startswith("./install.sh && .venv/bin/") for line in text.split("```")[1].splitlines()[1:] if line)

@@ -9,6 +9,9 @@ message and an exit status (a run directory in use, an interrupted run, no row o
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,6 +20,25 @@ from typing import Any
 from attn_bench.core.results import RunSetupError, all_failed, holds_run, out_dir_problem
 
 Echo = Callable[[str], None]
+
+
+def program() -> str:
+    """``attn-bench`` as the user can type it again in this shell, for the commands a job prints:
+    the bare name when that name on ``PATH`` is this program (an activated virtual environment),
+    else the path this program was started by (``.venv/bin/attn-bench`` after the README's set-up,
+    without activating; relative paths work from the same directory)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if Path(argv0).name != "attn-bench":  # run from Python (tests, a notebook): the installed name
+        return "attn-bench"
+    found = shutil.which("attn-bench")
+    if found and Path(found).resolve() == Path(argv0).resolve():
+        return "attn-bench"
+    return argv0
+
+
+def command_line(*args: str) -> str:
+    """A command that runs ``attn-bench ARGS`` as typed (see :func:`program`), quoted for a shell."""
+    return shlex.join([program(), *args])
 
 
 class JobExit(Exception):

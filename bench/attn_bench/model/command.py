@@ -16,6 +16,7 @@ from attn_bench.core.setup import (
     JobExit,
     check_out,
     choose_preset,
+    command_line,
     exclusive,
     exit_if_all_failed,
     positive,
@@ -110,8 +111,9 @@ def model_command(
     try:
         rows = run_models(configs, out, settings, resume=resume, meta=meta, progress=progress, budget_s=budget)
     except KeyboardInterrupt:
+        again = command_line("model", "--out", str(out), "--resume")
         raise JobExit(
-            f"Interrupted; finished rows are in {out / RESULTS} (continue with --resume)", 130, "yellow"
+            f"Interrupted; finished rows are in {out / RESULTS}; continue with: {again}", 130, "yellow"
         ) from None
     echo(
         f"Done in {time.perf_counter() - t0:.0f} s: {status_summary(r.status for r in rows)}. Results: {out / RESULTS}"

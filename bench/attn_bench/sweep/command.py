@@ -27,6 +27,7 @@ from attn_bench.core.setup import (
     Echo,
     JobExit,
     check_out,
+    command_line,
     exclusive,
     exit_if_all_failed,
     load_plugins,
@@ -223,7 +224,7 @@ def sweep_command(
         )
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
-        again = shlex.join(["attn-bench", "sweep", "--out", str(out), "--resume"])
+        again = command_line("decode" if decode else "sweep", "--out", str(out), "--resume")
         message = (
             f"\nInterrupted ({signal.Signals(signum).name}): finished rows are in {results_path}; "
             f"continue with: {again}"

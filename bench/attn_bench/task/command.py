@@ -17,6 +17,7 @@ from attn_bench.core.setup import (
     JobExit,
     check_out,
     choose_preset,
+    command_line,
     exclusive,
     exit_if_all_failed,
     load_plugins,
@@ -82,7 +83,8 @@ def train_study(
             list(p.configs), out, settings, resume=resume, meta=meta, progress=progress, kind=kind, **run_kw
         )
     except KeyboardInterrupt:
-        message = f"Interrupted; finished runs are in {out / RESULTS} (continue with --resume)"
+        again = command_line(kind, "--out", str(out), "--resume")
+        message = f"Interrupted; finished runs are in {out / RESULTS}; continue with: {again}"
         raise JobExit(message, 130, "yellow") from None
     ok = sum(r.status == "ok" for r in rows)
     echo(f"{ok}/{len(rows)} runs ok in {time.perf_counter() - t0:.0f} s: {out / RESULTS}")
