@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,11 @@ class SlidingWindowAttention(AttentionVariant):
     def __init__(self, window: masks.WindowArg, global_tokens: masks.GlobalArg = None) -> None:
         self.window = masks.check_window(window)
         self.global_tokens = masks.check_global_tokens(global_tokens)
+        g = self.global_tokens
+        if isinstance(global_tokens, Sequence) and isinstance(g, Tensor):
+            # Positions given in Python are known now: no call reads them back from a tensor
+            # (which torch.compile could not trace).
+            self._global_positions = (g, g._version, sorted({int(p) for p in global_tokens}))
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -73,7 +79,16 @@ class SlidingWindowAttention(AttentionVariant):
             return
         if nq != nk:
             raise ValueError(f"global_tokens need Nq == Nk, got Nq={nq}, Nk={nk}")
-        self.global_mask(nq)  # validates positions / mask length against N
+        # The rules of masks.global_mask, checked on the positions read once (no device sync per call).
+        g = self.global_tokens
+        if isinstance(g, int):
+            if g > nq:
+                raise ValueError(f"global_tokens={g} is more than the sequence length {nq}")
+        elif g.dtype == torch.bool:
+            if g.numel() != nq:
+                raise ValueError(f"global_tokens bool mask has length {g.numel()}, expected the sequence length {nq}")
+        elif (positions := self.global_positions()) and positions[-1] >= nq:
+            raise ValueError(f"global_tokens position {positions[-1]} is out of range for sequence length {nq}")
 
     def mask_mod(self, nq: int, nk: int, causal: bool, device: torch.device | str = "cpu") -> masks.MaskMod | None:
         gm = self.global_mask(nq, device) if nq == nk else None
@@ -98,7 +113,10 @@ class SlidingWindowAttention(AttentionVariant):
         if isinstance(g, int):
             return list(range(g))
         cached = getattr(self, "_global_positions", None)
-        if cached is None or cached[0] is not g or cached[1] != g._version:
+        # While compiling, a tensor's version counter is not a number to compare: the positions
+        # known from an earlier call or the constructor are used as they are.
+        fresh = cached is not None and cached[0] is g and (torch.compiler.is_compiling() or cached[1] == g._version)
+        if not fresh:
             pos = g.nonzero().flatten() if g.dtype == torch.bool else g
             cached = self._global_positions = (g, g._version, sorted({int(p) for p in pos.tolist()}))
         return list(cached[2])
@@ -231,10 +249,17 @@ def _sliding_triton(
     from attn_kernels.flash_attention import flash_attention
 
     assert isinstance(variant, SlidingWindowAttention)
-    gm = variant.global_mask(q.shape[2], q.device) if q.shape[2] == k.shape[2] else None
+    positions = variant.global_positions() if q.shape[2] == k.shape[2] else ()
     window = masks.clamp_reach(*masks.window_bounds(variant.window, causal), q.shape[2], k.shape[2])
     return flash_attention(
-        q, k, v, causal=causal, scale=scale, window=window, global_mask=gm, key_padding_mask=key_padding_mask
+        q,
+        k,
+        v,
+        causal=causal,
+        scale=scale,
+        window=window,
+        global_positions=positions,
+        key_padding_mask=key_padding_mask,
     )
 
 

@@ -72,6 +72,9 @@ FORWARDS = [
     pytest.param(av.FullAttention(), True, id="full-causal"),
     pytest.param(av.SlidingWindowAttention(window=8), True, id="window8-causal"),
     pytest.param(av.SlidingWindowAttention(window=(8, 3)), False, id="window8-3"),
+    # Global tokens: positions, schedules and index tensors made once, no nonzero() sync per call.
+    pytest.param(av.SlidingWindowAttention(window=4, global_tokens=[0, 50, 99]), False, id="window4-global"),
+    pytest.param(av.SlidingWindowAttention(window=4, global_tokens=3), True, id="window4-global3-causal"),
 ]
 
 
@@ -91,7 +94,9 @@ def test_forward_allocates_only_its_outputs(variant, causal: bool, grad: bool, s
     assert out.shape == (1, 4, 100, 16) and out.requires_grad == grad
     assert counter.allocations() == 2, dict(counter.ops)
     assert counter.forbidden() == [], dict(counter.ops)
-    assert stub_launches == ["_fwd_kernel"]
+    # Global tokens add the launch over the gathered global rows.
+    has_global = isinstance(variant, av.SlidingWindowAttention) and bool(variant.global_positions())
+    assert stub_launches == ["_fwd_kernel"] * (2 if has_global else 1)
 
 
 def test_decode_step_allocates_one_workspace(stub_launches) -> None:

@@ -31,6 +31,7 @@ the last real key are skipped. A key block with no real key stores zero ``dk``/`
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,7 @@ class FlashOptions(LaunchOptions):
     """
 
     window: tuple[int, int] | None = None
+    global_pos: tuple[int, ...] = ()  # sorted global positions (with a window, Nq == Nk)
     global_idx: Tensor | None = field(default=None, compare=False)
     global_flag: Tensor | None = field(default=None, compare=False)
     key_valid: Tensor | None = field(default=None, compare=False)  # int8 (B, Nk), 1 = real key
@@ -75,7 +77,7 @@ class FlashOptions(LaunchOptions):
 
     @property
     def num_global(self) -> int:
-        return 0 if self.global_idx is None else int(self.global_idx.numel())
+        return len(self.global_pos)
 
 
 def _launch_shape(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> LaunchShape:
@@ -128,26 +130,39 @@ def _last_dim_unit(x: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=128)
 def _cached_schedule(
-    keys: bool, nq: int, nk: int, bm: int, bn: int, causal: bool, window: tuple[int, int] | None, device: torch.device
+    keys: bool,
+    nq: int,
+    nk: int,
+    cfg: KernelConfig,
+    causal: bool,
+    window: tuple[int, int] | None,
+    global_pos: tuple[int, ...],
+    device: torch.device,
 ) -> Tensor:
-    fn = key_block_schedule if keys else query_block_schedule
-    return fn(nq, nk, bm, bn, causal=causal, window=window).to(device)
-
-
-def _schedule(keys: bool, nq: int, nk: int, cfg: KernelConfig, opts: FlashOptions, device: torch.device) -> Tensor:
-    """The schedule on ``device``; cached per shape when there are no global tokens."""
-    if not opts.num_global:
-        return _cached_schedule(keys, nq, nk, cfg.block_m, cfg.block_n, opts.causal, opts.window, device)
+    gidx = torch.tensor(global_pos, dtype=torch.long) if global_pos else None
     if keys:
-        sched = key_block_schedule(
-            nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window, global_idx=opts.global_idx
-        )
+        sched = key_block_schedule(nq, nk, cfg.block_m, cfg.block_n, causal=causal, window=window, global_idx=gidx)
     else:
         sched = query_block_schedule(
-            nq, nk, cfg.block_m, cfg.block_n, causal=opts.causal, window=opts.window, global_idx=opts.global_idx,
+            nq, nk, cfg.block_m, cfg.block_n, causal=causal, window=window, global_idx=gidx,
             global_block=gathered_config(cfg).block_m,
         )  # fmt: skip
     return sched.to(device)
+
+
+def _schedule(keys: bool, nq: int, nk: int, cfg: KernelConfig, opts: FlashOptions, device: torch.device) -> Tensor:
+    """The schedule on ``device``, made once per shape, config, band and global positions."""
+    return _cached_schedule(keys, nq, nk, cfg, opts.causal, opts.window, opts.global_pos, device)
+
+
+@functools.lru_cache(maxsize=64)
+def global_tensors(positions: tuple[int, ...], n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The kernels' form of sorted global positions: int32 indices ``(g,)`` and an int8 flag per
+    position ``(n,)``, made once per (positions, n, device): a call neither copies nor syncs."""
+    idx = torch.tensor(positions, dtype=torch.int32)
+    flag = torch.zeros(n, dtype=torch.int8)
+    flag[idx.long()] = 1
+    return idx.to(device), flag.to(device)
 
 
 def _launches(
@@ -292,7 +307,7 @@ def flash_attention(
     causal: bool,
     scale: float,
     window: tuple[int, int] | None = None,
-    global_mask: Tensor | None = None,
+    global_positions: Sequence[int] = (),
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Fused softmax attention (inputs already validated by the public API).
@@ -303,24 +318,30 @@ def flash_attention(
         causal: bottom-right causal mask (query ``i`` sees key ``j`` iff ``j <= i + Nk - Nq``).
         scale: softmax scale.
         window: ``(left, right)`` band with causal already folded in, or None (full attention).
-        global_mask: bool ``(N,)`` of global positions (``Nq == Nk``), used with a window.
+        global_positions: sorted global token positions (``Nq == Nk``), used with a window.
         key_padding_mask: bool ``(B, Nk)``, True = real key, or None. Padded keys are invisible
             (positions are not shifted); any pattern works, contiguous padding also skips blocks.
 
     Returns ``(B, H, Nq, Dv)`` in the dtype of ``q``; rows without a visible key are 0.
+
+    Under ``torch.compile`` the call goes through the custom operators of
+    :mod:`attn_kernels.flash_ops` (a fake implementation and autograd registered), so a compiled
+    model traces it without a graph break; eager calls launch directly.
     """
-    gidx = gflag = None
-    if window is not None and global_mask is not None:
-        positions = global_mask.nonzero().flatten()
-        if positions.numel():
-            gidx = positions.to(device=q.device, dtype=torch.int32).contiguous()
-            gflag = global_mask.to(device=q.device, dtype=torch.int8).contiguous()
     if window is not None:
         window = (int(window[0]), int(window[1]))
+    positions = tuple(int(p) for p in global_positions) if window is not None else ()
     kvalid = krange = None
     if key_padding_mask is not None:
         kvalid, krange = padding_args(key_padding_mask.to(q.device))
-    opts = FlashOptions(bool(causal), float(scale), window, gidx, gflag, kvalid, krange)
+    if torch.compiler.is_compiling():
+        from .flash_ops import flash_fwd
+
+        left, right = window if window is not None else (0, 0)
+        args = (bool(causal), float(scale), left, right, window is not None, list(positions), kvalid, krange)
+        return flash_fwd(q, k, v, *args)[0]
+    gidx, gflag = global_tensors(positions, q.shape[2], q.device) if positions else (None, None)
+    opts = FlashOptions(bool(causal), float(scale), window, positions, gidx, gflag, kvalid, krange)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _FlashAttention.apply(q, k, v, opts)
     # No gradient wanted: the forward alone, without the autograd function's bookkeeping.
