@@ -10,8 +10,7 @@ from helpers import make_qkv
 
 import attention_variants as av
 from attn_bench.core.numerics import check
-from attn_kernels.flash_attention import padding_args
-from attn_kernels.flash_ops import flash_bwd, flash_fwd
+from attn_kernels.flash_attention import flash_bwd, flash_fwd, padding_args
 
 B, H, HK, N, D = 1, 4, 2, 40, 16
 # Dynamo notes once that it traces through the kernels' cached environment probes (constant here).

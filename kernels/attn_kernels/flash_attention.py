@@ -324,9 +324,9 @@ def flash_attention(
 
     Returns ``(B, H, Nq, Dv)`` in the dtype of ``q``; rows without a visible key are 0.
 
-    Under ``torch.compile`` the call goes through the custom operators of
-    :mod:`attn_kernels.flash_ops` (a fake implementation and autograd registered), so a compiled
-    model traces it without a graph break; eager calls launch directly.
+    Under ``torch.compile`` the call goes through the custom operator ``flash_fwd`` (a fake
+    implementation and autograd registered, see below), so a compiled model traces it without a
+    graph break; eager calls launch directly.
     """
     if window is not None:
         window = (int(window[0]), int(window[1]))
@@ -335,8 +335,6 @@ def flash_attention(
     if key_padding_mask is not None:
         kvalid, krange = padding_args(key_padding_mask.to(q.device))
     if torch.compiler.is_compiling():
-        from .flash_ops import flash_fwd
-
         left, right = window if window is not None else (0, 0)
         args = (bool(causal), float(scale), left, right, window is not None, list(positions), kvalid, krange)
         return flash_fwd(q, k, v, *args)[0]
@@ -346,6 +344,110 @@ def flash_attention(
         return _FlashAttention.apply(q, k, v, opts)
     # No gradient wanted: the forward alone, without the autograd function's bookkeeping.
     return _forward(_last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v), opts)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The same host functions as PyTorch custom operators, for torch.compile
+# ---------------------------------------------------------------------------------------------
+# ``torch.ops.attn_kernels.flash_fwd(q, k, v, causal, scale, left, right, has_window, global_pos,
+# key_valid, key_range) -> (out, lse)`` and ``flash_bwd(q, k, v, out, lse, dout, ...) -> (dq, dk, dv)``
+# run :func:`_forward` and :func:`_backward`. Each has a fake implementation (shapes and dtypes) and
+# the forward an autograd formula, so ``torch.compile(fullgraph=True)`` traces a model using the
+# Triton backend without a graph break, the backward kernels in the backward graph.
+# :func:`flash_attention` calls them only while compiling: through the dispatcher an eager call
+# would cost more Python than the launch. ``left``/``right``: the band (read when ``has_window``);
+# ``global_pos``: sorted global positions (empty for none); ``key_valid``/``key_range``: the key
+# padding of :func:`padding_args`, or None.
+
+
+def _options(
+    q: Tensor,
+    causal: bool,
+    scale: float,
+    left: int,
+    right: int,
+    has_window: bool,
+    global_pos: list[int],
+    key_valid: Tensor | None,
+    key_range: Tensor | None,
+) -> FlashOptions:
+    window = (left, right) if has_window else None
+    positions = tuple(global_pos) if has_window else ()
+    gidx, gflag = global_tensors(positions, q.shape[2], q.device) if positions else (None, None)
+    return FlashOptions(causal, scale, window, positions, gidx, gflag, key_valid, key_range)
+
+
+@torch.library.custom_op("attn_kernels::flash_fwd", mutates_args=())
+def flash_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    left: int,
+    right: int,
+    has_window: bool,
+    global_pos: list[int],
+    key_valid: Tensor | None,
+    key_range: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """``(out (B, H, Nq, Dv), lse (B, H, Nq) float32)`` of the fused forward."""
+    opts = _options(q, causal, scale, left, right, has_window, global_pos, key_valid, key_range)
+    return _forward(_last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v), opts)
+
+
+@flash_fwd.register_fake
+def _flash_fwd_fake(q, k, v, causal, scale, left, right, has_window, global_pos, key_valid, key_range):
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("attn_kernels::flash_bwd", mutates_args=())
+def flash_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dout: Tensor,
+    causal: bool,
+    scale: float,
+    left: int,
+    right: int,
+    has_window: bool,
+    global_pos: list[int],
+    key_valid: Tensor | None,
+    key_range: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` of the fused backward, shaped and typed like ``q, k, v``."""
+    opts = _options(q, causal, scale, left, right, has_window, global_pos, key_valid, key_range)
+    q, k, v = (_last_dim_unit(t) for t in (q, k, v))
+    return _backward(q, k, v, out, lse, dout, opts)
+
+
+@flash_bwd.register_fake
+def _flash_bwd_fake(q, k, v, out, lse, dout, causal, scale, left, right, has_window, global_pos, key_valid, key_range):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_SCALARS = ("causal", "scale", "left", "right", "has_window", "global_pos")
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    q, k, v, *scalars, key_valid, key_range = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scalars = scalars
+    ctx.padding = (key_valid, key_range)  # int tensors: no gradient, kept as they are
+
+
+def _flash_fwd_backward(ctx, dout: Tensor, dlse: Tensor | None):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = flash_bwd(q, k, v, out, lse, dout.contiguous(), *ctx.scalars, *ctx.padding)
+    return (dq, dk, dv, *([None] * (len(_SCALARS) + 2)))
+
+
+flash_fwd.register_autograd(_flash_fwd_backward, setup_context=_setup_context)
 
 
 def unsupported_reason(variant: object, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -364,4 +466,4 @@ def unsupported_reason(variant: object, device: torch.device, dtype: torch.dtype
     return None
 
 
-__all__ = ["FlashOptions", "flash_attention", "unsupported_reason"]
+__all__ = ["FlashOptions", "flash_attention", "flash_bwd", "flash_fwd", "unsupported_reason"]
