@@ -269,6 +269,8 @@ def _bad_call(rank: int, world: int, kind: str) -> None:
         variant, opts = "performer", {"num_features": 8, "seed": 1 if bad else 0}
     elif kind == "projection":  # each rank its own draw: the features would not match
         variant, opts = "performer", {"projection": torch.randn(8, 4, generator=g)}
+    elif kind == "requires_grad" and bad:  # its backward would wait for the others' forever
+        q.requires_grad_()
     context_parallel_attention(q, k, v, variant, **kw, **opts)
 
 
@@ -458,6 +460,7 @@ DIFFERENCES = {  # kind -> (field named, value on the ranks 0 .. P-2, value on t
     "window": ("window", "3", "5"),
     "seed": ("seed", "0", "1"),
     "projection": ("projection", "float64 tensor (8, 4) #", "float64 tensor (8, 4) #"),
+    "requires_grad": ("requires grad (q, k, v)", "(False, False, False)", "(True, False, False)"),
 }
 
 

@@ -74,8 +74,10 @@ def context_parallel_attention(
     because a peer rank exited raises :class:`PeerError`.
     """
     comm = Comm(group, q.device if isinstance(q, Tensor) else "cpu")
-    call, error = local_verdict(q, k, v, variant, layout, causal, scale, backend, key_padding_mask, variant_kwargs)
-    call = agree(comm, call, error)
+    call, inputs, error = local_verdict(
+        q, k, v, variant, layout, causal, scale, backend, key_padding_mask, variant_kwargs
+    )
+    call = agree(comm, call, inputs, error)
     check_whole(call, comm.world)
     q, k, v, kpm, var = call.q, call.k, call.v, call.kpm, call.variant
     if q.shape[2] == 0:

@@ -1,13 +1,14 @@
 """The agreement step of a context-parallel call, the first thing every rank does.
 
 A rank that refused its inputs on its own would leave the others waiting in the first collective
-until the process group's timeout. So each rank checks its inputs *without raising*
-(:func:`check_local` under :func:`local_verdict`), describes them as plain data
-(:func:`describe`: shapes, dtype, device type, options, fingerprints of tensor options such as
-a Performer projection), and the ranks exchange a hash of that description and the verdict
-(one tiny all-to-all). Only if some rank refused its inputs, or the hashes differ, do they
-exchange the descriptions themselves, and every rank raises the same ValueError: the first
-refusing rank's message, or the first field on which the ranks disagree, with each rank's value.
+until the process group's timeout. So each rank checks its inputs and describes them as plain
+data *without raising* (:func:`local_verdict`: :func:`check_local`, then :func:`describe`:
+shapes, dtype, device type, options, fingerprints of tensor options such as a Performer
+projection, which inputs require grad), and the ranks exchange a hash of that description and
+the verdict (one tiny all-to-all). Only if some rank refused its inputs, or the hashes differ,
+do they exchange the descriptions themselves, and every rank raises the same ValueError: the
+first refusing rank's message, or the first field on which the ranks disagree, with each
+rank's value.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def check_local(
     """Every check that needs this rank's inputs only (TypeError/ValueError on a bad one). The
     checks that need the whole sequence's length come after the agreement (:func:`check_whole`)."""
     validate_qkv(q, k, v)
+    if q.device.type == "meta":
+        raise ValueError("context parallelism needs tensors with values, got meta tensors")
     layout = check_layout(layout)
     causal = check_causal(causal)
     scale = resolve_scale(scale, q.shape[-1])
@@ -76,14 +79,16 @@ def check_local(
     return LocalCall(q, k, v, kpm, var, layout, causal, scale, backend, resolved)
 
 
-def local_verdict(*args: Any) -> tuple[LocalCall | None, str | None]:
-    """:func:`check_local`, never raising: ``(call, None)`` or ``(None, why not)``."""
+def local_verdict(*args: Any) -> tuple[LocalCall | None, dict[str, Any], str | None]:
+    """:func:`check_local` and :func:`describe`, never raising: ``(call, description, None)``
+    or ``(None, {}, why not)``."""
     try:
-        return check_local(*args), None
+        call = check_local(*args)
+        return call, describe(call), None
     except (TypeError, ValueError) as exc:
-        return None, str(exc)
+        return None, {}, str(exc)
     except Exception as exc:  # anything else must not keep this rank from the agreement either
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, {}, f"{type(exc).__name__}: {exc}"
 
 
 def plain(x: Any) -> Any:
@@ -120,8 +125,8 @@ def describe(call: LocalCall) -> dict[str, Any]:
     out["dtype"] = plain(call.q.dtype)
     out["device type"] = call.q.device.type
     out["key_padding_mask"] = None if call.kpm is None else list(call.kpm.shape)
-    # One rank recording the backward and another not would leave the first waiting in the backward.
-    out["autograd"] = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
+    # A rank whose graph holds a collective's backward that another's lacks would wait in it.
+    out["requires grad (q, k, v)"] = [torch.is_grad_enabled() and t.requires_grad for t in (call.q, call.k, call.v)]
     return out
 
 
@@ -173,10 +178,9 @@ def _hash_ints(data: bytes) -> list[int]:
     return [int.from_bytes(digest[:8], "little", signed=True), int.from_bytes(digest[8:], "little", signed=True)]
 
 
-def agree(comm: Comm, call: LocalCall | None, error: str | None) -> LocalCall:
-    """Exchange every rank's verdict and description; returns ``call`` when all ranks accepted
-    theirs and agree, raises the same ValueError on every rank otherwise."""
-    inputs = {} if call is None else describe(call)
+def agree(comm: Comm, call: LocalCall | None, inputs: dict[str, Any], error: str | None) -> LocalCall:
+    """Exchange every rank's verdict and description (:func:`local_verdict`); returns ``call``
+    when all ranks accepted theirs and agree, raises the same ValueError on every rank otherwise."""
     blob = json.dumps({"error": error, "inputs": inputs}).encode()
     mine = [*_hash_ints(json.dumps(inputs).encode()), int(error is not None), len(blob)]
     every = comm.exchange_ints(mine)
