@@ -213,7 +213,7 @@ def test_a_dead_rank_ends_its_pool_at_once_and_a_run_with_no_ok_row_exits_1(
     monkeypatch.setenv("ATTN_BENCH_FAULT", "crash")  # every rank's process exits at its first row
     out = tmp_path / "cp"
     t0 = time.perf_counter()
-    res = CliRunner().invoke(app, ["cp", *SMALL, "--ranks", "2", "--timeout", "60", "--out", str(out)])
+    res = CliRunner().invoke(app, ["cp", *SMALL, "--timeout", "60", "--out", str(out)])
     seconds = time.perf_counter() - t0
     assert res.exit_code == 1, res.output
     with open(out / "results.csv", newline="") as f:

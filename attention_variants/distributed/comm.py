@@ -108,13 +108,13 @@ class Comm:
     def exchange_ints(self, values: list[int]) -> list[list[int]]:
         """Every rank's ``values`` (one length on all ranks), for the agreement step."""
         mine = torch.tensor(values, dtype=torch.int64, device=self.meta_device)
-        return self._exchange(mine, "the agreement step (exchange of the input descriptions)").tolist()
+        return self._exchange(mine, "the agreement step").tolist()
 
     def exchange_bytes(self, data: bytes, size: int) -> list[bytes]:
         """Every rank's ``data`` (at most ``size`` bytes, ``size`` one value on all ranks), zero-padded to ``size``."""
         mine = torch.zeros(size, dtype=torch.uint8)
         mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        out = self._exchange(mine.to(self.meta_device), "the agreement step (exchange of the input descriptions)")
+        out = self._exchange(mine.to(self.meta_device), "the agreement step")
         return [bytes(row.cpu().tolist()) for row in out]
 
     def send(self, x: Tensor, dst: int, op: str) -> None:
