@@ -123,3 +123,101 @@ def test_cp_bench_rejects_bad_device_options(args: list[str], message: str, tmp_
     assert res.exit_code == 2, res.output
     assert message in res.output
     assert not (tmp_path / "cp").exists()
+
+
+# -- what attn-bench cp refuses before it starts, and a run in which nothing ran ------------------
+
+# A run as small as can be: should a refusal regress, the row runs in seconds instead of minutes.
+SMALL = ["--ranks", "1", "--n", "8", "--variants", "full", "--layouts", "contiguous", "--causal", "false"]
+SMALL += ["--heads", "1", "--kv-heads", "1", "--head-dim", "4", "--repeats", "1", "--timeout", "30"]
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--n", "-256"], "--n"),
+        (["--n", "0"], "--n"),
+        (["--ranks", "0"], "--ranks"),
+        (["--repeats", "-1"], "--repeats"),
+        (["--repeats", "0"], "--repeats"),
+        (["--threads", "-1"], "--threads"),
+        (["--timeout", "-1"], "--timeout"),
+        (["--timeout", "inf"], "--timeout"),
+        (["--variants", "sliding_window", "--window", "-1"], "--window"),
+        (["--window", "-1"], "--window"),
+        (["--heads", "3", "--kv-heads", "2"], "--kv-heads"),
+        (["--batch", "0"], "--batch"),
+        (["--head-dim", "0"], "--head-dim"),
+        (["--num-features", "0"], "--num-features"),
+        (["--causal", "maybe"], "--causal"),
+        (["--ranks", "3", "--n", "8"], "--n"),
+    ],
+)
+def test_cp_refuses_options_no_row_could_run_with(args: list[str], option: str, tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    from attn_bench.cli import app
+
+    out = tmp_path / "cp"
+    res = CliRunner().invoke(app, ["cp", *SMALL, *args, "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert option in res.output and "Traceback" not in res.output, res.output
+    assert not out.exists()
+
+
+def test_cp_refuses_an_out_that_is_a_file(tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    from attn_bench.cli import app
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory\n")
+    res = CliRunner().invoke(app, ["cp", *SMALL, "--out", str(afile)])
+    assert res.exit_code == 2, res.output
+    assert "--out" in res.output and "not a directory" in " ".join(res.output.replace("│", " ").split())
+    assert afile.read_text() == "not a directory\n"
+
+
+def test_the_cp_row_refuses_what_the_cli_refuses() -> None:
+    from attn_bench.core.config import ConfigError
+    from attn_bench.cp.run import CPConfig
+
+    good = dict(variant="sliding_window", layout="zigzag", causal=True, world=2, n_total=16, scaling="weak")
+    good.update(batch=1, heads=4, kv_heads=2, head_dim=8, dtype="float32", window=3, num_features=8)
+    CPConfig(**good)  # fine
+    for change, key in (
+        ({"window": -1}, "window"),
+        ({"kv_heads": 3}, "kv_heads"),
+        ({"n_total": 10}, "n_total"),  # zigzag on 2 ranks: a multiple of 4
+        ({"n_total": 0}, "n_total"),
+        ({"batch": 0}, "batch"),
+        ({"world": 0}, "world"),
+        ({"variant": "nope"}, "variant"),
+        ({"dtype": "bfloat16"}, "dtype"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            CPConfig(**{**good, **change})
+        assert err.value.key == key, (change, err.value)
+
+
+def test_a_dead_rank_ends_its_pool_at_once_and_a_run_with_no_ok_row_exits_1(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import csv
+    import time
+
+    from typer.testing import CliRunner
+
+    from attn_bench.cli import app
+
+    monkeypatch.setenv("ATTN_BENCH_FAULT", "crash")  # every rank's process exits at its first row
+    out = tmp_path / "cp"
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(app, ["cp", *SMALL, "--timeout", "60", "--out", str(out)])
+    seconds = time.perf_counter() - t0
+    assert res.exit_code == 1, res.output
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"error"}, rows  # strong and weak
+    assert all("exit code 139" in r["error"] for r in rows), rows
+    assert seconds < 40, seconds  # not the 60 s of --timeout

@@ -9,8 +9,10 @@ fails the test instead of hanging.
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import Any
@@ -72,18 +74,22 @@ class Pool:
         for p in self.procs:
             p.start()
 
-    def run(self, fn: Any, timeout: float = CASE_TIMEOUT, **kwargs: Any) -> list[tuple[bool, Any]]:
+    def run(
+        self, fn: Any, timeout: float = CASE_TIMEOUT, ranks: list[int] | None = None, **kwargs: Any
+    ) -> list[tuple[bool, Any]]:
+        """Call ``fn`` on every rank; the results of ``ranks`` (default: all), in that order."""
+        ranks = list(range(self.world)) if ranks is None else ranks
         for t in self.tasks:
             t.put((fn, kwargs))
         out: dict[int, tuple[bool, Any]] = {}
         try:
-            for _ in range(self.world):
+            while len(out) < len(ranks):
                 rank, ok, payload = self.results.get(timeout=timeout)
                 out[rank] = (ok, payload)
         except queue.Empty:
             self.close(kill=True)
             pytest.fail(f"{fn.__name__} did not finish on every rank within {timeout} s (got ranks {sorted(out)})")
-        return [out[r] for r in range(self.world)]
+        return [out[r] for r in ranks]
 
     def values(self, fn: Any, **kwargs: Any) -> list[Any]:
         got = self.run(fn, **kwargs)
@@ -233,6 +239,70 @@ def case_bad_input(rank: int, world: int, kind: str) -> str:
     return "no error"
 
 
+def _bad_call(rank: int, world: int, kind: str) -> None:
+    """A context-parallel call in which the last rank's input is bad (or differs from the others')."""
+    bad = rank == world - 1
+    g = torch.Generator().manual_seed(rank)
+    n = 12 if bad and kind == "shard_length" else 8
+    q, k, v = (torch.randn(1, 2, n, 4, generator=g) for _ in range(3))
+    variant, opts = "full", {}
+    kw: dict[str, Any] = {"layout": "contiguous", "causal": False}
+    if bad and kind == "q_dtype":
+        q = q.half()
+    elif bad and kind == "short_k":
+        k = k[:, :, :6]
+    elif bad and kind == "float_mask":
+        kw["key_padding_mask"] = torch.ones(1, 8)
+    elif bad and kind == "causal_int":
+        kw["causal"] = 1
+    elif bad and kind == "dtype":
+        q, k, v = q.double(), k.double(), v.double()
+    elif kind == "padding" and not bad:
+        kw["key_padding_mask"] = torch.ones(1, 8, dtype=torch.bool)
+    elif kind == "scale":
+        kw["scale"] = 0.5 if bad else 0.25
+    elif kind == "variant":
+        variant = "performer" if bad else "full"
+    elif kind in ("window", "window_negative"):
+        variant, opts = "sliding_window", {"window": (5 if kind == "window" else -1) if bad else 3}
+    elif kind == "seed":
+        variant, opts = "performer", {"num_features": 8, "seed": 1 if bad else 0}
+    elif kind == "projection":  # each rank its own draw: the features would not match
+        variant, opts = "performer", {"projection": torch.randn(8, 4, generator=g)}
+    elif kind == "requires_grad" and bad:  # its backward would wait for the others' forever
+        q.requires_grad_()
+    context_parallel_attention(q, k, v, variant, **kw, **opts)
+
+
+def case_bad_on_one_rank(rank: int, world: int, kinds: list[str]) -> list[tuple[str, float]]:
+    """Per kind: the error this rank raised (``"Type: message"``, or ``"no error"``) and the seconds it took."""
+    out = []
+    for kind in kinds:
+        t0 = time.perf_counter()
+        try:
+            _bad_call(rank, world, kind)
+            got = "no error"
+        except Exception as e:
+            got = f"{type(e).__name__}: {e}"
+        out.append((got, time.perf_counter() - t0))
+    return out
+
+
+def case_exit_on_one_rank(rank: int, world: int) -> tuple[str, float]:
+    """Rank 1's process exits; the others call context_parallel_attention (the error and its seconds)."""
+    if rank == 1:
+        os._exit(3)
+    time.sleep(0.5)  # rank 1 is gone by now
+    x = torch.randn(1, 2, 8, 4)
+    t0 = time.perf_counter()
+    try:
+        context_parallel_attention(x, x, x, "full")
+        got = "no error"
+    except Exception as e:
+        got = f"{type(e).__name__}: {e}"
+    return got, time.perf_counter() - t0
+
+
 def case_group_of_one(rank: int, world: int) -> float:
     """Each rank alone in its own group: context_parallel_attention equals attention()."""
     groups = [dist.new_group([r]) for r in range(world)]
@@ -296,6 +366,42 @@ def test_matches_reference(pool: Pool, variant: str) -> None:
     assert len(reports[0]) == len(_cases(variant))
 
 
+def test_global_tokens_beyond_a_shard(pool: Pool) -> None:
+    # Global positions are positions of the whole sequence (N = 8 P here, 8 tokens a shard): a
+    # count larger than a shard, and positions on the last shard, against the float64 reference.
+    n = 8 * pool.world
+    cases = [
+        dict(
+            variant="sliding_window",
+            opts=opts,
+            dtype=torch.float64,
+            layout=layout,
+            causal=causal,
+            seed=40 + i,
+            hk=2,
+            padded=i % 2 == 1,
+            backend="torch",
+        )
+        for i, (opts, layout, causal) in enumerate(
+            [
+                ({"window": 2, "global_tokens": n - 5}, "contiguous", False),
+                ({"window": 2, "global_tokens": n - 5}, "zigzag", True),
+                ({"window": (1, 2), "global_tokens": [0, 9, n - 3]}, "zigzag", False),
+                ({"window": 3, "global_tokens": [0, 9, n - 3]}, "contiguous", True),
+            ]
+        )
+    ]
+    reports = pool.values(case_matches_reference, cases=cases)
+    failures = [
+        f"rank {rank} {name} err {err:.3g} (one process {base:.3g}): {item['case']}"
+        for rank, report in enumerate(reports)
+        for item in report
+        for name, (err, base) in item["errs"].items()
+        if not err <= 2 * base + ATOL[torch.float64]
+    ]
+    assert not failures, "\n".join(failures)
+
+
 def test_bytes_match_analytic(pool: Pool) -> None:
     cases = [
         dict(variant=v, opts=o, layout=lay, causal=causal, padded=padded)
@@ -321,6 +427,70 @@ def test_bytes_match_analytic(pool: Pool) -> None:
 def test_mismatched_shard_raises_on_every_rank(pool: Pool) -> None:
     messages = pool.values(case_bad_input, kind="mismatch")
     assert all("ranks disagree" in m for m in messages), messages
+
+
+LOCAL_ERRORS = {  # kind -> what the message names
+    "q_dtype": "dtype",
+    "short_k": "length",
+    "float_mask": "key_padding_mask",
+    "causal_int": "causal",
+    "window_negative": "window",
+}
+
+
+def test_bad_input_on_one_rank_raises_the_same_error_on_every_rank(pool: Pool) -> None:
+    # The rank at fault must not raise before the others have heard of it: every rank raises
+    # the same ValueError, naming the rank and the problem, without waiting for a timeout.
+    kinds = list(LOCAL_ERRORS)
+    got = pool.values(case_bad_on_one_rank, timeout=20.0, kinds=kinds)
+    for i, kind in enumerate(kinds):
+        messages = [rank_report[i][0] for rank_report in got]
+        assert len(set(messages)) == 1, (kind, messages)
+        assert messages[0].startswith("ValueError: context_parallel_attention: rank"), (kind, messages[0])
+        assert f"rank {pool.world - 1}: " in messages[0] and LOCAL_ERRORS[kind] in messages[0], (kind, messages[0])
+        assert max(rank_report[i][1] for rank_report in got) < 5.0, kind
+
+
+DIFFERENCES = {  # kind -> (field named, value on the ranks 0 .. P-2, value on the last rank)
+    "shard_length": ("q shape", "(1, 2, 8, 4)", "(1, 2, 12, 4)"),
+    "dtype": ("dtype", "float32", "float64"),
+    "padding": ("key_padding_mask", "(1, 8)", "None"),
+    "scale": ("scale", "0.25", "0.5"),
+    "variant": ("variant", "full", "performer"),
+    "window": ("window", "3", "5"),
+    "seed": ("seed", "0", "1"),
+    "projection": ("projection", "float64 tensor (8, 4) #", "float64 tensor (8, 4) #"),
+    "requires_grad": ("requires grad (q, k, v)", "(False, False, False)", "(True, False, False)"),
+}
+
+
+def test_ranks_that_differ_are_told_which_field(pool: Pool) -> None:
+    kinds = list(DIFFERENCES)
+    got = pool.values(case_bad_on_one_rank, timeout=20.0, kinds=kinds)
+    last = pool.world - 1
+    for i, kind in enumerate(kinds):
+        messages = [rank_report[i][0] for rank_report in got]
+        assert len(set(messages)) == 1, (kind, messages)
+        field, mine, theirs = DIFFERENCES[kind]
+        assert messages[0].startswith(f"ValueError: context_parallel_attention: ranks disagree on {field}:"), (
+            kind,
+            messages[0],
+        )
+        assert f"{mine}" in messages[0] and f"rank {last} has {theirs}" in messages[0], (kind, messages[0])
+
+
+def test_a_rank_that_exits_is_reported_by_the_others() -> None:
+    # Three ranks, so that one survivor is not the dead rank's neighbour in a ring.
+    pool3 = Pool(3)
+    try:
+        got = pool3.run(case_exit_on_one_rank, timeout=30.0, ranks=[0, 2])
+    finally:
+        pool3.close(kill=True)
+    for ok, (message, seconds) in got:
+        assert ok
+        assert message.startswith("PeerError: context_parallel_attention: "), message
+        assert "a peer rank failed or exited" in message, message
+        assert seconds < 10.0, message
 
 
 def test_uneven_length_raises_on_every_rank(pool: Pool) -> None:

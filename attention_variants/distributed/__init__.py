@@ -11,28 +11,28 @@ Per variant: ``full`` runs ring attention (:mod:`.ring`), ``sliding_window`` a h
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..base import BACKENDS, get_variant
-from ..checks import check_causal, resolve_scale, validate_key_padding_mask, validate_qkv
+from ..base import get_variant
 from ..dense import compute_dtype, empty_attention
 from ..full import FullAttention
 from ..performer import PerformerAttention
 from ..sliding_window import SlidingWindowAttention
+from .agree import agree, check_whole, local_verdict
 from .blocks import block_impl
-from .comm import Comm, Traffic, count_bytes
+from .comm import Comm, PeerError, Traffic, count_bytes
 from .halo import halo_attention, halo_bytes, reach_of
-from .layout import LAYOUTS, check_layout, check_length, chunk_ids, positions, shard, unshard
+from .layout import LAYOUTS, chunk_ids, positions, shard, unshard
 from .linear import performer_attention, performer_bytes
 from .ring import RingConfig, ring_attention, ring_bytes
 
 __all__ = [
     "LAYOUTS",
+    "PeerError",
     "Traffic",
     "analytic_bytes",
     "chunk_ids",
@@ -42,8 +42,6 @@ __all__ = [
     "shard",
     "unshard",
 ]
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def context_parallel_attention(
@@ -65,61 +63,33 @@ def context_parallel_attention(
     ``q (B, H, n, D)``, ``k (B, Hk, n, D)``, ``v (B, Hk, n, Dv)`` are this rank's shard of a
     self-attention sequence of ``N = n * P`` tokens (``P`` ranks of ``group``, default the world),
     cut by ``layout`` (see :mod:`.layout`; :func:`shard` makes the shards). ``key_padding_mask``:
-    this rank's shard ``(B, n)`` of the full mask (True = real key). Returns ``(B, H, n, Dv)`` in
-    q's dtype; differentiable in ``q``, ``k``, ``v``. Every rank must call it with the same
-    shapes and options: a mismatch raises ValueError on every rank. ``N`` must be a multiple of
-    ``P`` (contiguous) or ``2P`` (zigzag); pad it and mask the padding otherwise.
+    this rank's shard ``(B, n)`` of the full mask (True = real key). Global tokens of
+    ``sliding_window`` are positions in the whole sequence. Returns ``(B, H, n, Dv)`` in q's
+    dtype; differentiable in ``q``, ``k``, ``v``.
+
+    Every rank must call it with the same shapes and options. The ranks first agree (:mod:`.agree`):
+    a bad input on any rank, or ranks that differ, raise the same ValueError on every rank (naming
+    the rank and its problem, or the field that differs). ``N`` must be a multiple of ``P``
+    (contiguous) or ``2P`` (zigzag); pad it and mask the padding otherwise. A collective that fails
+    because a peer rank exited raises :class:`PeerError`.
     """
-    validate_qkv(q, k, v)
-    layout = check_layout(layout)
-    causal = check_causal(causal)
-    scale = resolve_scale(scale, q.shape[-1])
-    if k.shape[2] != q.shape[2]:
-        raise ValueError(
-            f"context parallelism is self-attention: q and k shards need one length, got {q.shape[2]} and {k.shape[2]}"
-        )
-    kpm = validate_key_padding_mask(key_padding_mask, q, k)
-    var = get_variant(variant, **variant_kwargs)
-    comm = Comm(group, q.device)
-    _agree(comm, q, k, v, kpm, layout, causal, scale, repr(var) + backend)
-    n_total = q.shape[2] * comm.world
-    check_length(n_total, comm.world, layout)
-    name = var.resolve_backend(backend, q, v, padding=kpm is not None)
-    if name not in BACKENDS:
-        raise ValueError(f"backend={name!r}: context parallelism runs the backends {', '.join(BACKENDS)}")
+    comm = Comm(group, q.device if isinstance(q, Tensor) else "cpu")
+    call, inputs, error = local_verdict(
+        q, k, v, variant, layout, causal, scale, backend, key_padding_mask, variant_kwargs
+    )
+    call = agree(comm, call, inputs, error)
+    check_whole(call, comm.world)
+    q, k, v, kpm, var = call.q, call.k, call.v, call.kpm, call.variant
     if q.shape[2] == 0:
         return empty_attention(q, k, v)
-    var.check_call(q, k, v, causal)
+    kw = dict(comm=comm, layout=call.layout, causal=call.causal, scale=call.scale)
     if isinstance(var, FullAttention):
-        cfg = RingConfig(comm, block_impl(name, q, v), causal, scale, layout, kpm)
+        cfg = RingConfig(comm, block_impl(call.resolved, q, v), call.causal, call.scale, call.layout, kpm)
         return ring_attention(q, k, v, cfg)
     if isinstance(var, SlidingWindowAttention):
-        var.global_mask(n_total)  # validates the global positions against N
-        return halo_attention(var, q, k, v, kpm, comm=comm, layout=layout, causal=causal, scale=scale, backend=name)
-    if isinstance(var, PerformerAttention):
-        return performer_attention(var, q, k, v, kpm, comm=comm, layout=layout, causal=causal, scale=scale)
-    raise ValueError(f"variant {variant!r} has no context-parallel algorithm (full, sliding_window, performer do)")
-
-
-def _agree(
-    comm: Comm,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    kpm: Tensor | None,
-    layout: str,
-    causal: bool,
-    scale: float,
-    variant: str,
-) -> None:
-    """Every rank's shapes and options must match; a ValueError on every rank otherwise (never a hang)."""
-    mine = [*q.shape, k.shape[1], v.shape[3], _DTYPES.index(q.dtype), LAYOUTS.index(layout), int(causal)]
-    mine += [int(kpm is not None), zlib.crc32(repr((round(scale, 12), variant)).encode())]
-    every = comm.gather_ints(mine)
-    if any(e != every[0] for e in every):
-        names = "B, H, n, D, Hk, Dv, dtype, layout, causal, padded, options"
-        rows = "; ".join(f"rank {r}: {e[:9]}" for r, e in enumerate(every))
-        raise ValueError(f"context_parallel_attention: ranks disagree on ({names}): {rows}")
+        return halo_attention(var, q, k, v, kpm, backend=call.resolved, **kw)
+    assert isinstance(var, PerformerAttention)  # check_local refuses the other variants
+    return performer_attention(var, q, k, v, kpm, **kw)
 
 
 def analytic_bytes(

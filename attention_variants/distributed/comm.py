@@ -5,6 +5,9 @@ a point-to-point send counts its tensor; an all-to-all counts the parts sent to 
 an all-reduce counts ``2 (P - 1) / P`` times its tensor (ring reduce-scatter + all-gather);
 metadata checks (shapes, a few integers) are not counted. :func:`count_bytes` collects them.
 The differentiable collectives here count their backward traffic too.
+
+A collective that fails (a peer rank exited or crashed, or the group's timeout ran out) raises
+:class:`PeerError`, which names the call and the collective, with the backend's error as its cause.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,6 +57,23 @@ def nbytes(x: Tensor) -> int:
     return x.numel() * x.element_size()
 
 
+class PeerError(RuntimeError):
+    """A collective of a context-parallel call failed on this rank: a peer rank failed or exited
+    (gloo: "Connection closed by peer"), or did not take part before the group's timeout."""
+
+
+@contextmanager
+def collective(op: str, rank: int) -> Iterator[None]:
+    """Turn the process group's error in ``op`` into a :class:`PeerError` naming the call."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo's and NCCL's errors (DistBackendError ...) are RuntimeErrors
+        raise PeerError(
+            f"context_parallel_attention: {op} failed on rank {rank}: a peer rank failed or exited, or did not "
+            f"join it within the process group's timeout (the group cannot be used further): {exc}"
+        ) from exc
+
+
 class Comm:
     """A process group (None: the world) with this rank's index and the group size."""
 
@@ -62,8 +83,12 @@ class Comm:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        # NCCL moves CUDA tensors only: small metadata goes where the data lives; gloo keeps it on the CPU.
-        self.meta_device = torch.device(device) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        # NCCL moves CUDA tensors only: small metadata goes where the data lives (this rank's
+        # current GPU when the inputs are not CUDA tensors); gloo keeps it on the CPU.
+        self.meta_device = torch.device("cpu")
+        if dist.get_backend(group) == "nccl":
+            device = torch.device(device)
+            self.meta_device = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
 
     def peer(self, r: int) -> int:
         """The global rank of group rank ``r`` (point-to-point calls take global ranks)."""
@@ -71,12 +96,37 @@ class Comm:
 
     # -- uncounted metadata ----------------------------------------------------------------------
 
-    def gather_ints(self, values: list[int]) -> list[list[int]]:
-        """Every rank's ``values`` (same length on all ranks), for agreement checks."""
+    def _exchange(self, mine: Tensor, op: str) -> Tensor:
+        """Every rank's ``mine`` (one shape on all ranks), stacked in rank order. An all-to-all,
+        not an all-gather: each rank hears from every other directly, so a dead rank is noticed
+        by all at once (a ring all-gather leaves the ranks past a failed neighbour waiting)."""
+        out = mine.new_empty(self.world, *mine.shape)
+        with collective(op, self.rank):
+            dist.all_to_all_single(out, mine.expand(self.world, *mine.shape).contiguous(), group=self.group)
+        return out
+
+    def exchange_ints(self, values: list[int]) -> list[list[int]]:
+        """Every rank's ``values`` (one length on all ranks), for the agreement step."""
         mine = torch.tensor(values, dtype=torch.int64, device=self.meta_device)
-        out = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(out, mine, group=self.group)
-        return [o.tolist() for o in out]
+        return self._exchange(mine, "the agreement step").tolist()
+
+    def exchange_bytes(self, data: bytes, size: int) -> list[bytes]:
+        """Every rank's ``data`` (at most ``size`` bytes, ``size`` one value on all ranks), zero-padded to ``size``."""
+        mine = torch.zeros(size, dtype=torch.uint8)
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        out = self._exchange(mine.to(self.meta_device), "the agreement step")
+        return [bytes(row.cpu().tolist()) for row in out]
+
+    def send(self, x: Tensor, dst: int, op: str) -> None:
+        """Send ``x`` to group rank ``dst`` (counted as ``op``)."""
+        _record(op, nbytes(x))
+        with collective(f"a send to rank {dst} ({op})", self.rank):
+            dist.send(x.contiguous(), self.peer(dst), group=self.group)
+
+    def recv(self, x: Tensor, src: int, op: str) -> None:
+        """Receive into ``x`` from group rank ``src``."""
+        with collective(f"a receive from rank {src} ({op})", self.rank):
+            dist.recv(x, self.peer(src), group=self.group)
 
     # -- counted collectives --------------------------------------------------------------------
 
@@ -90,18 +140,20 @@ class Comm:
         ops += [dist.P2POp(dist.irecv, b, prv, self.group) for b in bufs]
         for t in tensors:
             _record(op, nbytes(t))
-        return bufs, dist.batch_isend_irecv(ops)
+        with collective(f"the ring pass ({op})", self.rank):
+            return bufs, dist.batch_isend_irecv(ops)
 
-    @staticmethod
-    def ring_wait(reqs: list) -> None:
-        for r in reqs:
-            r.wait()
+    def ring_wait(self, reqs: list[Any]) -> None:
+        with collective("the ring pass", self.rank):
+            for r in reqs:
+                r.wait()
 
     def all_reduce_max(self, x: Tensor) -> Tensor:
         """Element-wise maximum over the ranks (no gradient: used for stabilisers that cancel)."""
         out = x.detach().contiguous().clone()
         _record("all_reduce", self._allreduce_bytes(out))
-        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+        with collective("an all-reduce (MAX)", self.rank):
+            dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
         return out
 
     def all_reduce_sum(self, x: Tensor) -> Tensor:
@@ -121,7 +173,8 @@ class Comm:
         row = nbytes(x[:1]) if x.shape[0] else 0
         _record(op, row * (sum(send_rows) - send_rows[self.rank]))
         out = x.new_empty(sum(recv_rows), *x.shape[1:])
-        dist.all_to_all_single(out, x, list(recv_rows), list(send_rows), group=self.group)
+        with collective(f"an all-to-all ({op})", self.rank):
+            dist.all_to_all_single(out, x, list(recv_rows), list(send_rows), group=self.group)
         return out
 
 
@@ -131,14 +184,16 @@ class _AllReduceSum(torch.autograd.Function):
         ctx.comm = comm
         out = x.contiguous().clone()
         _record("all_reduce", comm._allreduce_bytes(out))
-        dist.all_reduce(out, group=comm.group)
+        with collective("an all-reduce (SUM)", comm.rank):
+            dist.all_reduce(out, group=comm.group)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         g = g.contiguous().clone()
         _record("all_reduce_bwd", ctx.comm._allreduce_bytes(g))
-        dist.all_reduce(g, group=ctx.comm.group)
+        with collective("an all-reduce (SUM, backward)", ctx.comm.rank):
+            dist.all_reduce(g, group=ctx.comm.group)
         return g, None
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ..dense import compute_dtype
@@ -31,7 +30,7 @@ from ..favor import (
     query_features,
 )
 from ..performer import PerformerAttention
-from .comm import Comm, _record, nbytes
+from .comm import Comm
 from .layout import chunk_ids, chunks_per_rank
 
 
@@ -65,11 +64,10 @@ class _ExclusiveScan(torch.autograd.Function):
             if prev is not None and owners[prev] != owners[i]:
                 if comm.rank == owners[prev]:
                     assert carry is not None
-                    _record(op, nbytes(carry))
-                    dist.send(carry.contiguous(), comm.peer(owners[i]), group=comm.group)
+                    comm.send(carry, owners[i], op)
                 if comm.rank == owners[i]:
                     carry = torch.empty_like(template)
-                    dist.recv(carry, comm.peer(owners[prev]), group=comm.group)
+                    comm.recv(carry, owners[prev], op)
             if comm.rank == owners[i]:
                 out[i] = torch.zeros_like(template) if carry is None else carry.clone()
                 carry = local[i] if carry is None else carry + local[i]

@@ -54,7 +54,7 @@ def _faults() -> list[tuple[str, int | None]]:
     return out
 
 
-def _inject_fault(cfg: BenchConfig) -> None:
+def inject_fault(cfg: BenchConfig) -> None:
     for mode, n in _faults():
         if mode == "startup" or (n is not None and n != cfg.seq_len):
             continue
@@ -149,7 +149,7 @@ def _worker_main(
 
         measure.PERTURB = 0.0
         try:
-            _inject_fault(cfg)
+            inject_fault(cfg)
             res = run_config(cfg, settings)
         except Exception as exc:  # run_config records its own failures; this is a last resort
             res = BenchResult(cfg, "error", error=f"{type(exc).__name__}: {exc}")
@@ -178,7 +178,7 @@ def _run_job(conn, job_fn, msg: dict, settings: RunSettings) -> None:
         conn.send(("progress", *values))
 
     try:
-        _inject_fault(_Cfg)  # type: ignore[arg-type]
+        inject_fault(_Cfg)  # type: ignore[arg-type]
         row = job_fn(msg, settings, progress)
     except Exception as exc:
         # The parent builds the row with the job's own result class: a job's config need not map
@@ -338,7 +338,7 @@ class WorkerPool:
         code = self.proc.exitcode
         self.kill()
         self.start_failures += 1
-        how = f"no sign of life after {STARTUP_TIMEOUT_S} s" if code is None else _exit_text(code)
+        how = f"no sign of life after {STARTUP_TIMEOUT_S} s" if code is None else exit_text(code)
         return f"the benchmark worker did not start ({how}); see {self.log_path or 'its stderr'}"
 
     def kill(self) -> None:
@@ -428,10 +428,10 @@ class WorkerPool:
                         error="worker killed (signal 9); no sign of the out-of-memory killer",
                         elapsed_s=elapsed,
                     )
-                return self.result_cls(cfg, "error", error=f"worker crashed ({_exit_text(code)})", elapsed_s=elapsed)
+                return self.result_cls(cfg, "error", error=f"worker crashed ({exit_text(code)})", elapsed_s=elapsed)
 
 
-def _exit_text(code: int) -> str:
+def exit_text(code: int) -> str:
     if code < 0:
         return f"killed (signal {-code}, {_signal_name(-code)})"
     return f"exit code {code}"

@@ -1,5 +1,6 @@
-"""``attn-bench cp`` as a function: the comma lists parsed and checked, the rows run on gloo (or
-NCCL) ranks, the report written."""
+"""``attn-bench cp`` as a function: the options parsed and checked (each refusal a
+:class:`~attn_bench.core.results.RunSetupError` naming the option), the rows run on gloo (or
+NCCL) ranks, the report written; exit 1 when no row ran ok."""
 
 from __future__ import annotations
 
@@ -8,9 +9,21 @@ from typing import Any
 
 from rich.markup import escape
 
-from attn_bench.core.config import parse_bool
+from attn_bench.core.config import ConfigError, parse_bool, parse_count
 from attn_bench.core.results import RunSetupError
-from attn_bench.core.setup import Echo, split, values
+from attn_bench.core.setup import Echo, check_out, exit_if_all_failed, status_summary, values
+
+# The option behind each field of a row (attn_bench.cp.run.CPConfig).
+OPTION_OF = {
+    "variant": "--variants",
+    "layout": "--layouts",
+    "causal": "--causal",
+    "world": "--ranks",
+    "n_total": "--n",
+    "kv_heads": "--kv-heads",
+    "head_dim": "--head-dim",
+    "num_features": "--num-features",
+}
 
 
 def cp_command(
@@ -29,23 +42,29 @@ def cp_command(
 ) -> None:
     """Run the cross product of the comma lists (``shape``: batch, heads, kv_heads, head_dim, dtype,
     window, num_features, device) and write ``out``'s CSV and report."""
-    import attention_variants as av
-    from attn_bench.cp.run import expand, run_cp
+    from attn_bench.cp.run import VARIANT_OPTIONS, check_run_options, expand, run_cp
 
+    check_run_options(repeats, threads, timeout)
+    check_out(out)
+    vs = values(variants, "--variants", str)
+    bad = [v for v in vs if v not in VARIANT_OPTIONS]
+    if bad:
+        raise RunSetupError(
+            "--variants", f"unknown variant(s) {', '.join(bad)}; context parallelism runs {', '.join(VARIANT_OPTIONS)}"
+        )
     try:
-        vs = split(variants)
-        bad = [v for v in vs if v not in av.list_variants()]
-        if bad:
-            raise ValueError(f"unknown variant(s) {', '.join(bad)}; variants are {', '.join(av.list_variants())}")
         configs = expand(
-            values(ranks, "--ranks", int), values(n, "--n", int), vs, split(layouts),
-            [parse_bool(c) for c in split(causal)], **shape,
+            values(ranks, "--ranks", parse_count), values(n, "--n", parse_count), vs,
+            values(layouts, "--layouts", str), values(causal, "--causal", parse_bool), **shape,
         )  # fmt: skip
     except RunSetupError:
         raise
-    except ValueError as exc:
-        raise RunSetupError(None, str(exc)) from None
+    except ConfigError as exc:
+        raise RunSetupError(OPTION_OF.get(exc.key, "--" + exc.key.replace("_", "-")), str(exc)) from None
+    except ValueError as exc:  # check_device: the message names --device or --dtype
+        raise RunSetupError("--dtype" if "--dtype" in str(exc) else "--device", str(exc)) from None
     echo(f"[bold]attn-bench cp[/]: {len(configs)} rows -> {out}")
     df = run_cp(configs, out, repeats=repeats, threads=threads, timeout_s=timeout, echo=lambda line: echo(escape(line)))
-    bad_rows = df[df["status"] != "ok"]
-    echo(f"{len(df) - len(bad_rows)} rows ok, {len(bad_rows)} not; report in {out}")
+    statuses = [str(s) for s in df["status"]] if len(df) else []
+    echo(f"{status_summary(statuses)}; report in {out}")
+    exit_if_all_failed(statuses)

@@ -8,16 +8,24 @@ bytes each rank's collectives send (:func:`count_bytes`) against the analytic co
 (:func:`analytic_bytes`). Strong scaling fixes the total ``N``; weak scaling fixes ``N / P``.
 Writes ``results.csv`` (after every rank count, atomically), ``metadata.json``, plots and a
 ``README.md`` into the output directory.
+
+A row's config checks itself (:class:`CPConfig`, a :class:`~attn_bench.core.config.ConfigError`
+naming the field), so a run starts only with rows that can run. While a pool works, the parent
+watches its processes: a rank whose process exits ends the pool at once (its rows ``error``),
+a row that takes longer than ``timeout_s`` ends it too (its rows ``timeout``). The sweep's fault
+injection (``ATTN_BENCH_FAULT``, :mod:`attn_bench.core.worker`) applies to every rank, keyed by
+the total ``N``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import queue
 import shlex
 import socket
 import sys
-import traceback
+import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,12 +33,15 @@ from typing import Any
 
 import pandas as pd
 
+from attn_bench.core.config import ConfigError
 from attn_bench.core.machine import machine_metadata
-from attn_bench.core.results import atomic_write
-from attn_bench.cp.report import write_cp_report
+from attn_bench.core.results import RunSetupError, atomic_write, prepare_run_dir
+from attn_bench.core.worker import exit_text, inject_fault
 
 DEFAULT_OUT = Path("reports/cp-quick")
 VARIANT_OPTIONS: dict[str, dict[str, Any]] = {"full": {}, "sliding_window": {"window": 128}, "performer": {}}
+POLL_S = 0.5  # how often the parent looks at the ranks' processes while it waits for a row
+GRACE_S = 2.0  # after a rank's process is seen gone: time for rows already sent to arrive
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,16 @@ class CPConfig:
     num_features: int
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        problem = config_problem(self)
+        if problem is not None:
+            raise ConfigError(*problem)
+
+    @property
+    def seq_len(self) -> int:
+        """The total ``N`` (what the fault injection of :mod:`attn_bench.core.worker` keys on)."""
+        return self.n_total
+
     def options(self) -> dict[str, Any]:
         if self.variant == "sliding_window":
             return {"window": self.window}
@@ -60,28 +81,69 @@ class CPConfig:
         return {}
 
 
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def config_problem(cfg: CPConfig) -> tuple[str, str] | None:
+    """``(field, message)`` of what makes ``cfg`` not runnable, or None: an unknown variant or
+    layout, a count that is not a positive int (a window below 0), ``heads`` not a multiple of
+    ``kv_heads``, an ``N`` the layout cannot cut into equal chunks, a dtype the device lacks."""
+    from attention_variants.distributed.layout import LAYOUTS, check_length
+
+    if cfg.variant not in VARIANT_OPTIONS:
+        return "variant", f"unknown variant {cfg.variant!r}; context parallelism runs {', '.join(VARIANT_OPTIONS)}"
+    if cfg.layout not in LAYOUTS:
+        return "layout", f"layout must be one of {', '.join(LAYOUTS)}, got {cfg.layout!r}"
+    if cfg.scaling not in ("strong", "weak"):
+        return "scaling", f"scaling must be strong or weak, got {cfg.scaling!r}"
+    if not isinstance(cfg.causal, bool):
+        return "causal", f"causal must be true or false, got {cfg.causal!r}"
+    for name in ("world", "n_total", "batch", "heads", "kv_heads", "head_dim", "num_features"):
+        if not _count(getattr(cfg, name)):
+            return name, f"{name} must be a positive integer, got {getattr(cfg, name)!r}"
+    if not (_count(cfg.window) or cfg.window == 0):
+        return "window", f"window must be a non-negative integer, got {cfg.window!r}"
+    if cfg.heads % cfg.kv_heads:
+        return "kv_heads", f"heads {cfg.heads} is not a multiple of kv_heads {cfg.kv_heads}"
+    try:
+        check_length(cfg.n_total, cfg.world, cfg.layout)
+    except ValueError as exc:
+        return "n_total", str(exc)
+    if cfg.device not in DTYPES:
+        return "device", f"device must be cpu or cuda, got {cfg.device!r}"
+    if cfg.dtype not in DTYPES[cfg.device]:
+        return "dtype", f"dtype must be one of {', '.join(DTYPES[cfg.device])} on {cfg.device}, got {cfg.dtype!r}"
+    return None
+
+
 def expand(
     ranks: list[int], ns: list[int], variants: list[str], layouts: list[str], causal: list[bool], **shape: Any
 ) -> list[CPConfig]:
-    """Strong rows (total N in ``ns``) and weak rows (N = n * P) for every rank count."""
-    from attention_variants.distributed.layout import check_layout
-
-    for lay in layouts:
-        check_layout(lay)
-    if any(p < 1 for p in ranks):
-        raise ValueError(f"--ranks must be positive, got {ranks}")
+    """Strong rows (total N in ``ns``) and weak rows (N = n * P) for every rank count; a
+    ConfigError (its ``key`` a :class:`CPConfig` field) for the first row that cannot run."""
     check_device(shape.get("device", "cpu"), shape.get("dtype", "float32"), max(ranks, default=1))
     out = []
     for p in ranks:
         for n in ns:
             for scaling, total in (("strong", n), ("weak", n * p)):
-                if total % (2 * p):
-                    raise ValueError(f"N={total} is not a multiple of 2 * {p} ranks (needed by the zigzag layout)")
                 for v in variants:
                     for lay in layouts:
                         for c in causal:
                             out.append(CPConfig(v, lay, c, p, total, scaling, **shape))
     return out
+
+
+def check_run_options(repeats: object, threads: object, timeout_s: object) -> None:
+    """RunSetupError naming the option unless ``repeats`` and ``threads`` are positive ints and
+    ``timeout_s`` a positive number of seconds."""
+    if not _count(repeats):
+        raise RunSetupError("--repeats", f"must be a positive integer (timed calls per row), got {repeats!r}")
+    if not _count(threads):
+        raise RunSetupError("--threads", f"must be a positive integer (torch threads per rank), got {threads!r}")
+    number = isinstance(timeout_s, int | float) and not isinstance(timeout_s, bool)
+    if not (number and math.isfinite(timeout_s) and timeout_s > 0):  # type: ignore[arg-type, operator]
+        raise RunSetupError("--timeout", f"must be a positive number of seconds, got {timeout_s!r}")
 
 
 DTYPES = {"cpu": ("float32", "float64"), "cuda": ("bfloat16", "float16", "float32", "float64")}
@@ -186,10 +248,10 @@ def _worker(
     )
     for cfg in configs:
         try:
+            inject_fault(cfg)
             row = _row(cfg, rank, repeats)
         except Exception as e:  # every rank fails alike (the same inputs and collectives): record it
             row = {**asdict(cfg), "status": "error", "error": f"{type(e).__name__}: {e}"}
-            traceback.print_exc()
         if rank == 0:
             results.put(row)
     if rank == 0:
@@ -204,6 +266,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _collect(
+    procs: list[Any], results: Any, mine: list[CPConfig], timeout_s: float, on_row: Any, echo: Any
+) -> tuple[list[dict], bool]:
+    """The rows rank 0 sends for ``mine`` (each passed to ``on_row`` as it comes) and whether the
+    pool finished. A rank whose process ends before the last row ends the wait at once (the rows
+    not received: ``error``); no row within ``timeout_s`` ends it too (``timeout``)."""
+    rows: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    gone_since = None
+    while True:
+        try:
+            row = results.get(timeout=POLL_S)
+        except queue.Empty:
+            now = time.monotonic()
+            gone = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode is not None]
+            if gone and gone_since is None:
+                gone_since = now  # rows sent before it ended may still be on their way
+            if gone and now - gone_since > GRACE_S:
+                status, why = "error", "; ".join(f"rank {r}'s process ended ({exit_text(c)})" for r, c in gone)
+            elif now > deadline:
+                status, why = "timeout", f"no row within {timeout_s:g} s; ranks killed"
+            else:
+                continue
+            echo(f"P={len(procs)}: {why}; {len(mine) - len(rows)} rows recorded as {status}")
+            return rows + [{**asdict(c), "status": status, "error": why} for c in mine[len(rows) :]], False
+        if row is None:
+            return rows, True
+        rows.append(row)
+        on_row(row)
+        deadline = time.monotonic() + timeout_s
+
+
 def run_cp(
     configs: list[CPConfig],
     out: Path,
@@ -214,10 +308,12 @@ def run_cp(
     echo: Any = print,
 ) -> pd.DataFrame:
     """Run every row (one worker pool per rank count), printing a line per row, and write the
-    report into ``out``."""
+    report into ``out``. RunSetupError (before anything runs) for an ``out`` that cannot hold
+    the run or a bad ``repeats``, ``threads`` or ``timeout_s``."""
     import torch.multiprocessing as mp
 
-    out.mkdir(parents=True, exist_ok=True)
+    check_run_options(repeats, threads, timeout_s)
+    prepare_run_dir(out, {c.device for c in configs}, resume=False)
     device = configs[0].device if configs else "cpu"
     meta = {**machine_metadata(device), "kind": "cp", "command": shlex.join(["attn-bench", *sys.argv[1:]])}
     meta.update(
@@ -226,6 +322,19 @@ def run_cp(
     atomic_write(out / "metadata.json", json.dumps(meta, indent=2, default=str))
     rows: list[dict[str, Any]] = []
     ctx = mp.get_context("spawn")
+    shown = [0]
+
+    def show(row: dict[str, Any]) -> None:
+        shown[0] += 1
+        if row["status"] == "ok":
+            what = f"fwd+bwd {row['fwd_bwd_s'] * 1e3:.1f} ms, bytes ratio {row['bytes_ratio']:.3f}"
+        else:
+            what = row.get("error", row["status"])
+        echo(
+            f"[{shown[0]}/{len(configs)}] P={row['world']} {row['variant']} {row['layout']} "
+            f"causal={row['causal']} {row['scaling']} N={row['n_total']}: {what}"
+        )
+
     for world in sorted({c.world for c in configs}):
         mine = [c for c in configs if c.world == world]
         results = ctx.Queue()
@@ -236,30 +345,16 @@ def run_cp(
         ]
         for p in procs:
             p.start()
-        got = 0
-        try:
-            while True:
-                row = results.get(timeout=timeout_s)
-                if row is None:
-                    break
-                rows.append(row)
-                got += 1
-                if row["status"] == "ok":
-                    what = f"fwd+bwd {row['fwd_bwd_s'] * 1e3:.1f} ms, bytes ratio {row['bytes_ratio']:.3f}"
-                else:
-                    what = row.get("error", row["status"])
-                echo(
-                    f"[{len(rows)}/{len(configs)}] P={world} {row['variant']} {row['layout']} causal={row['causal']} "
-                    f"{row['scaling']} N={row['n_total']}: {what}"
-                )
-        except queue.Empty:
-            rows += [{**asdict(c), "status": "timeout"} for c in mine[got:]]
-            echo(f"P={world}: no row within {timeout_s:.0f} s; {len(mine) - got} rows recorded as timeout")
+        got, finished = _collect(procs, results, mine, timeout_s, show, echo)
+        rows += got
         for p in procs:
-            p.join(timeout=5)
+            p.join(timeout=5 if finished else 0)  # the others of a broken pool may wait in a collective
             if p.is_alive():
                 p.kill()
+                p.join(timeout=5)
         atomic_write(out / "results.csv", pd.DataFrame(rows).to_csv(index=False))
+    from attn_bench.cp.report import write_cp_report  # here: the ranks' processes need no matplotlib
+
     df = pd.DataFrame(rows)
     write_cp_report(df, out, meta)
     return df
