@@ -81,7 +81,7 @@ def block_forward(
         kv_valid = krange = None
         if kpm is not None:
             kv_valid, krange = padding_args(kpm)
-        opts = FlashOptions(diag, float(scale), None, None, None, kv_valid, krange)
+        opts = FlashOptions(diag, float(scale), key_valid=kv_valid, key_range=krange)
         out, lse2 = _forward(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)), opts)
         lse = torch.where(torch.isinf(lse2), -math.inf, lse2 / _LOG2E)
         return out.to(cd), lse.to(cd)
@@ -130,7 +130,7 @@ def block_backward(
         kv_valid = krange = None
         if kpm is not None:
             kv_valid, krange = padding_args(kpm)
-        opts = FlashOptions(diag, float(scale), None, None, None, kv_valid, krange)
+        opts = FlashOptions(diag, float(scale), key_valid=kv_valid, key_range=krange)
         q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, out))
         grads = _backward(q, k, v, out, (lse_inf * _LOG2E).float().contiguous(), dout.contiguous(), opts)
         return tuple(g.to(cd) for g in grads)  # type: ignore[return-value]
