@@ -40,8 +40,8 @@ class KernelSpec:
     """One kernel launch to compile: ``kernel`` (e.g. ``"flash_fwd"``), its ``family`` and ``pass``
     (``fwd``, ``bwd``, ``decode``), ``role`` (``"shipped"``: the launcher's heuristic default;
     ``"candidate"``: another config ``attn-bench tune`` times), the compile arguments, and what one
-    main-loop iteration walks: ``loop_unit`` (``keys``, ``queries``, ``features``, ``parts``; empty
-    for a kernel without a loop) and ``loop_items`` of them."""
+    main-loop iteration walks: ``loop_unit`` (``keys``, ``queries``, ``features``) and
+    ``loop_items`` of them: one tile (empty for a kernel without a tile loop)."""
 
     kernel: str
     family: str
@@ -119,7 +119,8 @@ def _decode_specs(dtype, head_dim: int, sample, performer: bool) -> list[KernelS
     plan = [("decode_split", "split"), ("decode_combine", "combine")]
     for name, kernel in plan + ([("decode_favor_step", "favor_step")] if performer else []):
         fn, sig, cx, cfg = decode.aot_spec(kernel, head_dim, dtype, sample=sample)
-        unit, items = {"split": ("keys", cfg.block_n), "combine": ("parts", 1)}.get(kernel, ("", 0))
+        # No per-item figure for the combine kernel: ptxas unrolls its short loop over the parts.
+        unit, items = ("keys", cfg.block_n) if kernel == "split" else ("", 0)
         out.append(KernelSpec(name, "decode", "decode", "shipped", cfg, fn, sig, cx, unit, items))
     return out
 
@@ -255,10 +256,10 @@ def versions(arch: int) -> dict[str, str]:
     raises :class:`attn_kernels.aot.ToolMissing` when one is missing."""
     import os
 
+    ptxas, ptxas_version = aot.tool("ptxas", arch)  # ToolMissing also when Triton is not installed
+    cuobjdump, cuobjdump_version = aot.tool("cuobjdump")
     import triton
 
-    ptxas, ptxas_version = aot.tool("ptxas", arch)
-    cuobjdump, cuobjdump_version = aot.tool("cuobjdump")
     return {
         "triton": triton.__version__,
         "ptxas": f"{os.path.basename(ptxas)} {ptxas_version}",

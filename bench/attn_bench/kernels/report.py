@@ -42,10 +42,11 @@ instructions: the fused softmax kernels walk their tiles in a masked edge pass, 
 interior pass and another masked pass, and the interior one is the steady state (`kernels.csv`
 says how each was chosen in `loop_choice`). `TF32`: MMAs with TF32 operands. Loads: `TMA`
 (UTMALDG), `cp.async` (LDGSTS), `sync` (LDG: synchronous global loads). `per iter`: the keys,
-queries, features or parts one iteration walks; `instr/item/warp` divides the loop's instructions
-by them. `BAR`: CTA barriers per iteration. Integer arguments are specialised on their values in
-the launch named above, as Triton's launcher does (`kernels.csv`: `constexpr_ints` became
-constants, `divisible_ints` got the divisibility-by-16 hint)."""
+queries or features of the tile one iteration walks; `instr/item/warp` divides the loop's
+instructions by them (the tile loops are not unrolled: their MMA counts are one tile's). `BAR`:
+CTA barriers per iteration. Integer arguments are specialised on their values in the launch
+named above, as Triton's launcher does (`kernels.csv`: `constexpr_ints` became constants,
+`divisible_ints` got the divisibility-by-16 hint)."""
 
 
 def _cell(row: dict[str, object], key) -> str:
