@@ -74,3 +74,12 @@ def ok_result(cfg):
     from attn_bench.core.config import BenchResult
 
     return BenchResult(cfg, "ok", backend_used="torch", time_ms=1.0, time_ms_p10=0.9, time_ms_p90=1.1, elapsed_s=0.5)
+
+
+def aot_release() -> str:
+    """``"3.6"`` under Triton 3.6 and older (the GPU machines' release), ``"newer"`` otherwise: the
+    compile tests' spill bounds differ by release (ptxas 12.8 against 13.x)."""
+    import triton
+
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return "3.6" if (major, minor) <= (3, 6) else "newer"

@@ -1,12 +1,14 @@
 """Every shipped launch configuration of the fused softmax kernels, compiled ahead of time.
 
 No GPU needed: ``attn_kernels.aot.compile_for`` lowers each kernel to PTX for sm_80 (A100) and
-sm_90 (H100) and runs the wheel's ``ptxas -v`` on it. Registers, shared memory and spills are
-printed (``pytest -s`` shows them); a forward kernel that spills fails the test. Each config
-is compiled in the specialisation with the most live state (causal, global tokens), and the
-forward also in its gathered-global-rows specialisation (with its own, halved query tile). The
-16-bit forwards (those at the register limit) are compiled once more with a key padding mask
-(``HAS_PAD``), which must not make them spill either.
+sm_90 (H100) and runs the wheel's ``ptxas -v`` on it, with the integer arguments specialised on
+their values in the default launch sample as Triton's launcher does. Registers, shared memory and
+spills are printed (``pytest -s`` shows them); a forward kernel that spills fails the test (but
+for the few bytes listed in ``_SPILL_BOUNDS``). Each config is compiled in the specialisation
+with the most live state (causal, global tokens), and the forward also in its gathered-global-rows
+specialisation (with its own, halved query tile). The 16-bit forwards (those at the register
+limit) are compiled once more with a key padding mask (``HAS_PAD``), which must not make them
+spill either.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from attn_kernels import flash_configs
 from attn_kernels.launch import KernelConfig, LaunchShape
+from tests.helpers import aot_release
 
 flash_kernels = pytest.importorskip("attn_kernels.flash_kernels")
 aot = pytest.importorskip("attn_kernels.aot")
@@ -53,7 +56,15 @@ def test_shipped_config_compiles(spec, arch: int) -> None:
     assert ".entry" in stats.ptx and f"sm_{arch}" in stats.ptx
     assert stats.registers > 0
     if kernel == "fwd":
-        assert stats.spill_bytes == 0, f"forward kernel spills {stats.spill_bytes} bytes"
+        allowed = _SPILL_BOUNDS.get((aot_release(), str(cfg), head_dim, arch), 0)
+        assert stats.spill_bytes <= allowed, f"forward kernel spills {stats.spill_bytes} bytes"
+
+
+# Forward launches that spill a little (documented in docs/kernels.md): at most this many bytes,
+# per Triton release ("3.6" or "newer", see aot_release). Head dims above 128 in 16 bits on
+# sm_90: ptxas 12.8 (Triton 3.6) keeps the kernel at 128 registers and spills one 64-bit value
+# (8 B stored, 8 B loaded); Triton 3.9 does not spill there.
+_SPILL_BOUNDS = {("3.6", "M32-N32-w8-s1", 256, 90): 16}
 
 
 def test_every_selected_config_is_shipped() -> None:

@@ -353,6 +353,29 @@ def device_check_cmd(
     _call(device_check_command, out=out, budget_s=budget_s, work=work)
 
 
+@app.command("kernels")
+def kernels_cmd(
+    arch: Annotated[str, typer.Option(help="target GPU: sm_80, sm_90 or sm_100")] = "sm_90",
+    dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32")] = "bfloat16",
+    head_dim: Annotated[int, typer.Option(help="head dim, 1-256 (FAVOR+ up to 128)")] = 128,
+    causal: Annotated[bool, typer.Option(help="compile the causal specialisation")] = False,
+    candidates: Annotated[bool, typer.Option(help="also compile the configs `attn-bench tune` times")] = False,
+    kernels: Annotated[
+        str | None,
+        typer.Option("--kernels", "--kernel", help="comma list: flash, favor, decode or kernel names [default: all]"),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="folder for kernels.csv and README.md [default: runs/kernels-ARCH-DTYPE-dHD]")
+    ] = None,
+) -> None:
+    """Compile every Triton kernel for a target GPU here (no GPU needed): registers, spills, shared
+    memory and the main loop's SASS (MMA kind and count, loads, instructions per key, barriers)."""
+    options = dict(locals())
+    from attn_bench.kernels.command import kernels_command
+
+    _call(kernels_command, **options)
+
+
 @app.command()
 def targets(
     quick: Annotated[bool, typer.Option(help="shorter timing (less stable ratios)")] = False,

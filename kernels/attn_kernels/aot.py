@@ -13,15 +13,26 @@ kernels at all: the kernels and Triton's own ``tl`` helpers are interpreter obje
 interpreter off, which imports the kernel's module by name and compiles the function of the
 same name (so the kernel must live at the top level of an importable module).
 
-Pointer arguments get the 16-byte alignment hint that the launcher gives to every PyTorch
-allocation, so the code matches what runs on a GPU; integer arguments get no hint.
+**The launcher's specialisation.** At a launch, Triton specialises every integer argument on its
+value: 1 becomes a compile-time constant, a multiple of 16 gets ``tt.divisibility=16``, and the
+type is ``i32``, ``i64`` or ``u64`` by range (:func:`specialize_int`, Triton's
+``native_specialize_impl``). Pointers get the 16-byte alignment hint of every PyTorch allocation.
+``compile_for`` applies the same rules to the integer values of a concrete launch given in the
+signature, so the code it reports is the code a GPU runs for that launch; an integer given only by
+its type (``"i32"``) gets no hint, as an argument the launcher does not specialise.
+
+Registers and spills come from Triton's own ``ptxas`` step (``make_cubin`` of the NVIDIA backend,
+same tool and options, with its ``-v`` log captured), so they describe the cubin the launcher
+would load; :func:`disassemble` turns that cubin into SASS with the wheel's ``cuobjdump``.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import importlib
+import io
 import os
 import pickle
 import re
@@ -36,9 +47,12 @@ from typing import Any
 class CompileStats:
     """What the compiler reports about one kernel specialisation.
 
-    ``registers`` per thread and ``spill_bytes`` (spill stores plus spill loads) come from
-    ``ptxas -v``; ``shared_mem`` is the dynamic shared memory in bytes that Triton allocates
-    (from the compiled metadata); ``ptx`` is the generated PTX text.
+    ``registers`` per thread and ``spill_bytes`` (spill stores plus spill loads) come from the
+    ``ptxas -v`` log of the step that built ``cubin``; ``shared_mem`` is the dynamic shared memory
+    in bytes that Triton allocates (from the compiled metadata); ``ptx`` is the generated PTX text.
+    ``signature`` is the type of every argument after the launcher's specialisation
+    (``"constexpr"`` for the compile-time ones, integers equal to 1 included) and ``divisible``
+    names the arguments that carry ``tt.divisibility=16``; ``ptxas_version`` is that of the tool.
     """
 
     arch: int
@@ -46,6 +60,70 @@ class CompileStats:
     spill_bytes: int
     shared_mem: int
     ptx: str
+    cubin: bytes = b""
+    signature: dict[str, str] = dataclasses.field(default_factory=dict)
+    divisible: tuple[str, ...] = ()
+    ptxas_version: str = ""
+
+
+class ToolMissing(RuntimeError):
+    """An NVIDIA tool that ships with Triton (``ptxas``, ``cuobjdump``) is not installed here."""
+
+
+def specialize_int(value: int) -> tuple[str, int | None]:
+    """How Triton's launcher specialises an integer argument of ``value``.
+
+    Returns ``("constexpr", 1)`` for 1 (compiled in as a constant), else ``(type, divisibility)``:
+    type ``"i32"``, ``"i64"`` or ``"u64"``, the narrowest that holds the value, and divisibility 16
+    for a multiple of 16 (0 included), None otherwise. Raises TypeError for a non-int (bools
+    included) and ValueError for a value no 64-bit type holds.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"value must be an int, got {value!r}")
+    if value == 1:
+        return "constexpr", 1
+    if -(2**31) <= value < 2**31:
+        kind = "i32"
+    elif -(2**63) <= value < 2**63:
+        kind = "i64"
+    elif 0 <= value < 2**64:
+        kind = "u64"
+    else:
+        raise ValueError(f"integer argument {value} does not fit 64 bits")
+    return kind, 16 if value % 16 == 0 else None
+
+
+def tool(name: str, arch: int = 90) -> tuple[str, str]:
+    """``(path, version)`` of an NVIDIA tool shipped with Triton: ``"ptxas"`` (the one Triton runs
+    for ``sm_<arch>``) or ``"cuobjdump"``. Raises :class:`ToolMissing` with what to do when absent."""
+    if name not in ("ptxas", "cuobjdump"):
+        raise ValueError(f"name must be 'ptxas' or 'cuobjdump', got {name!r}")
+    try:
+        from triton import knobs
+        from triton.backends.nvidia import compiler as nv
+    except ImportError as exc:
+        raise ToolMissing(f"{name}: Triton with its NVIDIA backend is not installed ({exc})") from None
+    try:
+        found = nv.get_ptxas(arch) if name == "ptxas" else knobs.nvidia.cuobjdump
+    except RuntimeError as exc:
+        raise ToolMissing(
+            f"{name} not found ({exc}); it ships with the Triton wheel in triton/backends/nvidia/bin: "
+            "reinstall Triton, or point TRITON_PTXAS_PATH / TRITON_PTXAS_BLACKWELL_PATH / TRITON_CUOBJDUMP_PATH at one"
+        ) from None
+    return found.path, found.version
+
+
+def disassemble(cubin: bytes) -> str:
+    """The SASS listing of ``cubin`` (``cuobjdump -sass``); ToolMissing without ``cuobjdump``."""
+    path, _ = tool("cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.cubin")
+        with open(src, "wb") as f:
+            f.write(cubin)
+        proc = subprocess.run([path, "-sass", src], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cuobjdump -sass failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
 
 
 _WORKER: subprocess.Popen[bytes] | None = None
@@ -124,36 +202,8 @@ def _serve() -> None:
         out.flush()
 
 
-def _ptxas_path(arch: int) -> str:
-    from triton.backends.nvidia import compiler as nv
-
-    get_ptxas = getattr(nv, "get_ptxas", None)
-    if get_ptxas is not None:
-        try:
-            tool = get_ptxas(arch)
-        except TypeError:  # older Triton: get_ptxas() takes no argument
-            tool = get_ptxas()
-        return tool.path if hasattr(tool, "path") else str(tool)
-    import triton
-
-    return triton.knobs.nvidia.ptxas.path
-
-
-def _sm_name(arch: int) -> str:
-    return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-
-
-def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers, spill bytes) reported by ``ptxas -v`` for the PTX."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        cmd = [_ptxas_path(arch), "-v", f"--gpu-name={_sm_name(arch)}", src, "-o", os.path.join(tmp, "kernel.cubin")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed for sm_{arch} (exit {proc.returncode}):\n{log}")
+def _ptxas_figures(log: str) -> tuple[int, int]:
+    """(registers, spill bytes) from a ``ptxas -v`` log."""
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if regs is None:
@@ -164,7 +214,7 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
 
 def compile_for(
     fn: object,
-    signature: dict[str, str],
+    signature: dict[str, str | int],
     constexprs: dict[str, object],
     *,
     arch: int,
@@ -176,17 +226,20 @@ def compile_for(
     Args:
         fn: a ``@triton.jit`` kernel at the top level of an importable module (defined with or
             without ``TRITON_INTERPRET=1``).
-        signature: type of every runtime argument by name, e.g. ``{"Q": "*fp16", "N": "i32"}``.
-            Arguments named in ``constexprs`` need not be listed (they are added as ``"constexpr"``).
+        signature: every runtime argument by name: its type (``"*bf16"``, ``"i32"``, ``"fp32"``)
+            or, for an integer, its value in the launch to reproduce (``{"NQ": 4096}``), which is
+            specialised as the launcher does (:func:`specialize_int`). Arguments named in
+            ``constexprs`` need not be listed (they are added as ``"constexpr"``).
         constexprs: value of every ``tl.constexpr`` argument by name.
         arch: compute capability as an int (80 for A100, 90 for H100).
         num_warps, num_stages: launch options, as given to the kernel on a GPU.
 
-    Raises ``ValueError`` for a signature that does not match the kernel's arguments, whatever
-    Triton raises when the kernel does not compile (``RuntimeError`` with the worker's traceback
-    when compiled in the worker), and ``RuntimeError`` when ``ptxas`` rejects the PTX.
+    Raises ``ValueError`` for a signature that does not match the kernel's arguments,
+    ``TypeError`` for a value that is not an int, whatever Triton raises when the kernel does not
+    compile (``RuntimeError`` with the worker's traceback when compiled in the worker), and
+    ``RuntimeError`` when ``ptxas`` rejects the PTX.
     """
-    _full_signature(fn, signature, constexprs)  # argument errors raise here, not in the worker
+    _resolve(fn, signature, constexprs)  # argument errors raise here, not in the worker
     request = {
         "signature": dict(signature),
         "constexprs": dict(constexprs),
@@ -199,27 +252,68 @@ def compile_for(
     return _compile_in_worker(fn, request)
 
 
-def _full_signature(fn: Any, signature: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
-    """Type of every argument of ``fn`` in order, ``"constexpr"`` for the compile-time ones."""
+def _resolve(
+    fn: Any, signature: dict[str, str | int], constexprs: dict[str, object]
+) -> tuple[dict[str, str], dict[str, object], tuple[str, ...]]:
+    """``(full signature, constexprs, divisible)``: the type of every argument of ``fn`` in order
+    (``"constexpr"`` for the compile-time ones), the constexprs with the integers the launcher
+    turns into constants, and the arguments that get ``tt.divisibility=16``."""
     arg_names = list(getattr(fn, "arg_names", ()))
     name = getattr(fn, "__name__", repr(fn))
     unknown = (set(signature) | set(constexprs)) - set(arg_names)
     if unknown:
         raise ValueError(f"not arguments of {name}: {sorted(unknown)}")
     full_sig: dict[str, str] = {}
+    consts = dict(constexprs)
+    divisible = []
     for arg in arg_names:
         if arg in constexprs:
             full_sig[arg] = "constexpr"
-        elif arg in signature:
-            full_sig[arg] = signature[arg]
-        else:
+            continue
+        if arg not in signature:
             raise ValueError(f"argument {arg!r} of {name} has no type in signature or constexprs")
-    return full_sig
+        kind = signature[arg]
+        if isinstance(kind, str):
+            full_sig[arg] = kind
+            if kind.startswith("*"):  # a PyTorch allocation: 16-byte aligned
+                divisible.append(arg)
+            continue
+        try:
+            kind, div = specialize_int(kind)
+        except TypeError:
+            raise TypeError(f"signature[{arg!r}] of {name} must be a type string or an int, got {kind!r}") from None
+        full_sig[arg] = kind
+        if kind == "constexpr":
+            consts[arg] = div
+        elif div:
+            divisible.append(arg)
+    return full_sig, consts, tuple(divisible)
+
+
+def _assemble(ptx: str, target: Any, options: dict[str, int]) -> tuple[bytes, str]:
+    """``(cubin, ptxas -v log)`` from Triton's own ptxas step, with the tool and options the
+    launcher's compile uses (the compile's cached cubin comes without its log)."""
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    backend = CUDABackend(target)
+    opts = backend.parse_options(dict(options))
+    log = io.StringIO()
+    saved = os.environ.get("TRITON_DUMP_PTXAS_LOG")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # make_cubin prints the log
+    try:
+        with contextlib.redirect_stdout(log):
+            cubin = backend.make_cubin(ptx, {}, opts, target.arch)
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_DUMP_PTXAS_LOG", None)
+        else:
+            os.environ["TRITON_DUMP_PTXAS_LOG"] = saved
+    return cubin, log.getvalue()
 
 
 def _compile_here(
     fn: Any,
-    signature: dict[str, str],
+    signature: dict[str, str | int],
     constexprs: dict[str, object],
     arch: int,
     num_warps: int,
@@ -229,17 +323,27 @@ def _compile_here(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    full_sig = _full_signature(fn, signature, constexprs)
+    full_sig, consts, divisible = _resolve(fn, signature, constexprs)
     arg_names = list(full_sig)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(arg_names) if full_sig[name].startswith("*")}
-    src = ASTSource(fn=fn, signature=full_sig, constexprs=dict(constexprs), attrs=attrs)
-    compiled = triton_compile(
-        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-    )
+    attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    src = ASTSource(fn=fn, signature=full_sig, constexprs=consts, attrs=attrs)
+    target = GPUTarget("cuda", arch, 32)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    compiled = triton_compile(src, target=target, options=options)
     ptx = compiled.asm["ptx"]
-    registers, spill_bytes = _ptxas_stats(ptx, arch)
-    shared = int(getattr(compiled.metadata, "shared", 0) or 0)
-    return CompileStats(arch=arch, registers=registers, spill_bytes=spill_bytes, shared_mem=shared, ptx=ptx)
+    cubin, log = _assemble(ptx, target, options)
+    registers, spill_bytes = _ptxas_figures(log)
+    return CompileStats(
+        arch=arch,
+        registers=registers,
+        spill_bytes=spill_bytes,
+        shared_mem=int(getattr(compiled.metadata, "shared", 0) or 0),
+        ptx=ptx,
+        cubin=cubin,
+        signature=full_sig,
+        divisible=divisible,
+        ptxas_version=tool("ptxas", arch)[1],
+    )
 
 
 if __name__ == "__main__":

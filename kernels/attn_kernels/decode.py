@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .env import HAS_TRITON
 from .flash_configs import dot_precision
-from .launch import KernelConfig, cdiv, launch, pad_pow2
+from .launch import KernelConfig, LaunchSample, cdiv, contiguous_strides, launch, pad_pow2
 
 if HAS_TRITON:
     from .decode_kernels import _combine_kernel, _favor_step_kernel, _softmax_split_kernel
@@ -266,4 +266,74 @@ def favor_step(
     return out, den, kv_out, shift_out
 
 
-__all__ = ["MAX_STEP_TOKENS", "favor_step", "softmax_step", "split_plan"]
+_DECODE_KERNELS = ("split", "favor_step", "combine")
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def aot_spec(
+    kernel: str, head_dim: int, dtype: torch.dtype, *, sample: LaunchSample | None = None
+) -> tuple[object, dict[str, str | int], dict[str, object], KernelConfig]:
+    """``(fn, signature, constexprs, config)`` of one decoding-step kernel as :func:`softmax_step` /
+    :func:`favor_step` launch it, for ``attn_kernels.aot.compile_for``.
+
+    ``kernel``: ``"split"`` (softmax over a KV cache), ``"favor_step"`` (Performer, softmax
+    features) or ``"combine"`` (after the split kernel). Integer arguments carry their values in
+    ``sample`` (default :class:`~attn_kernels.launch.LaunchSample`): steps of ``new_tokens``
+    tokens after ``seq_len`` cached ones in a KV cache of ``seq_len`` slots, ``features`` random
+    features, contiguous tensors, a GPU of ``sample.sms`` SMs; no global tokens, no ring buffer.
+    """
+    if kernel not in _DECODE_KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(_DECODE_KERNELS)}, got {kernel!r}")
+    sample = sample or LaunchSample()
+    b, h, hk, t, d = sample.batch, sample.heads, sample.kv_heads, sample.new_tokens, head_dim
+    data = "*" + _TRITON_TYPES[dtype]
+    ints: dict[str, int] = dict(HK=hk, T=t, GROUPS=sample.groups)
+    elem = torch.finfo(dtype).bits // 8
+    tiles = dict(BLOCK_D=pad_pow2(d), BLOCK_DV=pad_pow2(d), HEAD_D=d, HEAD_DV=d)
+    if kernel == "favor_step":
+        block_m, _ = _row_blocks(sample.groups * t)
+        fn, cfg = _favor_step_kernel, KernelConfig(block_m, FEATURE_BLOCK, FAVOR_WARPS, 1)
+        ints.update(NUM_F=sample.features)
+        strides = {"q": (b, h, t, d), "k": (b, hk, t, d), "v": (b, hk, t, d)}
+        constexprs = dict(SOFTMAX=True, BLOCK_M=block_m, BLOCK_F=FEATURE_BLOCK, BLOCK_T=pad_pow2(t), **tiles)
+    else:
+        wide_fp32 = elem == 4 and d > 64
+        block_m, nrb = _row_blocks(sample.groups * t, MAX_ROWS_FP32 if wide_fp32 else MAX_ROWS)
+        cfg = _softmax_config(d, elem, block_m)
+        n_cached = sample.seq_len  # positions [0, start) of the cache, start = seq_len
+        want = max(1, min(cdiv(2 * sample.sms, b * hk * nrb), cdiv(n_cached, cfg.block_n)))  # split_plan
+        chunk = cdiv(cdiv(n_cached, want), cfg.block_n) * cfg.block_n
+        splits = cdiv(n_cached, chunk)
+        if kernel == "combine":
+            fn, cfg = _combine_kernel, KernelConfig(block_m, 0, 4, 1)
+            ints.update(NUM_PARTS=splits + 1)
+            strides = {"o": (b, h, t, d)}
+            constexprs = dict(BLOCK_M=block_m, BLOCK_DV=pad_pow2(d), HEAD_DV=d)
+        else:
+            fn = _softmax_split_kernel
+            cache = (b, hk, n_cached, d)
+            ints.update(START=n_cached, LO=0, CHUNK=chunk, NUM_SPLITS=splits, PERIOD=1, LEFT=n_cached + t, NG=0)
+            new = (b, hk, t, d)  # the new keys and values, also passed as the (unread) globals
+            strides = {"q": (b, h, t, d), "kc": cache, "vc": cache, "kn": new, "vn": new, "gk": new, "gv": new}
+            constexprs = dict(RING=False, BLOCK_M=block_m, BLOCK_N=cfg.block_n, PREC=dot_precision(dtype), **tiles)
+    for name, shape in strides.items():  # the third stride is named t (token-shaped) or n (cache-shaped)
+        sb, sh, st = contiguous_strides(*shape)[:3]
+        ints.update({f"stride_{name}b": sb, f"stride_{name}h": sh, f"stride_{name}t": st, f"stride_{name}n": st})
+    sig: dict[str, str | int] = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            continue
+        if name in ("Q", "KC", "VC", "KN", "VN", "GK", "GV", "K", "V", "O"):
+            sig[name] = data
+        elif name == "GPOS":
+            sig[name] = "*i32"
+        elif name in ("qk_scale", "half_scale", "log_norm", "relu_eps"):
+            sig[name] = "fp32"
+        elif name in ints:
+            sig[name] = ints[name]
+        else:
+            sig[name] = "*fp32"  # workspaces, states, projection: float32
+    return fn, sig, constexprs, cfg
+
+
+__all__ = ["MAX_STEP_TOKENS", "aot_spec", "favor_step", "softmax_step", "split_plan"]

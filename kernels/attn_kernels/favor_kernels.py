@@ -7,9 +7,12 @@ split of the projection (``N_SPLIT``) as named constexprs after their tile sizes
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from .favor_configs import BLOCK_ROWS, CHUNK, FeatureConfig, precisions
+from .launch import LaunchSample, cdiv, pad_pow2
 from .launch import loop_range as _range
 
 # ---------------------------------------------------------------------------------------------
@@ -623,3 +626,92 @@ def _bwd_dkv_kernel(
         dv.to(dv_ptr.dtype.element_ty),
         mask=k_in[:, None] & (offs_v[None, :] < DV),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time specialisations (tests/test_favor_compile.py, the static kernel report)
+# ---------------------------------------------------------------------------------------------
+
+_KERNELS = {
+    "key_max": _key_max_kernel,
+    "state": _state_kernel,
+    "fwd": _fwd_kernel,
+    "bwd_dq": _bwd_dq_kernel,
+    "bwd_dkv": _bwd_dkv_kernel,
+}
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Pointer arguments holding tensors in the input dtype (the projection too, unless float32); the
+# key-valid vector is int8 and every other pointer float32.
+_DATA_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "x_ptr", "y_ptr"}
+
+
+def _slots(kernel: str, causal: bool, backward_state: bool, n_seg: int) -> tuple[int, int, int]:
+    """``(n_slots, first, step)`` of the states a launch reads or writes (``favor._Slots``)."""
+    if kernel == "state":
+        if not causal:
+            return n_seg, 0, 1
+        return (n_seg + 1, n_seg, -1) if backward_state else (n_seg + 1, 1, 1)
+    if not causal:
+        return 1, 0, 0  # the one total state
+    return (n_seg + 1, n_seg - 1, -1) if kernel == "bwd_dkv" else (n_seg + 1, 0, 1)
+
+
+def aot_spec(
+    kernel: str,
+    cfg: FeatureConfig,
+    head_dim: int,
+    dtype: torch.dtype,
+    *,
+    causal: bool,
+    feature: str = "softmax",
+    backward_state: bool = False,
+    padded: bool = False,
+    sample: LaunchSample | None = None,
+) -> tuple[object, dict[str, str | int], dict[str, object]]:
+    """``(fn, signature, constexprs)`` of one FAVOR+ kernel specialisation, for ``attn_kernels.aot.compile_for``.
+
+    ``kernel``: ``"key_max"``, ``"state"``, ``"fwd"``, ``"bwd_dq"`` or ``"bwd_dkv"``; ``cfg`` a
+    :class:`~attn_kernels.favor_configs.FeatureConfig`. ``backward_state``: the state kernel as the
+    backward runs it (query-side states: per-row stabiliser and weights). ``padded``: with a key
+    padding mask. Integer arguments carry their values in ``sample`` (default
+    :class:`~attn_kernels.launch.LaunchSample`: contiguous ``(B, H, N, D)`` tensors,
+    ``sample.features`` random features), as :mod:`attn_kernels.favor` passes them on a GPU of
+    ``sample.sms`` SMs, so that the compile applies the launcher's specialisation.
+    """
+    sample = sample or LaunchSample()
+    fn = _KERNELS[kernel]
+    ty = _TRITON_TYPES[dtype]
+    prec = precisions(dtype)
+    n, h, hk, m = sample.seq_len, sample.heads, sample.kv_heads, sample.features
+    d_pad, m_pad = pad_pow2(head_dim), pad_pow2(m)
+    heads = h if backward_state else hk  # the state kernel's rows: queries (backward) or keys
+    if causal:
+        seg, n_seg = CHUNK, cdiv(n, CHUNK)
+    else:  # favor._split_segments: enough programs to fill the GPU
+        blocks = cdiv(n, BLOCK_ROWS)
+        splits = max(1, min(blocks, cdiv(2 * sample.sms, sample.batch * heads * (m_pad // 32))))
+        seg = BLOCK_ROWS * cdiv(blocks, splits)
+        n_seg = cdiv(n, seg)
+    n_slots, slot0, slot_step = _slots(kernel, causal, backward_state, n_seg)
+    ints = dict(
+        N=n, NQ=n, NK=n, D=head_dim, DV=head_dim, M=m, OFF=0, T0=0, SEG=seg, HK=hk, G=sample.groups, HEADS=heads,
+        n_blocks=cdiv(n, BLOCK_ROWS), n_slots=n_slots, n_state=n_slots, slot0=slot0, slot_step=slot_step,
+    )  # fmt: skip
+    sig: dict[str, str | int] = {}
+    for name in fn.arg_names:
+        if name.endswith("_ptr"):
+            data = name in _DATA_POINTERS or (name == "wt_ptr" and ty != "fp32")
+            sig[name] = "*i8" if name == "kpm_ptr" else "*" + ty if data else "*fp32"
+        elif name == "half_s2":
+            sig[name] = "fp32"
+        elif name in ints:
+            sig[name] = ints[name]
+    constexprs: dict[str, object] = dict(D_PAD=d_pad, M_PAD=m_pad, N_SPLIT=prec["N_SPLIT"], HAS_PAD=padded)
+    if kernel == "key_max":
+        return fn, sig, dict(constexprs, BLOCK_N=BLOCK_ROWS, BLOCK_F=cfg.block_f)
+    constexprs.update(DV_PAD=d_pad, BLOCK_F=cfg.block_f, KERNEL=feature, DOT_PREC=prec["DOT_PREC"])
+    if kernel == "state":
+        stab = dict(STAB=2 if backward_state else 1, HAS_WEIGHT=backward_state)
+        return fn, sig, dict(constexprs, BLOCK_N=CHUNK if causal else BLOCK_ROWS, **stab)
+    rows = "BLOCK_N" if kernel == "bwd_dkv" else "BLOCK_M"
+    return fn, sig, dict(constexprs, **{rows: cfg.block_m}, CHUNK=CHUNK, CAUSAL=causal)

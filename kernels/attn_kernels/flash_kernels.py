@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_configs import dot_precision
-from .launch import KernelConfig, pad_pow2
+from .flash_configs import band_reach, dot_precision
+from .launch import KernelConfig, LaunchSample, contiguous_strides, pad_pow2
 from .launch import loop_range as _range
 
 # How an inner loop masks its tiles (its MODE constexpr).
@@ -747,12 +747,16 @@ def aot_spec(
     has_global: bool = True,
     gathered: bool = False,
     has_pad: bool = False,
-) -> tuple[object, dict[str, str], dict[str, object]]:
+    sample: LaunchSample | None = None,
+) -> tuple[object, dict[str, str | int], dict[str, object]]:
     """``(fn, signature, constexprs)`` of one kernel specialisation, for ``attn_kernels.aot.compile_for``.
 
     ``kernel`` is ``"fwd"``, ``"bwd_dq"``, ``"bwd_dkdv"`` or ``"bwd_delta"``; the default flags
     (causal, global tokens) give the specialisation with the most live state, ``has_pad`` the
-    one with a key padding mask.
+    one with a key padding mask. Integer arguments carry their values in ``sample`` (default
+    :class:`~attn_kernels.launch.LaunchSample`: contiguous ``(B, H, N, D)`` tensors, full
+    attention), as :mod:`attn_kernels.flash_attention` passes them, so that the compile applies
+    the launcher's specialisation.
     """
     fn = {
         "fwd": _fwd_kernel,
@@ -760,20 +764,29 @@ def aot_spec(
         "bwd_dkdv": _bwd_dkdv_kernel,
         "bwd_delta": _bwd_delta_kernel,
     }[kernel]
-    sig = dict.fromkeys(_KERNEL_POINTERS[kernel], "*" + _TRITON_TYPES[dtype])
+    sig: dict[str, str | int] = dict.fromkeys(_KERNEL_POINTERS[kernel], "*" + _TRITON_TYPES[dtype])
     bd = pad_pow2(head_dim)
+    sample = sample or LaunchSample()
+    n, h, hk = sample.seq_len, sample.heads, sample.kv_heads
+    q_strides = contiguous_strides(sample.batch, h, n, head_dim)[:3]
+    k_strides = contiguous_strides(sample.batch, hk, n, head_dim)[:3]
+    strides: dict[str, int] = {}
+    for t in ("q", "o", "do", "dq"):  # query-shaped tensors
+        strides.update(zip((f"stride_{t}b", f"stride_{t}h", f"stride_{t}m"), q_strides, strict=True))
+    for t in ("k", "v", "dk", "dv"):  # key-shaped tensors
+        strides.update(zip((f"stride_{t}b", f"stride_{t}h", f"stride_{t}n"), k_strides, strict=True))
+    sig.update((name, strides[name]) for name in fn.arg_names if name.startswith("stride_"))
     if kernel == "bwd_delta":
-        sig.update(DELTA="*fp32", H="i32", NQ="i32")
-        sig.update((name, "i32") for name in fn.arg_names if name.startswith("stride_"))
+        sig.update(DELTA="*fp32", H=h, NQ=n)
         return fn, sig, dict(BLOCK_M=cfg.block_m, BLOCK_DV=bd, HEAD_DV=head_dim)
     sig.update(LSE="*fp32", SCHED="*i32", GIDX="*i32", GFLAG="*i8", KPM="*i8", KRANGE="*i32")
     if kernel != "fwd":
         sig["DELTA"] = "*fp32"
-    for name in fn.arg_names:
-        if name.startswith("stride_") or name in ("H", "HK", "GROUPS", "NQ", "NK", "NG", "LEFT", "RIGHT"):
-            sig[name] = "i32"
-        elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
+    left, right = band_reach(None, n, n)
+    ints = dict(H=h, HK=hk, GROUPS=sample.groups, NQ=n, NK=n, LEFT=left, RIGHT=right)
+    ints["NG"] = sample.num_global if has_global or gathered else 0
+    sig.update((name, value) for name, value in ints.items() if name in fn.arg_names)
+    sig.update((name, "fp32") for name in ("qk_scale", "sm_scale") if name in fn.arg_names)
     constexprs: dict[str, object] = dict(
         CAUSAL=causal, HAS_GLOBAL=has_global and not gathered, GATHERED=gathered, HAS_PAD=has_pad, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, HEAD_D=head_dim, HEAD_DV=head_dim, PREC=dot_precision(dtype),

@@ -82,6 +82,53 @@ class LaunchShape:
 
 
 @dataclass(frozen=True)
+class LaunchSample:
+    """A concrete launch, for compiling kernels ahead of time with the launcher's specialisation.
+
+    Triton specialises each integer argument on its value (1 becomes a constant, multiples of 16
+    get a divisibility hint), so the compiled code depends on the launch: the kernels'
+    ``aot_spec`` functions give every integer argument its value in this launch. Contiguous
+    ``(B, H, N, D)`` tensors, ``N = seq_len`` queries and keys, ``features`` random features
+    (FAVOR+), ``num_global`` global tokens where a specialisation has them, decoding steps of
+    ``new_tokens`` tokens after ``seq_len`` cached ones, and a GPU of ``sms`` SMs where the host
+    sizes its grid to fill it.
+    """
+
+    batch: int = 2
+    heads: int = 16
+    kv_heads: int = 16
+    seq_len: int = 4096
+    features: int = 256
+    num_global: int = 16
+    new_tokens: int = 1
+    sms: int = 132  # H100 SXM
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "heads", "kv_heads", "seq_len", "features", "new_tokens", "sms"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if isinstance(self.num_global, bool) or not isinstance(self.num_global, int) or self.num_global < 0:
+            raise ValueError(f"num_global must be an int >= 0, got {self.num_global!r}")
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads // self.kv_heads
+
+
+def contiguous_strides(*shape: int) -> tuple[int, ...]:
+    """The strides (in elements) of a contiguous tensor of ``shape``."""
+    out, step = [], 1
+    for size in reversed(shape):
+        out.append(step)
+        step *= size
+    return tuple(reversed(out))
+
+
+@dataclass(frozen=True)
 class LaunchOptions:
     """Non-tensor options of one attention call, passed to the autograd function as one object."""
 
@@ -169,10 +216,12 @@ def launch(
 __all__ = [
     "KernelConfig",
     "LaunchOptions",
+    "LaunchSample",
     "LaunchShape",
     "autotune_cap",
     "autotuner",
     "cdiv",
+    "contiguous_strides",
     "launch",
     "loop_range",
     "pad_pow2",
