@@ -108,6 +108,14 @@ def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[(df["status"] == "ok") & df["time_ms"].notna()].copy()
 
 
+def noisy_mask(df: pd.DataFrame) -> pd.Series:
+    """Which rows were marked ``noisy`` (their spread or the machine's load stayed over the
+    thresholds after re-measuring); all False for a results file from before the column."""
+    if "noisy" not in df:
+        return pd.Series(False, index=df.index)
+    return df["noisy"].astype("string").str.lower().isin(["true", "1"]).fillna(False).astype(bool)
+
+
 def without_copies(df: pd.DataFrame) -> pd.DataFrame:
     """Drop rows copied from an identical computation (the Performer's SDPA baseline is the
     ``full`` SDPA row): they would repeat a line in tables and plots."""
@@ -136,6 +144,16 @@ def setting_label(row) -> str:
     kv = f" Hk={row['kv_heads']}" if row["kv_heads"] != row["heads"] else ""
     causal = "causal" if row["causal"] else "non-causal"
     return f"{row['device']} {row['dtype']} B={row['batch']} H={row['heads']}{kv} D={row['head_dim']} {causal}"
+
+
+def in_n_order(df: pd.DataFrame, within: list[str], n: str = "seq_len") -> pd.DataFrame:
+    """``df`` with its rows in numeric order of ``n`` inside each group of ``within`` (groups keep
+    the order in which they first appear; rows of equal N keep theirs)."""
+    if df.empty:
+        return df
+    group = df.groupby(within, dropna=False, sort=False).ngroup()
+    order = pd.DataFrame({"group": group.to_numpy(), "n": pd.to_numeric(df[n]).to_numpy()})
+    return df.iloc[order.sort_values(["group", "n"], kind="stable").index.to_numpy()]
 
 
 def _groups(df: pd.DataFrame, cols: list[str]):

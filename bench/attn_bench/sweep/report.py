@@ -65,6 +65,7 @@ def time_tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         first = s.iloc[0]
         s = s.assign(line=s.apply(line_label, axis=1))
         piv = s.pivot_table(index="line", columns="seq_len", values="time_ms", aggfunc="first", sort=False)
+        piv = piv[sorted(piv.columns, key=int)]  # numeric order of N, whatever order the rows ran in
         piv.columns = [f"N={c}" for c in piv.columns]
         out.append((f"{setting_label(first)}, {first['pass']}", piv.reset_index()))
     return out
