@@ -5,9 +5,11 @@ legend outside the data."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from attn_bench.core.config import BenchConfig, BenchResult
 
@@ -84,3 +86,41 @@ def test_device_kernel_table_puts_n_in_numeric_order() -> None:
     tab = kernel_table(pd.DataFrame(rows), matmul_tflops=None)
     assert list(tab["N"]) == [n for n in sorted(LENGTHS) for _ in range(2)]
     assert [float(x) for x in tab["triton ms"]] == [float(f"{n / 1000:.3g}") for n in tab["N"]]
+
+
+def test_speedup_plot_has_one_legend_entry_per_line_joined_and_outside_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from attn_bench.sweep.plots import sweep_plots
+
+    saved: dict[str, Figure] = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: saved.setdefault(Path(path).name, fig))
+    df, times = _sweep_frame(random.Random(3))
+    sweep_plots(df, tmp_path, "sdpa")
+    [name] = [k for k in saved if k.startswith("speedup_vs_sdpa")]
+    fig = saved[name]
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    labels = [t.get_text() for lg in legends for t in lg.get_texts()]
+    # Two lines (full / torch and the window / torch over sdpa), each once, whatever the number of N.
+    assert sorted(labels) == ["full / torch", "sliding_window w=64 / torch"]
+    for ax in fig.axes:
+        drawn = [ln for ln in ax.get_lines() if ln.get_label() in labels]
+        assert len(drawn) == 2
+        for ln in drawn:
+            x, y = (np.asarray(a, dtype=float) for a in ln.get_data())
+            assert list(x) == sorted(LENGTHS)  # one polyline through every N, in order
+            variant = "full" if ln.get_label().startswith("full") else "sliding_window"
+            want = [times[(variant, "sdpa", n)] / times[(variant, "torch", n)] for n in sorted(LENGTHS)]
+            assert np.allclose(y, want)
+    for lg in legends:
+        box = lg.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), "the legend covers the data"
+        inside = fig.bbox
+        assert box.x0 >= inside.x0 and box.y0 >= inside.y0 and box.x1 <= inside.x1 and box.y1 <= inside.y1
