@@ -78,7 +78,7 @@ def _sweep(
     out: Out = None,
     resume: Annotated[bool, typer.Option(help="skip configs already in DIR/results.csv")] = False,
     retry_failed: Annotated[
-        bool, typer.Option(help="with --resume: run again the configs whose rows are timeout, oom or error")
+        bool, typer.Option(help="with --resume: run again the configs whose rows are timeout, oom, error or noisy")
     ] = False,
     overwrite: Overwrite = False,
     timeout: Annotated[float | None, typer.Option(help="per-config timeout in seconds")] = None,

@@ -287,6 +287,14 @@ class BenchResult:
     elapsed_s: float | None = None
     prefill_ms: float | None = None  # decode rows: filling the state with the seq_len-token prompt
     tokens_per_s: float | None = None  # decode rows: batch / per-token time
+    # Noise (core/measure.py): spread (p90 - p10) / median, and the machine's load while timed.
+    spread: float | None = None
+    noisy: bool | None = None  # still disturbed after re-measuring: left out of fits
+    remeasured: int | None = None  # times measured again because the spread or the load was over
+    other_cpu: float | None = None  # other processes' share of the CPUs this row ran on (0..1)
+    load_avg: float | None = None  # 1-minute load average
+    gpu_clock_mhz: float | None = None  # SM clock right after timing (CUDA)
+    gpu_others: int | None = None  # other processes on the GPU (CUDA)
 
     def to_row(self) -> dict[str, Any]:
         return result_row(self)
@@ -302,7 +310,16 @@ class BenchResult:
                 x = None
             if f.name in ("error", "note", "backend_used", "status"):
                 x = "" if x is None else str(x)
-            elif x is not None and f.name in ("repeats", "peak_mem_bytes", "flops", "checked_rows"):
+            elif x is not None and f.name == "noisy":
+                x = parse_bool(x)
+            elif x is not None and f.name in (
+                "repeats",
+                "peak_mem_bytes",
+                "flops",
+                "checked_rows",
+                "remeasured",
+                "gpu_others",
+            ):
                 x = int(x) if isinstance(x, int) or str(x).lstrip("-").isdigit() else int(float(x))
             elif x is not None:
                 x = float(x)
@@ -333,6 +350,12 @@ class RunSettings:
     seed: int = 0
     autotune_max: int = 0  # >0: the Triton autotuners try at most this many configs per kernel
     plugins: tuple[str, ...] = ()  # modules or .py files the worker imports (user variants / backends)
+    # A row is measured again (up to ``remeasure`` times), and then marked noisy, while the spread of
+    # its calls (p90 - p10) / median is over ``noisy_spread`` or (CPU) other processes keep over
+    # ``busy_share`` of its CPUs busy (core/measure.py).
+    remeasure: int = 2
+    noisy_spread: float = 0.25
+    busy_share: float = 0.25
 
 
 @dataclass(frozen=True)

@@ -73,8 +73,8 @@ def run_sweep(
     """Run ``configs`` (skipping those already in ``out/results.csv`` when ``resume``), writing
     every row as it finishes. Returns all rows of the file.
 
-    ``retry_failed`` (with ``resume``): configs whose rows say ``timeout``, ``oom`` or ``error``
-    run again, and the new row replaces the old one.
+    ``retry_failed`` (with ``resume``): configs whose rows say ``timeout``, ``oom`` or ``error``, or
+    are ``noisy``, run again, and the new row replaces the old one.
 
     Ctrl-C, SIGTERM and SIGHUP kill the worker at once (the config in flight is not recorded, so
     ``resume`` runs it again), save the metadata as ``interrupted`` and raise KeyboardInterrupt
@@ -92,7 +92,7 @@ def run_sweep(
     path = out / RESULTS
     results = read_results(path) if resume else []
     where = {r.config.key(): i for i, r in enumerate(results)}
-    rerun = {k for k, i in where.items() if retry_failed and results[i].status in RETRY_STATUSES}
+    rerun = {k for k, i in where.items() if retry_failed and (results[i].status in RETRY_STATUSES or results[i].noisy)}
     todo = [c for c in configs if c.key() not in where or c.key() in rerun]
     meta = dict(meta or {})
     old_meta = _read_metadata(out) if resume else {}
