@@ -56,8 +56,8 @@ def _call(job: Callable[..., Any], /, **options: Any) -> None:
     except RunSetupError as exc:
         raise typer.BadParameter(str(exc), param_hint=exc.option) from None
     except JobExit as exc:
-        if exc.message:
-            console.print(f"[{exc.style}]{exc.message}")
+        if exc.message:  # as it is: no markup, and no wrapping inside a command to copy
+            console.print(escape(exc.message), style=exc.style, soft_wrap=True)
         raise typer.Exit(exc.code) from None
 
 
@@ -155,7 +155,7 @@ _install_sweep_command()
 @app.command()
 def report(
     directory: Annotated[Path, typer.Argument(help="a sweep's output directory")],
-    baseline: Annotated[str, typer.Option(help="backend the speed-up plot divides by")] = "sdpa",
+    baseline: Annotated[str | None, typer.Option(help="backend the speed-up plot divides by [default: sdpa]")] = None,
     compare: Annotated[Path | None, typer.Option(help="an earlier run's directory to compare against")] = None,
     threshold: Annotated[float, typer.Option(help="relative slow-down counted as a regression")] = 0.10,
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +25,7 @@ from attn_bench.sweep.analysis import (
 )
 from attn_bench.sweep.noise import noise_paragraph, noise_warning, noisy_table
 from attn_bench.sweep.plots import accuracy_plots, sweep_plots
+from attn_bench.sweep.run import not_run
 
 PAGE = "README.md"
 
@@ -57,6 +59,34 @@ def failed_rows_table(df: pd.DataFrame, skip: tuple[str, ...] = ("ok",), width: 
         return "_(none)_\n"
     view = bad.assign(line=bad.apply(line_label, axis=1))[["line", "pass", "seq_len", "status", "error"]]
     return md_table(view.assign(error=view["error"].astype("string").fillna("").str.slice(0, width)))
+
+
+def not_run_rows(configs: list) -> pd.DataFrame:
+    """Rows (status ``not run``) for configs of the plan that have no row: the run stopped first."""
+    rows = [{**c.to_row(), "status": "not run", "error": "the run stopped before it"} for c in configs]
+    return pd.DataFrame(rows)
+
+
+def unfinished_notice(directory: Path, meta: dict, missing: int, planned: int | None, ran: int) -> str:
+    """A note for the top of the page when the run did not measure its whole plan (interrupted,
+    stopped by an error, or killed while ``running``), with the two ways on; "" when it did."""
+    status = meta.get("status", "?")
+    if planned is None or (status == "complete" and not missing):
+        return ""
+    missing = missing or max(0, planned - ran)
+    if not missing:
+        return ""
+    how = {
+        "interrupted": "**Interrupted**",
+        "failed": f"**Stopped by an error** ({meta.get('error', '?')})",
+        "running": "**Not finished** (metadata.json still says `running`: the run goes on, or it was killed)",
+    }.get(status, f"**Incomplete** (status `{status}`)")
+    where = shlex.quote(str(directory))
+    return (
+        f"> {how}: {ran} of {planned} configs have a row; {missing} did not run (listed under "
+        f"[Rows that did not run](#rows-that-did-not-run)). Continue the run with "
+        f"`attn-bench sweep --out {where} --resume`; write this page again with `attn-bench report {where}`.\n"
+    )
 
 
 def time_tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -151,9 +181,10 @@ def write_report(
     md: list[str] = []
     name = meta.get("preset") or d.name
     md.append(f"# Attention benchmark: {name}\n")
-    warning = noise_warning(df, meta)
-    if warning:
-        md.append(warning)
+    missing, planned = not_run(d, meta)
+    for notice in (unfinished_notice(d, meta, len(missing), planned, len(df)), noise_warning(df, meta)):
+        if notice:
+            md.append(notice)
     machine = meta.get("cpu_model", "?")
     if meta.get("gpu"):
         machine = f"{meta['gpu']} (host CPU {machine})"
@@ -186,6 +217,7 @@ def write_report(
         "Rows by status: "
         + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
         + (f" ({noisy} of the ok rows noisy)" if noisy else "")
+        + (f"; {len(missing)} configs of the plan not run" if missing else "")
         + ".\n"
     )
 
@@ -267,7 +299,7 @@ def write_report(
         md.append(f"\n**{title}**\n\n{md_table(tab)}")
 
     md.append("\n## Rows that did not run\n")
-    md.append(failed_rows_table(df))
+    md.append(failed_rows_table(pd.concat([df, not_run_rows(missing)], ignore_index=True) if missing else df))
 
     if compare is not None:
         old = load_results(compare)

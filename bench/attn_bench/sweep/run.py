@@ -5,7 +5,8 @@ Files in the output directory:
   whole after every row (temporary file + ``os.replace``), so it is never half-written and an
   interrupted sweep keeps every finished row. Reading it back validates every line.
 - ``metadata.json``: machine, versions, git commit, command line, preset, times, status
-  (``running``, ``complete``, ``interrupted`` or ``failed``) and the list of resumes.
+  (``running``, ``complete``, ``interrupted`` or ``failed``), the list of resumes, and the plan:
+  every config the run was to measure (so a report can list those that never ran).
 - ``performer_accuracy.csv``: the Performer accuracy study (when the preset has one).
 - ``worker.log``: what the worker processes printed (compiler and profiler chatter, tracebacks).
 
@@ -31,6 +32,7 @@ from attn_bench.core.config import (
     BenchConfig,
     BenchResult,
     RunSettings,
+    config_columns,
 )
 
 if TYPE_CHECKING:  # for the annotation only: runs import the worker when they start
@@ -109,6 +111,7 @@ def run_sweep(
                 meta[key] = old_meta[key]
     meta["settings"] = dataclasses.asdict(settings)
     meta["configs"] = len(configs)
+    meta["plan"] = plan_record(configs)
     meta["status"] = "running"
     meta.pop("error", None)
     if budget_s is not None:
@@ -148,6 +151,28 @@ def run_sweep(
             rows = run_accuracy(accuracy)
             atomic_write(out / ACCURACY, rows_to_csv(rows, list(rows[0].keys()) if rows else []))
     return results
+
+
+def plan_record(configs: list[BenchConfig]) -> dict:
+    """The configs a run is to measure, as ``metadata.json`` keeps them: columns and rows."""
+    columns = config_columns()
+    return {"columns": columns, "rows": [[c.to_row().get(col) for col in columns] for c in configs]}
+
+
+def not_run(directory: Path, meta: dict) -> tuple[list[BenchConfig], int | None]:
+    """``(configs of the plan with no row in results.csv, configs planned)``. A run from before the
+    plan was recorded gives ``([], count)``, with only the count of its configs (None if unknown)."""
+    plan = meta.get("plan")
+    if not plan:
+        return [], meta.get("configs")
+    done = {r.config.key() for r in read_results(directory / RESULTS, warn=None)}
+    configs = []
+    for values in plan["rows"]:
+        try:
+            configs.append(BenchConfig.from_row(dict(zip(plan["columns"], values, strict=True))))
+        except ValueError:  # a plug-in's config this process cannot rebuild: counted, not listed
+            continue
+    return [c for c in configs if c.key() not in done], len(plan["rows"])
 
 
 def same_computation(cfg: BenchConfig) -> BenchConfig | None:
