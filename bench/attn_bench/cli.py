@@ -291,7 +291,9 @@ def verify(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     quick: Annotated[bool, typer.Option(help="one shape instead of three")] = False,
     grads: Annotated[bool, typer.Option(help="check gradients too")] = True,
-    show: Annotated[str, typer.Option(help="all | failures: which rows to print")] = "all",
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="a table of every check, not only those that failed")
+    ] = False,
     csv_out: Annotated[
         Path | None, typer.Option("--csv", help="also write every check to this CSV, a row as it finishes")
     ] = None,
