@@ -4,8 +4,10 @@ sweep's progress line fits 80 columns with an ETA from rows of the same N and pa
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -47,3 +49,47 @@ def test_verify_prints_a_failing_check(monkeypatch: pytest.MonkeyPatch) -> None:
     rows = [ln for ln in res.output.splitlines() if "wrong" in ln and "sdpa" in ln]
     assert len(rows) == 2 and not any(" ok " in ln for ln in res.output.splitlines())  # ok rows not printed
     assert "2 check(s) failed" in res.output
+
+
+def test_progress_line_fits_80_columns_with_count_and_eta() -> None:
+    import io
+
+    from rich.console import Console
+
+    from attn_bench.core.config import BenchConfig
+    from attn_bench.sweep.run import _Progress
+
+    todo = [BenchConfig("sliding_window", "local_attention", n, options=(("window", 128),)) for n in range(1, 109)]
+    screen = Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None)
+    with _Progress(todo, enabled=True, console=screen) as bar:
+        for cfg in todo[:27]:
+            bar.start(cfg.label())
+            bar.advance(cfg, 1.0, "done")
+        bar.start(todo[27].label() + " with a long label that cannot fit in eighty columns")
+        shot = Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None)
+        shot.print(bar.progress.make_tasks_table(bar.progress.tasks))
+    [line] = [ln for ln in shot.file.getvalue().splitlines() if ln.strip()]
+    assert len(line) <= 80
+    # 81 rows left, each at N it has not seen: scaled from the nearest N run (27, 1.0 s each).
+    want = sum(n / 27 for n in range(28, 109))
+    s = round(want)
+    assert line.lstrip().startswith("27/108"), line
+    assert f"ETA {s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" in line, line
+    assert "sliding_window" in line and line.rstrip().endswith("…")
+
+
+def test_eta_comes_from_rows_of_the_same_n_and_pass() -> None:
+    import random
+
+    from attn_bench.core.progress import eta_seconds
+
+    rng = random.Random(5)
+    cost = {(n, p): rng.uniform(0.01, 100.0) for n in (256, 1024, 4096) for p in ("fwd", "fwd_bwd")}
+    # Small rows first, as in a sweep: a mean over all rows would say little about the large ones.
+    done = [(n, p, cost[(n, p)] * rng.uniform(0.9, 1.1)) for (n, p) in cost for _ in range(3)]
+    todo = [(4096, "fwd_bwd")] * 5 + [(256, "fwd")] * 2
+    means = {k: np.mean([s for n, p, s in done if (n, p) == k]) for k in cost}
+    assert math.isclose(eta_seconds(done, todo), 5 * means[(4096, "fwd_bwd")] + 2 * means[(256, "fwd")])
+    # An N not seen yet: the nearest N of the same pass, scaled by the ratio of the lengths.
+    assert math.isclose(eta_seconds(done, [(8192, "fwd")]), means[(4096, "fwd")] * 2)
+    assert eta_seconds([], todo) is None

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attention_variants as av
 from attn_bench.baselines.registry import exact_baselines
@@ -119,17 +119,20 @@ def run_sweep(
     write_metadata(out, meta)
 
     pool = WorkerPool(settings, str(out / WORKER_LOG))
-    bar = _Progress(len(todo), enabled=progress)
+    bar = _Progress(todo, enabled=progress)
     deadline = None if budget_s is None else time.monotonic() + budget_s
     with pool_lifecycle(pool, out, meta, results):
         with bar:
             for cfg in todo:
                 bar.start(cfg.label())
+                t_row = time.monotonic()
                 left = math.inf if deadline is None else deadline - time.monotonic()
+                copy = _copy_of_same_computation(cfg, results)
+                ran = left >= MIN_CONFIG_S and copy is None  # the only rows that tell the ETA anything
                 if left < MIN_CONFIG_S:
                     res = BenchResult(cfg, "skipped", error=f"not reached: the sweep's {budget_s:g} s budget ran out")
                 else:
-                    res = _copy_of_same_computation(cfg, results) or pool.run(cfg, timeout_s=left)
+                    res = copy or pool.run(cfg, timeout_s=left)
                 if cfg.key() in where:
                     results[where[cfg.key()]] = res
                 else:
@@ -138,7 +141,10 @@ def run_sweep(
                 write_results(path, results)
                 if on_result is not None:
                     on_result(res)
-                bar.advance(f"{cfg.label()}: {res.status}" + (f" {res.time_ms:.3g} ms" if res.time_ms else ""))
+                took = time.monotonic() - t_row if ran else None
+                bar.advance(
+                    cfg, took, f"{cfg.label()}: {res.status}" + (f" {res.time_ms:.3g} ms" if res.time_ms else "")
+                )
                 if pool.gave_up:
                     raise WorkerStartError(f"{res.error} ({pool.start_failures} failed starts in a row)")
         out_of_time = deadline is not None and deadline - time.monotonic() < ACCURACY_MIN_S
@@ -197,46 +203,43 @@ def _copy_of_same_computation(cfg: BenchConfig, results: list[BenchResult]) -> B
 
 
 class _Progress:
-    """A rich progress bar (config name, count, elapsed, ETA); silent when disabled."""
+    """A rich progress line (count, bar, elapsed, ETA, then the config's label, cut to fit the
+    terminal; see :mod:`attn_bench.core.progress`); silent when disabled."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total = total
+    def __init__(self, todo: list[BenchConfig], enabled: bool, console: Any = None) -> None:
+        self.todo = [(c.seq_len, c.pass_) for c in todo]
+        self.done: list[tuple[int, str, float]] = []  # the rows run, with their wall time
+        self.count = 0  # the rows advanced over, run or not (a copy, a row skipped)
         self.enabled = enabled
-        self.progress = None
-        self.task = None
+        self.console = console
+        self.progress: Any = None
+        self.task: Any = None
 
-    def __enter__(self):
+    def __enter__(self) -> _Progress:
         if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from attn_bench.core.progress import progress_bar
 
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}", justify="left"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                transient=False,
-            )
+            self.progress = progress_bar(eta=True, console=self.console)
             self.progress.__enter__()
-            self.task = self.progress.add_task("sweep", total=self.total)
+            self.task = self.progress.add_task("sweep", total=len(self.todo), eta="?")
         return self
 
     def start(self, label: str) -> None:
         if self.progress is not None:
             self.progress.update(self.task, description=label)
 
-    def advance(self, message: str) -> None:
+    def advance(self, cfg: BenchConfig, seconds: float | None, message: str) -> None:
+        """``cfg`` is done; it took ``seconds`` of wall time (None: it did not run, a copy of
+        another row or a row skipped), from which the ETA of the rest follows."""
+        from attn_bench.core.progress import clock, eta_seconds
+
+        self.count += 1
+        if seconds is not None:
+            self.done.append((cfg.seq_len, cfg.pass_, seconds))
+        left = self.todo[self.count :]
         if self.progress is not None:
-            self.progress.console.print(message)
-            self.progress.advance(self.task)
+            self.progress.console.print(message, markup=False, highlight=False)
+            self.progress.update(self.task, advance=1, eta=clock(eta_seconds(self.done, left)))
 
     def __exit__(self, *exc) -> None:
         if self.progress is not None:
