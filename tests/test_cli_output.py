@@ -5,6 +5,9 @@ sweep's progress line fits 80 columns with an ETA from rows of the same N and pa
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +96,33 @@ def test_eta_comes_from_rows_of_the_same_n_and_pass() -> None:
     # An N not seen yet: the nearest N of the same pass, scaled by the ratio of the lengths.
     assert math.isclose(eta_seconds(done, [(8192, "fwd")]), means[(4096, "fwd")] * 2)
     assert eta_seconds([], todo) is None
+
+
+HELP_PROBE = """import sys
+from attn_bench.cli import main
+sys.argv = ["attn-bench", *sys.argv[1:]]
+try:
+    main()
+except SystemExit:
+    pass
+print("torch imported:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["list", "--help"], ["task", "--help"], ["report", "--help"]])
+def test_help_does_not_import_torch(args: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    res = subprocess.run(
+        [sys.executable, "-c", HELP_PROBE, *args], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert res.returncode == 0, res.stderr
+    assert "torch imported: False" in res.stdout, res.stdout[-2000:]
+    if args == ["--help"]:  # the commands whose options need the registry are still listed
+        assert "sweep" in res.stdout and "decode" in res.stdout
+
+
+def test_sweep_help_still_has_the_variants_options() -> None:
+    res = runner.invoke(app, ["sweep", "--help"])
+    assert res.exit_code == 0
+    for option in ("--variants", "--seq-lens", "--window", "--num-features", "--resume"):
+        assert option in res.output

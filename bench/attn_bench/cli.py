@@ -17,9 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
+import typer.main
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand
 
 from attn_bench.core.config import config_fields, parse_bool, sweep_options
 from attn_bench.core.results import RunSetupError
@@ -139,14 +142,62 @@ def _sweep_command(decode: bool = False) -> Callable[..., None]:
     return sweep
 
 
+class _LazySweep(TyperCommand):
+    """``attn-bench sweep``, whose options come from the variant registry (which imports torch):
+    built the first time its options or its callback are asked for (parsing its command line, its
+    own ``--help``), so that ``attn-bench --help`` and the other commands do without."""
+
+    decode = False
+    _built: click.Command | None = None
+
+    def _full(self) -> click.Command:
+        if self._built is None:
+            one = typer.Typer(add_completion=False)
+            one.command(self.name)(_sweep_command(self.decode))
+            self._built = typer.main.get_command(one)
+        return self._built
+
+    @property  # type: ignore[override]
+    def params(self) -> list[click.Parameter]:
+        return self._full().params
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:  # the stub's (none): the real ones are built
+        pass
+
+    @property  # type: ignore[override]
+    def callback(self) -> Callable[..., Any] | None:
+        return self._full().callback
+
+    @callback.setter
+    def callback(self, value: Callable[..., Any] | None) -> None:
+        pass
+
+
+class _LazyDecode(_LazySweep):
+    decode = True
+
+
+def _stub(decode: bool) -> Callable[[], None]:
+    """What typer registers for ``sweep`` / ``decode``: the help text, no options (see :class:`_LazySweep`)."""
+
+    def sweep() -> None:
+        raise AssertionError("the real command is built by _LazySweep")
+
+    sweep.__doc__ = DECODE_DOC if decode else _sweep.__doc__
+    return sweep
+
+
 def _install_sweep_command() -> None:
+    """(Re)register ``sweep`` and ``decode``: built again, with the variants' options as they are then."""
     for name, decode in (("sweep", False), ("decode", True)):
+        cls = _LazyDecode if decode else _LazySweep
         for info in app.registered_commands:
             if info.name == name:
-                info.callback = _sweep_command(decode)
+                info.callback, info.cls = _stub(decode), cls
                 break
         else:
-            app.command(name)(_sweep_command(decode))
+            app.command(name, cls=cls)(_stub(decode))
 
 
 _install_sweep_command()

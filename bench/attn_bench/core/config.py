@@ -15,14 +15,15 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-import attention_variants as av
+if TYPE_CHECKING:  # the variant registry is imported where it is used: `attn-bench --help` needs no torch
+    import attention_variants as av
 
 # ``decode``: per-token cost of generation from the variant's incremental state (bench/attn_bench/decode/run.py).
 PASSES: tuple[str, ...] = ("fwd", "fwd_bwd", "decode")
@@ -33,6 +34,7 @@ DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
 
 def all_backends() -> list[str]:
     """The project's backends (from the registry), ``auto``, then the baselines and peers."""
+    import attention_variants as av
     from attn_bench.baselines.registry import baseline_names
 
     return [*av.list_backends(), "auto", *baseline_names()]
@@ -206,6 +208,8 @@ def config_problem(cfg: BenchConfig) -> tuple[str, str] | None:
     """``(key, message)`` of what makes ``cfg`` not runnable, or None: ``heads`` not a multiple of
     ``kv_heads``, or variant options the variant's constructor refuses (e.g. ``num_features=0``).
     A variant that is not registered here (a plug-in's, in a results file) is not checked."""
+    import attention_variants as av
+
     if cfg.heads % cfg.kv_heads:
         return "kv_heads", f"heads {cfg.heads} is not a multiple of kv_heads {cfg.kv_heads}"
     try:
@@ -231,6 +235,8 @@ def column(f: dataclasses.Field) -> str:
 
 def sweep_options() -> list[av.SweepOption]:
     """Every registered variant's sweep options, one per name, in registration order."""
+    import attention_variants as av
+
     seen: dict[str, av.SweepOption] = {}
     for name in av.list_variants():
         for o in av.variant_class(name).sweep_options:
@@ -239,6 +245,8 @@ def sweep_options() -> list[av.SweepOption]:
 
 
 def _variant_sweep_options(variant: str) -> tuple[av.SweepOption, ...]:
+    import attention_variants as av
+
     try:
         return av.variant_class(variant).sweep_options
     except ValueError:
@@ -428,6 +436,8 @@ def expand(groups: Iterable[dict[str, Any]], overrides: dict[str, Any] | None = 
     declared default). ``kv_heads`` defaults to H. ``max_seq_len`` (a table backend -> N) caps the
     lengths of expensive backends, e.g. the dense ``reference`` builds the N x N matrix.
     """
+    import attention_variants as av
+
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     fields = [f for f in config_fields() if f.name != "backend"]
     seen: set[tuple] = set()
@@ -457,6 +467,8 @@ def name_problems(
     variants: Sequence[str], backends: Sequence[str], passes: Sequence[str], dtypes: Sequence[str]
 ) -> list[tuple[str, str]]:
     """``(key, message)`` for each unknown name, the message naming it and what exists."""
+    import attention_variants as av
+
     problems = []
     for name in variants:
         try:
