@@ -4,6 +4,7 @@ not OOM, and the resume bookkeeping (start time, resumes, --retry-failed)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -351,22 +352,24 @@ def test_resume_keeps_started_and_lists_resumes(tmp_path: Path) -> None:
 
 
 def test_retry_failed(tmp_path: Path) -> None:
-    cfgs = tiny_configs(32, 48, 64, 80, 96)
+    cfgs = tiny_configs(32, 48, 64, 80, 96, 112)
     old = [
         ok_result(cfgs[0]),
         BenchResult(cfgs[1], "timeout", error="no result after 1 s"),
         BenchResult(cfgs[2], "error", error="worker crashed"),
         BenchResult(cfgs[3], "wrong", error="max err"),
         BenchResult(cfgs[4], "oom", error="worker killed by the out-of-memory killer"),
+        dataclasses.replace(ok_result(cfgs[5]), noisy=True, spread=0.9),  # measured on a busy machine
     ]
     write_results(tmp_path / RESULTS, old)
     ran: list[BenchResult] = []
     assert run_sweep(cfgs, tmp_path, SETTINGS, resume=True, progress=False, on_result=ran.append) == old
     assert ran == []  # a plain resume keeps failed rows
     rows = run_sweep(cfgs, tmp_path, SETTINGS, resume=True, retry_failed=True, progress=False, on_result=ran.append)
-    assert [r.config for r in ran] == [cfgs[1], cfgs[2], cfgs[4]]
+    assert [r.config for r in ran] == [cfgs[1], cfgs[2], cfgs[4], cfgs[5]]
     assert [r.config for r in rows] == cfgs  # replaced in place
-    assert [r.status for r in rows] == ["ok", "ok", "ok", "wrong", "ok"] and rows[0] == old[0]
+    assert [r.status for r in rows] == ["ok", "ok", "ok", "wrong", "ok", "ok"] and rows[0] == old[0]
+    assert rows[5].spread != 0.9  # measured again
     assert _meta(tmp_path)["resumes"][-1]["retry_failed"] is True
     res = runner.invoke(app, ["sweep", "--out", str(tmp_path), "--retry-failed"])
     assert res.exit_code == 2 and "--resume" in res.output

@@ -10,6 +10,8 @@ have none of these columns; the report then says so instead of guessing.
 from __future__ import annotations
 
 import math
+import shlex
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -60,9 +62,9 @@ def _range(x: pd.Series, fmt: str) -> str:
     return format(lo, fmt) if lo == hi else f"{format(lo, fmt)}..{format(hi, fmt)}"
 
 
-def noise_warning(df: pd.DataFrame, meta: dict[str, Any]) -> str:
+def noise_warning(df: pd.DataFrame, meta: dict[str, Any], directory: Path) -> str:
     """A Markdown warning for the top of the page when rows stayed noisy or the machine was busy
-    ("" when neither, or when the rows carry no noise record)."""
+    ("" when neither, or when the rows carry no noise record); ``directory``: the run's."""
     timed = timed_rows(df)
     if timed.empty or not recorded(df):
         return ""
@@ -91,7 +93,8 @@ def noise_warning(df: pd.DataFrame, meta: dict[str, Any]) -> str:
     return (
         f"> **Warning: the machine was busy while this ran.** {'; '.join(parts)}. 1-minute load average "
         f"{load} over the run. These times include other work: measure again on a quiet machine before "
-        "reading behaviour into them (`attn-bench sweep --out DIR --resume --retry-failed` keeps the rest).\n"
+        f"reading behaviour into them (`attn-bench sweep --out {shlex.quote(str(directory))} --resume "
+        "--retry-failed` measures the noisy rows again and keeps the rest).\n"
     )
 
 

@@ -182,7 +182,7 @@ def write_report(
     name = meta.get("preset") or d.name
     md.append(f"# Attention benchmark: {name}\n")
     missing, planned = not_run(d, meta)
-    for notice in (unfinished_notice(d, meta, len(missing), planned, len(df)), noise_warning(df, meta)):
+    for notice in (unfinished_notice(d, meta, len(missing), planned, len(df)), noise_warning(df, meta, d)):
         if notice:
             md.append(notice)
     machine = meta.get("cpu_model", "?")
