@@ -66,13 +66,17 @@ def test_a_noisy_timing_is_measured_again_then_marked_noisy(monkeypatch: pytest.
     assert len(calls) == 3 and t.noisy and t.other_cpu == 0.6 and "other processes" in t.why
 
 
-def test_a_planted_noisy_row_is_remeasured_and_marked_noisy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pass_", ["fwd", "decode"])
+def test_a_planted_noisy_row_is_remeasured_and_marked_noisy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pass_: str
+) -> None:
     """Through run_config (the worker's measurement of one config) and results.csv."""
     from attn_bench.sweep.measure import run_config
 
     calls = _fake_timer(monkeypatch, [(2.0, 1.0, 4.0)])
-    res = run_config(BenchConfig("full", "torch", 32, heads=1, kv_heads=1, head_dim=16), SETTINGS)
-    assert res.status == "ok" and len(calls) == 3
+    cfg = BenchConfig("full", "torch", 32, heads=1, kv_heads=1, head_dim=16, causal=True, pass_=pass_)
+    res = run_config(cfg, SETTINGS)
+    assert res.status == "ok" and len(calls) == 3 and res.time_ms == 2.0
     assert res.noisy is True and res.remeasured == 2 and res.spread == 1.5 and "noisy: spread" in res.note
     write_results(tmp_path / "results.csv", [res])
     [back] = read_results(tmp_path / "results.csv")
