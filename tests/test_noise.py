@@ -234,3 +234,22 @@ def test_targets_leave_noisy_times_unjudged(monkeypatch: pytest.MonkeyPatch, cap
     assert "noisy" in capfd.readouterr().out
     monkeypatch.setattr(targets, "run_targets", lambda quick, flex, log: [fail])
     assert not targets.main(quick=True)
+
+
+def test_noise_settings_are_checked(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from attn_bench.cli import app
+
+    for bad in (dict(noisy_spread=0.0), dict(busy_share=-0.1), dict(noisy_spread=math.nan), dict(remeasure=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            RunSettings(**bad)
+    preset = tmp_path / "presets.toml"
+    preset.write_text(
+        "[presets.t]\ndescription = 't'\n[presets.t.settings]\nremeasure = -1\n"
+        "[[presets.t.groups]]\nvariants = ['full']\nseq_lens = [32]\n"
+    )
+    res = CliRunner().invoke(
+        app, ["sweep", "--preset-file", str(preset), "--preset", "t", "--out", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 2 and "remeasure" in res.output and "Traceback" not in res.output

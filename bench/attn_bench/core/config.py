@@ -268,6 +268,9 @@ def result_row(result: Any) -> dict[str, Any]:
     return row
 
 
+_INT_RESULT_FIELDS = ("repeats", "peak_mem_bytes", "flops", "checked_rows", "remeasured", "gpu_others")
+
+
 @dataclass(frozen=True)
 class BenchResult:
     """A config and what was measured. A failure is a row with a status and a reason;
@@ -320,14 +323,7 @@ class BenchResult:
                 x = "" if x is None else str(x)
             elif x is not None and f.name == "noisy":
                 x = parse_bool(x)
-            elif x is not None and f.name in (
-                "repeats",
-                "peak_mem_bytes",
-                "flops",
-                "checked_rows",
-                "remeasured",
-                "gpu_others",
-            ):
+            elif x is not None and f.name in _INT_RESULT_FIELDS:
                 x = int(x) if isinstance(x, int) or str(x).lstrip("-").isdigit() else int(float(x))
             elif x is not None:
                 x = float(x)
@@ -364,6 +360,13 @@ class RunSettings:
     remeasure: int = 2
     noisy_spread: float = 0.25
     busy_share: float = 0.25
+
+    def __post_init__(self) -> None:
+        if isinstance(self.remeasure, bool) or not isinstance(self.remeasure, int) or self.remeasure < 0:
+            raise ValueError(f"settings: remeasure must be a whole number >= 0, got {self.remeasure!r}")
+        for name in ("noisy_spread", "busy_share"):
+            if not (isinstance(getattr(self, name), int | float) and getattr(self, name) > 0):
+                raise ValueError(f"settings: {name} must be a number > 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
