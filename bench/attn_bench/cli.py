@@ -157,21 +157,9 @@ class _LazySweep(TyperCommand):
             self._built = typer.main.get_command(one)
         return self._built
 
-    @property  # type: ignore[override]
-    def params(self) -> list[click.Parameter]:
-        return self._full().params
-
-    @params.setter
-    def params(self, value: list[click.Parameter]) -> None:  # the stub's (none): the real ones are built
-        pass
-
-    @property  # type: ignore[override]
-    def callback(self) -> Callable[..., Any] | None:
-        return self._full().callback
-
-    @callback.setter
-    def callback(self, value: Callable[..., Any] | None) -> None:
-        pass
+    # What click reads to parse, show help and run; what the stub sets here is dropped.
+    params = property(lambda self: self._full().params, lambda self, value: None)  # type: ignore[assignment]
+    callback = property(lambda self: self._full().callback, lambda self, value: None)  # type: ignore[assignment]
 
 
 class _LazyDecode(_LazySweep):
