@@ -56,10 +56,12 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-").replace("--", "-")
 
 
-def _lines(ax, df: pd.DataFrame, ycol: str, lines: list[str], scale: float = 1.0, bands: bool = False) -> bool:
+def _lines(
+    ax, df: pd.DataFrame, ycol: str, lines: list[str], scale: float = 1.0, bands: bool = False, rings: bool = True
+) -> bool:
     """One polyline per line (``lines``: the columns that make one, see
     :func:`attn_bench.sweep.analysis.line_cols`) through its points in N order. ``bands``: the
-    p10..p90 spread of each point as a shaded band. Noisy points are ringed."""
+    p10..p90 spread of each point as a shaded band; ``rings``: noisy points ringed."""
     drew = False
     for _, g in df.groupby(lines, dropna=False, sort=False):
         g = g.sort_values("seq_len")
@@ -78,7 +80,7 @@ def _lines(ax, df: pd.DataFrame, ycol: str, lines: list[str], scale: float = 1.0
         if bands and {"time_ms_p10", "time_ms_p90"} <= set(g.columns):
             lo, hi = g["time_ms_p10"].astype(float) * scale, g["time_ms_p90"].astype(float) * scale
             ax.fill_between(g["seq_len"], lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-        noisy = noisy_mask(g)
+        noisy = noisy_mask(g) & rings
         if noisy.any():
             ax.plot(g["seq_len"][noisy], y[noisy], linestyle="none", **NOISY_RING)
         drew = True
@@ -114,9 +116,11 @@ def figure(
     scale: float = 1.0,
     guides: bool = True,
     bands: bool = False,
+    rings: bool = True,
 ):
     """A matplotlib figure of ``ycol`` against N, fwd and fwd_bwd side by side, one polyline per line
-    and one legend for the figure below the axes (each line once); None when nothing can be drawn."""
+    and one legend for the figure below the axes (each line once); None when nothing can be drawn.
+    ``bands``: p10..p90 bands (times); ``rings``: noisy points ringed (what is timed)."""
     from matplotlib.lines import Line2D
 
     passes = [p for p in ("fwd", "fwd_bwd") if (df["pass"] == p).any()]
@@ -126,7 +130,7 @@ def figure(
     drew = False
     for ax, p in zip(axes[0], passes, strict=True):
         sub = df[df["pass"] == p]
-        drawn = _lines(ax, sub, ycol, lines, scale, bands)
+        drawn = _lines(ax, sub, ycol, lines, scale, bands, rings)
         if drawn:
             drew = True
             if ycol == "speedup":
@@ -150,7 +154,7 @@ def figure(
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
-    if noisy_mask(df).any():
+    if rings and noisy_mask(df).any():
         entries["noisy: left out of fits"] = Line2D([], [], linestyle="none", **{**NOISY_RING, "label": None})
     if bands:
         entries["band: p10..p90 of the calls"] = matplotlib.patches.Patch(color="0.5", alpha=0.3)
@@ -190,7 +194,8 @@ def sweep_plots(df: pd.DataFrame, out: Path, baseline: str = "sdpa") -> dict[str
         ):
             path = out / f"{kind}_vs_n_{slug}.png"
             title = f"{kind} vs N: {label}"
-            f = _figure(s, col, ylabel, title, path, lines, scale=scale, guides=kind != "flops", bands=kind == "time")
+            timed = dict(bands=kind == "time", rings=kind != "memory")  # memory is not timed: not noisy
+            f = _figure(s, col, ylabel, title, path, lines, scale=scale, guides=kind != "flops", **timed)
             if f:
                 files[kind].append(f)
         ssp = sp[(sp[SETTING] == first[SETTING]).all(axis=1)] if len(sp) else sp
