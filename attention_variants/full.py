@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from . import masks
 from .base import AttentionVariant, register_backend, register_variant
@@ -110,6 +109,9 @@ def _full_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, key_
     if gqa:  # CausalBias does not forward enable_gqa on every PyTorch release
         groups = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    # Imported here: torch.nn.attention.bias imports torch._dynamo, as long as torch itself to import.
+    from torch.nn.attention.bias import causal_lower_right
+
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(nq, nk), scale=scale)
 
 

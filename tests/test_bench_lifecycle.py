@@ -4,6 +4,7 @@ not OOM, and the resume bookkeeping (start time, resumes, --retry-failed)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -252,6 +253,57 @@ def test_parent_killed_mid_sweep_leaves_no_worker_and_no_lost_row(tmp_path: Path
     assert [r["previous_status"] for r in meta["resumes"]] == ["interrupted", "running"]
 
 
+@LINUX_PROC
+def test_ctrl_c_leaves_a_partial_report_listing_what_did_not_run(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) of `attn-bench sweep` while its worker is in the third of four configs: the
+    report is written with the two configs that never ran listed, the message names both ways on
+    (--resume and report), and `attn-bench report` writes the same list again."""
+    preset = tmp_path / "presets.toml"
+    preset.write_text(
+        "[presets.t]\ndescription = 't'\n[presets.t.settings]\nmin_run_time = 0.005\ntimeout_s = 120\n"
+        "remeasure = 0\n[[presets.t.groups]]\nvariants = ['full']\nbackends = ['torch']\n"
+        "seq_lens = [32, 48, 64, 80]\nheads = 1\nhead_dim = 16\n"
+    )
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "attn_bench.cli", "sweep", "--preset-file", str(preset), "--preset", "t"]
+    cmd += ["--out", str(out), "--no-progress", "--no-accuracy"]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ATTN_BENCH_FAULT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["ATTN_BENCH_FAULT"] = "hang:64"
+
+    def done() -> int:
+        try:
+            return len(read_results(out / RESULTS, warn=None))
+        except OSError:
+            return 0
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: done() == 2 and _workers_of(proc.pid), 180, "the hanging config")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGINT, output
+    assert f"attn-bench sweep --out {out} --resume" in output and f"attn-bench report {out}" in output
+    assert "2 of 4 configs have a row" in output and "2 did not run" in output
+
+    def not_run(page: str) -> list[str]:
+        section = page.split("## Rows that did not run")[1].split("\n## ")[0]
+        return sorted(ln.split("|")[3].strip() for ln in section.splitlines() if "| not run |" in ln)
+
+    page = (out / "README.md").read_text()
+    assert "**Interrupted**" in page.split("## Headline")[0]
+    assert not_run(page) == ["64", "80"]
+    (out / "README.md").unlink()
+    res = runner.invoke(app, ["report", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert not_run((out / "README.md").read_text()) == ["64", "80"]
+
+
 # -- a SIGKILL is an OOM kill only with evidence -------------------------------------------------
 
 
@@ -300,22 +352,24 @@ def test_resume_keeps_started_and_lists_resumes(tmp_path: Path) -> None:
 
 
 def test_retry_failed(tmp_path: Path) -> None:
-    cfgs = tiny_configs(32, 48, 64, 80, 96)
+    cfgs = tiny_configs(32, 48, 64, 80, 96, 112)
     old = [
         ok_result(cfgs[0]),
         BenchResult(cfgs[1], "timeout", error="no result after 1 s"),
         BenchResult(cfgs[2], "error", error="worker crashed"),
         BenchResult(cfgs[3], "wrong", error="max err"),
         BenchResult(cfgs[4], "oom", error="worker killed by the out-of-memory killer"),
+        dataclasses.replace(ok_result(cfgs[5]), noisy=True, spread=0.9),  # measured on a busy machine
     ]
     write_results(tmp_path / RESULTS, old)
     ran: list[BenchResult] = []
     assert run_sweep(cfgs, tmp_path, SETTINGS, resume=True, progress=False, on_result=ran.append) == old
     assert ran == []  # a plain resume keeps failed rows
     rows = run_sweep(cfgs, tmp_path, SETTINGS, resume=True, retry_failed=True, progress=False, on_result=ran.append)
-    assert [r.config for r in ran] == [cfgs[1], cfgs[2], cfgs[4]]
+    assert [r.config for r in ran] == [cfgs[1], cfgs[2], cfgs[4], cfgs[5]]
     assert [r.config for r in rows] == cfgs  # replaced in place
-    assert [r.status for r in rows] == ["ok", "ok", "ok", "wrong", "ok"] and rows[0] == old[0]
+    assert [r.status for r in rows] == ["ok", "ok", "ok", "wrong", "ok", "ok"] and rows[0] == old[0]
+    assert rows[5].spread != 0.9  # measured again
     assert _meta(tmp_path)["resumes"][-1]["retry_failed"] is True
     res = runner.invoke(app, ["sweep", "--out", str(tmp_path), "--retry-failed"])
     assert res.exit_code == 2 and "--resume" in res.output

@@ -283,6 +283,8 @@ def groups(plugin_file: Path) -> dict:
         load_plugin(str(plugin_file))
         cli._install_sweep_command()
         with_plugin = typer.main.get_command(cli.app)
+        for name in ("sweep", "decode"):  # their options are built when first asked for: here, with the plug-in
+            assert with_plugin.commands[name].params
     return {"plain": plain, "plugin": with_plugin}
 
 

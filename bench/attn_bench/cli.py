@@ -17,9 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
+import typer.main
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand
 
 from attn_bench.core.config import config_fields, parse_bool, sweep_options
 from attn_bench.core.results import RunSetupError
@@ -56,8 +59,8 @@ def _call(job: Callable[..., Any], /, **options: Any) -> None:
     except RunSetupError as exc:
         raise typer.BadParameter(str(exc), param_hint=exc.option) from None
     except JobExit as exc:
-        if exc.message:
-            console.print(f"[{exc.style}]{exc.message}")
+        if exc.message:  # as it is: no markup, and no wrapping inside a command to copy
+            console.print(escape(exc.message), style=exc.style, soft_wrap=True)
         raise typer.Exit(exc.code) from None
 
 
@@ -78,7 +81,7 @@ def _sweep(
     out: Out = None,
     resume: Annotated[bool, typer.Option(help="skip configs already in DIR/results.csv")] = False,
     retry_failed: Annotated[
-        bool, typer.Option(help="with --resume: run again the configs whose rows are timeout, oom or error")
+        bool, typer.Option(help="with --resume: run again the configs whose rows are timeout, oom, error or noisy")
     ] = False,
     overwrite: Overwrite = False,
     timeout: Annotated[float | None, typer.Option(help="per-config timeout in seconds")] = None,
@@ -139,14 +142,50 @@ def _sweep_command(decode: bool = False) -> Callable[..., None]:
     return sweep
 
 
+class _LazySweep(TyperCommand):
+    """``attn-bench sweep``, whose options come from the variant registry (which imports torch):
+    built the first time its options or its callback are asked for (parsing its command line, its
+    own ``--help``), so that ``attn-bench --help`` and the other commands do without."""
+
+    decode = False
+    _built: click.Command | None = None
+
+    def _full(self) -> click.Command:
+        if self._built is None:
+            one = typer.Typer(add_completion=False)
+            one.command(self.name)(_sweep_command(self.decode))
+            self._built = typer.main.get_command(one)
+        return self._built
+
+    # What click reads to parse, show help and run; what the stub sets here is dropped.
+    params = property(lambda self: self._full().params, lambda self, value: None)  # type: ignore[assignment]
+    callback = property(lambda self: self._full().callback, lambda self, value: None)  # type: ignore[assignment]
+
+
+class _LazyDecode(_LazySweep):
+    decode = True
+
+
+def _stub(decode: bool) -> Callable[[], None]:
+    """What typer registers for ``sweep`` / ``decode``: the help text, no options (see :class:`_LazySweep`)."""
+
+    def sweep() -> None:
+        raise AssertionError("the real command is built by _LazySweep")
+
+    sweep.__doc__ = DECODE_DOC if decode else _sweep.__doc__
+    return sweep
+
+
 def _install_sweep_command() -> None:
+    """(Re)register ``sweep`` and ``decode``: built again, with the variants' options as they are then."""
     for name, decode in (("sweep", False), ("decode", True)):
+        cls = _LazyDecode if decode else _LazySweep
         for info in app.registered_commands:
             if info.name == name:
-                info.callback = _sweep_command(decode)
+                info.callback, info.cls = _stub(decode), cls
                 break
         else:
-            app.command(name)(_sweep_command(decode))
+            app.command(name, cls=cls)(_stub(decode))
 
 
 _install_sweep_command()
@@ -155,7 +194,7 @@ _install_sweep_command()
 @app.command()
 def report(
     directory: Annotated[Path, typer.Argument(help="a sweep's output directory")],
-    baseline: Annotated[str, typer.Option(help="backend the speed-up plot divides by")] = "sdpa",
+    baseline: Annotated[str | None, typer.Option(help="backend the speed-up plot divides by [default: sdpa]")] = None,
     compare: Annotated[Path | None, typer.Option(help="an earlier run's directory to compare against")] = None,
     threshold: Annotated[float, typer.Option(help="relative slow-down counted as a regression")] = 0.10,
 ) -> None:
@@ -291,7 +330,9 @@ def verify(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     quick: Annotated[bool, typer.Option(help="one shape instead of three")] = False,
     grads: Annotated[bool, typer.Option(help="check gradients too")] = True,
-    show: Annotated[str, typer.Option(help="all | failures: which rows to print")] = "all",
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="a table of every check, not only those that failed")
+    ] = False,
     csv_out: Annotated[
         Path | None, typer.Option("--csv", help="also write every check to this CSV, a row as it finishes")
     ] = None,

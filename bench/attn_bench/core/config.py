@@ -15,14 +15,25 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-import attention_variants as av
+from attn_bench.core.parse import cell_text, parse_bool, parse_count, parse_device, parse_name, parse_option
+
+if TYPE_CHECKING:
+    import attention_variants as av
+
+
+def _registry() -> Any:
+    """``attention_variants``, imported when first used: it imports torch, which `attn-bench --help` does without."""
+    import attention_variants
+
+    return attention_variants
+
 
 # ``decode``: per-token cost of generation from the variant's incremental state (bench/attn_bench/decode/run.py).
 PASSES: tuple[str, ...] = ("fwd", "fwd_bwd", "decode")
@@ -35,69 +46,7 @@ def all_backends() -> list[str]:
     """The project's backends (from the registry), ``auto``, then the baselines and peers."""
     from attn_bench.baselines.registry import baseline_names
 
-    return [*av.list_backends(), "auto", *baseline_names()]
-
-
-# -- parsing one value of a field, from the command line, a preset or a CSV cell ----------------
-
-
-def _text(x: Any) -> str:
-    if isinstance(x, float) and math.isnan(x):
-        return ""
-    return str(x).strip()
-
-
-def parse_name(x: Any) -> str:
-    text = _text(x)
-    if not text:
-        raise ValueError("expected a name, got an empty value")
-    return text
-
-
-def parse_count(x: Any) -> int:
-    """A positive int (also from ``"64"`` or ``64.0``); ValueError otherwise."""
-    if isinstance(x, bool):
-        raise ValueError(f"expected a positive integer, got {x!r}")
-    text = _text(x)
-    try:
-        value = float(text) if not isinstance(x, int) else x
-    except ValueError:
-        raise ValueError(f"expected a positive integer, got {text!r}") from None
-    if not (isinstance(value, int) or (math.isfinite(value) and value == int(value))) or value < 1:
-        raise ValueError(f"expected a positive integer, got {text!r}")
-    return int(value)
-
-
-def parse_option(x: Any) -> int:
-    """A variant's sweep-option value: a non-negative int (the variant's constructor checks the rest)."""
-    text = _text(x)
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value == int(value) and value >= 0):
-        raise ValueError(f"expected a non-negative integer, got {text!r}")
-    return int(value)
-
-
-def parse_device(x: Any) -> str:
-    """``cpu``, ``cuda`` or ``cuda:N``."""
-    text = _text(x)
-    kind, _, index = text.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
-        raise ValueError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    return text
-
-
-def parse_bool(x: Any) -> bool:
-    if isinstance(x, bool):
-        return x
-    text = _text(x).lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
+    return [*_registry().list_backends(), "auto", *baseline_names()]
 
 
 class ConfigError(ValueError):
@@ -193,7 +142,7 @@ class BenchConfig:
         options = []
         for o in _variant_sweep_options(kwargs["variant"]):
             x = row.get(o.name)
-            if x is None or _text(x) in ("", "-1"):
+            if x is None or cell_text(x) in ("", "-1"):
                 continue
             try:
                 options.append((o.name, parse_option(x)))
@@ -221,11 +170,11 @@ def config_problem(cfg: BenchConfig) -> tuple[str, str] | None:
             f"can index ({MAX_ELEMENTS:.3g})"
         )
     try:
-        cls = av.variant_class(cfg.variant)
+        cls = _registry().variant_class(cfg.variant)
     except ValueError:
         return None
     try:
-        av.get_variant(cfg.variant, **{**cls.sweep_defaults(), **dict(cfg.options)})
+        _registry().get_variant(cfg.variant, **{**cls.sweep_defaults(), **dict(cfg.options)})
     except (ValueError, TypeError) as exc:
         names = [k for k, _ in cfg.options if k in str(exc)] or [k for k, _ in cfg.options] or ["variants"]
         return names[0], f"{cfg.variant}: {exc}"
@@ -244,15 +193,15 @@ def column(f: dataclasses.Field) -> str:
 def sweep_options() -> list[av.SweepOption]:
     """Every registered variant's sweep options, one per name, in registration order."""
     seen: dict[str, av.SweepOption] = {}
-    for name in av.list_variants():
-        for o in av.variant_class(name).sweep_options:
+    for name in _registry().list_variants():
+        for o in _registry().variant_class(name).sweep_options:
             seen.setdefault(o.name, o)
     return list(seen.values())
 
 
 def _variant_sweep_options(variant: str) -> tuple[av.SweepOption, ...]:
     try:
-        return av.variant_class(variant).sweep_options
+        return _registry().variant_class(variant).sweep_options
     except ValueError:
         return ()
 
@@ -270,6 +219,9 @@ def result_row(result: Any) -> dict[str, Any]:
         if f.name != "config":
             row[f.name] = getattr(result, f.name)
     return row
+
+
+_INT_RESULT_FIELDS = ("repeats", "peak_mem_bytes", "flops", "checked_rows", "remeasured", "gpu_others")
 
 
 @dataclass(frozen=True)
@@ -299,6 +251,13 @@ class BenchResult:
     elapsed_s: float | None = None
     prefill_ms: float | None = None  # decode rows: filling the state with the seq_len-token prompt
     tokens_per_s: float | None = None  # decode rows: batch / per-token time
+    spread: float | None = None  # noise (core/measure.py): (p90 - p10) / median, then the load while timed
+    noisy: bool | None = None  # still disturbed after re-measuring: left out of fits
+    remeasured: int | None = None  # times measured again because the spread or the load was over
+    other_cpu: float | None = None  # other processes' share of the CPUs this row ran on (0..1)
+    load_avg: float | None = None  # 1-minute load average
+    gpu_clock_mhz: float | None = None  # SM clock right after timing (CUDA)
+    gpu_others: int | None = None  # other processes on the GPU (CUDA)
 
     def to_row(self) -> dict[str, Any]:
         return result_row(self)
@@ -314,7 +273,9 @@ class BenchResult:
                 x = None
             if f.name in ("error", "note", "backend_used", "status"):
                 x = "" if x is None else str(x)
-            elif x is not None and f.name in ("repeats", "peak_mem_bytes", "flops", "checked_rows"):
+            elif x is not None and f.name == "noisy":
+                x = parse_bool(x)
+            elif x is not None and f.name in _INT_RESULT_FIELDS:
                 x = int(x) if isinstance(x, int) or str(x).lstrip("-").isdigit() else int(float(x))
             elif x is not None:
                 x = float(x)
@@ -345,6 +306,16 @@ class RunSettings:
     seed: int = 0
     autotune_max: int = 0  # >0: the Triton autotuners try at most this many configs per kernel
     plugins: tuple[str, ...] = ()  # modules or .py files the worker imports (user variants / backends)
+    # Re-measure a row up to ``remeasure`` times, then mark it noisy, while its spread or load is over (measure.py)
+    remeasure: int = 2
+    noisy_spread: float = 0.25
+    busy_share: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name, ok in (("remeasure", type(self.remeasure) is int and self.remeasure >= 0),
+                         ("noisy_spread", self.noisy_spread > 0), ("busy_share", self.busy_share > 0)):  # fmt: skip
+            if not ok:
+                raise ValueError(f"settings: {name} must be {'an int >= 0' if name == 'remeasure' else '> 0'}")
 
 
 @dataclass(frozen=True)
@@ -424,7 +395,8 @@ def expand(groups: Iterable[dict[str, Any]], overrides: dict[str, Any] | None = 
     for group in groups:
         g = {**group, **overrides}
         caps = g.get("max_seq_len", {})
-        lists = [_as_list(g.get(f.metadata["group"], f.metadata["default"] or av.list_variants())) for f in fields]
+        every = _registry().list_variants()
+        lists = [_as_list(g.get(f.metadata["group"], f.metadata["default"] or every)) for f in fields]
         for values in itertools.product(*lists):
             base = {f.name: None if x is None else f.metadata["parse"](x) for f, x in zip(fields, values, strict=True)}
             if base["kv_heads"] is None:  # the default: one key/value head per query head
@@ -449,7 +421,7 @@ def name_problems(
     problems = []
     for name in variants:
         try:
-            av.variant_class(name)
+            _registry().variant_class(name)
         except ValueError as exc:
             problems.append(("variants", str(exc)))
     known = all_backends()

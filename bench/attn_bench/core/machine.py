@@ -7,10 +7,6 @@ import platform
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # for the annotation only: runs import the worker when they start
-    pass
 
 
 def git_commit(cwd: Path | None = None) -> str:

@@ -4,6 +4,14 @@ Time: ``torch.utils.benchmark.Timer.blocked_autorange`` on CPU (all intra-op thr
 ``min_repeats`` timed calls), ``triton.testing.do_bench`` quantiles on CUDA. Both after a warm-up
 call (which, for ``flex``, compiles; its wall time is recorded as ``compile_s``).
 
+Noise: the spread of a row's timed calls, ``(p90 - p10) / median``, and the machine's load while
+they ran (other processes' share of the CPUs, the load average; on CUDA the SM clock and other
+processes on the card) are recorded with the time. A row whose spread is over
+``RunSettings.noisy_spread``, or (CPU) that other processes shared over ``RunSettings.busy_share``
+of its CPUs, or (CUDA) that shared its card with another process, is measured again, up to
+``RunSettings.remeasure`` times; if it stays so it is ``noisy``, and the report leaves it out of
+fits (exponents, crossovers).
+
 Peak memory, in a separate pass after timing, as bytes allocated *beyond the inputs* during one
 call (inputs exist before the pass starts and are not counted; outputs and gradients are):
 - CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the
@@ -17,7 +25,10 @@ call (inputs exist before the pass starts and are not counted; outputs and gradi
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -65,6 +76,93 @@ def time_fn(fn: Callable[[], object], device: torch.device, settings: RunSetting
             times.extend(timer.timeit(1).times)
     arr = np.asarray(times) * 1e3
     return float(np.median(arr)), float(np.percentile(arr, 10)), float(np.percentile(arr, 90)), len(times)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A row's time (median, p10, p90 in ms, over ``repeats`` calls; 0 on CUDA, where do_bench
+    decides), its ``spread`` ((p90 - p10) / median), the load while it was timed, the number of
+    times it was measured again, and ``noisy`` with the reason (``why``) when it stayed disturbed."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+    spread: float
+    other_cpu: float | None = None  # other processes' share of this process's CPUs (0..1)
+    load_avg: float | None = None  # 1-minute load average after the timing
+    gpu_clock_mhz: float | None = None  # SM clock right after the timing (CUDA)
+    gpu_others: int | None = None  # other processes on the card (CUDA)
+    remeasured: int = 0
+    noisy: bool = False
+    why: str = ""
+
+    def result_fields(self) -> dict:
+        """The :class:`~attn_bench.core.config.BenchResult` fields of this timing."""
+        return dict(
+            time_ms=self.median_ms,
+            time_ms_p10=self.p10_ms,
+            time_ms_p90=self.p90_ms,
+            repeats=self.repeats,
+            spread=self.spread,
+            noisy=self.noisy,
+            remeasured=self.remeasured,
+            other_cpu=self.other_cpu,
+            load_avg=self.load_avg,
+            gpu_clock_mhz=self.gpu_clock_mhz,
+            gpu_others=self.gpu_others,
+        )
+
+
+def disturbance(t: Timing, device: torch.device, settings: RunSettings) -> str:
+    """Why a timing cannot be taken as the row's behaviour (empty when it can): its spread, or
+    the load of other processes (CPU: their share of the CPUs; CUDA: another process on the card)."""
+    why = []
+    if not t.spread <= settings.noisy_spread:  # NaN counts as over
+        why.append(f"spread {t.spread:.2f} > {settings.noisy_spread:g}")
+    if device.type != "cuda" and t.other_cpu is not None and t.other_cpu > settings.busy_share:
+        why.append(f"other processes used {t.other_cpu:.0%} of the CPUs (> {settings.busy_share:.0%})")
+    if device.type == "cuda" and t.gpu_others:
+        why.append(f"{t.gpu_others} other process(es) on the GPU")
+    return "; ".join(why)
+
+
+def _over(t: Timing, device: torch.device, settings: RunSettings) -> float:
+    """How far a timing is over its thresholds (at most 1: within them), to keep the least disturbed."""
+    over = [t.spread / settings.noisy_spread if not math.isnan(t.spread) else math.inf]
+    if device.type == "cuda":
+        over.append(2.0 if t.gpu_others else 0.0)
+    elif t.other_cpu is not None:
+        over.append(t.other_cpu / settings.busy_share)
+    return max(over)
+
+
+def _timed_once(fn: Callable[[], object], device: torch.device, settings: RunSettings) -> Timing:
+    from attn_bench.core.load import cpu_sample, gpu_state, load_average, other_cpu_share
+
+    before = cpu_sample()
+    med, p10, p90, reps = time_fn(fn, device, settings)
+    after = cpu_sample()
+    clock, others = gpu_state(device) if device.type == "cuda" else (None, None)
+    spread = (p90 - p10) / med if med > 0 else math.nan
+    return Timing(med, p10, p90, reps, spread, other_cpu_share(before, after), load_average(), clock, others)
+
+
+def measure_time(fn: Callable[[], object], device: torch.device, settings: RunSettings) -> Timing:
+    """Time ``fn`` (:func:`time_fn`) with the load; measure again while :func:`disturbance` finds
+    a reason, up to ``settings.remeasure`` times. Keeps the least disturbed measurement (the
+    smallest of spread and load, each over its threshold); ``noisy`` when even that is disturbed."""
+
+    best = None
+    for attempt in range(1 + max(0, settings.remeasure)):
+        t = _timed_once(fn, device, settings)
+        if best is None or _over(t, device, settings) < _over(best, device, settings):
+            best = t
+        why = disturbance(best, device, settings)
+        if not why:
+            return dataclasses.replace(best, remeasured=attempt)
+    assert best is not None
+    return dataclasses.replace(best, remeasured=max(0, settings.remeasure), noisy=True, why=why)
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:

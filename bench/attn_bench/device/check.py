@@ -262,7 +262,7 @@ def device_check(
     else:
         box = max(10.0, min(VERIFY_BOX_S, left() - 2 * REPORT_RESERVE_S - 60.0))
         cmd = [sys.executable, "-m", "attn_bench.cli", "verify", "--device", device, "--dtypes", VERIFY_DTYPES]
-        cmd += ["--backends", VERIFY_BACKENDS, "--show", "failures", "--csv", str(verify_csv), *verify_args]
+        cmd += ["--backends", VERIFY_BACKENDS, "--csv", str(verify_csv), *verify_args]
         code, secs = run_boxed(cmd, logs["verify"], box, env_vars)
         restarts = 0
         while code == 3 and box - secs > 10:  # the CUDA context was lost: go on in a fresh process

@@ -79,7 +79,7 @@ def kernel_table(df, matmul_tflops: float | None):
     its error in the gate column."""
     import pandas as pd
 
-    from attn_bench.sweep.analysis import line_label, option_cols, setting_label
+    from attn_bench.sweep.analysis import in_n_order, line_label, option_cols, setting_label
 
     rows = []
     options = option_cols(df)
@@ -87,6 +87,7 @@ def kernel_table(df, matmul_tflops: float | None):
     df = df.copy()
     for c in options:
         df[c] = pd.to_numeric(df[c], errors="coerce").fillna(-1).astype(int)
+    df = in_n_order(df, ["variant", *options, "dtype", "heads", "kv_heads", "head_dim"])
     for _, g in df.groupby(keys, dropna=False, sort=False):
         first = g.iloc[0]
         row = {

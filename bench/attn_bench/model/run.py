@@ -238,11 +238,9 @@ class _ModelProgress:
 
     def __enter__(self) -> _ModelProgress:
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from attn_bench.core.progress import progress_bar
 
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
-            )
+            self.progress = progress_bar()  # the label last: a narrow terminal cuts it, not the count
             self.progress.__enter__()
             self.rows = self.progress.add_task("rows", total=self.total)
             self.phase = self.progress.add_task("phase", total=3)

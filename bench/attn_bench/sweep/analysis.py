@@ -108,6 +108,20 @@ def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[(df["status"] == "ok") & df["time_ms"].notna()].copy()
 
 
+def noisy_mask(df: pd.DataFrame) -> pd.Series:
+    """Which rows were marked ``noisy`` (their spread or the machine's load stayed over the
+    thresholds after re-measuring); all False for a results file from before the column."""
+    if "noisy" not in df:
+        return pd.Series(False, index=df.index)
+    return df["noisy"].astype("string").str.lower().isin(["true", "1"]).fillna(False).astype(bool)
+
+
+def quiet_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The ok rows that are not noisy: what fits (exponents, crossovers) are made of."""
+    ok = ok_rows(df)
+    return ok[~noisy_mask(ok)]
+
+
 def without_copies(df: pd.DataFrame) -> pd.DataFrame:
     """Drop rows copied from an identical computation (the Performer's SDPA baseline is the
     ``full`` SDPA row): they would repeat a line in tables and plots."""
@@ -138,15 +152,25 @@ def setting_label(row) -> str:
     return f"{row['device']} {row['dtype']} B={row['batch']} H={row['heads']}{kv} D={row['head_dim']} {causal}"
 
 
+def in_n_order(df: pd.DataFrame, within: list[str], n: str = "seq_len") -> pd.DataFrame:
+    """``df`` with its rows in numeric order of ``n`` inside each group of ``within`` (groups keep
+    the order in which they first appear; rows of equal N keep theirs)."""
+    if df.empty:
+        return df
+    group = df.groupby(within, dropna=False, sort=False).ngroup()
+    order = pd.DataFrame({"group": group.to_numpy(), "n": pd.to_numeric(df[n]).to_numpy()})
+    return df.iloc[order.sort_values(["group", "n"], kind="stable").index.to_numpy()]
+
+
 def _groups(df: pd.DataFrame, cols: list[str]):
     return df.groupby(cols, dropna=False, sort=False)
 
 
 def exponents(df: pd.DataFrame, tail: int = 3) -> pd.DataFrame:
     """Fitted exponents of time and memory in N per line: over all lengths and over the ``tail``
-    largest (small N is dominated by fixed overheads)."""
+    largest (small N is dominated by fixed overheads). Noisy rows are left out."""
     rows = []
-    for _, g in _groups(without_copies(ok_rows(df)), SETTING + line_cols(df)):
+    for _, g in _groups(without_copies(quiet_rows(df)), SETTING + line_cols(df)):
         g = g.sort_values("seq_len")
         if g["seq_len"].nunique() < 2:
             continue
@@ -177,8 +201,8 @@ def _compare_with(variant: str) -> str | None:
 def crossovers(df: pd.DataFrame) -> pd.DataFrame:
     """For each line of a variant that declares ``compare_with`` (the efficient variants: full
     attention), the crossover against that variant on the same backend, and against its SDPA
-    baseline."""
-    ok = ok_rows(df)
+    baseline. Noisy rows are left out."""
+    ok = quiet_rows(df)
     rows = []
     for _, g in _groups(ok, SETTING + line_cols(df)):
         first = g.iloc[0]

@@ -3,6 +3,7 @@ expanded from a preset, the run started and reported. The CLI only parses the co
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 import signal
@@ -224,11 +225,7 @@ def sweep_command(
         )
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
-        again = command_line("decode" if decode else "sweep", "--out", str(out), "--resume")
-        message = (
-            f"\nInterrupted ({signal.Signals(signum).name}): finished rows are in {results_path}; "
-            f"continue with: {again}"
-        )
+        message = _interrupted(out, "decode" if decode else "sweep", signal.Signals(signum).name, report, echo)
         raise JobExit(message, 128 + signum, "yellow") from None
     except ResultsFileError as exc:
         raise JobExit(str(exc), 2) from None
@@ -243,11 +240,47 @@ def sweep_command(
     exit_if_all_failed([r.status for r in results])
 
 
+def _interrupted(out: Path, job: str, signame: str, report: bool, echo: Echo) -> str:
+    """After a signal stopped a sweep: the partial report written (unless ``report`` is off) and the
+    message that says what ran and the two ways on, ``--resume`` and ``report``."""
+    from attn_bench.core.results import RESULTS, read_results
+    from attn_bench.sweep.run import not_run
+
+    meta = json.loads((out / "metadata.json").read_text()) if (out / "metadata.json").exists() else {}
+    missing, planned = not_run(out, meta)
+    ran = len(read_results(out / RESULTS, warn=None))
+    page, problem = None, ""
+    if report and ran:
+        from attn_bench.sweep.report import write_report
+
+        echo(f"Interrupted ({signame}): writing the partial report (Ctrl-C again to skip it) ...")
+        try:
+            page = write_report(out)
+        except KeyboardInterrupt:
+            problem = " The report was not written (interrupted again)."
+        except Exception as exc:  # the rows are safe: say why the page is missing, do not hide the exit
+            problem = f" The report was not written ({type(exc).__name__}: {exc})."
+    resume = command_line(job, "--out", str(out), "--resume")
+    again = command_line("report", str(out))
+    return (
+        f"Interrupted ({signame}): {ran} of {planned if planned is not None else '?'} configs have a row in "
+        f"{out / RESULTS}; {len(missing)} did not run."
+        + (f" Partial report: {page}." if page else problem)
+        + f"\nContinue the run with: {resume}\nWrite its report with: {again}"
+    )
+
+
 def report_command(
-    directory: Path, baseline: str = "sdpa", compare: Path | None = None, threshold: float = 0.10, echo: Echo = print
+    directory: Path,
+    baseline: str | None = None,
+    compare: Path | None = None,
+    threshold: float = 0.10,
+    echo: Echo = print,
 ) -> None:
     """Plots and README.md in ``directory``; with ``compare``, exit 1 when a row regressed (slower
-    beyond ``threshold``, or ok before and not now) and 3 when the two runs share no row."""
+    beyond ``threshold``, or ok before and not now) and 3 when the two runs share no row.
+    ``baseline``: the backend speed-ups divide by (default ``sdpa``; a run without it has no
+    speed-up plot, while a ``baseline`` asked for and absent is refused)."""
     from attn_bench.core.results import ResultsFileError
     from attn_bench.sweep.analysis import compare_runs, load_results
     from attn_bench.sweep.report import write_report
@@ -260,10 +293,10 @@ def report_command(
         raise RunSetupError("--compare", f"{compare / 'results.csv'} does not exist")
     try:
         df = load_results(directory)
-        if baseline not in set(df["backend"]):
+        if baseline is not None and baseline not in set(df["backend"]):
             present = ", ".join(sorted(set(df["backend"])))
             raise RunSetupError("--baseline", f"no {baseline!r} rows in this run; its backends are {present}")
-        page = write_report(directory, baseline=baseline, compare=compare, threshold=threshold)
+        page = write_report(directory, baseline=baseline or "sdpa", compare=compare, threshold=threshold)
         cmp = None if compare is None else compare_runs(df, load_results(compare), threshold)
     except ResultsFileError as exc:
         raise JobExit(str(exc), 2) from None

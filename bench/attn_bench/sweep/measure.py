@@ -15,11 +15,21 @@ from attn_bench.baselines.registry import dense_bytes, make_target
 from attn_bench.baselines.target import Unsupported
 from attn_bench.core.ceilings import rate_problem
 from attn_bench.core.config import BenchConfig, BenchResult, RunSettings
-from attn_bench.core.measure import is_oom, make_inputs, pass_flops, peak_memory, time_fn
+from attn_bench.core.measure import Timing, is_oom, make_inputs, measure_time, pass_flops, peak_memory
 from attn_bench.core.numerics import check_target
 
 # Added to every output when nonzero: fault injection for the harness's own tests (see core/worker.py).
 PERTURB = 0.0
+
+
+def with_timing(res: BenchResult, timed: list[Timing]) -> BenchResult:
+    """``res`` with the noise record of its (last) timing: spread, load, re-measurements, ``noisy``
+    (its reason joins the note)."""
+    if not timed or res.status != "ok":
+        return res
+    t = timed[-1]
+    note = "; ".join(x for x in (res.note, f"noisy: {t.why}" if t.noisy else "") if x)
+    return dataclasses.replace(res, **t.result_fields(), note=note)
 
 
 def run_config(cfg: BenchConfig, settings: RunSettings) -> BenchResult:
@@ -52,8 +62,14 @@ def _measure(cfg: BenchConfig, settings: RunSettings) -> BenchResult:
     if cfg.pass_ == "decode":
         from attn_bench.decode.run import run_decode
 
+        timed: list[Timing] = []
+
+        def decode_time_fn(fn, device, s) -> tuple[float, float, float, int]:
+            timed.append(measure_time(fn, device, s))
+            return timed[-1].median_ms, timed[-1].p10_ms, timed[-1].p90_ms, timed[-1].repeats
+
         try:
-            return run_decode(cfg, settings, variant, time_fn, result)
+            return with_timing(run_decode(cfg, settings, variant, decode_time_fn, result), timed)
         except Unsupported as exc:
             return result("unsupported", error=str(exc))
         except Exception as exc:
@@ -128,20 +144,11 @@ def _measure(cfg: BenchConfig, settings: RunSettings) -> BenchResult:
         )
         if not check.ok:
             return result("wrong", error=check.message, **common)
-        med, p10, p90, reps = time_fn(call, dev, settings)
+        timing = measure_time(call, dev, settings)
+        med = timing.median_ms
         peak = peak_memory(call, dev)
         tflops = flops / (med * 1e-3) / 1e12 if med > 0 else math.nan
-        return result(
-            "ok",
-            time_ms=med,
-            time_ms_p10=p10,
-            time_ms_p90=p90,
-            repeats=reps,
-            peak_mem_bytes=peak,
-            tflops=tflops,
-            note=check.message,
-            **common,
-        )
+        return with_timing(result("ok", peak_mem_bytes=peak, tflops=tflops, note=check.message, **common), [timing])
     except Unsupported as exc:
         return result("unsupported", error=str(exc))
     except NotImplementedError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.patches
 import matplotlib.ticker
 
 matplotlib.use("Agg")
@@ -17,6 +18,7 @@ from attn_bench.sweep.analysis import (
     SETTING,
     line_cols,
     line_label,
+    noisy_mask,
     ok_rows,
     setting_label,
     speedups,
@@ -54,15 +56,20 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-").replace("--", "-")
 
 
-def _lines(ax, df: pd.DataFrame, ycol: str, scale: float = 1.0) -> bool:
+def _lines(
+    ax, df: pd.DataFrame, ycol: str, lines: list[str], scale: float = 1.0, bands: bool = False, rings: bool = True
+) -> bool:
+    """One polyline per line (``lines``: the columns that make one, see
+    :func:`attn_bench.sweep.analysis.line_cols`) through its points in N order. ``bands``: the
+    p10..p90 spread of each point as a shaded band; ``rings``: noisy points ringed."""
     drew = False
-    for _, g in df.groupby(line_cols(df), dropna=False, sort=False):
+    for _, g in df.groupby(lines, dropna=False, sort=False):
         g = g.sort_values("seq_len")
         y = g[ycol].astype(float) * scale
         if not (y > 0).any():  # nothing to show on a log scale
             continue
         first = g.iloc[0]
-        ax.plot(
+        (line,) = ax.plot(
             g["seq_len"],
             y,
             color=color(first["variant"]),
@@ -70,8 +77,18 @@ def _lines(ax, df: pd.DataFrame, ycol: str, scale: float = 1.0) -> bool:
             marker=MARKER.get(first["backend"]) or _other_marker(first["backend"]),
             label=line_label(first),
         )
+        if bands and {"time_ms_p10", "time_ms_p90"} <= set(g.columns):
+            lo, hi = g["time_ms_p10"].astype(float) * scale, g["time_ms_p90"].astype(float) * scale
+            ax.fill_between(g["seq_len"], lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+        noisy = noisy_mask(g) & rings
+        if noisy.any():
+            ax.plot(g["seq_len"][noisy], y[noisy], linestyle="none", **NOISY_RING)
         drew = True
     return drew
+
+
+# How a noisy point is marked on the plots (a ring around its marker).
+NOISY_RING = dict(marker="o", markersize=11, markerfacecolor="none", markeredgecolor="black", label="_noisy")
 
 
 def _guides(ax, df: pd.DataFrame, ycol: str, scale: float = 1.0) -> None:
@@ -90,17 +107,30 @@ def _guides(ax, df: pd.DataFrame, ycol: str, scale: float = 1.0) -> None:
         ax.annotate(f"N^{p}", (xs[1], y0 * (xs[1] / n0) ** p), color="0.6", fontsize=7)
 
 
-def _figure(
-    df: pd.DataFrame, ycol: str, ylabel: str, title: str, path: Path, scale: float = 1.0, guides: bool = True
-) -> Path | None:
+def figure(
+    df: pd.DataFrame,
+    ycol: str,
+    ylabel: str,
+    title: str,
+    lines: list[str],
+    scale: float = 1.0,
+    guides: bool = True,
+    bands: bool = False,
+    rings: bool = True,
+):
+    """A matplotlib figure of ``ycol`` against N, fwd and fwd_bwd side by side, one polyline per line
+    and one legend for the figure below the axes (each line once); None when nothing can be drawn.
+    ``bands``: p10..p90 bands (times); ``rings``: noisy points ringed (what is timed)."""
+    from matplotlib.lines import Line2D
+
     passes = [p for p in ("fwd", "fwd_bwd") if (df["pass"] == p).any()]
     if not passes:
         return None
-    fig, axes = plt.subplots(1, len(passes), figsize=(6.5 * len(passes), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(passes), figsize=(6.5 * len(passes), 4.8), squeeze=False, layout="constrained")
     drew = False
     for ax, p in zip(axes[0], passes, strict=True):
         sub = df[df["pass"] == p]
-        drawn = _lines(ax, sub, ycol, scale)
+        drawn = _lines(ax, sub, ycol, lines, scale, bands, rings)
         if drawn:
             drew = True
             if ycol == "speedup":
@@ -116,13 +146,30 @@ def _figure(
         ax.set_ylabel(ylabel)
         ax.set_title(f"{p}")
         ax.grid(True, which="both", alpha=0.3)
-        if drawn:  # an empty legend is a warning
-            ax.legend(fontsize=7)
     if not drew:
         plt.close(fig)
         return None
+    # One legend entry per line, although a line is drawn in each pass's axes.
+    entries: dict[str, object] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    if rings and noisy_mask(df).any():
+        entries["noisy: left out of fits"] = Line2D([], [], linestyle="none", **{**NOISY_RING, "label": None})
+    if bands:
+        entries["band: p10..p90 of the calls"] = matplotlib.patches.Patch(color="0.5", alpha=0.3)
+    ncols = 3 if len(passes) > 1 else 2
+    rows = -(-len(entries) // ncols)
+    fig.set_size_inches(6.5 * len(passes), 4.8 + 0.2 * rows)
+    fig.legend(list(entries.values()), list(entries), loc="outside lower center", ncols=ncols, fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    return fig
+
+
+def _figure(df: pd.DataFrame, ycol: str, ylabel: str, title: str, path: Path, lines: list[str], **kw) -> Path | None:
+    fig = figure(df, ycol, ylabel, title, lines, **kw)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -135,6 +182,7 @@ def sweep_plots(df: pd.DataFrame, out: Path, baseline: str = "sdpa") -> dict[str
     files: dict[str, list[Path]] = {"time": [], "memory": [], "speedup": [], "flops": []}
     sp = speedups(df, baseline)
     sp = sp[sp["seq_len"] > 0] if len(sp) else sp
+    lines = line_cols(df)  # of the results' own columns (the speed-up frame has more)
     for _, s in ok.groupby(SETTING, dropna=False, sort=False):
         first = s.iloc[0]
         label = setting_label(first)
@@ -144,9 +192,10 @@ def sweep_plots(df: pd.DataFrame, out: Path, baseline: str = "sdpa") -> dict[str
             ("memory", "peak_mem_bytes", "peak memory beyond inputs (MiB)", 1 / 2**20),
             ("flops", "tflops", "achieved GFLOP/s (analytic, mask-aware)", 1e3),
         ):
-            f = _figure(
-                s, col, ylabel, f"{kind} vs N: {label}", out / f"{kind}_vs_n_{slug}.png", scale, guides=kind != "flops"
-            )
+            path = out / f"{kind}_vs_n_{slug}.png"
+            title = f"{kind} vs N: {label}"
+            timed = dict(bands=kind == "time", rings=kind != "memory")  # memory is not timed: not noisy
+            f = _figure(s, col, ylabel, title, path, lines, scale=scale, guides=kind != "flops", **timed)
             if f:
                 files[kind].append(f)
         ssp = sp[(sp[SETTING] == first[SETTING]).all(axis=1)] if len(sp) else sp
@@ -157,6 +206,7 @@ def sweep_plots(df: pd.DataFrame, out: Path, baseline: str = "sdpa") -> dict[str
                 f"speed-up over {baseline} (x)",
                 f"speed-up vs {baseline}: {label}",
                 out / f"speedup_vs_{baseline}_{slug}.png",
+                lines,
                 guides=False,
             )
             if f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -16,12 +17,15 @@ from attn_bench.sweep.analysis import (
     line_cols,
     line_label,
     load_results,
+    noisy_mask,
     ok_rows,
     setting_label,
     speedups,
     without_copies,
 )
+from attn_bench.sweep.noise import noise_paragraph, noise_warning, noisy_table
 from attn_bench.sweep.plots import accuracy_plots, sweep_plots
+from attn_bench.sweep.run import not_run
 
 PAGE = "README.md"
 
@@ -57,14 +61,45 @@ def failed_rows_table(df: pd.DataFrame, skip: tuple[str, ...] = ("ok",), width: 
     return md_table(view.assign(error=view["error"].astype("string").fillna("").str.slice(0, width)))
 
 
+def not_run_rows(configs: list) -> pd.DataFrame:
+    """Rows (status ``not run``) for configs of the plan that have no row: the run stopped first."""
+    rows = [{**c.to_row(), "status": "not run", "error": "the run stopped before it"} for c in configs]
+    return pd.DataFrame(rows)
+
+
+def unfinished_notice(directory: Path, meta: dict, missing: int, planned: int | None, ran: int) -> str:
+    """A note for the top of the page when the run did not measure its whole plan (interrupted,
+    stopped by an error, or killed while ``running``), with the two ways on; "" when it did."""
+    status = meta.get("status", "?")
+    if planned is None or (status == "complete" and not missing):
+        return ""
+    missing = missing or max(0, planned - ran)
+    if not missing:
+        return ""
+    how = {
+        "interrupted": "**Interrupted**",
+        "failed": f"**Stopped by an error** ({meta.get('error', '?')})",
+        "running": "**Not finished** (metadata.json still says `running`: the run goes on, or it was killed)",
+    }.get(status, f"**Incomplete** (status `{status}`)")
+    where = shlex.quote(str(directory))
+    return (
+        f"> {how}: {ran} of {planned} configs have a row; {missing} did not run (listed under "
+        f"[Rows that did not run](#rows-that-did-not-run)). Continue the run with "
+        f"`attn-bench sweep --out {where} --resume`; write this page again with `attn-bench report {where}`.\n"
+    )
+
+
 def time_tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """Median time (ms) per line x N, one table per setting and pass."""
+    """Median time (ms) per line x N, one table per setting and pass; a noisy row's cell is
+    marked ``*``."""
     ok = without_copies(ok_rows(df))
     out = []
     for _, s in ok.groupby([*SETTING, "pass"], dropna=False, sort=False):
         first = s.iloc[0]
-        s = s.assign(line=s.apply(line_label, axis=1))
-        piv = s.pivot_table(index="line", columns="seq_len", values="time_ms", aggfunc="first", sort=False)
+        cell = [_cell(t) + ("*" if noisy else "") for t, noisy in zip(s["time_ms"], noisy_mask(s), strict=True)]
+        s = s.assign(line=s.apply(line_label, axis=1), cell=cell)
+        piv = s.pivot_table(index="line", columns="seq_len", values="cell", aggfunc="first", sort=False)
+        piv = piv[sorted(piv.columns, key=int)]  # numeric order of N, whatever order the rows ran in
         piv.columns = [f"N={c}" for c in piv.columns]
         out.append((f"{setting_label(first)}, {first['pass']}", piv.reset_index()))
     return out
@@ -72,7 +107,7 @@ def time_tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 def decode_table(df: pd.DataFrame) -> pd.DataFrame:
     """Decode rows per line and context: per-token time, tokens/s, held memory, prefill, and the
-    line's fitted exponent of per-token time in the context length."""
+    line's fitted exponent of per-token time in the context length (noisy rows left out)."""
     from attn_bench.sweep.analysis import fit_exponent
 
     ok = without_copies(ok_rows(df))
@@ -80,7 +115,8 @@ def decode_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, g in ok.groupby([*SETTING, *line_cols(df)], dropna=False, sort=False):
         g = g.sort_values("seq_len")
-        k = fit_exponent(g["seq_len"], g["time_ms"])
+        quiet = g[~noisy_mask(g)]
+        k = fit_exponent(quiet["seq_len"], quiet["time_ms"])
         trend = "" if math.isnan(k) else ("flat" if k < 0.25 else f"grows ~N^{k:.2f}")
         for _, r in g.iterrows():
             rows.append(
@@ -116,13 +152,15 @@ def headline(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
                 "N": int(last["seq_len"]),
                 "time ms": last["time_ms"],
                 "p10..p90 ms": f"{last['time_ms_p10']:.3g}..{last['time_ms_p90']:.3g}",
+                "noisy": "noisy" if str(last.get("noisy", "")).lower() in ("true", "1") else "",
                 "peak MiB": _mib(last["peak_mem_bytes"]),
                 "GFLOP/s": last["tflops"] * 1e3,
                 f"speed-up vs {baseline}": match["speedup"].iloc[0] if len(match) else math.nan,
                 "max_err": last["max_err"],
             }
         )
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    return out.drop(columns="noisy") if len(out) and not out["noisy"].any() else out
 
 
 def write_report(
@@ -143,6 +181,10 @@ def write_report(
     md: list[str] = []
     name = meta.get("preset") or d.name
     md.append(f"# Attention benchmark: {name}\n")
+    missing, planned = not_run(d, meta)
+    for notice in (unfinished_notice(d, meta, len(missing), planned, len(df)), noise_warning(df, meta, d)):
+        if notice:
+            md.append(notice)
     machine = meta.get("cpu_model", "?")
     if meta.get("gpu"):
         machine = f"{meta['gpu']} (host CPU {machine})"
@@ -175,8 +217,16 @@ def write_report(
         "[metadata.json](metadata.json).\n"
     )
 
+    md.append(noise_paragraph(df, meta))
     counts = df["status"].value_counts().to_dict()
-    md.append("Rows by status: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".\n")
+    noisy = int(noisy_mask(ok_rows(df)).sum())
+    md.append(
+        "Rows by status: "
+        + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        + (f" ({noisy} of the ok rows noisy)" if noisy else "")
+        + (f"; {len(missing)} configs of the plan not run" if missing else "")
+        + ".\n"
+    )
 
     md.append(f"\n## Headline (largest N of each line; speed-up against `{baseline}`)\n")
     md.append(md_table(headline(df, baseline)))
@@ -244,12 +294,19 @@ def write_report(
                 f"of the {variant} rows ranges from {g['approx_err'].min():.3g} to {g['approx_err'].max():.3g}.\n"
             )
 
+    noisy_rows = noisy_table(df)
+    if len(noisy_rows):
+        md.append("\n## Noisy rows (left out of the exponents and crossovers)\n")
+        md.append(md_table(noisy_rows))
+
     md.append("\n## Median time (ms) by line and N\n")
+    if len(noisy_rows):
+        md.append("`*`: a noisy row (see above).\n")
     for title, tab in time_tables(df):
         md.append(f"\n**{title}**\n\n{md_table(tab)}")
 
     md.append("\n## Rows that did not run\n")
-    md.append(failed_rows_table(df))
+    md.append(failed_rows_table(pd.concat([df, not_run_rows(missing)], ignore_index=True) if missing else df))
 
     if compare is not None:
         old = load_results(compare)

@@ -5,7 +5,8 @@ Files in the output directory:
   whole after every row (temporary file + ``os.replace``), so it is never half-written and an
   interrupted sweep keeps every finished row. Reading it back validates every line.
 - ``metadata.json``: machine, versions, git commit, command line, preset, times, status
-  (``running``, ``complete``, ``interrupted`` or ``failed``) and the list of resumes.
+  (``running``, ``complete``, ``interrupted`` or ``failed``), the list of resumes, and the plan:
+  every config the run was to measure (so a report can list those that never ran).
 - ``performer_accuracy.csv``: the Performer accuracy study (when the preset has one).
 - ``worker.log``: what the worker processes printed (compiler and profiler chatter, tracebacks).
 
@@ -22,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attention_variants as av
 from attn_bench.baselines.registry import exact_baselines
@@ -31,6 +32,7 @@ from attn_bench.core.config import (
     BenchConfig,
     BenchResult,
     RunSettings,
+    config_columns,
 )
 
 if TYPE_CHECKING:  # for the annotation only: runs import the worker when they start
@@ -73,8 +75,8 @@ def run_sweep(
     """Run ``configs`` (skipping those already in ``out/results.csv`` when ``resume``), writing
     every row as it finishes. Returns all rows of the file.
 
-    ``retry_failed`` (with ``resume``): configs whose rows say ``timeout``, ``oom`` or ``error``
-    run again, and the new row replaces the old one.
+    ``retry_failed`` (with ``resume``): configs whose rows say ``timeout``, ``oom`` or ``error``, or
+    are ``noisy``, run again, and the new row replaces the old one.
 
     Ctrl-C, SIGTERM and SIGHUP kill the worker at once (the config in flight is not recorded, so
     ``resume`` runs it again), save the metadata as ``interrupted`` and raise KeyboardInterrupt
@@ -92,7 +94,7 @@ def run_sweep(
     path = out / RESULTS
     results = read_results(path) if resume else []
     where = {r.config.key(): i for i, r in enumerate(results)}
-    rerun = {k for k, i in where.items() if retry_failed and results[i].status in RETRY_STATUSES}
+    rerun = {k for k, i in where.items() if retry_failed and (results[i].status in RETRY_STATUSES or results[i].noisy)}
     todo = [c for c in configs if c.key() not in where or c.key() in rerun]
     meta = dict(meta or {})
     old_meta = _read_metadata(out) if resume else {}
@@ -109,6 +111,7 @@ def run_sweep(
                 meta[key] = old_meta[key]
     meta["settings"] = dataclasses.asdict(settings)
     meta["configs"] = len(configs)
+    meta["plan"] = plan_record(configs)
     meta["status"] = "running"
     meta.pop("error", None)
     if budget_s is not None:
@@ -116,17 +119,20 @@ def run_sweep(
     write_metadata(out, meta)
 
     pool = WorkerPool(settings, str(out / WORKER_LOG))
-    bar = _Progress(len(todo), enabled=progress)
+    bar = _Progress(todo, enabled=progress)
     deadline = None if budget_s is None else time.monotonic() + budget_s
     with pool_lifecycle(pool, out, meta, results):
         with bar:
             for cfg in todo:
                 bar.start(cfg.label())
+                t_row = time.monotonic()
                 left = math.inf if deadline is None else deadline - time.monotonic()
+                copy = _copy_of_same_computation(cfg, results)
+                ran = left >= MIN_CONFIG_S and copy is None  # the only rows that tell the ETA anything
                 if left < MIN_CONFIG_S:
                     res = BenchResult(cfg, "skipped", error=f"not reached: the sweep's {budget_s:g} s budget ran out")
                 else:
-                    res = _copy_of_same_computation(cfg, results) or pool.run(cfg, timeout_s=left)
+                    res = copy or pool.run(cfg, timeout_s=left)
                 if cfg.key() in where:
                     results[where[cfg.key()]] = res
                 else:
@@ -135,7 +141,10 @@ def run_sweep(
                 write_results(path, results)
                 if on_result is not None:
                     on_result(res)
-                bar.advance(f"{cfg.label()}: {res.status}" + (f" {res.time_ms:.3g} ms" if res.time_ms else ""))
+                took = time.monotonic() - t_row if ran else None
+                bar.advance(
+                    cfg, took, f"{cfg.label()}: {res.status}" + (f" {res.time_ms:.3g} ms" if res.time_ms else "")
+                )
                 if pool.gave_up:
                     raise WorkerStartError(f"{res.error} ({pool.start_failures} failed starts in a row)")
         out_of_time = deadline is not None and deadline - time.monotonic() < ACCURACY_MIN_S
@@ -148,6 +157,28 @@ def run_sweep(
             rows = run_accuracy(accuracy)
             atomic_write(out / ACCURACY, rows_to_csv(rows, list(rows[0].keys()) if rows else []))
     return results
+
+
+def plan_record(configs: list[BenchConfig]) -> dict:
+    """The configs a run is to measure, as ``metadata.json`` keeps them: columns and rows."""
+    columns = config_columns()
+    return {"columns": columns, "rows": [[c.to_row().get(col) for col in columns] for c in configs]}
+
+
+def not_run(directory: Path, meta: dict) -> tuple[list[BenchConfig], int | None]:
+    """``(configs of the plan with no row in results.csv, configs planned)``. A run from before the
+    plan was recorded gives ``([], count)``, with only the count of its configs (None if unknown)."""
+    plan = meta.get("plan")
+    if not plan:
+        return [], meta.get("configs")
+    done = {r.config.key() for r in read_results(directory / RESULTS, warn=None)}
+    configs = []
+    for values in plan["rows"]:
+        try:
+            configs.append(BenchConfig.from_row(dict(zip(plan["columns"], values, strict=True))))
+        except ValueError:  # a plug-in's config this process cannot rebuild: counted, not listed
+            continue
+    return [c for c in configs if c.key() not in done], len(plan["rows"])
 
 
 def same_computation(cfg: BenchConfig) -> BenchConfig | None:
@@ -172,46 +203,43 @@ def _copy_of_same_computation(cfg: BenchConfig, results: list[BenchResult]) -> B
 
 
 class _Progress:
-    """A rich progress bar (config name, count, elapsed, ETA); silent when disabled."""
+    """A rich progress line (count, bar, elapsed, ETA, then the config's label, cut to fit the
+    terminal; see :mod:`attn_bench.core.progress`); silent when disabled."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total = total
+    def __init__(self, todo: list[BenchConfig], enabled: bool, console: Any = None) -> None:
+        self.todo = [(c.seq_len, c.pass_) for c in todo]
+        self.done: list[tuple[int, str, float]] = []  # the rows run, with their wall time
+        self.count = 0  # the rows advanced over, run or not (a copy, a row skipped)
         self.enabled = enabled
-        self.progress = None
-        self.task = None
+        self.console = console
+        self.progress: Any = None
+        self.task: Any = None
 
-    def __enter__(self):
+    def __enter__(self) -> _Progress:
         if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from attn_bench.core.progress import progress_bar
 
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}", justify="left"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                transient=False,
-            )
+            self.progress = progress_bar(eta=True, console=self.console)
             self.progress.__enter__()
-            self.task = self.progress.add_task("sweep", total=self.total)
+            self.task = self.progress.add_task("sweep", total=len(self.todo), eta="?")
         return self
 
     def start(self, label: str) -> None:
         if self.progress is not None:
             self.progress.update(self.task, description=label)
 
-    def advance(self, message: str) -> None:
+    def advance(self, cfg: BenchConfig, seconds: float | None, message: str) -> None:
+        """``cfg`` is done; it took ``seconds`` of wall time (None: it did not run, a copy of
+        another row or a row skipped), from which the ETA of the rest follows."""
+        from attn_bench.core.progress import clock, eta_seconds
+
+        self.count += 1
+        if seconds is not None:
+            self.done.append((cfg.seq_len, cfg.pass_, seconds))
+        left = self.todo[self.count :]
         if self.progress is not None:
-            self.progress.console.print(message)
-            self.progress.advance(self.task)
+            self.progress.console.print(message, markup=False, highlight=False)
+            self.progress.update(self.task, advance=1, eta=clock(eta_seconds(self.done, left)))
 
     def __exit__(self, *exc) -> None:
         if self.progress is not None:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from attn_bench.core.results import METADATA, atomic_write
+from attn_bench.sweep.analysis import in_n_order
 from attn_bench.sweep.plots import color
 from attn_bench.task.run import RESULTS, TaskResult, read_task_results
 
@@ -51,7 +52,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     reached = g["time_to_target_s"].agg(lambda x: x.notna().sum()).reset_index(drop=True)
     out["reached"] = reached.to_numpy()
     out["time_to_target_s"] = g["time_to_target_s"].mean().reset_index(drop=True).to_numpy()
-    return out
+    return in_n_order(out, ["task"]).reset_index(drop=True)
 
 
 def _main_n(s: pd.DataFrame, task: str) -> int:

@@ -411,11 +411,9 @@ class _TaskProgress:
 
     def __enter__(self) -> _TaskProgress:
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from attn_bench.core.progress import progress_bar
 
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
-            )
+            self.progress = progress_bar()  # the label last: a narrow terminal cuts it, not the count
             self.progress.__enter__()
             self.runs = self.progress.add_task("runs", total=self.total)
             self.steps = self.progress.add_task("steps", total=1)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from attn_bench.core.config import validate_names
@@ -117,6 +118,38 @@ def _run_cases(cases: list, device: str, grads: bool, sink: VerifyCsv | None) ->
     return done
 
 
+def _table(results: list, device: str, width: int | None) -> Table:
+    """The checks as a table: one line each (names and shapes are not wrapped), the note cut to ``width``."""
+    table = Table(title=f"attn-bench verify ({device}): max error against the float64 reference")
+    for col in ("variant", "shape", "dtype", "backend", "ran", "status", "max_err", "bound", "grad_err"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("note", overflow="fold")
+    for res in results:
+        c = res.check
+        name, shape = res.case.label()
+        style = {"ok": "green", "wrong": "red", "error": "red", "unsupported": "dim"}[res.status]
+        table.add_row(
+            name, shape, res.case.dtype, res.case.backend, res.backend_used, f"[{style}]{res.status}[/]",
+            _num(c.max_err if c else None), _num(c.bound if c else None), _num(c.grad_err if c else None),
+            escape(res.message[:width] if width else res.message),
+        )  # fmt: skip
+    return table
+
+
+def unsupported_lines(results: list, width: int = 110) -> list[str]:
+    """One line per backend and reason of the unsupported checks, with their count."""
+    groups: dict[tuple[str, str], int] = {}
+    for res in results:
+        if res.status == "unsupported":
+            key = (res.case.backend, res.message.splitlines()[0] if res.message else "")
+            groups[key] = groups.get(key, 0) + 1
+    out = []
+    for (backend, reason), n in groups.items():
+        cut = reason if len(reason) <= width else reason[: width - 3] + "..."
+        out.append(f"unsupported here: {backend}, {n} check(s): {cut}")
+    return out
+
+
 def verify_command(
     *,
     backends: str | None = None,
@@ -125,13 +158,15 @@ def verify_command(
     device: str = "cpu",
     quick: bool = False,
     grads: bool = True,
-    show: str = "all",
+    verbose: bool = False,
     csv_out: Path | None = None,
     resume: bool = False,
     plugin: list[str] | None = None,
     echo: Any = print,
 ) -> None:
-    """Check every variant x backend (comma lists) against the float64 ground truth; JobExit(1) on a failure."""
+    """Check every variant x backend (comma lists) against the float64 ground truth; JobExit(1) on a
+    failure. Prints the checks that failed, one line per backend and reason of those that cannot run
+    here, and the summary; ``verbose``: a table of every check."""
     import attention_variants as av
     from attn_bench.verify.cases import verify_cases
 
@@ -143,9 +178,6 @@ def verify_command(
     except ValueError as exc:
         raise RunSetupError(None, str(exc)) from None
     cases = verify_cases(backend_list, dtype_list, quick=quick, variants=split(variants))
-    table = Table(title=f"attn-bench verify ({device}): max error against the float64 reference")
-    for col in ("variant", "shape", "dtype", "backend", "ran", "status", "max_err", "bound", "grad_err", "note"):
-        table.add_column(col, overflow="fold")
     t0 = time.perf_counter()
     if resume and csv_out is None:
         raise RunSetupError("--resume", "needs --csv (the file of the checks already done)")
@@ -155,21 +187,15 @@ def verify_command(
     done = _run_cases(cases, device, grads, sink)
     order = {name: i for i, name in enumerate(av.list_variants())}
     done.sort(key=lambda r: (order.get(r.case.variant, 99), str(r.case.options), r.case.backend, r.case.dtype))
-    failures = 0
-    for res in done:
-        bad = res.status in ("wrong", "error")
-        failures += bad
-        if show == "failures" and not bad:
-            continue
-        c = res.check
-        name, shape = res.case.label()
-        style = {"ok": "green", "wrong": "red", "error": "red", "unsupported": "dim"}[res.status]
-        table.add_row(
-            name, shape, res.case.dtype, res.case.backend, res.backend_used, f"[{style}]{res.status}[/]",
-            _num(c.max_err if c else None), _num(c.bound if c else None), _num(c.grad_err if c else None),
-            res.message[:80],
-        )  # fmt: skip
-    echo(table)
-    echo(f"{len(cases)} checks in {time.perf_counter() - t0:.1f} s: {status_summary(r.status for r in done)}")
-    if failures:
-        raise JobExit(f"{failures} check(s) failed", 1)
+    failed = [r for r in done if r.status in ("wrong", "error")]
+    if verbose:
+        echo(_table(done, device, width=None))
+    else:
+        if failed:
+            echo(_table(failed, device, width=None))
+        for line in unsupported_lines(done):
+            echo(f"[dim]{escape(line)}[/]")
+    more = "" if verbose else " (-v: every check)"
+    echo(f"{len(cases)} checks in {time.perf_counter() - t0:.1f} s: {status_summary(r.status for r in done)}{more}")
+    if failed:
+        raise JobExit(f"{len(failed)} check(s) failed", 1)
