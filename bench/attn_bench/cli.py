@@ -363,6 +363,7 @@ def tune(
     head_dims: Annotated[str, typer.Option(help="comma list of head dims, most important first")] = "128,64",
     install: Annotated[bool, typer.Option(help="also write the table into the package's tuned/ folder")] = False,
     retune: Annotated[bool, typer.Option(help="tune keys that already have a fresh entry again")] = False,
+    plugin: Plugin = None,
 ) -> None:
     """Time each kernel's candidate configs on this GPU and write the card's tuning table (needs CUDA)."""
     from attn_bench.device.tune import main as tune_main
@@ -370,7 +371,7 @@ def tune(
     raise typer.Exit(
         tune_main(
             budget_s, out, kernels=kernels, dtypes=dtypes, n=n, head_dims=head_dims, install=install, retune=retune,
-            echo=lambda line: console.print(escape(line), soft_wrap=True),
+            plugins=plugin or [], echo=lambda line: console.print(escape(line), soft_wrap=True),
         )
     )  # fmt: skip
 
@@ -380,6 +381,8 @@ def device_check_cmd(
     out: Annotated[Path, typer.Option(help="folder for SUMMARY.md, logs, packed run, tuning table (at most 7 files)")],
     budget_s: Annotated[float, typer.Option(help="seconds for all steps together")] = 500.0,
     work: Annotated[Path | None, typer.Option(help="where the run directory is built [default: a temp folder]")] = None,
+    plugin: Plugin = None,
+    variants: Annotated[str | None, typer.Option(help="comma list: the variants of verify, cp and the sweep")] = None,
 ) -> None:
     """The GPU check in one command: environment and ceilings, GPU tests, verify, gpu-quick sweep, report.
 
@@ -387,7 +390,7 @@ def device_check_cmd(
     Without CUDA it runs dry (GPU steps recorded as skipped) and still writes its files."""
     from attn_bench.device.check import device_check_command
 
-    _call(device_check_command, out=out, budget_s=budget_s, work=work)
+    _call(device_check_command, out=out, budget_s=budget_s, work=work, plugin=plugin, variants=variants)
 
 
 @app.command()

@@ -73,6 +73,20 @@ def unsupported(variant: str, options: Mapping[str, Any], needs: Iterable[str]) 
     return None
 
 
+def kernel_variant(family: str, options: Mapping[str, Any]) -> av.AttentionVariant:
+    """The variant that drives a family of tuned kernels (``attn-bench tune``): the first registered
+    variant that declares ``kernel_family == family`` and is built from ``options`` alone (a window,
+    a feature count, none for full attention). ValueError when no registered variant does."""
+    for name in av.list_variants():
+        cls = av.variant_class(name)
+        if cls.kernel_family == family and set(options) <= set(cls.option_names()):
+            try:
+                return av.get_variant(name, **options)
+            except (TypeError, ValueError):  # it needs more options than these
+                continue
+    raise ValueError(f"no registered variant declares kernel_family={family!r} and takes {dict(options)}")
+
+
 def blame(variant: str) -> str:
     """The option a refusal of ``variant`` names: ``--plugin`` for a plug-in's, else ``--variants``."""
     module = av.variant_class(variant).__module__
@@ -111,3 +125,15 @@ def preflight(
                                 f"{type(exc).__name__}: {exc}") from None  # fmt: skip
         if not res.ok:
             raise RunSetupError(option, f"{what} (causal={c}) fails the numerics gate: {res.message}")
+
+
+def preflight_plugin_rows(rows: Iterable[Any]) -> None:
+    """:func:`preflight` of every plug-in variant among a sweep's rows (``variant``, ``options``
+    pairs, ``causal``, ``device``), with the causal settings its rows ask for. The project's own
+    variants are checked by their tests; a sweep records a wrong backend as a ``wrong`` row."""
+    todo: dict[tuple, set[bool]] = {}
+    for r in rows:
+        if r.variant in av.list_variants() and blame(r.variant) == "--plugin":
+            todo.setdefault((r.variant, tuple(r.options), r.device), set()).add(bool(r.causal))
+    for (variant, options, device), causal in todo.items():
+        preflight(variant, dict(options), sorted(causal), device=device)
