@@ -260,8 +260,8 @@ def write_model_report(directory: Path) -> Path:
         lines += [
             "`naive_err`: the same model with the ground-truth attention computed in the row's dtype; `skip_err`: "
             "the model with attention skipped, i.e. how far a wrong attention moves the logits; `sdpa_diff`: the "
-            "distance from the same model with Transformers' `sdpa` (for `av_full` an agreement check, for the "
-            "others how far they move the model's output from exact attention).",
+            "distance from the same model with Transformers' `sdpa` (for the exact variant's implementation "
+            "an agreement check, for the others how far they move the model's output from exact attention).",
             "",
             "| model | implementation | gate N | max_err | err_bound | naive_err | skip_err | sdpa_diff |",
             "|---|---|---|---|---|---|---|---|",
