@@ -317,7 +317,8 @@ class AttentionVariant(Capabilities):
         return spec is not None and (spec.padding or not padding)
 
     def resolve_backend(self, backend: str, q: Tensor, v: Tensor | None = None, *, padding: bool = False) -> str:
-        """The concrete backend a call with ``backend`` runs on these inputs (``auto`` resolved).
+        """The concrete backend a call with ``backend`` runs on these inputs (``auto``: ``triton`` on
+        CUDA where it runs, else ``torch``, else ``reference``).
 
         ``padding``: the call has a key padding mask, so only backends registered with
         ``padding=True`` qualify (``auto`` skips the others). Raises ValueError when an explicitly
@@ -328,8 +329,8 @@ class AttentionVariant(Capabilities):
             cuda = q.device.type == "cuda"
             if cuda and self.supports("triton", q.device, q.dtype, head_dim) and self.takes_padding("triton", padding):
                 return "triton"
-            if not padding:
-                return "torch"
+            if not padding:  # a plug-in with no torch backend (a mask predicate only) runs its reference
+                return "torch" if "torch" in self._backends else "reference"
             for name in ("torch", "reference"):
                 if self.takes_padding(name, True) and self.supports(name, q.device, q.dtype, head_dim):
                     return name

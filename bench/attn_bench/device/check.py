@@ -354,6 +354,7 @@ def device_check(
         "elapsed_s": round(time.monotonic() - t_start, 1),
         "environment": environment,
         "steps": [asdict(s) for s in steps],
+        "step_args": list(plugin_args),  # --plugin / --variants of the verify, cp and sweep steps
         "tuning": tuned,
         "files": [SUMMARY, RECORD, ARCHIVE, *LOGS.values(), *([tuned["file"]] if tuned.get("copied") else [])],
     }
