@@ -61,8 +61,11 @@ def linear_attention_loop(q, k, v, causal: bool, kpm=None) -> torch.Tensor:
     return out
 
 
-def test_example_is_one_short_file() -> None:
+def test_example_is_one_short_file_shown_whole_on_its_page() -> None:
     assert len(EXAMPLE.read_text().splitlines()) < 100
+    page = (ROOT / "docs" / "add-your-attention.md").read_text()
+    blocks = [b for b in page.split("```python\n")[1:] if '@av.register_variant("linear_elu")' in b]
+    assert len(blocks) == 1 and blocks[0].split("```")[0] == EXAMPLE.read_text()
 
 
 @pytest.mark.parametrize(("nq", "nk"), [(9, 9), (5, 11), (11, 5)])
