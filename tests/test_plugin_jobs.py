@@ -182,6 +182,33 @@ def test_device_check_and_tune_take_it(registry, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "needs a CUDA device" in res.output  # loaded, then nothing to tune here
 
 
+CAUSAL_ONLY = """
+import attention_variants as av
+
+
+@av.register_variant("causal_only")
+class CausalOnly(av.AttentionVariant):
+    softmax = True
+    causal_modes = (True,)  # it declares it computes causal attention only
+
+    def mask_mod(self, nq, nk, causal, device="cpu"):
+        return av.masks.mask_mod(nq, nk, causal=True)
+"""
+
+
+def test_a_row_the_variant_cannot_do_is_unsupported_with_the_reason(own_registry, tmp_path: Path) -> None:
+    plugin = tmp_path / "causal_only.py"
+    plugin.write_text(CAUSAL_ONLY)
+    out = tmp_path / "task"
+    res = runner.invoke(app, ["task", "--preset", "task-tiny", "--variants", "causal_only", "--plugin", str(plugin),
+                              "--out", str(out), "--no-progress"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = {r["task"]: r for r in _rows(out / "results.csv")}
+    assert rows["mqar"]["status"] == "ok"  # a causal decoder
+    assert rows["listops"]["status"] == "unsupported"  # an encoder
+    assert "does not compute causal=False" in rows["listops"]["error"]
+
+
 # -- a broken plug-in, in every job ---------------------------------------------------------------
 
 WRONG_DTYPE = """

@@ -133,7 +133,8 @@ def preflight_plugin_rows(rows: Iterable[Any]) -> None:
     variants are checked by their tests; a sweep records a wrong backend as a ``wrong`` row."""
     todo: dict[tuple, set[bool]] = {}
     for r in rows:
-        if r.variant in av.list_variants() and blame(r.variant) == "--plugin":
+        plugin = r.variant in av.list_variants() and blame(r.variant) == "--plugin"
+        if plugin and bool(r.causal) in av.variant_class(r.variant).causal_modes:  # other rows: unsupported
             todo.setdefault((r.variant, tuple(r.options), r.device), set()).add(bool(r.causal))
     for (variant, options, device), causal in todo.items():
         preflight(variant, dict(options), sorted(causal), device=device)

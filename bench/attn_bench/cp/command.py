@@ -89,7 +89,8 @@ def cp_command(
         raise RunSetupError("--dtype" if "--dtype" in str(exc) else "--device", str(exc)) from None
     gated: dict[tuple, set[bool]] = {}
     for c in configs:
-        gated.setdefault((c.variant, c.options, c.device), set()).add(c.causal)
+        if c.causal in av.variant_class(c.variant).causal_modes:  # the others are unsupported rows
+            gated.setdefault((c.variant, c.options, c.device), set()).add(c.causal)
     for (v, o, device), cs in gated.items():
         preflight(v, json.loads(o), sorted(cs), device="cuda" if device == "cuda" else "cpu")
     echo(f"[bold]attn-bench cp[/]: {len(configs)} rows -> {out}")

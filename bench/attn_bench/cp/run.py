@@ -326,10 +326,14 @@ def _worker(
         world_size=world,
         timeout=timedelta(seconds=120),
     )
+    from attn_bench.core.variants import unsupported
+
     for cfg in configs:
+        # every rank skips the same rows: a variant that does not compute this causal setting
+        why = unsupported(cfg.variant, cfg.variant_options(), ["causal" if cfg.causal else "non_causal"])
         try:
             inject_fault(cfg)
-            row = _row(cfg, rank, repeats)
+            row = cfg.row(status="unsupported", error=why) if why else _row(cfg, rank, repeats)
         except Exception as e:  # every rank fails alike (the same inputs and collectives): record it
             row = cfg.row(status="error", error=f"{type(e).__name__}: {e}")
         if rank == 0:
