@@ -9,6 +9,7 @@ PyTorch and Triton backends.
 from . import full, sliding_window, performer  # noqa: I001, F401
 from . import masks
 from .base import (
+    EXACT_VARIANT,
     AttentionVariant,
     Backend,
     SweepOption,
@@ -20,6 +21,7 @@ from .base import (
     register_variant,
     variant_class,
 )
+from .capabilities import NEEDS
 from .decode import DecodeState, KVCache, PerformerState, StateLayout, WindowCache
 from .full import FullAttention
 from .generate import TinyDecoder, generate, top_p_probs, top_p_sample
@@ -29,6 +31,8 @@ from .performer import PerformerAttention
 from .sliding_window import SlidingWindowAttention
 
 __all__ = [
+    "EXACT_VARIANT",
+    "NEEDS",
     "AttentionLayer",
     "AttentionVariant",
     "Backend",

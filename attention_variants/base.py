@@ -12,17 +12,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from .capabilities import Capabilities
 from .checks import FLOAT_DTYPES, check_causal, resolve_scale, shape4, validate_key_padding_mask, validate_qkv
 from .dense import compute_dtype, dense_softmax_attention, empty_attention, padding_to_mask, repeat_kv
 from .masks import MaskMod, dense_from_mod
-
-if TYPE_CHECKING:
-    from .decode import DecodeState, StateLayout
 
 BACKENDS: tuple[str, ...] = ("reference", "torch", "triton")
 """The project's concrete backends, in the order the harness reports them. ``"auto"`` picks one
@@ -35,6 +33,10 @@ takes ``key_padding_mask=`` (a bool ``(B, Nk)`` tensor or None)."""
 CheckFn = Callable[["AttentionVariant", torch.device, torch.dtype, int], "str | None"]
 
 _VARIANTS: dict[str, type[AttentionVariant]] = {}
+
+EXACT_VARIANT = "full"
+"""The variant of exact softmax attention over every key: what ``compare_with`` and ``approximates``
+name, and the control of the benchmark's studies (pretraining, full-attention baselines)."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ def get_variant(name: str, **options: Any) -> AttentionVariant:
 # ---------------------------------------------------------------------------------------------
 
 
-class AttentionVariant:
+class AttentionVariant(Capabilities):
     """Base class of the attention variants. Subclasses are registered with :func:`register_variant`.
 
     Call an instance as ``variant(q, k, v, causal=False, scale=None, backend="auto")`` with
@@ -181,7 +183,7 @@ class AttentionVariant:
     approximates: ClassVar[str | None] = None
     """Name of the exact variant this one approximates (the Performer: ``"full"``), or None. The
     baselines of an approximation compute the exact variant, and the gate reports ``approx_err``."""
-    compare_with: ClassVar[str | None] = "full"
+    compare_with: ClassVar[str | None] = EXACT_VARIANT
     """The variant whose line the report's crossover compares this one with (None: none)."""
     backward_flops_ratio: ClassVar[float] = 2.5
     """Backward FLOPs over forward FLOPs: 2.5 for softmax attention (FlashAttention's convention:
@@ -277,18 +279,6 @@ class AttentionVariant:
         nk, dv = shape4(k)[2], shape4(v)[3]
         return 2 * b * h * self.visible_pairs(nq, nk, causal) * (d + dv)
 
-    def decode_flops(
-        self, q: Tensor | Sequence[int], k: Tensor | Sequence[int], v: Tensor | Sequence[int], context: int
-    ) -> int:
-        """Analytic FLOPs of one decoding step from the variant's state: ``q (B, H, T, D)``,
-        ``k (B, Hk, T, D)``, ``v (B, Hk, T, Dv)`` are the ``T`` new tokens and ``context`` tokens
-        are already in the state. By default the new queries attend causally to every token so
-        far (a KV cache); a variant whose state summarises the context (a recurrent state)
-        overrides it."""
-        b, hk, t, d = shape4(k)
-        whole = (b, hk, context + t, d)
-        return self.flops(q, whole, (*whole[:3], shape4(v)[3]), causal=True)
-
     # -- backends ---------------------------------------------------------------------------------
 
     def backend(self, name: str) -> Backend:
@@ -327,7 +317,8 @@ class AttentionVariant:
         return spec is not None and (spec.padding or not padding)
 
     def resolve_backend(self, backend: str, q: Tensor, v: Tensor | None = None, *, padding: bool = False) -> str:
-        """The concrete backend a call with ``backend`` runs on these inputs (``auto`` resolved).
+        """The concrete backend a call with ``backend`` runs on these inputs (``auto``: ``triton`` on
+        CUDA where it runs, else ``torch``, else ``reference``).
 
         ``padding``: the call has a key padding mask, so only backends registered with
         ``padding=True`` qualify (``auto`` skips the others). Raises ValueError when an explicitly
@@ -338,8 +329,8 @@ class AttentionVariant:
             cuda = q.device.type == "cuda"
             if cuda and self.supports("triton", q.device, q.dtype, head_dim) and self.takes_padding("triton", padding):
                 return "triton"
-            if not padding:
-                return "torch"
+            if not padding:  # a plug-in with no torch backend (a mask predicate only) runs its reference
+                return "torch" if "torch" in self._backends else "reference"
             for name in ("torch", "reference"):
                 if self.takes_padding(name, True) and self.supports(name, q.device, q.dtype, head_dim):
                     return name
@@ -383,77 +374,6 @@ class AttentionVariant:
         if spec.padding:
             return spec.forward(self, q, k, v, causal, scale, key_padding_mask=key_padding_mask)
         return spec.forward(self, q, k, v, causal, scale)
-
-    # -- incremental decoding (see attention_variants.decode) --------------------------------
-
-    decode_backends: ClassVar[tuple[str, ...] | None] = None
-    """Backends a decoding step can run on (None: all of the variant's); ``auto`` picks among them."""
-
-    def init_state(
-        self,
-        batch: int,
-        kv_heads: int,
-        head_dim: int,
-        value_dim: int | None = None,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        capacity: int | None = None,
-    ) -> DecodeState:
-        """An empty decoding state for ``batch`` sequences with ``kv_heads`` key/value heads;
-        ``capacity`` sizes a growing cache (tokens; default 256). See :mod:`attention_variants.decode`."""
-        from . import decode
-
-        return decode.init_state(
-            self, batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device, capacity=capacity
-        )
-
-    def step(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        state: DecodeState,
-        *,
-        scale: float | None = None,
-        backend: str = "auto",
-    ) -> tuple[Tensor, DecodeState]:
-        """Decode ``T >= 1`` new tokens: ``q (B, H, T, D)``, ``k (B, Hk, T, D)``, ``v (B, Hk, T, Dv)``
-        attend causally to each other and to everything in ``state``. Returns ``(out (B, H, T, Dv),
-        state)``; the state is updated in place. Equals the causal forward of the whole sequence."""
-        from . import decode
-
-        return decode.step(self, q, k, v, state, scale=scale, backend=backend)
-
-    def prefill(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        scale: float | None = None,
-        backend: str = "auto",
-        capacity: int | None = None,
-    ) -> tuple[Tensor, DecodeState]:
-        """A prompt's causal attention and the state after it: :meth:`init_state` then :meth:`step`."""
-        from . import decode
-
-        return decode.prefill(self, q, k, v, scale=scale, backend=backend, capacity=capacity)
-
-    def decode_options(self) -> dict[str, Any]:
-        """The options that define this variant's decoding state (by default :meth:`options`).
-        A state records them when it is made; a step by a variant whose options differ raises a
-        ``ValueError`` naming the option. Values are compared with ``==`` (tensors elementwise)."""
-        return self.options()
-
-    def decode_state(self, layout: StateLayout, *, capacity: int) -> DecodeState:
-        """Hook: build this variant's empty state (arguments already checked)."""
-        raise NotImplementedError(f"variant {self.name!r} has no incremental decoding state")
-
-    def decode_step(self, q: Tensor, k: Tensor, v: Tensor, state: DecodeState, scale: float, backend: str) -> Tensor:
-        """Hook: one step on checked inputs (T >= 1, no grad); write the new tokens into ``state``
-        (``state.length`` is advanced by the caller) and return the output ``(B, H, T, Dv)``."""
-        raise NotImplementedError(f"variant {self.name!r} has no incremental decoding step")
 
     def reference(
         self,

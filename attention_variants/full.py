@@ -22,6 +22,8 @@ class FullAttention(AttentionVariant):
 
     softmax = True
     compare_with = None
+    context_parallel = "ring"
+    kernel_family = "flash"
 
     def mask_mod(self, nq: int, nk: int, causal: bool, device: torch.device | str = "cpu") -> masks.MaskMod | None:
         return masks.mask_mod(nq, nk, causal=causal)

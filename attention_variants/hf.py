@@ -4,12 +4,13 @@
 >>> hf.register()                       # once per process; needs ``pip install .[hf]``
 >>> model = AutoModelForCausalLM.from_config(cfg, attn_implementation="av_sliding_window")
 
-:func:`register` adds ``av_full``, ``av_sliding_window`` and ``av_performer`` to
-``transformers.AttentionInterface`` (the attention function a model's layers call) and to
-``transformers.AttentionMaskInterface`` (the mask that the model builds once per forward and
-hands to every layer). The mask function returns only the key padding, a bool ``(B, Nk)`` tensor
-(True = a real key) or None when nothing is padded; the causal and window structure is computed
-by the variants from the layer's own arguments, never as a dense 4-D mask.
+:func:`register` adds ``av_<name>`` for every registered variant (``av_full``,
+``av_sliding_window``, ``av_performer``, and a plug-in's, e.g. ``av_linear_elu``; call it again
+after registering more) to ``transformers.AttentionInterface`` (the attention function a model's
+layers call) and to ``transformers.AttentionMaskInterface`` (the mask that the model builds once
+per forward and hands to every layer). The mask function returns only the key padding, a bool
+``(B, Nk)`` tensor (True = a real key) or None when nothing is padded; the causal and window
+structure is computed by the variants from the layer's own arguments, never as a dense 4-D mask.
 
 Which attention a layer computes (the *window rule*):
 
@@ -22,10 +23,11 @@ Which attention a layer computes (the *window rule*):
 - Any other layer computes ``av_full``: full attention; ``av_performer``: FAVOR+ with
   ``num_features`` features drawn from ``seed``; ``av_sliding_window``: our sliding window with
   ``window`` -- unless the model defines windows on some layers (``config.sliding_window`` is
-  set), in which case its other layers are global by design and stay full attention.
-- ``window``, ``num_features``, ``seed`` and ``backend`` default to the values given to
-  :func:`register`; a model overrides them with a dict ``config.av_options``
-  (e.g. ``{"window": 64, "backend": "torch"}``).
+  set), in which case its other layers are global by design and stay full attention;
+  ``av_<name>``: variant ``name`` with the options it takes.
+- ``window``, ``num_features``, ``seed``, ``backend`` and a plug-in variant's options default to
+  the values given to :func:`register`; a model overrides them with a dict ``config.av_options``
+  (e.g. ``{"window": 64, "backend": "torch"}``). Each variant takes the ones it accepts.
 
 Causality comes from the call's ``is_causal`` or else the module's (False for encoders). Queries
 are aligned to the end of the keys (bottom-right), which is what decoding with a dynamic KV cache
@@ -51,18 +53,27 @@ import torch
 from torch import Tensor
 
 from . import masks
-from .base import AttentionVariant, list_backends
-from .full import FullAttention
+from .base import AttentionVariant, get_variant, list_backends, list_variants, variant_class
 from .performer import PerformerAttention
-from .sliding_window import SlidingWindowAttention
 
-IMPLEMENTATIONS: tuple[str, ...] = ("av_full", "av_sliding_window", "av_performer")
-"""The ``attn_implementation`` names :func:`register` adds."""
-
-OPTION_NAMES: tuple[str, ...] = ("window", "num_features", "seed", "backend")
-"""Keys of :func:`register`'s options and of a model's ``config.av_options``."""
+PREFIX = "av_"
+"""``attn_implementation`` of variant ``name``: ``PREFIX + name``."""
 
 _defaults: dict[str, Any] = {"window": 128, "num_features": 256, "seed": 0, "backend": "auto"}
+
+
+def implementations() -> tuple[str, ...]:
+    """The ``attn_implementation`` names :func:`register` adds: ``av_<name>`` per registered variant."""
+    return tuple(PREFIX + name for name in list_variants())
+
+
+def option_names() -> tuple[str, ...]:
+    """Keys of :func:`register`'s options and of a model's ``config.av_options``: ``backend`` and
+    every option a registered variant accepts (``window``, ``num_features``, ``seed``, ...)."""
+    names = {"backend", *_defaults}
+    for name in list_variants():
+        names.update(variant_class(name).option_names())
+    return tuple(sorted(names))
 
 
 def register(
@@ -71,10 +82,12 @@ def register(
     num_features: int = 256,
     seed: int = 0,
     backend: str = "auto",
+    **options: Any,
 ) -> None:
-    """Register ``av_full``, ``av_sliding_window`` and ``av_performer`` with Transformers.
+    """Register ``av_<name>`` of every registered variant with Transformers.
 
-    Safe to call again: the names stay registered and the defaults become the ones given.
+    Safe to call again: the names stay registered (variants registered since are added) and the
+    defaults become the ones given.
 
     Args:
         window: the window of ``av_sliding_window`` on models that define none (an int ``w``:
@@ -82,6 +95,7 @@ def register(
         num_features: the Performer's random feature count ``m``.
         seed: the seed of the Performer's projection (the same ``W`` in every layer).
         backend: the backend of every call (``"auto"``, ``"torch"``, ``"triton"``, ``"reference"``).
+        options: defaults of other variants' options (a plug-in's), by name.
     """
     try:
         from transformers import AttentionInterface, AttentionMaskInterface
@@ -90,22 +104,21 @@ def register(
             "attention_variants.hf needs Hugging Face Transformers: pip install '.[hf]' "
             "(or pip install 'transformers>=4.56')"
         ) from exc
-    options = check_options({"window": window, "num_features": num_features, "seed": seed, "backend": backend})
-    _defaults.update(options)
-    for name in IMPLEMENTATIONS:
-        AttentionInterface.register(name, _ATTENTION_FUNCTIONS[name])
+    given = {"window": window, "num_features": num_features, "seed": seed, "backend": backend, **options}
+    _defaults.update(check_options(given))
+    for name in implementations():
+        AttentionInterface.register(name, _attention_function(name))
         AttentionMaskInterface.register(name, key_padding_mask)
 
 
 def check_options(options: Mapping[str, Any], where: str = "options") -> dict[str, Any]:
-    """Validate a dict of :data:`OPTION_NAMES` entries; ValueError/TypeError naming the bad one."""
+    """Validate a dict of :func:`option_names` entries; ValueError/TypeError naming the bad one."""
     if not isinstance(options, Mapping):
         raise TypeError(f"{where} must be a dict, got {type(options).__name__}")
-    unknown = sorted(set(options) - set(OPTION_NAMES))
+    known = option_names()
+    unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(
-            f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; keys are {', '.join(OPTION_NAMES)}"
-        )
+        raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; keys are {', '.join(known)}")
     out = dict(options)
     if "window" in out:
         window = masks.check_window(out["window"])
@@ -133,13 +146,17 @@ def _model_options(config: object) -> dict[str, Any]:
 
 # Variant objects are cached so that the Performer's projection is drawn once, not per call.
 @functools.lru_cache(maxsize=64)
-def _variant(name: str, option: Any) -> AttentionVariant:
-    if name == "full":
-        return FullAttention()
-    if name == "sliding_window":
-        return SlidingWindowAttention(window=option)
-    num_features, seed = option
-    return PerformerAttention(num_features=num_features, seed=seed)
+def _cached_variant(name: str, options: tuple[tuple[str, Any], ...]) -> AttentionVariant:
+    return get_variant(name, **dict(options))
+
+
+def _variant(name: str, options: dict[str, Any]) -> AttentionVariant:
+    """Variant ``name`` with the options of ``options`` it accepts."""
+    kw = tuple((k, options[k]) for k in variant_class(name).option_names() if k in options)
+    try:
+        return _cached_variant(name, kw)
+    except TypeError:  # an unhashable option (a tensor): not cached
+        return get_variant(name, **dict(kw))
 
 
 def layer_variant(
@@ -147,21 +164,19 @@ def layer_variant(
 ) -> tuple[AttentionVariant, str]:
     """The variant one layer computes under ``implementation`` (see the module's window rule), and
     the backend it runs on. ``sliding_window`` is what the layer's attention call passes."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}")
+    if implementation not in implementations():
+        raise ValueError(f"implementation must be one of {', '.join(implementations())}, got {implementation!r}")
+    name = implementation.removeprefix(PREFIX)
     opts = _model_options(config)
     if sliding_window is not None:
         if isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral) or sliding_window < 1:
             raise ValueError(
                 f"sliding_window must be a positive int (keys including the token), got {sliding_window!r}"
             )
-        return _variant("sliding_window", int(sliding_window) - 1), opts["backend"]
-    model_has_windows = getattr(config, "sliding_window", None) is not None
-    if implementation == "av_full" or (implementation == "av_sliding_window" and model_has_windows):
-        return _variant("full", None), opts["backend"]
-    if implementation == "av_sliding_window":
-        return _variant("sliding_window", opts["window"]), opts["backend"]
-    return _variant("performer", (opts["num_features"], opts["seed"])), opts["backend"]
+        return _variant("sliding_window", {"window": int(sliding_window) - 1}), opts["backend"]
+    if name == "sliding_window" and getattr(config, "sliding_window", None) is not None:
+        name = "full"  # the model's global layers
+    return _variant(name, opts), opts["backend"]
 
 
 def key_padding_mask(
@@ -274,4 +289,11 @@ def _make_forward(implementation: str):
     return forward
 
 
-_ATTENTION_FUNCTIONS = {name: _make_forward(name) for name in IMPLEMENTATIONS}
+_ATTENTION_FUNCTIONS: dict[str, Any] = {}
+
+
+def _attention_function(implementation: str) -> Any:
+    """The ``AttentionInterface`` function of ``implementation``, made once."""
+    if implementation not in _ATTENTION_FUNCTIONS:
+        _ATTENTION_FUNCTIONS[implementation] = _make_forward(implementation)
+    return _ATTENTION_FUNCTIONS[implementation]

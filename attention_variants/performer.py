@@ -128,6 +128,8 @@ class PerformerAttention(AttentionVariant):
     sweep_options = (SweepOption("num_features", 128, "number of random features m", "m"),)
     verify_options = ({"num_features": 64},)
     approximates = "full"
+    context_parallel = "scan"
+    kernel_family = "favor"
     backward_flops_ratio = 2.0  # the linear form: a matmul's backward is twice its forward, no recomputation
 
     def __init__(

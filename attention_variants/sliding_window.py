@@ -50,6 +50,8 @@ class SlidingWindowAttention(AttentionVariant):
     """
 
     softmax = True
+    context_parallel = "halo"
+    kernel_family = "flash"
     sweep_options = (SweepOption("window", 128, "sliding-window size w (keys each side; w back when causal)", "w"),)
     verify_options = ({"window": (5, 3)}, {"window": 16, "global_tokens": 2})
 

@@ -57,16 +57,20 @@ def test_causal_performer_sends_one_state_per_hand_over() -> None:
     assert backward == [0, state, state, state]  # the gradient walks back: rank 0 sends nothing
 
 
+STRATEGY = {"full": "ring", "sliding_window": "halo", "performer": "scan"}
+
+
 def _row(variant: str, world: int, n_per_rank: int, sent: float, analytic: float, **kw: Any) -> dict[str, Any]:
     return {
         "variant": variant,
+        "strategy": STRATEGY[variant],
         "layout": "contiguous",
         "causal": False,
         "scaling": "weak",
         "world": world,
         "n_total": n_per_rank * world,
         "n_per_rank": n_per_rank,
-        "window": 16,
+        "options": '{"window": 16}' if variant == "sliding_window" else "{}",
         "fwd_s": 1.0,
         "fwd_bwd_s": kw.get("t", 1.0),
         "fwd_bytes_max": sent,
@@ -183,10 +187,10 @@ def test_the_cp_row_refuses_what_the_cli_refuses() -> None:
     from attn_bench.cp.run import CPConfig
 
     good = dict(variant="sliding_window", layout="zigzag", causal=True, world=2, n_total=16, scaling="weak")
-    good.update(batch=1, heads=4, kv_heads=2, head_dim=8, dtype="float32", window=3, num_features=8)
-    CPConfig(**good)  # fine
+    good.update(batch=1, heads=4, kv_heads=2, head_dim=8, dtype="float32", options='{"window": 3}')
+    assert CPConfig(**good).strategy == "halo"  # fine
     for change, key in (
-        ({"window": -1}, "window"),
+        ({"options": '{"window": -1}'}, "window"),
         ({"kv_heads": 3}, "kv_heads"),
         ({"n_total": 10}, "n_total"),  # zigzag on 2 ranks: a multiple of 4
         ({"n_total": 0}, "n_total"),

@@ -327,6 +327,8 @@ def test_cheap_command_runs(
     from attn_bench.cli import app
 
     shutil.copy(plugin_file, tmp_path / "chunked.py")
+    for example in (ROOT / "docs" / "examples").glob("*.py"):  # the plug-in files shipped in docs/
+        shutil.copy(example, tmp_path / example.name)
     for name in ("DIR", "OTHER_DIR"):
         shutil.copytree(REPORT, tmp_path / name)
     monkeypatch.chdir(tmp_path)
@@ -335,7 +337,8 @@ def test_cheap_command_runs(
     where = f"{rel(path)}:{line}: attn-bench {' '.join(args)}"
     assert res.exit_code == 0, f"{where}: exit {res.exit_code}\n{res.output[-3000:]}{res.exception!r}"
     if args[0] == "list":
-        for name in ("full", "sliding_window", "performer", *(["chunked"] if "--plugin" in args else [])):
+        plugins = {"chunked.py": "chunked", "linear_attention.py": "linear_elu"}
+        for name in ("full", "sliding_window", "performer", *(v for f, v in plugins.items() if f in args)):
             assert name in res.output, f"{where}: {name} not listed"
     else:
         assert "Decoding" in (tmp_path / "DIR" / "README.md").read_text(), where

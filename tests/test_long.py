@@ -99,10 +99,17 @@ def test_chunk_pads_the_last_chunk_and_unchunk_inverts_it() -> None:
     assert torch.equal(unchunk(c, 70), ids)
 
 
-def _model(strategy: str, n: int) -> LongClassifier:
+WHOLE_OPTIONS = {"sliding_window": {"window": 4}, "performer": {"num_features": 16}}
+
+
+def _model(strategy: str, n: int, variant: str | None = None) -> LongClassifier:
     torch.manual_seed(0)
-    opts = {"window": 4} if strategy == "window" else {"num_features": 16} if strategy == "performer" else {}
-    return LongClassifier(strategy, 24, 2, 16, n, options=opts, d_model=16, heads=2, layers=1).double().eval()
+    opts = WHOLE_OPTIONS.get(variant or "", {})
+    return (
+        LongClassifier(strategy, 24, 2, 16, n, variant=variant, options=opts, d_model=16, heads=2, layers=1)
+        .double()
+        .eval()
+    )
 
 
 def test_segment_pool_equals_chunks_encoded_one_by_one() -> None:
@@ -130,9 +137,11 @@ def test_truncate_sees_only_the_first_L_tokens() -> None:
         assert not torch.allclose(model(ids), model(other))
 
 
-@pytest.mark.parametrize("strategy", ["hierarchical", "window", "performer"])
-def test_whole_document_strategies_see_tokens_beyond_L(strategy: str) -> None:
-    model = _model(strategy, 64)
+@pytest.mark.parametrize(
+    ("strategy", "variant"), [("hierarchical", None), ("whole", "sliding_window"), ("whole", "performer")]
+)
+def test_whole_document_strategies_see_tokens_beyond_L(strategy: str, variant: str | None) -> None:
+    model = _model(strategy, 64, variant)
     ids = tasks.long_majority(4, 64, seed=0, evidence=3, filler=8).inputs
     other = ids.clone()
     other[:, 40:] = torch.randint(4, 24, other[:, 40:].shape)
@@ -146,11 +155,15 @@ def test_presets_parse_and_cover_every_strategy_n_and_seed() -> None:
     presets = load_long_presets()
     assert {"long-quick", "long-gpu", "long-tiny"} <= set(presets)
     quick = presets["long-quick"].configs
-    keys = {(c.strategy, c.seq_len, c.seed) for c in quick}
+    keys = {(c.strategy, c.variant, c.seq_len, c.seed) for c in quick}
     lens = sorted({c.seq_len for c in quick})
     seg = quick[0].segment_len
     assert [n // seg for n in lens] == [1, 2, 4, 8, 16]
-    assert keys == set(product(STRATEGIES, lens, (0, 1, 2)))
+    lines = [(s, "full") for s in STRATEGIES if s != "whole"] + [("whole", "sliding_window"), ("whole", "performer")]
+    assert keys == {(s, v, n, seed) for (s, v), n, seed in product(lines, lens, (0, 1, 2))}
+    # --variants replaces the whole-input variants only
+    swapped = load_long_presets(variants=["full"])["long-quick"].configs
+    assert {(c.strategy, c.variant) for c in swapped} == {(s, "full") for s in STRATEGIES}
     assert all(c.device == "cuda" for c in presets["long-gpu"].configs)
 
 
@@ -179,7 +192,7 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * len(STRATEGIES) and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 2 * (len(STRATEGIES) + 1) and all(r["status"] == "ok" for r in rows)
     for r in rows:
         assert 0 <= float(r["final_acc"]) <= 1 and float(r["infer_ms_per_doc"]) > 0
         assert 0.5 <= float(r["prefix_bound"]) <= 1 and math.isfinite(float(r["train_s"]))

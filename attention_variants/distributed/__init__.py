@@ -4,8 +4,10 @@
 >>> out = context_parallel_attention(shard(q, rank, world), shard(k, rank, world), shard(v, rank, world),
 ...                                  "full", causal=True)
 
-Per variant: ``full`` runs ring attention (:mod:`.ring`), ``sliding_window`` a halo exchange
-(:mod:`.halo`), ``performer`` a reduction or prefix scan of its feature state (:mod:`.linear`).
+Each variant declares its strategy (``context_parallel``): ``full`` runs ring attention
+(:mod:`.ring`), ``sliding_window`` a halo exchange (:mod:`.halo`), ``performer`` a reduction or
+prefix scan of its feature state (:mod:`.linear`). Any other variant, a plug-in's included, runs
+the exact all-gather fallback (:mod:`.gather`). :func:`strategy_of` names the one a variant gets;
 :func:`analytic_bytes` gives the bytes a rank sends; :func:`count_bytes` measures them.
 """
 
@@ -19,18 +21,21 @@ from torch import Tensor
 
 from ..base import get_variant
 from ..dense import compute_dtype, empty_attention
-from ..full import FullAttention
 from ..performer import PerformerAttention
 from ..sliding_window import SlidingWindowAttention
 from .agree import agree, check_whole, local_verdict
 from .blocks import block_impl
 from .comm import Comm, PeerError, Traffic, count_bytes
+from .gather import gather_attention, gather_bytes
 from .halo import halo_attention, halo_bytes, reach_of
 from .layout import LAYOUTS, chunk_ids, positions, shard, unshard
 from .linear import performer_attention, performer_bytes
 from .ring import RingConfig, ring_attention, ring_bytes
+from .strategy import FALLBACK, STRATEGIES, strategy_of
 
 __all__ = [
+    "FALLBACK",
+    "STRATEGIES",
     "LAYOUTS",
     "PeerError",
     "Traffic",
@@ -40,6 +45,7 @@ __all__ = [
     "count_bytes",
     "positions",
     "shard",
+    "strategy_of",
     "unshard",
 ]
 
@@ -83,13 +89,17 @@ def context_parallel_attention(
     if q.shape[2] == 0:
         return empty_attention(q, k, v)
     kw = dict(comm=comm, layout=call.layout, causal=call.causal, scale=call.scale)
-    if isinstance(var, FullAttention):
+    strategy = strategy_of(var)  # check_local made sure it is valid
+    if strategy == "ring":
         cfg = RingConfig(comm, block_impl(call.resolved, q, v), call.causal, call.scale, call.layout, kpm)
         return ring_attention(q, k, v, cfg)
-    if isinstance(var, SlidingWindowAttention):
+    if strategy == "halo":
+        assert isinstance(var, SlidingWindowAttention)
         return halo_attention(var, q, k, v, kpm, backend=call.resolved, **kw)
-    assert isinstance(var, PerformerAttention)  # check_local refuses the other variants
-    return performer_attention(var, q, k, v, kpm, **kw)
+    if strategy == "scan":
+        assert isinstance(var, PerformerAttention)
+        return performer_attention(var, q, k, v, kpm, **kw)
+    return gather_attention(var, q, k, v, kpm, backend=call.resolved, **kw)
 
 
 def analytic_bytes(
@@ -113,13 +123,16 @@ def analytic_bytes(
     elem = torch.empty((), dtype=dtype).element_size()
     celem = torch.empty((), dtype=compute_dtype(dtype)).element_size()
     var = get_variant(variant, **variant_kwargs)
-    if isinstance(var, FullAttention):
+    strategy = strategy_of(var)
+    if strategy == "ring":
         return {k_: float(x) for k_, x in ring_bytes(b, hk, n, d, dv, world, elem, celem, padded).items()}
-    if isinstance(var, SlidingWindowAttention):
+    if strategy == "halo":
+        assert isinstance(var, SlidingWindowAttention)
         gm = var.global_mask(n * world)
         g = 0 if gm is None else int(gm.sum())
         reach = reach_of(var, causal, n * world)
         return halo_bytes(world, layout, rank, b, h, hk, n, d, dv, elem, celem, reach, g, padded)
-    if isinstance(var, PerformerAttention):
+    if strategy == "scan":
+        assert isinstance(var, PerformerAttention)
         return performer_bytes(world, layout, rank, b, hk, var.num_features, dv, celem, causal, var.kernel)
-    raise ValueError(f"variant {variant!r} has no context-parallel algorithm")
+    return gather_bytes(world, b, hk, n, d, dv, elem, padded)

@@ -24,11 +24,10 @@ from torch import Tensor
 
 from ..base import BACKENDS, AttentionVariant, get_variant
 from ..checks import check_causal, resolve_scale, validate_key_padding_mask, validate_qkv
-from ..full import FullAttention
-from ..performer import PerformerAttention
 from ..sliding_window import SlidingWindowAttention
 from .comm import Comm
 from .layout import check_layout, check_length
+from .strategy import FALLBACK, strategy_of
 
 WHO = "context_parallel_attention"
 SHOWN_VALUES = 16  # an integer tensor option up to this size is shown by value, a larger one by fingerprint
@@ -67,12 +66,11 @@ def check_local(
         )
     kpm = validate_key_padding_mask(kpm, q, k)
     var = get_variant(variant, **options)
-    if not isinstance(var, FullAttention | SlidingWindowAttention | PerformerAttention):
-        raise ValueError(f"variant {variant!r} has no context-parallel algorithm (full, sliding_window, performer do)")
+    own = strategy_of(var) != FALLBACK  # raises for a declared strategy that cannot run this variant
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     resolved = var.resolve_backend(backend, q, v, padding=kpm is not None)
-    if resolved not in BACKENDS:
+    if own and resolved not in BACKENDS:
         raise ValueError(f"backend={resolved!r}: context parallelism runs the backends {', '.join(BACKENDS)}")
     if not isinstance(var, SlidingWindowAttention):  # its global tokens are checked against the whole N
         var.check_call(q, k, v, causal)

@@ -43,6 +43,9 @@ if not console.is_terminal:  # logs and pipes: wide enough for the tables
 
 PLUGIN_HELP = "a module name or a .py file that registers variants or backends (repeat for several)"
 Plugin = Annotated[list[str] | None, typer.Option(help=PLUGIN_HELP)]
+Variants = Annotated[
+    str | None, typer.Option(help="comma list of registered variants (a plug-in's too): replaces the preset's")
+]
 Out = Annotated[Path | None, typer.Option(help="output directory [default: runs/<preset>-<date>-<time>]")]
 Overwrite = Annotated[bool, typer.Option(help="start afresh even if DIR/results.csv exists")]
 Report = Annotated[bool, typer.Option(help="write the report (plots + README.md) when done")]
@@ -53,7 +56,9 @@ KW = inspect.Parameter.KEYWORD_ONLY
 
 
 def _call(job: Callable[..., Any], /, **options: Any) -> None:
-    """Run a job's function with the console as its ``echo``; its refusals become exits."""
+    """Run a job's function with the console as its ``echo``; its refusals become exits. A command's
+    ``variant_options`` (see :func:`_with_variant_options`) are passed as options of their own."""
+    options.update(options.pop("variant_options", {}))
     try:
         job(echo=console.print, **options)
     except RunSetupError as exc:
@@ -176,8 +181,29 @@ def _stub(decode: bool) -> Callable[[], None]:
     return sweep
 
 
+def _with_variant_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` with an int option per variant sweep option it does not name (``--window``,
+    ``--num-features``, a plug-in's), passed on in its ``**variant_options``; rebuilt by
+    :func:`_install_sweep_command` after plug-ins declare more."""
+    params = [p.replace(kind=KW) for p in inspect.signature(fn, eval_str=True).parameters.values()]
+    params = [p for p in params if p.name != "variant_options"]
+    extra = []
+    for o in sweep_options():
+        if o.name not in {p.name for p in params}:
+            opt = typer.Option(flag(o.name), help=f"{o.help} (the variants that take `{o.name}`) [default: theirs]")
+            extra.append(inspect.Parameter(o.name, KW, default=None, annotation=Annotated[int | None, opt]))
+
+    def command(**kwargs: Any) -> None:
+        fn(**kwargs)
+
+    command.__signature__ = inspect.Signature(params + extra)  # type: ignore[attr-defined]
+    command.__doc__, command.__name__, command._base = fn.__doc__, fn.__name__, fn  # type: ignore[attr-defined]
+    return command
+
+
 def _install_sweep_command() -> None:
-    """(Re)register ``sweep`` and ``decode``: built again, with the variants' options as they are then."""
+    """(Re)build the commands whose options come from the registry: sweep, decode, and those made
+    by :func:`_with_variant_options`."""
     for name, decode in (("sweep", False), ("decode", True)):
         cls = _LazyDecode if decode else _LazySweep
         for info in app.registered_commands:
@@ -186,6 +212,10 @@ def _install_sweep_command() -> None:
                 break
         else:
             app.command(name, cls=cls)(_stub(decode))
+    for info in app.registered_commands:
+        base = getattr(info.callback, "_base", None)
+        if base is not None:
+            info.callback = _with_variant_options(base)
 
 
 _install_sweep_command()
@@ -218,6 +248,7 @@ def task(
     overwrite: Overwrite = False,
     timeout: RunTimeout = None,
     plugin: Plugin = None,
+    variants: Variants = None,
     report: Report = True,
     progress: Progress = True,
 ) -> None:
@@ -228,8 +259,8 @@ def task(
     from attn_bench.task.report import write_task_report
     from attn_bench.task.run import load_task_presets
 
-    _call(train_study, kind="task", default="task-quick", presets=load_task_presets(), write_report=write_task_report,
-          **options)  # fmt: skip
+    _call(train_study, kind="task", default="task-quick", presets=lambda v: load_task_presets(variants=v),
+          write_report=write_task_report, **options)  # fmt: skip
 
 
 @app.command()
@@ -243,18 +274,20 @@ def long(
     overwrite: Overwrite = False,
     timeout: RunTimeout = None,
     plugin: Plugin = None,
+    variants: Variants = None,
     report: Report = True,
     progress: Progress = True,
 ) -> None:
-    """Documents longer than the model: truncate, segment + mean-pool, hierarchical, sliding window
-    and Performer over the whole input, at N = 1-16 L: accuracy, training and inference time, memory."""
+    """Documents longer than the model: truncate, segment + mean-pool, hierarchical, and attention
+    over the whole input with each variant (--variants), at N = 1-16 L: accuracy, training and
+    inference time, memory."""
     options = dict(locals())
     from attn_bench.long.report import write_long_report
     from attn_bench.long.run import JOB, LongResult, load_long_presets
     from attn_bench.task.command import train_study
 
-    _call(train_study, kind="long", default="long-quick", presets=load_long_presets(), write_report=write_long_report,
-          job=JOB, result_cls=LongResult, **options)  # fmt: skip
+    _call(train_study, kind="long", default="long-quick", presets=lambda v: load_long_presets(variants=v),
+          write_report=write_long_report, job=JOB, result_cls=LongResult, **options)  # fmt: skip
 
 
 @app.command()
@@ -267,11 +300,13 @@ def swap(
     resume: ResumeRuns = False,
     overwrite: Overwrite = False,
     timeout: RunTimeout = None,
+    plugin: Plugin = None,
+    variants: Variants = None,
     report: Report = True,
     progress: Progress = True,
 ) -> None:
-    """Swap the attention of a trained byte-level LM (the Python standard library's sources) for a
-    sliding window or FAVOR+, keeping its weights: the loss right after the swap, the fine-tuning
+    """Swap the attention of a trained byte-level LM (the Python standard library's sources) for
+    each variant (--variants), keeping its weights: the loss right after the swap, the fine-tuning
     steps that win it back, and the same variant trained from scratch; also through Transformers."""
     options = dict(locals())
     from attn_bench.swap.command import swap_command
@@ -280,6 +315,7 @@ def swap(
 
 
 @app.command()
+@_with_variant_options
 def model(
     preset: Annotated[
         str | None,
@@ -294,7 +330,7 @@ def model(
     ] = None,
     archs: Annotated[str | None, typer.Option(help="comma list: llama, bert")] = None,
     impls: Annotated[
-        str | None, typer.Option(help="comma list: skip, sdpa, av_full, av_sliding_window, av_performer")
+        str | None, typer.Option(help="comma list: skip, sdpa, av_<variant> of any registered variant")
     ] = None,
     seq_lens: Annotated[str | None, typer.Option("--seq-lens", "-n", help="comma list of N")] = None,
     passes: Annotated[str | None, typer.Option(help="comma list: fwd, fwd_bwd")] = None,
@@ -306,12 +342,12 @@ def model(
     vocab: Annotated[int | None, typer.Option(help="vocabulary size")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
-    window: Annotated[int | None, typer.Option(help="sliding window (av_sliding_window)")] = None,
-    num_features: Annotated[int | None, typer.Option(help="random features (av_performer)")] = None,
     gate_len: Annotated[int | None, typer.Option(help="tokens of the logits' numerics gate")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads of the worker [default: the preset's]")] = None,
+    plugin: Plugin = None,
     report: Report = True,
     progress: Progress = True,
+    **variant_options: int | None,
 ) -> None:
     """Whole Hugging Face models (a Llama-style decoder, a BERT encoder) with random weights, with
     each attention implementation: fwd and fwd+bwd time, tokens/s, peak memory, the share of time
@@ -367,6 +403,7 @@ def tune(
     head_dims: Annotated[str, typer.Option(help="comma list of head dims, most important first")] = "128,64",
     install: Annotated[bool, typer.Option(help="also write the table into the package's tuned/ folder")] = False,
     retune: Annotated[bool, typer.Option(help="tune keys that already have a fresh entry again")] = False,
+    plugin: Plugin = None,
 ) -> None:
     """Time each kernel's candidate configs on this GPU and write the card's tuning table (needs CUDA)."""
     from attn_bench.device.tune import main as tune_main
@@ -374,7 +411,7 @@ def tune(
     raise typer.Exit(
         tune_main(
             budget_s, out, kernels=kernels, dtypes=dtypes, n=n, head_dims=head_dims, install=install, retune=retune,
-            echo=lambda line: console.print(escape(line), soft_wrap=True),
+            plugins=plugin or [], echo=lambda line: console.print(escape(line), soft_wrap=True),
         )
     )  # fmt: skip
 
@@ -384,6 +421,8 @@ def device_check_cmd(
     out: Annotated[Path, typer.Option(help="folder for SUMMARY.md, logs, packed run, tuning table (at most 7 files)")],
     budget_s: Annotated[float, typer.Option(help="seconds for all steps together")] = 500.0,
     work: Annotated[Path | None, typer.Option(help="where the run directory is built [default: a temp folder]")] = None,
+    plugin: Plugin = None,
+    variants: Annotated[str | None, typer.Option(help="comma list: the variants of verify, cp and the sweep")] = None,
 ) -> None:
     """The GPU check in one command: environment and ceilings, GPU tests, verify, gpu-quick sweep, report.
 
@@ -391,7 +430,7 @@ def device_check_cmd(
     Without CUDA it runs dry (GPU steps recorded as skipped) and still writes its files."""
     from attn_bench.device.check import device_check_command
 
-    _call(device_check_command, out=out, budget_s=budget_s, work=work)
+    _call(device_check_command, out=out, budget_s=budget_s, work=work, plugin=plugin, variants=variants)
 
 
 @app.command("kernels")
@@ -430,14 +469,15 @@ def targets(
 
 
 @app.command()
+@_with_variant_options
 def cp(
     ranks: Annotated[str, typer.Option(help="comma list of gloo rank counts")] = "1,2,4",
     n: Annotated[
         str, typer.Option("--n", "-n", help="comma list of N (strong: total; weak: per rank at 1 rank)")
     ] = "4096",
     variants: Annotated[
-        str, typer.Option(help="comma list: full, sliding_window, performer")
-    ] = "full,sliding_window,performer",
+        str | None, typer.Option(help="comma list of registered variants (a plug-in's too) [default: all]")
+    ] = None,
     layouts: Annotated[str, typer.Option(help="comma list: contiguous, zigzag")] = "contiguous,zigzag",
     causal: Annotated[str, typer.Option(help="comma list of true/false")] = "true,false",
     batch: Annotated[int, typer.Option(help="sequences per batch")] = 1,
@@ -446,17 +486,18 @@ def cp(
     head_dim: Annotated[int, typer.Option(help="head dim")] = 64,
     dtype: Annotated[str, typer.Option(help="float32 or float64 (CUDA also bfloat16, float16)")] = "float32",
     device: Annotated[str, typer.Option(help="cpu (gloo ranks) or cuda (NCCL, one GPU per rank)")] = "cpu",
-    window: Annotated[int, typer.Option(help="sliding window (sliding_window)")] = 128,
-    num_features: Annotated[int, typer.Option(help="random features (performer)")] = 128,
     repeats: Annotated[int, typer.Option(help="timed calls per row and pass")] = 5,
     threads: Annotated[int, typer.Option(help="torch threads per rank")] = 1,
     timeout: Annotated[
         float, typer.Option(help="seconds to wait for one row before giving up on a rank count")
     ] = 600.0,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("reports/cp-quick"),
+    plugin: Plugin = None,
+    **variant_options: int | None,
 ) -> None:
     """Context-parallel attention on gloo ranks (CPU): fwd and fwd+bwd time per variant and layout,
-    strong and weak scaling, and bytes sent (measured by the collectives, against the analytic count)."""
+    strong and weak scaling, and bytes sent (measured by the collectives, against the analytic count).
+    A variant without its own strategy runs the exact all-gather fallback."""
     options = dict(locals())
     from attn_bench.cp.command import cp_command
 

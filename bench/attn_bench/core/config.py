@@ -318,13 +318,18 @@ class RunSettings:
                 raise ValueError(f"settings: {name} must be {'an int >= 0' if name == 'remeasure' else '> 0'}")
 
 
+def approximating_variant() -> str:
+    """The first registered variant that approximates another (the accuracy study's default)."""
+    return next((v for v in av.list_variants() if av.variant_class(v).approximates), "")
+
+
 @dataclass(frozen=True)
 class AccuracyStudy:
     """A random-feature variant's approximation error against the exact attention it approximates,
     against its feature count and the sharpness of the attention (not timed). ``variant`` takes
     ``num_features``, ``ortho`` and ``seed`` (the Performer's options)."""
 
-    variant: str = "performer"
+    variant: str = field(default_factory=approximating_variant)
     seq_len: int = 1024
     head_dim: int = 64
     heads: int = 4

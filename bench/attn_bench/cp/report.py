@@ -4,22 +4,28 @@ Targets, each a ratio within one run:
 
 - ``bytes``: every row's measured bytes (the collectives' own count) within 5% of the analytic
   count (:func:`attention_variants.distributed.analytic_bytes`).
-- ``flat``: at fixed ``N / P`` (weak scaling) the bytes the busiest rank sends by the sliding
-  window and the Performer grow from the second-largest to the largest ``P`` (both >= 3, so
+- ``flat``: at fixed ``N / P`` (weak scaling) the bytes the busiest rank sends with the halo
+  exchange and the prefix scan grow from the second-largest to the largest ``P`` (both >= 3, so
   both have interior ranks) by no more than an all-reduce's textbook factor ``2 (P - 1) / P``
-  (a halo exchange and the prefix scan do not grow at all); ring attention, shown for contrast,
-  grows as ``P - 1``.
+  (a halo exchange and the prefix scan do not grow at all); ring attention and the all-gather
+  fallback, shown for contrast, grow as ``P - 1``.
 - ``ring``: on GPUs, ring attention's weak-scaling efficiency at 4 ranks for ``N / P >= 16k``
   at least 0.8. On the CPU, ranks share cores, so its value is shown without a verdict.
+
+Lines are told apart by variant; the ``strategy`` column says which algorithm ran (``ring``,
+``halo``, ``scan``, or ``all-gather``: the exact fallback of a variant without a strategy of
+its own, which gathers K and V on every rank and computes the whole sequence there).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 
 from attn_bench.core.results import atomic_write
+from attn_bench.core.variants import color
 from attn_bench.sweep.report import md_table
 
 BYTES_TOLERANCE = 0.05
@@ -54,6 +60,7 @@ def targets(ok: pd.DataFrame, device: str) -> pd.DataFrame:
     weak = ok[(ok["scaling"] == "weak") & (ok["world"] >= FLAT_MIN_WORLD)].copy()
     weak["bytes"] = weak["fwd_bytes_max"] + weak["bwd_bytes_max"]
     for key, g in weak.groupby(["variant", "layout", "causal", "n_per_rank"]):
+        strategy = g["strategy"].iloc[0]
         if g["world"].nunique() < 2:
             continue
         g = g.sort_values("world")
@@ -63,33 +70,33 @@ def targets(ok: pd.DataFrame, device: str) -> pd.DataFrame:
         limit = _allreduce_factor(p_hi) / _allreduce_factor(p_lo)
         verdict = "pass" if growth <= limit + 1e-9 else "FAIL"
         target = "flat"
-        if key[0] == "full":
+        if strategy in ("ring", "all-gather"):
             target, verdict = "flat (contrast)", "-"
-        elif key[0] == "sliding_window" and key[3] < int(lo.get("window", 0)):
+        elif strategy == "halo" and key[3] < int(json.loads(lo.get("options", "{}")).get("window", 0)):
             verdict = "- (N/P < window: the halo spans several ranks)"
         out.append(
             {
                 "target": target,
-                "line": f"{key[0]} {key[1]} causal={key[2]} N/P={key[3]}",
+                "line": f"{key[0]} ({strategy}) {key[1]} causal={key[2]} N/P={key[3]}",
                 "value": f"bytes P={p_hi} / P={p_lo}: {growth:.2f}",
                 "limit": f"<= {limit:.3f}",
                 "verdict": verdict,
             }
         )
-    ring = ok[(ok["variant"] == "full") & (ok["scaling"] == "weak")]
-    for key, g in ring.groupby(["layout", "causal", "n_per_rank"]):
+    ring = ok[(ok["strategy"] == "ring") & (ok["scaling"] == "weak")]
+    for key, g in ring.groupby(["variant", "layout", "causal", "n_per_rank"]):
         base, at = g[g["world"] == 1], g[g["world"] == RING_WORLD]
         if base.empty or at.empty:
             continue
         eff = float(base["fwd_bwd_s"].iloc[0] / at["fwd_bwd_s"].iloc[0])
-        big = key[2] >= RING_MIN_N_PER_RANK
+        big = key[3] >= RING_MIN_N_PER_RANK
         verdict = "pass" if eff >= RING_EFFICIENCY else "FAIL"
         if device != "cuda" or not big:
             verdict = "- (CPU ranks share cores)" if device != "cuda" else f"- (N/P < {RING_MIN_N_PER_RANK})"
         out.append(
             {
                 "target": "ring",
-                "line": f"full {key[0]} causal={key[1]} N/P={key[2]}",
+                "line": f"{key[0]} {key[1]} causal={key[2]} N/P={key[3]}",
                 "value": f"weak efficiency at P={RING_WORLD}: {eff:.2f}",
                 "limit": f">= {RING_EFFICIENCY}",
                 "verdict": verdict,
@@ -113,7 +120,13 @@ def write_cp_report(df: pd.DataFrame, out: Path, meta: dict | None = None) -> No
     lines = [f"# Context-parallel attention ({group}, {device.upper() if device == 'cpu' else device})", ""]
     if meta.get("command"):
         lines += [f"Command: `{meta['command']}`", ""]
-    lines += ["Times are the slowest rank's median.", ""]
+    lines += [
+        "Times are the slowest rank's median. `strategy`: `ring`, `halo` and `scan` are the variants' own; "
+        "`all-gather` is the exact fallback of a variant without one (every rank gathers K and V and computes "
+        f"the whole sequence: bytes grow as P - 1, compute does not fall with P). `max_err`: each rank's output "
+        f"against the float64 reference of the whole sequence (rows with N <= {meta.get('check_max_n')}).",
+        "",
+    ]
     cores, threads = meta.get("cpu_count"), meta.get("threads_per_rank", 1)
     if device == "cpu" and cores and not ok.empty and int(ok["world"].max()) * threads > cores:
         lines += [
@@ -160,7 +173,6 @@ def write_cp_report(df: pd.DataFrame, out: Path, meta: dict | None = None) -> No
     weak = ok[(ok["scaling"] == "weak") & (ok["world"] > 1)]
     if not weak.empty:
         weak = weak[weak["n_per_rank"] == weak["n_per_rank"].max()]
-        colours = {"full": "C3", "sliding_window": "C0", "performer": "C2"}
         for (variant, layout, causal), g in weak.groupby(keys):
             g = g.sort_values("world")
             axes[1].semilogy(
@@ -168,7 +180,7 @@ def write_cp_report(df: pd.DataFrame, out: Path, meta: dict | None = None) -> No
                 g["fwd_bytes_max"] + g["bwd_bytes_max"],
                 marker="o" if causal else "s",
                 linestyle="-" if layout == "contiguous" else "--",
-                color=colours.get(variant),
+                color=color(variant),
                 label=f"{variant} {layout}{' causal' if causal else ''}",
             )
         axes[1].set_title(f"N / P = {int(weak['n_per_rank'].iloc[0])} fixed")
@@ -180,6 +192,7 @@ def write_cp_report(df: pd.DataFrame, out: Path, meta: dict | None = None) -> No
     plt.close(fig)
     cols = [
         *keys,
+        "strategy",
         "scaling",
         "world",
         "n_total",
@@ -188,6 +201,7 @@ def write_cp_report(df: pd.DataFrame, out: Path, meta: dict | None = None) -> No
         "fwd_bytes_max",
         "fwd_bytes_analytic_max",
         "bytes_ratio",
+        "max_err",
     ]
     lines += ["## Bytes sent, measured against analytic, and against P", "", "![bytes](bytes.png)", ""]
     lines += ["## Rows", "", md_table(ok[cols]), ""]
@@ -196,7 +210,9 @@ def write_cp_report(df: pd.DataFrame, out: Path, meta: dict | None = None) -> No
         lines += [
             "## Rows that did not run",
             "",
-            md_table(bad[[c for c in [*keys, "scaling", "world", "n_total", "status", "error"] if c in bad]]),
+            md_table(
+                bad[[c for c in [*keys, "strategy", "scaling", "world", "n_total", "status", "error"] if c in bad]]
+            ),
             "",
         ]
     atomic_write(out / "README.md", "\n".join(lines))

@@ -1,11 +1,16 @@
 """``attn-bench cp``: context-parallel attention on gloo ranks (CPU), per variant and layout.
 
+Every registered variant runs: with its own strategy (ring, halo, scan) or the exact all-gather
+fallback (:func:`attention_variants.distributed.strategy_of`; the row's ``strategy`` column).
 For each rank count ``P`` one pool of ``P`` worker processes runs every row: a forward and a
 forward+backward step of :func:`attention_variants.distributed.context_parallel_attention`,
 timed with ``torch.utils.benchmark`` (a fixed number of single-call blocks, a barrier before each,
 so every rank issues the same collectives; a row's time is the slowest rank's median), and the
 bytes each rank's collectives send (:func:`count_bytes`) against the analytic count
 (:func:`analytic_bytes`). Strong scaling fixes the total ``N``; weak scaling fixes ``N / P``.
+Where the whole problem is small (``N <= CHECK_MAX_N``) every rank's output is checked against
+the float64 reference of the whole sequence (``max_err``; bound: twice the error of one process
+in the same dtype, plus a floor); a row beyond it is ``wrong``.
 Writes ``results.csv`` (after every rank count, atomically), ``metadata.json``, plots and a
 ``README.md`` into the output directory.
 
@@ -39,7 +44,8 @@ from attn_bench.core.results import RunSetupError, atomic_write, prepare_run_dir
 from attn_bench.core.worker import exit_text, inject_fault
 
 DEFAULT_OUT = Path("reports/cp-quick")
-VARIANT_OPTIONS: dict[str, dict[str, Any]] = {"full": {}, "sliding_window": {"window": 128}, "performer": {}}
+CHECK_MAX_N = 1024  # rows with a larger total N are not checked against the float64 reference
+CHECK_ATOL = {"float64": 1e-10, "float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}
 POLL_S = 0.5  # how often the parent looks at the ranks' processes while it waits for a row
 GRACE_S = 2.0  # after a rank's process is seen gone: time for rows already sent to arrive
 
@@ -59,8 +65,7 @@ class CPConfig:
     kv_heads: int
     head_dim: int
     dtype: str
-    window: int
-    num_features: int
+    options: str = "{}"  # JSON of the variant's sweep options (e.g. {"window": 128})
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -73,12 +78,20 @@ class CPConfig:
         """The total ``N`` (what the fault injection of :mod:`attn_bench.core.worker` keys on)."""
         return self.n_total
 
-    def options(self) -> dict[str, Any]:
-        if self.variant == "sliding_window":
-            return {"window": self.window}
-        if self.variant == "performer":
-            return {"num_features": self.num_features}
-        return {}
+    def variant_options(self) -> dict[str, Any]:
+        return json.loads(self.options)
+
+    @property
+    def strategy(self) -> str:
+        """The context-parallel strategy this variant gets (its own, or the all-gather fallback)."""
+        import attention_variants as av
+        from attention_variants.distributed import strategy_of
+
+        return strategy_of(av.get_variant(self.variant, **self.variant_options()))
+
+    def row(self, **fields: Any) -> dict[str, Any]:
+        """The CSV row of this config (with its strategy) and ``fields``."""
+        return {**asdict(self), "strategy": self.strategy, **fields}
 
 
 def _count(value: object) -> bool:
@@ -86,24 +99,31 @@ def _count(value: object) -> bool:
 
 
 def config_problem(cfg: CPConfig) -> tuple[str, str] | None:
-    """``(field, message)`` of what makes ``cfg`` not runnable, or None: an unknown variant or
-    layout, a count that is not a positive int (a window below 0), ``heads`` not a multiple of
-    ``kv_heads``, an ``N`` the layout cannot cut into equal chunks, a dtype the device lacks."""
+    """``(field, message)`` of what makes ``cfg`` not runnable, or None: an unknown variant, options
+    it refuses (the field: the option named in its message), an unknown layout, a count that is not
+    a positive int, ``heads`` not a multiple of ``kv_heads``, an ``N`` the layout cannot cut into
+    equal chunks, a dtype the device lacks."""
+    import attention_variants as av
     from attention_variants.distributed.layout import LAYOUTS, check_length
 
-    if cfg.variant not in VARIANT_OPTIONS:
-        return "variant", f"unknown variant {cfg.variant!r}; context parallelism runs {', '.join(VARIANT_OPTIONS)}"
+    if cfg.variant not in av.list_variants():
+        return "variant", f"unknown variant {cfg.variant!r}; variants are {', '.join(av.list_variants())}"
+    try:
+        opts = cfg.variant_options()
+        av.get_variant(cfg.variant, **opts)
+        cfg.strategy  # noqa: B018 (a declared strategy that cannot run the variant raises)
+    except (TypeError, ValueError) as exc:
+        named = [k for k in opts if k in str(exc)] if isinstance(opts, dict) else []
+        return (named[0] if named else "variant"), f"{cfg.variant} {cfg.options}: {exc}"
     if cfg.layout not in LAYOUTS:
         return "layout", f"layout must be one of {', '.join(LAYOUTS)}, got {cfg.layout!r}"
     if cfg.scaling not in ("strong", "weak"):
         return "scaling", f"scaling must be strong or weak, got {cfg.scaling!r}"
     if not isinstance(cfg.causal, bool):
         return "causal", f"causal must be true or false, got {cfg.causal!r}"
-    for name in ("world", "n_total", "batch", "heads", "kv_heads", "head_dim", "num_features"):
+    for name in ("world", "n_total", "batch", "heads", "kv_heads", "head_dim"):
         if not _count(getattr(cfg, name)):
             return name, f"{name} must be a positive integer, got {getattr(cfg, name)!r}"
-    if not (_count(cfg.window) or cfg.window == 0):
-        return "window", f"window must be a non-negative integer, got {cfg.window!r}"
     if cfg.heads % cfg.kv_heads:
         return "kv_heads", f"heads {cfg.heads} is not a multiple of kv_heads {cfg.kv_heads}"
     try:
@@ -118,20 +138,36 @@ def config_problem(cfg: CPConfig) -> tuple[str, str] | None:
 
 
 def expand(
-    ranks: list[int], ns: list[int], variants: list[str], layouts: list[str], causal: list[bool], **shape: Any
+    ranks: list[int],
+    ns: list[int],
+    variants: list[str],
+    layouts: list[str],
+    causal: list[bool],
+    options: dict[str, int] | None = None,
+    **shape: Any,
 ) -> list[CPConfig]:
-    """Strong rows (total N in ``ns``) and weak rows (N = n * P) for every rank count; a
-    ConfigError (its ``key`` a :class:`CPConfig` field) for the first row that cannot run."""
+    """Strong rows (total N in ``ns``) and weak rows (N = n * P) for every rank count, each variant
+    with the sweep options it declares (from ``options``, else at their defaults); a ConfigError
+    (its ``key`` a :class:`CPConfig` field or an option) for the first row that cannot run."""
+    from attn_bench.core.variants import declared_options
+
     check_device(shape.get("device", "cpu"), shape.get("dtype", "float32"), max(ranks, default=1))
     out = []
     for p in ranks:
         for n in ns:
             for scaling, total in (("strong", n), ("weak", n * p)):
                 for v in variants:
+                    opts = json.dumps(declared_options(v, options) if v in _registered() else {}, sort_keys=True)
                     for lay in layouts:
                         for c in causal:
-                            out.append(CPConfig(v, lay, c, p, total, scaling, **shape))
+                            out.append(CPConfig(v, lay, c, p, total, scaling, options=opts, **shape))
     return out
+
+
+def _registered() -> list[str]:
+    import attention_variants as av
+
+    return av.list_variants()
 
 
 def check_run_options(repeats: object, threads: object, timeout_s: object) -> None:
@@ -177,6 +213,32 @@ def _time(fn: Any, repeats: int, dist: Any) -> float:
     return times[len(times) // 2]
 
 
+def _check(cfg: CPConfig, out: Any, xs: list[Any], rank: int) -> tuple[float, float]:
+    """``(max_err, bound)`` of this rank's output against the float64 reference of the whole
+    sequence (the inputs gathered outside the byte count), or NaNs for ``N > CHECK_MAX_N``."""
+    import torch
+    import torch.distributed as dist
+
+    import attention_variants as av
+    from attention_variants.distributed import shard, unshard
+
+    if cfg.n_total > CHECK_MAX_N:
+        return float("nan"), float("nan")
+    whole = []
+    for x in xs:
+        parts = [torch.empty_like(x) for _ in range(cfg.world)]
+        dist.all_gather(parts, x.detach().contiguous())
+        whole.append(unshard(parts, cfg.layout))
+    var = av.get_variant(cfg.variant, **cfg.variant_options())
+    with torch.no_grad():
+        ref = var.reference(*(x.double() for x in whole), causal=cfg.causal)
+        one = var(*whole, causal=cfg.causal, backend="auto")
+    ref_mine = shard(ref, rank, cfg.world, cfg.layout)
+    err = float((out.detach().double() - ref_mine).abs().max())
+    base = float((shard(one, rank, cfg.world, cfg.layout).double() - ref_mine).abs().max())
+    return err, 2 * base + CHECK_ATOL[cfg.dtype]
+
+
 def _row(cfg: CPConfig, rank: int, repeats: int) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
@@ -191,7 +253,7 @@ def _row(cfg: CPConfig, rank: int, repeats: int) -> dict[str, Any]:
     k = torch.randn(cfg.batch, cfg.kv_heads, n, cfg.head_dim, generator=gen, dtype=dtype).to(dev)
     v = torch.randn(cfg.batch, cfg.kv_heads, n, cfg.head_dim, generator=gen, dtype=dtype).to(dev)
     xs = [t.requires_grad_() for t in (q, k, v)]
-    kw = dict(layout=cfg.layout, causal=cfg.causal, backend="auto", **cfg.options())
+    kw = dict(layout=cfg.layout, causal=cfg.causal, backend="auto", **cfg.variant_options())
 
     def fwd() -> Any:
         with torch.no_grad():
@@ -206,35 +268,53 @@ def _row(cfg: CPConfig, rank: int, repeats: int) -> dict[str, Any]:
         out.sum().backward()
     want = analytic_bytes(
         cfg.variant, q.shape, k.shape, v.shape, world=cfg.world, rank=rank, layout=cfg.layout, causal=cfg.causal,
-        dtype=dtype, **cfg.options(),
+        dtype=dtype, **cfg.variant_options(),
     )  # fmt: skip
+    err, bound = _check(cfg, out, xs, rank)
+    fails = float(err > bound)  # NaN compares False: an unchecked row passes
     t_f, t_fb = _time(fwd, repeats, dist), _time(fwd_bwd, repeats, dist)
-    mine = torch.tensor([t_f, t_fb, tf.total, tb_.total, want["forward"], want["backward"]], dtype=torch.float64)
+    stats = [t_f, t_fb, tf.total, tb_.total, want["forward"], want["backward"], err, bound, fails]
+    mine = torch.tensor(stats, dtype=torch.float64)
     mine = mine.to(dev)  # NCCL gathers CUDA tensors only
     every = [torch.empty_like(mine) for _ in range(cfg.world)]
     dist.all_gather(every, mine)
     s = torch.stack(every).cpu()
-    return {
-        **asdict(cfg),
-        "n_per_rank": n,
-        "fwd_s": float(s[:, 0].max()),
-        "fwd_bwd_s": float(s[:, 1].max()),
-        "fwd_bytes_max": float(s[:, 2].max()),
-        "bwd_bytes_max": float(s[:, 3].max()),
-        "fwd_bytes_analytic_max": float(s[:, 4].max()),
-        "bwd_bytes_analytic_max": float(s[:, 5].max()),
+    worst = int(torch.nan_to_num(s[:, 6] - s[:, 7], nan=-1.0).argmax())  # the rank furthest over its bound
+    wrong = bool(s[:, 8].any())
+    why = f"rank {worst}: max_err {float(s[worst, 6]):.3g} > bound {float(s[worst, 7]):.3g}" if wrong else ""
+    return cfg.row(
+        n_per_rank=n,
+        fwd_s=float(s[:, 0].max()),
+        fwd_bwd_s=float(s[:, 1].max()),
+        fwd_bytes_max=float(s[:, 2].max()),
+        bwd_bytes_max=float(s[:, 3].max()),
+        fwd_bytes_analytic_max=float(s[:, 4].max()),
+        bwd_bytes_analytic_max=float(s[:, 5].max()),
         # measured / analytic over all ranks, fwd + bwd (NaN on one rank: nothing is sent)
-        "bytes_ratio": float((s[:, 2] + s[:, 3]).sum() / (s[:, 4] + s[:, 5]).sum()) if s[:, 4:].sum() else float("nan"),
-        "status": "ok",
-    }
+        bytes_ratio=float((s[:, 2] + s[:, 3]).sum() / (s[:, 4] + s[:, 5]).sum()) if s[:, 4:6].sum() else float("nan"),
+        max_err=float(s[worst, 6]),
+        err_bound=float(s[worst, 7]),
+        status="wrong" if wrong else "ok",
+        error=why,
+    )
 
 
 def _worker(
-    rank: int, world: int, port: int, configs: list[CPConfig], repeats: int, threads: int, results: Any
+    rank: int,
+    world: int,
+    port: int,
+    configs: list[CPConfig],
+    repeats: int,
+    threads: int,
+    results: Any,
+    plugins: tuple[str, ...] = (),
 ) -> None:
     import torch
     import torch.distributed as dist
 
+    from attn_bench.core.plugins import load_plugins
+
+    load_plugins(plugins)  # the plug-ins' variants, registered in this rank's process too
     torch.set_num_threads(threads)
     cuda = bool(configs) and configs[0].device == "cuda"
     if cuda:
@@ -246,12 +326,16 @@ def _worker(
         world_size=world,
         timeout=timedelta(seconds=120),
     )
+    from attn_bench.core.variants import unsupported
+
     for cfg in configs:
+        # every rank skips the same rows: a variant that does not compute this causal setting
+        why = unsupported(cfg.variant, cfg.variant_options(), ["causal" if cfg.causal else "non_causal"])
         try:
             inject_fault(cfg)
-            row = _row(cfg, rank, repeats)
+            row = cfg.row(status="unsupported", error=why) if why else _row(cfg, rank, repeats)
         except Exception as e:  # every rank fails alike (the same inputs and collectives): record it
-            row = {**asdict(cfg), "status": "error", "error": f"{type(e).__name__}: {e}"}
+            row = cfg.row(status="error", error=f"{type(e).__name__}: {e}")
         if rank == 0:
             results.put(row)
     if rank == 0:
@@ -290,7 +374,7 @@ def _collect(
             else:
                 continue
             echo(f"P={len(procs)}: {why}; {len(mine) - len(rows)} rows recorded as {status}")
-            return rows + [{**asdict(c), "status": status, "error": why} for c in mine[len(rows) :]], False
+            return rows + [c.row(status=status, error=why) for c in mine[len(rows) :]], False
         if row is None:
             return rows, True
         rows.append(row)
@@ -305,11 +389,13 @@ def run_cp(
     repeats: int = 5,
     threads: int = 1,
     timeout_s: float = 600.0,
+    plugins: tuple[str, ...] = (),
     echo: Any = print,
 ) -> pd.DataFrame:
     """Run every row (one worker pool per rank count), printing a line per row, and write the
     report into ``out``. RunSetupError (before anything runs) for an ``out`` that cannot hold
-    the run or a bad ``repeats``, ``threads`` or ``timeout_s``."""
+    the run or a bad ``repeats``, ``threads`` or ``timeout_s``. ``plugins``: what every rank
+    imports first (:func:`attn_bench.core.plugins.load_plugins`)."""
     import torch.multiprocessing as mp
 
     check_run_options(repeats, threads, timeout_s)
@@ -319,6 +405,7 @@ def run_cp(
     meta.update(
         repeats=repeats, threads_per_rank=threads, backend="auto", process_group="nccl" if device == "cuda" else "gloo"
     )
+    meta.update(plugins=list(plugins), check_max_n=CHECK_MAX_N)
     atomic_write(out / "metadata.json", json.dumps(meta, indent=2, default=str))
     rows: list[dict[str, Any]] = []
     ctx = mp.get_context("spawn")
@@ -340,7 +427,7 @@ def run_cp(
         results = ctx.Queue()
         port = _free_port()
         procs = [
-            ctx.Process(target=_worker, args=(r, world, port, mine, repeats, threads, results), daemon=True)
+            ctx.Process(target=_worker, args=(r, world, port, mine, repeats, threads, results, plugins), daemon=True)
             for r in range(world)
         ]
         for p in procs:

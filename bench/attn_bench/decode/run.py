@@ -53,8 +53,10 @@ def run_decode(
             "unsupported",
             error=f"no incremental state on backend {cfg.backend!r} (decode runs torch, triton, auto and baselines)",
         )
-    if not stateless and cfg.backend != "auto":
-        reason = variant.unsupported_reason(cfg.backend, dev, getattr(torch, cfg.dtype), cfg.head_dim)
+    if not stateless:
+        reason = variant.lacks("decode")  # what the variant declares (a softmax under a mask: a KV cache)
+        if reason is None and cfg.backend != "auto":
+            reason = variant.unsupported_reason(cfg.backend, dev, getattr(torch, cfg.dtype), cfg.head_dim)
         if reason is not None:
             raise Unsupported(reason)
     prompt = BenchConfig(**{**cfg.__dict__, "seq_len": cfg.seq_len + 1})

@@ -140,7 +140,7 @@ def run_boxed(cmd: list[str], log: Path, box_s: float, env: dict[str, str] | Non
     return code, time.monotonic() - t0
 
 
-def cp_command(gpus: int, out: Path, box_s: float) -> list[str] | None:
+def cp_command(gpus: int, out: Path, box_s: float, extra: tuple[str, ...] = ()) -> list[str] | None:
     """``attn-bench cp`` over NCCL on 1, 2, 4, 8 ... of ``gpus`` GPUs (bf16, zigzag, causal, N/P=16k
     weak and the same total strong); None with fewer than 2 GPUs."""
     if gpus < 2:
@@ -149,7 +149,7 @@ def cp_command(gpus: int, out: Path, box_s: float) -> list[str] | None:
     cmd = [sys.executable, "-m", "attn_bench.cli", "cp", "--device", "cuda", "--dtype", "bfloat16"]
     cmd += ["--ranks", ",".join(map(str, ranks)), "--n", str(CP_N_PER_RANK), "--layouts", "zigzag"]
     cmd += ["--causal", "true", "--heads", "16", "--kv-heads", "16", "--head-dim", "128", "--window", "1024"]
-    cmd += ["--num-features", "256", "--repeats", "5", "--timeout", f"{box_s:.0f}", "--out", str(out)]
+    cmd += ["--num-features", "256", "--repeats", "5", "--timeout", f"{box_s:.0f}", "--out", str(out), *extra]
     return cmd
 
 
@@ -158,16 +158,34 @@ def cp_command(gpus: int, out: Path, box_s: float) -> list[str] | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def device_check_command(out: Path, budget_s: float = 500.0, work: Path | None = None, echo=print) -> None:
-    """``attn-bench device-check``: the options checked, then :func:`device_check`."""
+def device_check_command(
+    out: Path,
+    budget_s: float = 500.0,
+    work: Path | None = None,
+    plugin: list[str] | None = None,
+    variants: str | None = None,
+    echo=print,
+) -> None:
+    """``attn-bench device-check``: the options checked, then :func:`device_check`. ``plugin``: what
+    the verify, cp, sweep and tune steps import; ``variants``: the variants of verify, cp and the
+    sweep. Each selected variant (every registered one by default) passes the pre-flight gate first."""
+    import attention_variants as av
     from attn_bench.core.results import RunSetupError
-    from attn_bench.core.setup import JobExit
+    from attn_bench.core.setup import JobExit, load_plugins, values
+    from attn_bench.core.variants import check_names, declared_options, preflight
 
     if not 30 <= budget_s < float("inf"):
         raise RunSetupError("--budget-s", f"must be at least 30 s and finite, got {budget_s:g}")
     if out.exists() and not out.is_dir():
         raise RunSetupError("--out", f"{out} exists and is not a folder")
-    code = device_check(out, budget_s=budget_s, work=work, echo=echo)
+    plugins = load_plugins(plugin)
+    names = check_names(values(variants, "--variants", str) or av.list_variants())
+    for name in names:
+        preflight(name, declared_options(name), (False, True), device="cuda" if cuda_status()[0] else "cpu")
+    step_args = tuple(a for p in plugins for a in ("--plugin", p))
+    if variants is not None:
+        step_args += ("--variants", ",".join(names))
+    code = device_check(out, budget_s=budget_s, work=work, echo=echo, plugin_args=step_args)
     if code:
         raise JobExit("", code)
 
@@ -180,9 +198,11 @@ def device_check(
     device: str = "cuda",
     sweep_args: tuple[str, ...] = (),
     verify_args: tuple[str, ...] = (),
+    plugin_args: tuple[str, ...] = (),
 ) -> int:
     """Run every step within ``budget_s`` seconds, write the files into ``out``; returns 0
-    (failures are findings, recorded in the files, not exit codes).
+    (failures are findings, recorded in the files, not exit codes). ``plugin_args``
+    (``--plugin P ... [--variants V]``) go to the verify, cp and sweep steps (``--plugin`` to tune).
 
     ``device="cpu"`` runs the verify and sweep steps on the CPU, with ``verify_args`` and
     ``sweep_args`` added to their command lines: the harness's own tests use it to exercise every
@@ -228,10 +248,15 @@ def device_check(
         note(Step("environment", status, secs, box, f"exit code {code}; see sweep.log"))
     has_cuda, why = cuda_status()
     gpu_skip = None if has_cuda or device == "cpu" else why
+    pairs = zip(plugin_args[::2], plugin_args[1::2], strict=True)  # ("--plugin", P) ... ("--variants", V)
+    tune_args = tuple(x for flag, value in pairs if flag == "--plugin" for x in (flag, value))
+    sweep_args, verify_args = (*plugin_args, *sweep_args), (*plugin_args, *verify_args)
 
     # 1b. the tuning table (recorded apart from the steps)
     try:
-        tuned = tune_table(environment, has_cuda and device == "cuda", run_dir, out, logs["sweep"], left, env_vars)
+        tuned = tune_table(
+            environment, has_cuda and device == "cuda", run_dir, out, logs["sweep"], left, env_vars, tune_args
+        )
     except Exception as exc:  # a broken table must not cost the check
         tuned = {"status": "failed", "detail": f"{type(exc).__name__}: {exc}", "table_used": False, "copied": False}
     echo(f"device-check: tuning: {tuned['status']} ({tuned.get('seconds', 0):.0f} s) {tuned['detail']}".rstrip())
@@ -279,7 +304,7 @@ def device_check(
     cp_dir = run_dir / "cp"
     gpus = 0 if gpu_skip or device != "cuda" else cuda_device_count()
     box = max(10.0, min(CP_BOX_S, left() - 2 * REPORT_RESERVE_S - 60.0))
-    cp_cmd = cp_command(gpus, cp_dir, box)
+    cp_cmd = cp_command(gpus, cp_dir, box, plugin_args)
     if gpu_skip or device != "cuda":
         note(Step("cp", "skipped", detail=gpu_skip or f"device {device}: NCCL needs CUDA"))
     elif cp_cmd is None:
@@ -329,6 +354,7 @@ def device_check(
         "elapsed_s": round(time.monotonic() - t_start, 1),
         "environment": environment,
         "steps": [asdict(s) for s in steps],
+        "step_args": list(plugin_args),  # --plugin / --variants of the verify, cp and sweep steps
         "tuning": tuned,
         "files": [SUMMARY, RECORD, ARCHIVE, *LOGS.values(), *([tuned["file"]] if tuned.get("copied") else [])],
     }
@@ -348,8 +374,9 @@ def device_check(
 
 
 def tune_table(
-    environment: dict, cuda: bool, run_dir: Path, out: Path, log: Path, left, env_vars: dict[str, str]
-) -> dict:
+    environment: dict, cuda: bool, run_dir: Path, out: Path, log: Path, left, env_vars: dict[str, str],
+    extra: tuple[str, ...] = (),
+) -> dict:  # fmt: skip
     """Bring this card's tuning table up to date within a share of the budget (see the module
     docstring); copy the table the later steps will use into ``out`` and point ``env_vars`` at
     it. Returns the record: ``status`` (ok, failed, timeout, skipped), ``table_before``
@@ -377,7 +404,7 @@ def tune_table(
         else:
             tuned_dir = run_dir / "tuned"
             cmd = [sys.executable, "-m", "attn_bench.cli", "tune", "--budget-s", f"{budget:.0f}"]
-            cmd += ["--out", str(tuned_dir)]
+            cmd += ["--out", str(tuned_dir), *extra]
             code, secs = run_boxed(cmd, log, budget + TUNE_GRACE_S, env_vars)
             rec.update(seconds=round(secs, 1), returncode=code, budget_s=round(budget))
             rec["status"] = "timeout" if code is None else "ok" if code == 0 else "failed"

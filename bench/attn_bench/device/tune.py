@@ -25,6 +25,8 @@ from typing import Protocol
 import torch
 
 from attention_variants import masks
+from attn_bench.core.plugins import load_plugins
+from attn_bench.core.variants import kernel_variant as variant_for
 from attn_kernels import favor_configs, flash_configs, tuning
 from attn_kernels.launch import KernelConfig, LaunchShape, pad_pow2
 
@@ -310,6 +312,14 @@ def tune(
 # ---------------------------------------------------------------------------------------------
 
 
+def kernel_variant(key: TuneKey):
+    """The variant that drives ``key``'s kernels (:func:`attn_bench.core.variants.kernel_variant`)."""
+    options = {"window": key.window} if key.window is not None else {}
+    return variant_for(
+        key.family, {"num_features": key.features or DEFAULT_FEATURES} if key.family == "favor" else options
+    )
+
+
 class CudaRunner:
     """Checks with :func:`attn_bench.core.numerics.check` on a ``(1, 2, min(N, check_n), D)`` problem
     (output and, for a kernel timed with a backward, gradients) and times the key's pass on
@@ -319,15 +329,6 @@ class CudaRunner:
         self.device = torch.device(device)
         self.warmup_ms, self.rep_ms, self.check_n = warmup_ms, rep_ms, check_n
         self._inputs: dict[tuple, tuple] = {}
-
-    def _variant(self, key: TuneKey):
-        import attention_variants as av
-
-        if key.family == "favor":
-            return av.get_variant("performer", num_features=key.features or DEFAULT_FEATURES)
-        if key.window is None:
-            return av.get_variant("full")
-        return av.get_variant("sliding_window", window=key.window)
 
     def _qkv(self, key: TuneKey, n: int, heads: int, seed: int) -> tuple[torch.Tensor, ...]:
         ck = (key.dtype, key.head_dim, n, heads, seed)
@@ -347,7 +348,7 @@ class CudaRunner:
     def check(self, key: TuneKey, cfg: KernelConfig) -> str | None:
         from attn_bench.core.numerics import check
 
-        variant = self._variant(key)
+        variant = kernel_variant(key)
         q, k, v, _ = self._qkv(key, min(key.n, self.check_n), 2, seed=1)
         fn = lambda a, b, c: variant(a, b, c, causal=key.causal, backend="triton")
         with tuning.forced(self._forced(key, cfg)) as seen:
@@ -359,7 +360,7 @@ class CudaRunner:
     def time_ms(self, key: TuneKey, cfg: KernelConfig) -> float:
         from triton.testing import do_bench
 
-        variant = self._variant(key)
+        variant = kernel_variant(key)
         q, k, v, dout = self._qkv(key, key.n, HEADS, seed=2)
         mode = PASS[key.kernel]
         q, k, v = (t.detach().requires_grad_(mode != "fwd") for t in (q, k, v))
@@ -448,11 +449,13 @@ def main(
     head_dims: str = ",".join(map(str, DEFAULT_HEAD_DIMS)),
     install: bool = False,
     retune: bool = False,
+    plugins: Sequence[str] = (),
     echo: Callable[[str], None] = print,
 ) -> int:
     """``attn-bench tune``: 0 when the table was written, 1 when no key could be tuned, 2 without
-    CUDA (nothing is measured then) or for a bad argument."""
+    CUDA (nothing is measured then) or for a bad argument (a plug-in that does not import)."""
     try:
+        load_plugins(list(plugins))  # a PluginError is a ValueError
         args = parse_args(kernels, dtypes, n, head_dims)
         if not 0 < budget_s < float("inf"):
             raise ValueError(f"--budget-s must be a positive number of seconds, got {budget_s:g}")

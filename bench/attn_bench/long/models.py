@@ -8,7 +8,10 @@ and has ``causal = False``, so :func:`attn_bench.task.train.train` and ``evaluat
   the same encoder into its mean hidden state; the chunk vectors are mean-pooled and classified.
 - ``hierarchical``: the same chunk vectors plus a learned segment position, one full-attention
   block over the segments, a norm, a mean over segments, then the head.
-- ``window`` / ``performer``: one encoder over the whole input with that attention variant.
+- ``whole``: one encoder over the whole input with the run's attention variant (any registered
+  variant: a sliding window, the Performer, a plug-in's).
+
+The first three run exact attention (:func:`attn_bench.core.variants.exact_variant`).
 """
 
 from __future__ import annotations
@@ -18,16 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attn_bench.core.variants import exact_variant
 from attn_bench.task.train import Block, TaskModel
 
-STRATEGIES: tuple[str, ...] = ("truncate", "segment_pool", "hierarchical", "window", "performer")
-STRATEGY_VARIANT: dict[str, str] = {
-    "truncate": "full",
-    "segment_pool": "full",
-    "hierarchical": "full",
-    "window": "sliding_window",
-    "performer": "performer",
-}
+WHOLE = "whole"
+"""The strategy that attends over the whole input, with any variant."""
+STRATEGIES: tuple[str, ...] = ("truncate", "segment_pool", "hierarchical", WHOLE)
 
 
 def chunk(ids: Tensor, length: int, pad: int = 0) -> Tensor:
@@ -58,6 +57,7 @@ class LongClassifier(nn.Module):
         segment_len: int,
         seq_len: int,
         *,
+        variant: str | None = None,
         options: dict[str, Any] | None = None,
         d_model: int = 32,
         heads: int = 2,
@@ -68,13 +68,15 @@ class LongClassifier(nn.Module):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; strategies are {', '.join(STRATEGIES)}")
         self.strategy, self.segment_len = strategy, segment_len
-        whole = strategy in ("window", "performer")
+        whole = strategy == WHOLE
+        if whole and variant is None:
+            raise ValueError(f"strategy {WHOLE!r} needs a variant")
         self.encoder = TaskModel(
             vocab_size,
             num_classes,
             seq_len if whole else segment_len,
-            variant=STRATEGY_VARIANT[strategy],
-            options=options,
+            variant=variant if whole else exact_variant(),
+            options=options if whole else {},
             d_model=d_model,
             heads=heads,
             layers=layers,
@@ -84,7 +86,7 @@ class LongClassifier(nn.Module):
         if strategy == "hierarchical":
             segments = -(-seq_len // segment_len)
             self.seg_pos = nn.Parameter(torch.randn(segments, d_model) * 0.02)
-            self.seg_block = Block(d_model, heads, "full", {}, False, 0)
+            self.seg_block = Block(d_model, heads, exact_variant(), {}, False, 0)
             self.seg_norm = nn.LayerNorm(d_model)
 
     def segment_vectors(self, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,7 +102,7 @@ class LongClassifier(nn.Module):
         enc = self.encoder
         if self.strategy == "truncate":
             return enc.head(enc.pool(ids[:, : self.segment_len]))
-        if self.strategy in ("window", "performer"):
+        if self.strategy == WHOLE:
             return enc(ids)
         vecs, keep = self.segment_vectors(ids)
         if self.strategy == "hierarchical":

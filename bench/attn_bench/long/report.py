@@ -7,6 +7,7 @@ memory are means over seeds. ``prefix bound``: the best accuracy any classifier 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -15,30 +16,39 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from attn_bench.core import variants
 from attn_bench.core.results import atomic_write
-from attn_bench.long.models import STRATEGIES
+from attn_bench.long.models import STRATEGIES, WHOLE
 from attn_bench.long.run import LongResult
 from attn_bench.task.report import _f, _pareto, report_header
 from attn_bench.task.run import RESULTS, read_task_results
 
-COLORS = {
-    "truncate": "tab:gray",
-    "segment_pool": "tab:green",
-    "hierarchical": "tab:purple",
-    "window": "tab:orange",
-    "performer": "tab:red",
-}
+# The segment strategies' colours (greys and dark hues); a whole-input line takes its variant's.
+STRATEGY_COLORS = {"truncate": "tab:gray", "segment_pool": "tab:olive", "hierarchical": "tab:brown"}
 
 
 def load_long_results(directory: Path) -> pd.DataFrame:
-    """The run's ok rows as a frame."""
+    """The run's ok rows as a frame, with a ``line`` column: the strategy, or ``whole <variant>``
+    and its options."""
     rows = [r.to_row() for r in read_task_results(directory / RESULTS, LongResult) if r.status == "ok"]
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    df["line"] = [
+        f"{WHOLE} {v}" + "".join(f" {k}={x}" for k, x in json.loads(o).items()) if s == WHOLE else s
+        for s, v, o in zip(df["strategy"], df["variant"], df["options"], strict=True)
+    ]
+    return df
+
+
+def line_color(strategy: str, variant: str) -> str | None:
+    return variants.color(variant) if strategy == WHOLE else STRATEGY_COLORS.get(strategy)
 
 
 def summarise_long(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (strategy, N): accuracy mean/sd/seeds, bounds, times, memory; strategy order kept."""
-    g = df.groupby(["strategy", "seq_len"])
+    """One row per (line, N): accuracy mean/sd/seeds, bounds, times, memory; in strategy order,
+    whole-input lines in the registry's order."""
+    g = df.groupby(["strategy", "variant", "line", "seq_len"])
     out = g.agg(
         L=("segment_len", "first"),
         acc=("final_acc", "mean"),
@@ -50,17 +60,20 @@ def summarise_long(df: pd.DataFrame) -> pd.DataFrame:
         infer_ms=("infer_ms_per_doc", "mean"),
         peak_mib=("peak_mem_bytes", lambda x: x.mean() / 2**20),
     ).reset_index()
-    out["order"] = [STRATEGIES.index(s) for s in out["strategy"]]
-    return out.sort_values(["seq_len", "order"]).drop(columns="order").reset_index(drop=True)
+    out["order"] = [
+        (STRATEGIES.index(s) if s in STRATEGIES else len(STRATEGIES), variants.order(v))
+        for s, v in zip(out["strategy"], out["variant"], strict=True)
+    ]
+    return out.sort_values(["seq_len", "order", "line"]).drop(columns="order").reset_index(drop=True)
 
 
 def plot_accuracy_vs_n(s: pd.DataFrame, out: Path) -> str:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for strategy in STRATEGIES:
-        d = s[s["strategy"] == strategy].sort_values("seq_len")
-        if not d.empty:
-            ax.errorbar(d["seq_len"], d["acc"], yerr=d["acc_std"], marker="o", capsize=3, label=strategy,
-                        color=COLORS[strategy])  # fmt: skip
+    for line, d in s.groupby("line", sort=False):
+        d = d.sort_values("seq_len")
+        r = d.iloc[0]
+        ax.errorbar(d["seq_len"], d["acc"], yerr=d["acc_std"], marker="o", capsize=3, label=line,
+                    color=line_color(r.strategy, r.variant))  # fmt: skip
     b = s.groupby("seq_len")["prefix_bound"].mean()
     ax.plot(b.index, b.to_numpy(), "k--", lw=0.9, label="best possible from the first L tokens")
     ax.axhline(s["chance"].mean(), color="grey", ls=":", lw=0.8, label="majority class")
@@ -84,7 +97,8 @@ def plot_cost(s: pd.DataFrame, out: Path) -> str:
         (axes[1], "infer_ms", "inference time per document (ms)"),
     ):
         for _, r in t.iterrows():
-            ax.errorbar(r[col], r.acc, yerr=r.acc_std, fmt="o", capsize=3, color=COLORS[r.strategy], label=r.strategy)
+            color = line_color(r.strategy, r.variant)
+            ax.errorbar(r[col], r.acc, yerr=r.acc_std, fmt="o", capsize=3, color=color, label=r.line)
         front = _pareto(list(zip(t[col], t["acc"], strict=True)))
         ax.plot(*zip(*front, strict=True), "k--", lw=0.8, label="Pareto front")
         ax.axhline(t["prefix_bound"].mean(), color="grey", ls=":", lw=0.8, label="first-L bound")
@@ -107,8 +121,8 @@ def write_long_report(directory: Path) -> Path:
         "uniformly random positions over the whole document, `yes`/`no` distractors (not after a mark) and "
         "filler words elsewhere; the label is the majority marked answer. Strategies: `truncate` (the encoder "
         "over the first L tokens), `segment_pool` (the same encoder over each L-chunk, chunk vectors "
-        "mean-pooled), `hierarchical` (chunk vectors through one full-attention block over segments), `window` "
-        "(sliding-window attention over the whole input) and `performer` (Performer over the whole input). "
+        "mean-pooled), `hierarchical` (chunk vectors through one full-attention block over segments), and "
+        "`whole` with each variant (one encoder with that attention over the whole input). "
         "Every model is trained to the same step budget. Peak memory: `torch.cuda.max_memory_allocated` on "
         "CUDA; on CPU, parameters, gradients and AdamW state plus the bytes one training step saves for "
         "backward. Inference: no-grad forward over the test set, per document. `first-L bound`: the best "
@@ -123,12 +137,12 @@ def write_long_report(directory: Path) -> Path:
         lines += [
             "## Results",
             "",
-            "| N | N/L | strategy | accuracy | seeds | first-L bound | train s | inference ms/doc | peak MiB |",
+            "| N | N/L | line | accuracy | seeds | first-L bound | train s | inference ms/doc | peak MiB |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for _, r in s.iterrows():
             lines.append(
-                f"| {r.seq_len} | {r.seq_len / r.L:g} | {r.strategy} | {r.acc:.3f} ± {_f(r.acc_std, 2)} | {r.seeds} "
+                f"| {r.seq_len} | {r.seq_len / r.L:g} | {r.line} | {r.acc:.3f} ± {_f(r.acc_std, 2)} | {r.seeds} "
                 f"| {r.prefix_bound:.3f} | {_f(r.train_s)} | {_f(r.infer_ms)} | {_f(r.peak_mib)} |"
             )
         lines += ["", "## Accuracy against N", "", f"![accuracy vs N]({plot_accuracy_vs_n(s, directory)})", ""]

@@ -2,32 +2,30 @@
 through :func:`attn_bench.task.run.run_tasks` (worker pool, atomic ``results.csv``, resume).
 
 Presets live in ``long_presets.toml``: each group is a cross product of ``strategies``,
-``seq_lens`` and ``seeds`` at one ``segment_len`` (the model's training length ``L``); other
-keys set :class:`~attn_bench.task.run.TaskConfig` fields, the variants' sweep options
-(``window``, ``num_features``) and the generator's ``params``.
+``seq_lens`` and ``seeds`` at one ``segment_len`` (the model's training length ``L``), the
+``whole`` strategy once per variant of ``variants`` (``--variants`` replaces them); other keys set
+:class:`~attn_bench.task.run.TaskConfig` fields, the variants' sweep options and the generator's
+``params``. The other strategies run exact attention.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
-
+import attention_variants as av
 from attn_bench.core.config import RunSettings
-from attn_bench.long.models import STRATEGIES, STRATEGY_VARIANT
+from attn_bench.core.variants import exact_variant
+from attn_bench.long.models import STRATEGIES, WHOLE
 from attn_bench.task.run import (
     TaskConfig,
     TaskPreset,
     TaskResult,
+    _as_list,
     _task_data,
     _variant_options,
     expand_group,
@@ -48,7 +46,14 @@ class LongConfig(TaskConfig):
 
     def label(self) -> str:
         opt = "".join(f" {k}={v}" for k, v in self.options)
-        return f"{self.strategy}{opt} L={self.segment_len} N={self.seq_len} seed={self.seed}"
+        what = f"{WHOLE} {self.variant}" if self.strategy == WHOLE else self.strategy
+        return f"{what}{opt} L={self.segment_len} N={self.seq_len} seed={self.seed}"
+
+    def needs(self) -> list[tuple[str, str]]:
+        """An encoder over the whole input; the segment strategies mask a chunk's padding."""
+        if self.strategy == WHOLE:
+            return [(self.variant, "non_causal")]
+        return [(self.variant, "non_causal"), (self.variant, "key_padding")]
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,7 @@ def run_long(cfg: LongConfig, progress: Callable[..., None] | None = None) -> Lo
         data.num_classes,
         cfg.segment_len,
         cfg.seq_len,
+        variant=cfg.variant,
         options=_variant_options(cfg),
         d_model=cfg.d_model,
         heads=cfg.heads,
@@ -141,9 +147,15 @@ def run_long_row(msg: dict, settings: RunSettings, progress: Callable[..., None]
 # -- presets --------------------------------------------------------------------------------------
 
 
-def expand_long_group(group: dict[str, Any], defaults: dict[str, Any]) -> list[LongConfig]:
-    """The configs of one preset group: each strategy through :func:`expand_group` with its variant."""
+def expand_long_group(
+    group: dict[str, Any], defaults: dict[str, Any], variants: list[str] | None = None
+) -> list[LongConfig]:
+    """The configs of one preset group: each strategy through :func:`expand_group`, ``whole`` with
+    each of the group's ``variants`` (``variants`` when given; default every registered variant
+    but the exact one), the others with exact attention."""
     g = {**defaults, **group}
+    listed = g.pop("variants", [v for v in av.list_variants() if v != exact_variant()])
+    whole = variants or _as_list(listed)
     strategies = g.pop("strategies", list(STRATEGIES))
     strategies = [strategies] if isinstance(strategies, str) else list(strategies)
     bad = [s for s in strategies if s not in STRATEGIES]
@@ -155,14 +167,16 @@ def expand_long_group(group: dict[str, Any], defaults: dict[str, Any]) -> list[L
     g.setdefault("task", LONG_TASK)
     out = []
     for strategy in strategies:
-        for cfg in expand_group({**g, "variants": [STRATEGY_VARIANT[strategy]]}, {}):
+        for cfg in expand_group({**g, "variants": whole if strategy == WHOLE else [exact_variant()]}, {}):
             fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TaskConfig)}
             out.append(LongConfig(**fields, strategy=strategy, segment_len=segment_len))
     return out
 
 
-def load_long_presets(text: str | None = None) -> dict[str, TaskPreset]:
-    """Parse ``long_presets.toml`` (shipped with the package) or the given TOML text."""
+def load_long_presets(text: str | None = None, variants: list[str] | None = None) -> dict[str, TaskPreset]:
+    """Parse ``long_presets.toml`` (shipped with the package) or the given TOML text; ``variants``
+    replaces the ``whole`` strategy's."""
     if text is None:
         text = (Path(__file__).resolve().parent / "long_presets.toml").read_text()
-    return parse_presets(text, expand_long_group, order=lambda c: (c.seq_len, c.seed))  # a cut run has whole N
+    expand = lambda g, d: expand_long_group(g, d, variants)
+    return parse_presets(text, expand, order=lambda c: (c.seq_len, c.seed))  # a cut run has whole N

@@ -19,6 +19,7 @@ from attn_bench.core.setup import (
     command_line,
     exclusive,
     exit_if_all_failed,
+    load_plugins,
     positive,
     resumed_spec,
     run_dir,
@@ -31,9 +32,9 @@ LIST_OPTIONS = ("archs", "impls", "seq_lens", "passes")
 
 def model_overrides(options: dict[str, Any], known: dict[str, tuple[str, Any]]) -> dict[str, Any]:
     """Preset-group overrides from the options (``known``: option -> (group key, parser)), each checked."""
-    from attn_bench.model.config import ARCHS, IMPLS, MODEL_DTYPES, MODEL_PASSES
+    from attn_bench.model.config import ARCHS, MODEL_DTYPES, MODEL_PASSES, impls
 
-    allowed = {"archs": ARCHS, "impls": IMPLS, "passes": MODEL_PASSES, "dtype": MODEL_DTYPES}
+    allowed = {"archs": ARCHS, "impls": impls(), "passes": MODEL_PASSES, "dtype": MODEL_DTYPES}
     out: dict[str, Any] = {}
     for name, value in options.items():
         key, conv = known[name]
@@ -53,6 +54,21 @@ def model_overrides(options: dict[str, Any], known: dict[str, tuple[str, Any]]) 
     return out
 
 
+def preflight_models(configs: list[Any]) -> None:
+    """The pre-flight gate of the variant of every ``av_*`` row that can run, causal for Llama and
+    bidirectional for BERT (:func:`attn_bench.core.variants.preflight`)."""
+    from attn_bench.core.variants import preflight
+    from attn_bench.model.config import ARCH_NEEDS, impl_variant, unsupported_reason
+
+    todo: dict[tuple, set[bool]] = {}
+    for cfg in configs:
+        variant = impl_variant(cfg.impl)
+        if variant is not None and unsupported_reason(cfg) is None:
+            todo.setdefault((variant, cfg.options, cfg.device), set()).add(ARCH_NEEDS[cfg.arch] == "causal")
+    for (variant, options, device), causal in todo.items():
+        preflight(variant, dict(options), sorted(causal), device=device)
+
+
 def model_command(
     *,
     preset: str | None = None,
@@ -61,14 +77,16 @@ def model_command(
     overwrite: bool = False,
     timeout: float | None = None,
     budget_s: float | None = None,
+    plugin: list[str] | None = None,
     report: bool = True,
     progress: bool = True,
     echo: Echo = print,
     **options: Any,
 ) -> None:
     """Run a model preset into ``out``; ``options`` (``archs="llama"``, ``seq_lens="256,512"``,
-    ``layers=2`` ...) override its groups."""
-    from attn_bench.model.config import OVERRIDES, RESULTS, expand_model_groups, load_model_presets
+    ``layers=2``, a variant's sweep option such as ``window=64`` ...) override its groups;
+    ``plugin``: modules or files that register variants (``av_<name>`` implementations)."""
+    from attn_bench.model.config import OVERRIDES, RESULTS, expand_model_groups, load_model_presets, option_keys
     from attn_bench.model.run import run_models
 
     exclusive(resume, overwrite)
@@ -76,14 +94,19 @@ def model_command(
         raise RunSetupError("--resume", "needs --out (the run to continue)")
     positive(timeout, "--timeout")
     positive(budget_s, "--budget-s")
-    spec = {"preset": preset, "options": {k: v for k, v in options.items() if v is not None}}
+    spec = {
+        "preset": preset,
+        "options": {k: v for k, v in options.items() if v is not None},
+        "plugins": list(load_plugins(plugin)),
+    }
     if out is not None:
         check_out(out)
     if resume:
         spec = resumed_spec(out, spec, key="model_run", kind="model")
     spec["preset"] = spec["preset"] or "model-quick"
+    plugins = load_plugins(spec.get("plugins"))
     p = choose_preset(spec["preset"], load_model_presets())
-    overrides = model_overrides(spec["options"], OVERRIDES)
+    overrides = model_overrides(spec["options"], {**OVERRIDES, **{k: (k, int) for k in option_keys()}})
     try:
         configs = expand_model_groups(p.groups, overrides)
     except ValueError as exc:
@@ -94,9 +117,12 @@ def model_command(
     problem = cuda_problem(c.device for c in configs)
     if problem is not None:  # refused before the results of a run being replaced are removed
         raise RunSetupError("--device", problem)
+    preflight_models(configs)
     if overwrite:
         (out / RESULTS).unlink(missing_ok=True)
-    settings = p.settings if timeout is None else dataclasses.replace(p.settings, timeout_s=timeout)
+    settings = dataclasses.replace(p.settings, plugins=plugins)
+    if timeout is not None:
+        settings = dataclasses.replace(settings, timeout_s=timeout)
     from attn_bench.core.machine import machine_metadata
 
     meta = {**machine_metadata(configs[0].device), "preset": spec["preset"], "description": p.description}

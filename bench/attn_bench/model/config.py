@@ -28,18 +28,51 @@ RESULTS = "results.csv"
 
 ARCHS = ("llama", "bert")
 
-IMPLS = ("skip", "sdpa", "av_full", "av_sliding_window", "av_performer")
+BASE_IMPLS = ("skip", "sdpa")
 
 MODEL_PASSES = ("fwd", "fwd_bwd")
 
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
 
-MODEL_STATUSES = ("ok", "oom", "timeout", "wrong", "error", "skipped")
+MODEL_STATUSES = ("ok", "oom", "timeout", "wrong", "error", "skipped", "unsupported")
 
 SKIP_IMPL = "skip"
 
-# The variant each project implementation computes (its options come from the config).
-AV_VARIANTS = {"av_full": "full", "av_sliding_window": "sliding_window", "av_performer": "performer"}
+ARCH_NEEDS = {"llama": "causal", "bert": "non_causal"}
+"""What an architecture asks of the variant of an ``av_*`` implementation."""
+
+
+def impls() -> tuple[str, ...]:
+    """The implementations a row may name: ``skip``, ``sdpa`` and ``av_<name>`` for every
+    registered variant (:mod:`attention_variants.hf`), in the registry's order."""
+    from attention_variants import hf
+
+    return (*BASE_IMPLS, *hf.implementations())
+
+
+def impl_variant(impl: str) -> str | None:
+    """The registered variant an ``av_<name>`` implementation computes (its options come from the
+    row), or None for ``skip`` and ``sdpa``."""
+    import attention_variants as av
+    from attention_variants import hf
+
+    name = impl.removeprefix(hf.PREFIX)
+    return name if impl.startswith(hf.PREFIX) and name in av.list_variants() else None
+
+
+def unsupported_reason(cfg: ModelConfig) -> str | None:
+    """Why the variant of ``cfg``'s implementation cannot run its architecture, or None."""
+    from attn_bench.core.variants import unsupported
+
+    variant = impl_variant(cfg.impl)
+    return None if variant is None else unsupported(variant, dict(cfg.options), [ARCH_NEEDS[cfg.arch]])
+
+
+def option_keys() -> set[str]:
+    """The variants' sweep options (``window``, ``num_features``, a plug-in's): preset keys and options."""
+    import attention_variants as av
+
+    return {o.name for v in av.list_variants() for o in av.variant_class(v).sweep_options}
 
 
 @dataclass(frozen=True)
@@ -50,7 +83,7 @@ class ModelConfig:
     impl: str
     seq_len: int
     pass_: str = "fwd"
-    options: tuple[tuple[str, int], ...] = ()  # the variant's options (window, num_features)
+    options: tuple[tuple[str, int], ...] = ()  # the variant's sweep options
     batch: int = 1
     layers: int = 2
     hidden: int = 256
@@ -110,8 +143,8 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
     out = []
     if cfg.arch not in ARCHS:
         out.append(f"arch {cfg.arch!r} is not one of {', '.join(ARCHS)}")
-    if cfg.impl not in IMPLS:
-        out.append(f"impl {cfg.impl!r} is not one of {', '.join(IMPLS)}")
+    if cfg.impl not in impls():
+        out.append(f"impl {cfg.impl!r} is not one of {', '.join(impls())}")
     if cfg.pass_ not in MODEL_PASSES:
         out.append(f"pass {cfg.pass_!r} is not one of {', '.join(MODEL_PASSES)}")
     if cfg.dtype not in MODEL_DTYPES:
@@ -216,8 +249,6 @@ class ModelPreset:
 # Keys of a preset group that are lists (crossed); the others set ModelConfig fields.
 GROUP_LISTS = ("archs", "impls", "seq_lens", "passes")
 
-OPTION_KEYS = ("window", "num_features")
-
 # CLI options that replace a key in every group: option name -> (group key, parse)
 OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "archs": ("archs", str),
@@ -232,8 +263,6 @@ OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "vocab": ("vocab", int),
     "dtype": ("dtype", str),
     "device": ("device", str),
-    "window": ("window", int),
-    "num_features": ("num_features", int),
     "gate_len": ("gate_len", int),
     "threads": ("threads", int),
 }
@@ -252,6 +281,8 @@ def expand_model_groups(
     of them is dropped (so ``--archs llama`` runs the preset's Llama, not a Llama at the encoder
     group's sizes). Only when no group has a requested arch do the archs replace every group's.
     BERT rows get ``kv_heads = heads``."""
+    import attention_variants as av
+
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"arch", "impl", "seq_len", "pass_", "options"}
     overrides = dict(overrides or {})
     wanted = overrides.pop("archs", None)
@@ -266,25 +297,23 @@ def expand_model_groups(
     configs: dict[tuple, ModelConfig] = {}
     for group in groups:
         g = {**group, **overrides}
-        unknown = set(g) - fields - set(GROUP_LISTS) - set(OPTION_KEYS)
+        unknown = set(g) - fields - set(GROUP_LISTS) - option_keys()
         if unknown:
             raise ValueError(f"unknown model preset key(s) {sorted(unknown)}")
         base = {k: g[k] for k in fields if k in g}
         for n in _as_list(g["seq_lens"]):
             for pass_ in _as_list(g.get("passes", list(MODEL_PASSES))):
                 for arch in _as_list(g.get("archs", ["llama"])):
-                    for impl in _as_list(g.get("impls", list(IMPLS))):
-                        options: tuple[tuple[str, int], ...] = ()
-                        if impl == "av_sliding_window" and "window" in g:
-                            options = (("window", int(g["window"])),)
-                        if impl == "av_performer" and "num_features" in g:
-                            options = (("num_features", int(g["num_features"])),)
+                    for impl in _as_list(g.get("impls", list(impls()))):
+                        variant = impl_variant(impl)
+                        declared = [] if variant is None else av.variant_class(variant).sweep_options
+                        options = tuple((o.name, int(g[o.name])) for o in declared if o.name in g)
                         kw = dict(base)
                         if arch == "bert":  # no grouped-query attention: every head has its keys
                             kw["kv_heads"] = kw.get("heads", 4)
                         cfg = ModelConfig(arch=arch, impl=impl, seq_len=int(n), pass_=pass_, options=options, **kw)
                         configs.setdefault(cfg.key(), cfg)
-    order = {name: i for i, name in enumerate(IMPLS)}
+    order = {name: i for i, name in enumerate(impls())}
     return sorted(configs.values(), key=lambda c: (c.seq_len, c.pass_ != "fwd", ARCHS.index(c.arch), order[c.impl]))
 
 

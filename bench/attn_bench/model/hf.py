@@ -8,7 +8,7 @@ import copy
 import math
 from typing import Any
 
-from attn_bench.model.config import AV_VARIANTS, SKIP_IMPL, ModelConfig
+from attn_bench.model.config import SKIP_IMPL, ModelConfig, impl_variant
 
 _TRUTH: dict[str, Any] = {}  # the variant the gate's ground-truth attention computes
 
@@ -67,12 +67,13 @@ def register_implementations() -> str | None:
 
 
 def variant_of(cfg: ModelConfig, model_config: Any) -> Any:
-    """The attention variant the row's implementation computes in every layer (``sdpa``: full
+    """The attention variant the row's implementation computes in every layer (``sdpa``: exact
     attention), as :func:`attention_variants.hf.layer_variant` picks it for the model."""
     import attention_variants as av
+    from attn_bench.core.variants import exact_variant
 
-    if cfg.impl not in AV_VARIANTS:
-        return av.FullAttention()
+    if impl_variant(cfg.impl) is None:
+        return av.get_variant(exact_variant())
     from attention_variants import hf
 
     return hf.layer_variant(cfg.impl, None, model_config)[0]
@@ -145,7 +146,7 @@ def gate(model: Any, cfg: ModelConfig, ids: Any, perturb: float = 0.0) -> dict[s
     err = float((out - truth).abs().max())
     naive_err = float((naive - truth).abs().max())
     skip_err = float((skipped - truth).abs().max())  # what the gate could see: attention's effect
-    sdpa_diff = float((out - sdpa).abs().max())  # av_full: agreement; the others: their deviation
+    sdpa_diff = float((out - sdpa).abs().max())  # exact attention: agreement; the others: their deviation
     bound = GATE_FACTOR * naive_err + GATE_ATOL[cfg.dtype] * float(truth.abs().max())
     ok = math.isfinite(err) and err <= bound
     return {

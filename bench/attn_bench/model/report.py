@@ -19,19 +19,28 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from attn_bench.core import variants
 from attn_bench.core.results import METADATA, atomic_write
-from attn_bench.model.config import IMPLS, RESULTS, SKIP_IMPL, read_model_results
+from attn_bench.model.config import RESULTS, SKIP_IMPL, impl_variant, impls, read_model_results
 
-COLORS = {
-    "sdpa": "tab:gray",
-    "av_full": "tab:blue",
-    "av_sliding_window": "tab:green",
-    "av_performer": "tab:red",
-    "skip": "black",
-}
-# What the crossover table compares: each implementation against each baseline.
-CROSSOVER = (("av_sliding_window", "sdpa"), ("av_performer", "sdpa"), ("av_sliding_window", "av_full"))
-CROSSOVER += (("av_performer", "av_full"), ("av_full", "sdpa"))
+BASE_COLORS = {"sdpa": "tab:gray", SKIP_IMPL: "black"}  # an av_* line takes its variant's colour
+
+
+def impl_color(impl: str) -> str | None:
+    variant = impl_variant(impl)
+    return BASE_COLORS.get(impl) if variant is None else variants.color(variant)
+
+
+def crossover_pairs() -> list[tuple[str, str]]:
+    """What the crossover table compares: each variant's implementation against ``sdpa``, each
+    inexact one against the exact variant's, then the exact one against ``sdpa`` (registry order)."""
+    from attention_variants import hf
+
+    exact = hf.PREFIX + variants.exact_variant()
+    others = [i for i in impls() if impl_variant(i) is not None and i != exact]
+    return [*((i, "sdpa") for i in others), *((i, exact) for i in others), (exact, "sdpa")]
+
+
 # Columns that, with N and the pass, name one model (the skip row's partner).
 MODEL_KEY = ("arch", "layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "batch", "dtype", "device")
 
@@ -120,7 +129,7 @@ def _plot(df: pd.DataFrame, y: str, ylabel: str, name: str, out: Path, log_y: bo
                 if g[y].notna().any():
                     impl = g["impl"].iloc[0]
                     ls = ":" if impl == SKIP_IMPL else "-"
-                    ax.plot(g["seq_len"], g[y], marker="o", ls=ls, color=COLORS.get(impl), label=line)
+                    ax.plot(g["seq_len"], g[y], marker="o", ls=ls, color=impl_color(impl), label=line)
             ax.set_xscale("log", base=2)
             if log_y:
                 ax.set_yscale("log")
@@ -204,7 +213,7 @@ def write_model_report(directory: Path) -> Path:
         for pass_ in ("fwd", "fwd_bwd"):
             if not (df["pass"] == pass_).any():
                 continue
-            for impl, base in CROSSOVER:
+            for impl, base in crossover_pairs():
                 if not ((df["impl"] == impl) & (df["arch"] == arch)).any():
                     continue
                 if not ((df["impl"] == base) & (df["arch"] == arch)).any():
@@ -216,18 +225,18 @@ def write_model_report(directory: Path) -> Path:
                 )
     lines += [""]
 
-    order = {name: i for i, name in enumerate(IMPLS)}
+    order = {name: i for i, name in enumerate(impls())}
     for arch in dict.fromkeys(df["arch"]):
         for pass_ in ("fwd", "fwd_bwd"):
             d = df[(df["arch"] == arch) & (df["pass"] == pass_)]
             if d.empty:
                 continue
-            impls = sorted(dict.fromkeys(d["line"]), key=lambda x: order.get(x.split()[0], 99))
+            shown = sorted(dict.fromkeys(d["line"]), key=lambda x: order.get(x.split()[0], 99))
             lines += [f"## {arch}, {pass_}", ""]
-            lines += ["| N | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
+            lines += ["| N | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
             for n, g in d.groupby("seq_len"):
                 cells = []
-                for line in impls:
+                for line in shown:
                     r = g[g["line"] == line]
                     cells.append(_cell(r.iloc[0]) if len(r) else "")
                 lines.append(f"| {n} | " + " | ".join(cells) + " |")
@@ -251,8 +260,8 @@ def write_model_report(directory: Path) -> Path:
         lines += [
             "`naive_err`: the same model with the ground-truth attention computed in the row's dtype; `skip_err`: "
             "the model with attention skipped, i.e. how far a wrong attention moves the logits; `sdpa_diff`: the "
-            "distance from the same model with Transformers' `sdpa` (for `av_full` an agreement check, for the "
-            "others how far they move the model's output from exact attention).",
+            "distance from the same model with Transformers' `sdpa` (for the exact variant's implementation "
+            "an agreement check, for the others how far they move the model's output from exact attention).",
             "",
             "| model | implementation | gate N | max_err | err_bound | naive_err | skip_err | sdpa_diff |",
             "|---|---|---|---|---|---|---|---|",

@@ -8,8 +8,9 @@ the numerics gate of its logits.
 
 Attention implementations (Transformers' ``attn_implementation``):
 - ``sdpa``: Transformers' own, the baseline;
-- ``av_full``, ``av_sliding_window``, ``av_performer``: this project's variants, registered by
-  :mod:`attention_variants.hf`;
+- ``av_<name>``: each registered variant (the project's and a plug-in's), registered by
+  :mod:`attention_variants.hf`; a variant that does not compute what the architecture needs
+  (causal for Llama, bidirectional for BERT) gives ``unsupported`` rows;
 - ``skip``: "attention skipped": returns ``q + k + v`` (heads of k and v repeated for GQA), so
   that every projection stays in the graph and the attention's own cost is nearly nothing. A
   row's share of time in attention is ``1 - t_skip / t`` against the ``skip`` row of the same
@@ -53,12 +54,13 @@ from attn_bench.core.results import (
     write_metadata,
 )
 from attn_bench.model.config import (
-    AV_VARIANTS,
     RESULTS,
     SKIP_IMPL,
     ModelConfig,
     ModelResult,
+    impl_variant,
     read_model_results,
+    unsupported_reason,
     write_model_results,
 )
 from attn_bench.model.hf import build_model, gate, register_implementations
@@ -86,7 +88,7 @@ def time_model(cfg: ModelConfig, settings: RunSettings, progress: Callable[..., 
     if dev.type == "cuda" and not torch.cuda.is_available():
         return result("error", error="CUDA is not available on this machine")
     why = register_implementations()
-    if why is not None and cfg.impl in AV_VARIANTS:
+    if why is not None and impl_variant(cfg.impl) is not None:
         return result("error", error=why)
     params = None
     try:
@@ -208,6 +210,9 @@ def run_models(
         for cfg in todo:
             left = None if budget_s is None else budget_s - (time.perf_counter() - t_start)
             res = _blocked(cfg, failed)
+            reason = unsupported_reason(cfg)
+            if res is None and reason is not None:
+                res = ModelResult(cfg, "unsupported", error=reason)
             if res is None and left is not None and left < MIN_CONFIG_S:
                 res = ModelResult(cfg, "skipped", error=f"not run: the --budget-s of {budget_s:g} s was spent")
             if res is None:

@@ -20,6 +20,6 @@ def swap_command(**options: Any) -> None:
     except (OSError, ValueError) as exc:
         raise JobExit(f"Error: the corpus: {exc}", 2) from None
     train_study(
-        kind="swap", default="swap-quick", presets=load_swap_presets(), write_report=write_swap_report,
-        extra_meta={"corpus": corpus}, job=JOB, result_cls=SwapResult, **options,
+        kind="swap", default="swap-quick", presets=lambda v: load_swap_presets(variants=v),
+        write_report=write_swap_report, extra_meta={"corpus": corpus}, job=JOB, result_cls=SwapResult, **options,
     )  # fmt: skip

@@ -77,7 +77,7 @@ def hf_lm(config: Any, implementation: str = "sdpa") -> CausalLM:
 
 def hf_reload(model: CausalLM, variant: str, options: dict[str, Any]) -> CausalLM:
     """Save ``model`` with ``save_pretrained`` and load it back with ``attn_implementation="av_<variant>"``;
-    ``options`` (window, num_features, seed, backend) go to the config's ``av_options``."""
+    ``options`` (the variant's, and ``backend``) go to the config's ``av_options``."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
@@ -85,9 +85,9 @@ def hf_reload(model: CausalLM, variant: str, options: dict[str, Any]) -> CausalL
 
     hf.register()
     logging.disable_progress_bar()  # a bar per save and per load would bury the run's own
-    keep = {k: options[k] for k in hf.OPTION_NAMES if k in options}
+    keep = {k: options[k] for k in hf.option_names() if k in options}
     model.lm.config.av_options = hf.check_options(keep, "options")
     with tempfile.TemporaryDirectory() as tmp:
         model.lm.save_pretrained(tmp)
-        lm = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation=f"av_{variant}", dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation=hf.PREFIX + variant, dtype=torch.float32)
     return CausalLM(lm)

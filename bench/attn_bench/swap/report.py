@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 
 from attn_bench.core.results import atomic_write
+from attn_bench.core.variants import color, exact_variant
 from attn_bench.swap.run import MODES, RECOVER_FRAC, SwapResult, loss_curve_of
 from attn_bench.task.report import _f, report_header
 from attn_bench.task.run import RESULTS, read_task_results
 
-COLORS = {"full": "black", "sliding_window": "tab:orange", "performer": "tab:red"}
 MODEL_NAMES = {"task": "TaskModel (attn_bench.task.train)", "hf": "Transformers Llama (attn_implementation)"}
 
 
@@ -85,10 +85,10 @@ def plot_curves(df: pd.DataFrame, out: Path) -> str:
                 continue
             x, y = mean_curve(curves)
             style = {"pretrain": ":", "swap": "-", "scratch": "--"}[mode]
-            label = "full, pretraining" if mode == "pretrain" else f"{variant}, {mode}"
-            if mode == "swap" and variant == "full":
-                label = "full, fine-tuned (no swap)"
-            ax.plot(x, y, style, color=COLORS.get(variant), marker="o" if mode == "swap" else None, ms=3, label=label)
+            label = f"{variant}, pretraining" if mode == "pretrain" else f"{variant}, {mode}"
+            if mode == "swap" and variant == exact_variant():
+                label = f"{variant}, fine-tuned (no swap)"
+            ax.plot(x, y, style, color=color(variant), marker="o" if mode == "swap" else None, ms=3, label=label)
         ref = d.groupby("seed")["ref_loss"].first().mean()
         ax.axhline((1 + RECOVER_FRAC) * ref, color="grey", lw=0.8, ls="-.", label="reference + 5%")
         hi = min(d["start_loss"].max(), 3 * ref) * 1.05

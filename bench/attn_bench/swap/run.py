@@ -3,10 +3,11 @@ measured through :func:`attn_bench.task.run.run_tasks` (worker pool, atomic ``re
 
 Modes, for a seed and a model (``task`` or ``hf``, see :mod:`.models`):
 
-- ``pretrain``: the model with full attention trained from scratch for ``pretrain_steps``. Its
-  final held-out loss is the *reference loss* of the seed.
-- ``swap``: the pretrained model (same weights) with its attention replaced by ``variant``, then
-  fine-tuned for ``steps``. ``variant = "full"`` is the control: the same fine-tuning, no swap.
+- ``pretrain``: the model with exact attention (the registry's exact variant) trained from
+  scratch for ``pretrain_steps``. Its final held-out loss is the *reference loss* of the seed.
+- ``swap``: the pretrained model (same weights) with its attention replaced by ``variant`` (any
+  registered variant that computes causal attention; ``--variants`` picks them), then fine-tuned
+  for ``steps``. The exact variant is the control: the same fine-tuning, no swap.
 - ``scratch``: ``variant`` trained from scratch with the pretraining's steps and learning rate.
 
 Each row records the held-out loss at step 0 (for ``swap``: right after the swap), the curve of
@@ -20,20 +21,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
-
 import attention_variants as av
 from attn_bench.core.config import RunSettings
+from attn_bench.core.variants import exact_variant
 from attn_bench.swap.models import MODELS
 from attn_bench.task.run import (
     CURVE_POINTS,
@@ -66,11 +62,15 @@ class SwapConfig(TaskConfig):
         opt = "".join(f" {k}={v}" for k, v in self.options)
         return f"{self.model} {self.mode} {self.variant}{opt} seed={self.seed}"
 
+    def needs(self) -> list[tuple[str, str]]:
+        """A causal language model (through Transformers: the variant's ``av_<name>``)."""
+        return [(self.variant, "causal")]
+
     def pretraining(self) -> SwapConfig:
         """The config of the seed's ``pretrain`` row."""
         return dataclasses.replace(
-            self, variant="full", options=(), mode="pretrain", steps=self.pretrain_steps, lr=self.pretrain_lr,
-            eval_every=self.pretrain_eval_every,
+            self, variant=exact_variant(), options=(), mode="pretrain", steps=self.pretrain_steps,
+            lr=self.pretrain_lr, eval_every=self.pretrain_eval_every,
         )  # fmt: skip
 
 
@@ -106,12 +106,10 @@ def check_config(cfg: SwapConfig) -> None:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
     if cfg.variant not in av.list_variants():
         raise ValueError(f"unknown variant {cfg.variant!r}; variants are {', '.join(av.list_variants())}")
-    if cfg.model == "hf" and cfg.variant not in ("full", "sliding_window", "performer"):
-        raise ValueError(f"the hf model swaps to full, sliding_window or performer, got {cfg.variant!r}")
     if cfg.model == "hf" and cfg.mode == "scratch":
         raise ValueError("the hf model has no scratch mode (its swap is the point); use model = 'task'")
     if cfg.mode == "pretrain" and cfg != cfg.pretraining():
-        raise ValueError("a pretrain row is full attention with pretrain_steps, pretrain_lr and pretrain_eval_every")
+        raise ValueError("a pretrain row is exact attention with pretrain_steps, pretrain_lr and pretrain_eval_every")
     for name in ("steps", "pretrain_steps", "eval_every", "pretrain_eval_every", "batch", "seq_len"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
@@ -149,7 +147,7 @@ def _pretrained(cfg: SwapConfig, progress: Callable[..., None] | None = None) ->
     if key not in _PRETRAINED:
         torch.manual_seed(key.seed)
         _, tr, te = _data(key)
-        model = _new_model(key, "full", {}).to(key.device)
+        model = _new_model(key, exact_variant(), {}).to(key.device)
         start = evaluate_metrics(model, te, 4 * key.batch, torch.device(key.device))[1]
         res = train_config(key, model, tr, te, progress)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -182,7 +180,7 @@ def run_swap(cfg: SwapConfig, progress: Callable[..., None] | None = None) -> Sw
         ref = pre.eval_loss_curve[-1][1]
         torch.manual_seed(cfg.seed)
         if cfg.mode == "swap":
-            model = _new_model(cfg, "full", {})
+            model = _new_model(cfg, exact_variant(), {})
             model.load_state_dict(state)
             if cfg.model == "hf":
                 model = hf_reload(model, cfg.variant, {**options, "backend": "auto"})
@@ -236,19 +234,24 @@ _STUDY_KEYS = {"variants", "seeds", "models", "scratch", "finetune_steps", "fine
 _FIXED = {"task", "variant", "seq_len", "seed", "options", "params", "steps", "lr", "eval_every", "mode", "model"}
 
 
-def expand_swap_group(group: dict[str, Any], defaults: dict[str, Any]) -> list[SwapConfig]:
+def expand_swap_group(
+    group: dict[str, Any], defaults: dict[str, Any], variants: list[str] | None = None
+) -> list[SwapConfig]:
     """The rows of one preset group, seed by seed and model by model: the pretrain row, a swap row
-    per variant (``full`` first, the control), then a scratch row per variant (``task`` model only,
-    when ``scratch``). Keys: ``variants``, ``seeds``, ``models``, ``scratch``, ``seq_len``,
-    ``pretrain_steps``, ``pretrain_lr``, ``pretrain_eval_every``, ``finetune_steps``,
-    ``finetune_lr``, ``finetune_eval_every``, the variants' options, other :class:`TaskConfig` fields."""
+    per variant (the exact variant first, the control), then a scratch row per variant (``task``
+    model only, when ``scratch``). ``variants`` replaces the group's. Keys: ``variants``, ``seeds``,
+    ``models``, ``scratch``, ``seq_len``, ``pretrain_steps``, ``pretrain_lr``, ``pretrain_eval_every``,
+    ``finetune_steps``, ``finetune_lr``, ``finetune_eval_every``, the variants' options, other
+    :class:`TaskConfig` fields."""
     g = {**defaults, **group}
     fields = {f.name for f in dataclasses.fields(SwapConfig)} - _FIXED
     option_names = {o.name for v in av.list_variants() for o in av.variant_class(v).sweep_options}
     unknown = set(g) - fields - _STUDY_KEYS - option_names - {"seq_len"}
     if unknown:
         raise ValueError(f"unknown swap preset key(s) {sorted(unknown)}")
-    variants = [v for v in g.get("variants", ["sliding_window", "performer"]) if v != "full"]
+    exact = exact_variant()
+    listed = variants or g.get("variants", [v for v in av.list_variants() if v != exact])
+    swapped = [v for v in listed if v != exact]
     models = list(g.get("models", MODELS))
     base = {k: g[k] for k in fields if k in g}
     base.setdefault("pretrain_steps", 600)
@@ -263,9 +266,9 @@ def expand_swap_group(group: dict[str, Any], defaults: dict[str, Any]) -> list[S
     out = []
     for seed in g.get("seeds", [0, 1, 2]):
         for model in models:
-            rows = [("pretrain", "full", pre), *(("swap", v, fine) for v in ["full", *variants])]
+            rows = [("pretrain", exact, pre), *(("swap", v, fine) for v in [exact, *swapped])]
             if g.get("scratch", True) and model == "task":
-                rows += [("scratch", v, pre) for v in variants]
+                rows += [("scratch", v, pre) for v in swapped]
             for mode, variant, train in rows:
                 declared = av.variant_class(variant).sweep_options
                 options = tuple((o.name, int(g.get(o.name, o.default))) for o in declared)
@@ -278,11 +281,12 @@ def expand_swap_group(group: dict[str, Any], defaults: dict[str, Any]) -> list[S
     return out
 
 
-def load_swap_presets(text: str | None = None) -> dict[str, TaskPreset]:
-    """Parse ``swap_presets.toml`` (shipped with the package) or the given TOML text."""
+def load_swap_presets(text: str | None = None, variants: list[str] | None = None) -> dict[str, TaskPreset]:
+    """Parse ``swap_presets.toml`` (shipped with the package) or the given TOML text; ``variants``
+    replaces the variants swapped in."""
     if text is None:
         text = (Path(__file__).resolve().parent / "swap_presets.toml").read_text()
-    return parse_presets(text, expand_swap_group)
+    return parse_presets(text, lambda g, d: expand_swap_group(g, d, variants))
 
 
 def loss_curve_of(curve_json: str) -> list[tuple[int, float]]:

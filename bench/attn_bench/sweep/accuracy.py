@@ -28,7 +28,7 @@ def performer_error(
     ortho: bool,
     seed: int,
     causal: bool,
-    variant: str = "performer",
+    variant: str,
 ) -> tuple[float, float]:
     """``(rel_err, max_err)`` of the random-feature ``variant`` with ``num_features`` against the exact
     attention it approximates (``rel_err`` relative to the RMS of ``v``)."""

@@ -195,7 +195,7 @@ def _compare_with(variant: str) -> str | None:
     try:
         return av.variant_class(variant).compare_with
     except ValueError:  # a plug-in's variant, not loaded here
-        return "full"
+        return av.EXACT_VARIANT
 
 
 def crossovers(df: pd.DataFrame) -> pd.DataFrame:

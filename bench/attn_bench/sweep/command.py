@@ -187,6 +187,9 @@ def sweep_command(
     problem = cuda_problem(c.device for c in configs)
     if problem is not None:  # refused before the results of a run being replaced are removed
         raise RunSetupError("--device", problem)
+    from attn_bench.core.variants import preflight_plugin_rows
+
+    preflight_plugin_rows(configs)  # a broken plug-in variant stops the sweep before anything is written
     if overwrite and results_path.exists():
         results_path.unlink()
         (out / "performer_accuracy.csv").unlink(missing_ok=True)

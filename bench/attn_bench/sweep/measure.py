@@ -59,6 +59,9 @@ def _measure(cfg: BenchConfig, settings: RunSettings) -> BenchResult:
     dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         return result("unsupported", error="CUDA is not available on this machine")
+    lacks = variant.lacks("causal" if cfg.causal else "non_causal")  # what the variant declares it computes
+    if lacks is not None:
+        return result("unsupported", error=lacks)
     if cfg.pass_ == "decode":
         from attn_bench.decode.run import run_decode
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 import attention_variants as av
+from attn_bench.core.variants import color
 from attn_bench.sweep.analysis import (
     SETTING,
     line_cols,
@@ -25,15 +26,8 @@ from attn_bench.sweep.analysis import (
     without_copies,
 )
 
-# Colour says the variant (in registration order: full blue, sliding window green, Performer red,
-# then plug-ins), line style and marker the backend.
-PALETTE = ["tab:blue", "tab:green", "tab:red", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive"]
-
-
-def color(variant: str) -> str | None:
-    names = av.list_variants()
-    return PALETTE[names.index(variant) % len(PALETTE)] if variant in names else None
-
+# Colour says the variant (the registry's order and palette, as in every job's report), line style
+# and marker the backend.
 
 STYLE = {"torch": "-", "triton": "-", "auto": "-", "sdpa": "--", "flex": "-.", "reference": ":"}
 MARKER = {"torch": "o", "triton": "s", "sdpa": "^", "flex": "D", "reference": "x", "auto": "v"}

@@ -17,8 +17,7 @@ import numpy as np
 import pandas as pd
 
 from attn_bench.core.results import METADATA, atomic_write
-from attn_bench.sweep.analysis import in_n_order
-from attn_bench.sweep.plots import color
+from attn_bench.core.variants import color, exact_variant, order
 from attn_bench.task.run import RESULTS, TaskResult, read_task_results
 
 
@@ -52,7 +51,12 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     reached = g["time_to_target_s"].agg(lambda x: x.notna().sum()).reset_index(drop=True)
     out["reached"] = reached.to_numpy()
     out["time_to_target_s"] = g["time_to_target_s"].mean().reset_index(drop=True).to_numpy()
-    return in_n_order(out, ["task"]).reset_index(drop=True)
+    # (task, N) in numeric order of N, the lines of each in the registry's order
+    first = {t: i for i, t in enumerate(dict.fromkeys(out["task"]))}
+    out["key"] = [
+        (first[t], int(n), order(v)) for t, n, v in zip(out["task"], out["seq_len"], out["variant"], strict=True)
+    ]
+    return out.sort_values("key", kind="stable").drop(columns="key").reset_index(drop=True)
 
 
 def _main_n(s: pd.DataFrame, task: str) -> int:
@@ -110,40 +114,47 @@ def plot_accuracy_vs_n(s: pd.DataFrame, out: Path) -> str:
     return "accuracy_vs_n.png"
 
 
-def performer_features(df: pd.DataFrame) -> pd.DataFrame:
-    """Performer rows by feature count (tasks and lengths where several counts ran)."""
-    p = df[df["variant"] == "performer"].copy()
-    if p.empty:
-        return p
-    p["num_features"] = [json.loads(o).get("num_features") for o in p["options"]]
-    g = p.groupby(["task", "seq_len", "num_features"])
-    s = g.agg(acc=("final_acc", "mean"), acc_std=("final_acc", "std"), approx_err=("approx_err", "mean")).reset_index()
-    s["approx_err_std"] = g["approx_err"].std().to_numpy()
-    counts = s.groupby(["task", "seq_len"])["num_features"].transform("nunique")
-    return s[counts > 1]
+def option_studies(df: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy and approx_err against one sweep option of one variant, where several values of it
+    ran at one task and N (the other options fixed): columns task, seq_len, variant, option, value,
+    acc, acc_std, approx_err, approx_err_std."""
+    parts = []
+    for variant, d in df.groupby("variant", sort=False):
+        opts = pd.DataFrame([json.loads(o) for o in d["options"]], index=d.index)
+        for name in opts.columns:
+            others = [c for c in opts.columns if c != name]
+            d2 = d.assign(value=opts[name], rest=opts[others].astype(str).agg(",".join, axis=1) if others else "")
+            g = d2.groupby(["task", "seq_len", "rest", "value"])
+            s = g.agg(acc=("final_acc", "mean"), acc_std=("final_acc", "std"), approx_err=("approx_err", "mean"))
+            s = s.reset_index().assign(approx_err_std=g["approx_err"].std().to_numpy(), variant=variant, option=name)
+            s = s[s.groupby(["task", "seq_len", "rest"])["value"].transform("nunique") > 1]
+            parts.append(s.drop(columns="rest"))
+    cols = ["task", "seq_len", "variant", "option", "value", "acc", "acc_std", "approx_err", "approx_err_std"]
+    return pd.concat(parts)[cols] if parts else pd.DataFrame(columns=cols)
 
 
-def plot_performer(pf: pd.DataFrame, full_acc: dict[tuple[str, int], float], out: Path) -> str | None:
-    if pf.empty:
+def plot_option_study(st: pd.DataFrame, exact_acc: dict[tuple[str, int], float], out: Path) -> str | None:
+    """One panel per (variant, option) study: accuracy (left axis) and approx_err (right) against the value."""
+    studies = list(st.groupby(["variant", "option"], sort=False))
+    if not studies:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax2 = ax.twinx()
-    for (task, n), d in pf.groupby(["task", "seq_len"]):
-        ax.errorbar(d["num_features"], d["acc"], yerr=d["acc_std"], marker="o", color="tab:red", capsize=3)
-        ax2.errorbar(
-            d["num_features"], d["approx_err"], yerr=d["approx_err_std"], marker="s", ls="--", color="tab:gray"
-        )
-        if (task, n) in full_acc:
-            ax.axhline(full_acc[(task, n)], color="tab:blue", ls=":", label=f"full attention ({task}, N={n})")
-        ax.set_title(f"Performer on {task}, N={n}: accuracy and approx_err vs features")
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="random features m", ylabel="accuracy (mean ± sd, red)")
-    ax2.set_ylabel("approx_err: |performer - softmax| / |softmax| (grey)")
-    ax.legend(fontsize=7, loc="center right")
+    fig, axes = plt.subplots(1, len(studies), figsize=(6 * len(studies), 4), squeeze=False)
+    for ax, ((variant, option), d) in zip(axes[0], studies, strict=True):
+        ax2 = ax.twinx()
+        for (task, n), e in d.groupby(["task", "seq_len"]):
+            ax.errorbar(e["value"], e["acc"], yerr=e["acc_std"], marker="o", color=color(variant), capsize=3)
+            ax2.errorbar(e["value"], e["approx_err"], yerr=e["approx_err_std"], marker="s", ls="--", color="tab:gray")
+            if (task, n) in exact_acc:
+                ax.axhline(exact_acc[(task, n)], color="k", ls=":", label=f"{exact_variant()} ({task}, N={n})")
+            ax.set_title(f"{variant} on {task}, N={n}: accuracy and approx_err vs {option}")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel=option, ylabel="accuracy (mean ± sd, coloured)")
+        ax2.set_ylabel("approx_err: |attention - softmax| / |softmax| (grey)")
+        ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
-    fig.savefig(out / "performer_features.png", dpi=110)
+    fig.savefig(out / "option_studies.png", dpi=110)
     plt.close(fig)
-    return "performer_features.png"
+    return "option_studies.png"
 
 
 def plot_loss_curves(df: pd.DataFrame, s: pd.DataFrame, out: Path) -> str:
@@ -237,18 +248,18 @@ def write_task_report(directory: Path) -> Path:
     lines += ["", "## Accuracy against training time (Pareto front per task)", ""]
     lines += [f"![{f}]({f})" for f in figs]
     lines += ["", "## Accuracy against N", "", f"![accuracy vs N]({plot_accuracy_vs_n(s, directory)})", ""]
-    pf = performer_features(df)
-    full_acc = {(r.task, r.seq_len): r.acc for _, r in s[s["variant"] == "full"].iterrows()}
-    name = plot_performer(pf, full_acc, directory)
+    st = option_studies(df)
+    exact_acc = {(r.task, r.seq_len): r.acc for _, r in s[s["variant"] == exact_variant()].iterrows()}
+    name = plot_option_study(st, exact_acc, directory)
     if name:
-        lines += ["## Performer: accuracy against the number of features, next to its approx_err", ""]
-        lines += ["| task | N | features | accuracy | approx_err |", "|---|---|---|---|---|"]
-        for _, r in pf.iterrows():
+        lines += ["## Accuracy against a variant's option, next to its approx_err", ""]
+        lines += ["| task | N | variant | option | accuracy | approx_err |", "|---|---|---|---|---|---|"]
+        for _, r in st.iterrows():
             lines.append(
-                f"| {r.task} | {r.seq_len} | {int(r.num_features)} | {r.acc:.3f} ± {_f(r.acc_std, 2)} "
+                f"| {r.task} | {r.seq_len} | {r.variant} | {r.option}={r.value} | {r.acc:.3f} ± {_f(r.acc_std, 2)} "
                 f"| {_f(r.approx_err, 3)} ± {_f(r.approx_err_std, 2)} |"
             )
-        lines += ["", f"![Performer features]({name})", ""]
+        lines += ["", f"![option studies]({name})", ""]
     lines += ["## Loss curves", "", f"![loss curves]({plot_loss_curves(df, s, directory)})", ""]
     page = directory / "README.md"
     atomic_write(page, "\n".join(lines) + "\n")

@@ -5,7 +5,9 @@ machinery (a :class:`~attn_bench.core.worker.WorkerPool` with its timeout, rows 
 A run is a :class:`TaskConfig` (task, variant and its options, N, seed, model and training
 sizes); its row is the config plus what :func:`attn_bench.task.train.train` measured. Presets live in
 ``task_presets.toml``: each is a list of groups, each group a cross product of variants (with the
-sweep options they declare, so plug-in variants train the same way), lengths and seeds.
+sweep options they declare, so plug-in variants train the same way), lengths and seeds;
+``--variants`` replaces every group's variants. A variant that lacks what a run needs (see
+:meth:`TaskConfig.needs`) gets an ``unsupported`` row with the reason.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from attn_bench.core.results import (
 )
 
 RESULTS = "results.csv"
-TASK_STATUSES = ("ok", "timeout", "oom", "error", "skipped")
+TASK_STATUSES = ("ok", "timeout", "oom", "error", "skipped", "unsupported")
 CURVE_POINTS = 60  # loss-curve points kept per run
 
 
@@ -77,6 +79,24 @@ class TaskConfig:
     def label(self) -> str:
         opt = "".join(f" {k}={v}" for k, v in self.options)
         return f"{self.task} {self.variant}{opt} N={self.seq_len} seed={self.seed}"
+
+    def needs(self) -> list[tuple[str, str]]:
+        """``(variant, need)`` pairs this run asks of the registry (:data:`attention_variants.NEEDS`):
+        the task's model is a causal decoder or an encoder."""
+        from attn_bench.task.tasks import CAUSAL
+
+        return [(self.variant, "causal" if CAUSAL[self.task] else "non_causal")]
+
+    def unsupported(self) -> str | None:
+        """Why this run cannot be done with its variant (from what the variant declares), or None."""
+        from attn_bench.core.variants import unsupported
+
+        for variant, need in self.needs():
+            opts = _variant_options(self) if variant == self.variant else {}
+            reason = unsupported(variant, opts, [need])
+            if reason is not None:
+                return reason
+        return None
 
     def to_row(self) -> dict[str, Any]:
         row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -283,9 +303,11 @@ def _as_list(x: Any) -> list[Any]:
     return list(x) if isinstance(x, list | tuple) else [x]
 
 
-def expand_group(group: dict[str, Any], defaults: dict[str, Any]) -> list[TaskConfig]:
-    """Cross product of a group's variants (each with the sweep options it declares), lengths and
-    seeds; other keys set :class:`TaskConfig` fields (``params``: the generator's)."""
+def expand_group(
+    group: dict[str, Any], defaults: dict[str, Any], variants: list[str] | None = None
+) -> list[TaskConfig]:
+    """Cross product of a group's variants (``variants`` when given; each with the sweep options it
+    declares), lengths and seeds; other keys set :class:`TaskConfig` fields (``params``: the generator's)."""
     import itertools
 
     g = {**defaults, **group}
@@ -299,7 +321,7 @@ def expand_group(group: dict[str, Any], defaults: dict[str, Any]) -> list[TaskCo
     out = []
     for n in _as_list(g["seq_lens"]):  # the variants of one length and seed share its data
         for seed in _as_list(g.get("seeds", [0, 1, 2])):
-            for variant in _as_list(g.get("variants", av.list_variants())):
+            for variant in variants or _as_list(g.get("variants", av.list_variants())):
                 declared = av.variant_class(variant).sweep_options
                 lists = [[(o.name, int(x)) for x in _as_list(g.get(o.name, o.default))] for o in declared]
                 for options in itertools.product(*lists):
@@ -327,11 +349,12 @@ def parse_presets(
     return presets
 
 
-def load_task_presets(text: str | None = None) -> dict[str, TaskPreset]:
-    """Parse ``task_presets.toml`` (shipped with the package) or the given TOML text."""
+def load_task_presets(text: str | None = None, variants: list[str] | None = None) -> dict[str, TaskPreset]:
+    """Parse ``task_presets.toml`` (shipped with the package) or the given TOML text; ``variants``
+    replaces every group's."""
     if text is None:
         text = (Path(__file__).resolve().parent / "task_presets.toml").read_text()
-    return parse_presets(text, expand_group)
+    return parse_presets(text, lambda g, d: expand_group(g, d, variants))
 
 
 # -- the run loop ---------------------------------------------------------------------------------
@@ -390,7 +413,8 @@ def run_tasks(
     with pool_lifecycle(pool, out, meta, results), bar:
         for cfg in todo:
             bar.start(cfg.label(), cfg.steps)
-            res = pool.run(cfg)
+            reason = cfg.unsupported()
+            res = result_cls(cfg, "unsupported", error=reason) if reason else pool.run(cfg)
             results.append(res)
             write_task_results(path, results, result_cls)
             if on_result is not None:

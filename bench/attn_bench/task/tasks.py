@@ -36,6 +36,9 @@ IGNORE = -100
 
 TASKS: tuple[str, ...] = ("listops", "mqar", "local_max", "long_majority")
 
+CAUSAL: dict[str, bool] = {"listops": False, "mqar": True, "local_max": True, "long_majority": False}
+"""Whether a task's model is a causal decoder (True) or an encoder (``TaskData.causal``)."""
+
 # -- ListOps --------------------------------------------------------------------------------------
 
 LISTOPS_OPS: tuple[str, ...] = ("[MIN", "[MAX", "[MED", "[SM")
