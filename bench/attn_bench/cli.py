@@ -17,16 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 import typer.main
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperCommand
 
 from attn_bench.core.config import config_fields, parse_bool, sweep_options
 from attn_bench.core.results import RunSetupError
 from attn_bench.core.setup import JobExit
+from attn_bench.lazy_commands import lazy, stub, with_variant_options
 from attn_bench.sweep.command import default_preset, flag
 
 __all__ = ["app", "default_preset", "main"]
@@ -57,7 +56,7 @@ KW = inspect.Parameter.KEYWORD_ONLY
 
 def _call(job: Callable[..., Any], /, **options: Any) -> None:
     """Run a job's function with the console as its ``echo``; its refusals become exits. A command's
-    ``variant_options`` (see :func:`_with_variant_options`) are passed as options of their own."""
+    ``variant_options`` (see :func:`with_variant_options`) are passed as options of their own."""
     options.update(options.pop("variant_options", {}))
     try:
         job(echo=console.print, **options)
@@ -147,75 +146,24 @@ def _sweep_command(decode: bool = False) -> Callable[..., None]:
     return sweep
 
 
-class _LazySweep(TyperCommand):
-    """``attn-bench sweep``, whose options come from the variant registry (which imports torch):
-    built the first time its options or its callback are asked for (parsing its command line, its
-    own ``--help``), so that ``attn-bench --help`` and the other commands do without."""
-
-    decode = False
-    _built: click.Command | None = None
-
-    def _full(self) -> click.Command:
-        if self._built is None:
-            one = typer.Typer(add_completion=False)
-            one.command(self.name)(_sweep_command(self.decode))
-            self._built = typer.main.get_command(one)
-        return self._built
-
-    # What click reads to parse, show help and run; what the stub sets here is dropped.
-    params = property(lambda self: self._full().params, lambda self, value: None)  # type: ignore[assignment]
-    callback = property(lambda self: self._full().callback, lambda self, value: None)  # type: ignore[assignment]
-
-
-class _LazyDecode(_LazySweep):
-    decode = True
-
-
-def _stub(decode: bool) -> Callable[[], None]:
-    """What typer registers for ``sweep`` / ``decode``: the help text, no options (see :class:`_LazySweep`)."""
-
-    def sweep() -> None:
-        raise AssertionError("the real command is built by _LazySweep")
-
-    sweep.__doc__ = DECODE_DOC if decode else _sweep.__doc__
-    return sweep
-
-
-def _with_variant_options(fn: Callable[..., None]) -> Callable[..., None]:
-    """``fn`` with an int option per variant sweep option it does not name (``--window``,
-    ``--num-features``, a plug-in's), passed on in its ``**variant_options``; rebuilt by
-    :func:`_install_sweep_command` after plug-ins declare more."""
-    params = [p.replace(kind=KW) for p in inspect.signature(fn, eval_str=True).parameters.values()]
-    params = [p for p in params if p.name != "variant_options"]
-    extra = []
-    for o in sweep_options():
-        if o.name not in {p.name for p in params}:
-            opt = typer.Option(flag(o.name), help=f"{o.help} (the variants that take `{o.name}`) [default: theirs]")
-            extra.append(inspect.Parameter(o.name, KW, default=None, annotation=Annotated[int | None, opt]))
-
-    def command(**kwargs: Any) -> None:
-        fn(**kwargs)
-
-    command.__signature__ = inspect.Signature(params + extra)  # type: ignore[attr-defined]
-    command.__doc__, command.__name__, command._base = fn.__doc__, fn.__name__, fn  # type: ignore[attr-defined]
-    return command
+def _registry_command(fn: Callable[..., None]) -> Callable[..., None]:
+    """Register ``fn`` as a command with an option per variant sweep option
+    (:func:`with_variant_options`), built lazily (:func:`lazy`)."""
+    app.command(fn.__name__, cls=lazy(lambda: with_variant_options(fn)))(stub(fn.__doc__))
+    return fn
 
 
 def _install_sweep_command() -> None:
-    """(Re)build the commands whose options come from the registry: sweep, decode, and those made
-    by :func:`_with_variant_options`."""
+    """(Re)register ``sweep`` and ``decode``, built lazily with the variants' options as they are then."""
     for name, decode in (("sweep", False), ("decode", True)):
-        cls = _LazyDecode if decode else _LazySweep
+        cls = lazy(lambda decode=decode: _sweep_command(decode))
+        doc = DECODE_DOC if decode else _sweep.__doc__
         for info in app.registered_commands:
             if info.name == name:
-                info.callback, info.cls = _stub(decode), cls
+                info.callback, info.cls = stub(doc), cls
                 break
         else:
-            app.command(name, cls=cls)(_stub(decode))
-    for info in app.registered_commands:
-        base = getattr(info.callback, "_base", None)
-        if base is not None:
-            info.callback = _with_variant_options(base)
+            app.command(name, cls=cls)(stub(doc))
 
 
 _install_sweep_command()
@@ -314,8 +262,7 @@ def swap(
     _call(swap_command, **options)
 
 
-@app.command()
-@_with_variant_options
+@_registry_command
 def model(
     preset: Annotated[
         str | None,
@@ -468,8 +415,7 @@ def targets(
         raise typer.Exit(1)
 
 
-@app.command()
-@_with_variant_options
+@_registry_command
 def cp(
     ranks: Annotated[str, typer.Option(help="comma list of gloo rank counts")] = "1,2,4",
     n: Annotated[

@@ -320,6 +320,7 @@ class RunSettings:
 
 def approximating_variant() -> str:
     """The first registered variant that approximates another (the accuracy study's default)."""
+    av = _registry()
     return next((v for v in av.list_variants() if av.variant_class(v).approximates), "")
 
 
