@@ -15,7 +15,7 @@ Triton (CI runs this file under Triton 3.6 and under the newest release). The ga
   warps, no spill, at most 4 barriers per iteration; the products per (query tile, key tile)
   pair counted from the HGMMA shapes (7 in the shipped deterministic mode, 5 with atomic dQ);
 - sliding window: a narrow band runs 64-row blocks, which waste less of the band than 128-row
-  blocks (counted on the host schedule), in one pipelined loop per program;
+  blocks (counted on the host schedule), in one pipelined loop per program (forward, dq, dk/dv);
 - head dim 64 on sm_90, and sm_80 (no wgmma): the shipped forwards do not spill.
 
 A handful of compiles (a few seconds each), each made once per module.
@@ -137,22 +137,29 @@ def _band_waste(block_m: int, block_n: int, left: int, right: int, n: int = N) -
     return 1 - seen / computed
 
 
+def _one_loop(kernel: str, cfg: FlashConfig, window: int) -> None:
+    """The band specialisation of ``kernel`` holds one tile's products: one loop (a loop per pass,
+    as full attention runs them, would hold them once per pass; ptxas lays a loop's masked branch
+    out of line, so the loops are counted by their products, not by their back branches)."""
+    fn, sig, cx = flash_kernels.aot_spec(kernel, cfg, 128, torch.bfloat16, causal=True, has_global=False, window=window)
+    stats = aot.compile_for(fn, sig, cx, arch=90, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    assert stats.spill_bytes == 0, kernel
+    listing = sass.parse(aot.disassemble(stats.cubin))
+    main = sass.main_loop(listing)
+    assert main is not None and main.stats.hgmma > 0, kernel
+    assert sum(i.base == "HGMMA" for i in listing) == main.stats.hgmma, kernel
+
+
 def test_narrow_band_wastes_less_and_runs_one_loop() -> None:
     w = 128  # window=128 on both sides: 257 keys per row
     cfg = _shipped(False, SM90, window=2 * w + 1)
     assert cfg.block_m < 128, cfg
     wide = _band_waste(128, cfg.block_n, w, w)
     assert _band_waste(cfg.block_m, cfg.block_n, w, w) < wide - 0.1, (cfg, wide)
-    fn, sig, cx = flash_kernels.aot_spec("fwd", cfg, 128, torch.bfloat16, causal=True, has_global=False, window=w)
-    stats = aot.compile_for(fn, sig, cx, arch=90, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    assert stats.spill_bytes == 0
-    # One loop: the kernel holds one tile's products (a loop per pass, as full attention runs
-    # them, would hold them once per pass; ptxas lays a loop's masked branch out of line, so the
-    # loops are counted by their products, not by their back branches).
-    listing = sass.parse(aot.disassemble(stats.cubin))
-    main = sass.main_loop(listing)
-    assert main is not None and main.stats.hgmma > 0
-    assert sum(i.base == "HGMMA" for i in listing) == main.stats.hgmma
+    _one_loop("fwd", cfg, w)
+    bwd = _shipped(True, SM90, window=2 * w + 1)
+    _one_loop("bwd_dq", flash_configs.dq_config(bwd), w)
+    _one_loop("bwd_dkdv", bwd, w)
 
 
 @pytest.mark.parametrize(

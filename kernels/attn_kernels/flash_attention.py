@@ -18,6 +18,9 @@ the number of global positions and ``V = causal & (band | global row | global co
   sees every query row.
 
 The row term ``delta = rowsum(dO * O)`` of the backward comes from a small kernel of its own.
+The backward launches the dq and the dk/dv kernels, with the same tiles or (``"split"``) the dq
+kernel at the tiles transposed; or (``"atomic"``) only the dk/dv kernel, which adds dQ into a
+zeroed float32 tensor with atomics, cast at the end (:func:`backward_mode` says which runs).
 
 A row with no visible key gets output 0 and log-sum-exp ``+inf``, so the backward's
 recomputed probabilities are 0 there and every gradient of that row is 0.
@@ -289,9 +292,10 @@ def _backward(
     )  # fmt: skip
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dvv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    window = opts.window is not None
     common = dict(
-        CAUSAL=opts.causal, WINDOW=opts.window is not None, HAS_PAD=has_pad, BLOCK_D=pad_pow2(d),
-        BLOCK_DV=pad_pow2(dv), HEAD_D=d, HEAD_DV=dv, PREC=dot_precision(q.dtype),
+        CAUSAL=opts.causal, WINDOW=window, HAS_PAD=has_pad, BLOCK_D=pad_pow2(d), BLOCK_DV=pad_pow2(dv), HEAD_D=d,
+        HEAD_DV=dv, PREC=dot_precision(q.dtype),
     )  # fmt: skip
     qk_scale = opts.scale * _LOG2E
 
@@ -316,7 +320,7 @@ def _backward(
                     dq.stride(0), dq.stride(1), dq.stride(2),
                     h, h // hk, nq, nk, ng, left, right, opts.scale, qk_scale,
                 ),
-                HAS_GLOBAL=has_global, GATHERED=gathered, **common,
+                HAS_GLOBAL=has_global, GATHERED=gathered, ONE_LOOP=window and not gathered, **common,
             )  # fmt: skip
     # The gathered key programs keep the key tile (and the query tile) of the band programs.
     sched_k = _schedule(True, nq, nk, cfg, opts, q.device)
@@ -334,7 +338,8 @@ def _backward(
                 dvv.stride(0), dvv.stride(1), dvv.stride(2),
                 h, hk, h // hk, nq, nk, ng, left, right, opts.scale, qk_scale,
             ),
-            HAS_GLOBAL=has_global, GATHERED=gathered, ATOMIC=dq_acc is not None, **common,
+            HAS_GLOBAL=has_global, GATHERED=gathered, ATOMIC=dq_acc is not None, ONE_LOOP=window and not gathered,
+            **common,
         )  # fmt: skip
     if dq_acc is not None:
         dq = dq_acc.mul_(opts.scale).to(q.dtype)

@@ -8,14 +8,24 @@ One kernel family in the shape of Triton's fused-attention tutorial and FlashAtt
   saved log-sum-exp and accumulates ``dq``.
 - ``_bwd_dkdv_kernel``: one program per (key block, batch x kv head); walks the query blocks
   that see the key block, for every query head of the group (GQA by indexing: no K/V copy),
-  and accumulates ``dk`` and ``dv`` in registers (deterministic, no atomics).
+  and accumulates ``dk`` and ``dv`` in registers. With ``ATOMIC`` it also adds ``dS^T K`` (as
+  ``K^T dS^T``, whose M is the head dim: wgmma) into a float32 dQ with atomics, so that no dq
+  kernel runs (5 tile products per pair instead of 7; not bitwise reproducible).
 - ``_bwd_delta_kernel``: the row term ``delta = rowsum(dO * O)`` of the backward.
 
 Each program reads its row of the block schedule (:mod:`attn_kernels.flash_configs`) and runs its
 inner loop three times: the masked edge tiles ``[start, lo)``, the interior ``[lo, hi)`` without
 mask arithmetic, the masked edge tiles ``[hi, end)``; band programs with global tokens add a
 fourth pass over the gathered global keys (rows). The pass is a named constexpr ``MODE`` of the
-inner loop: :data:`INTERIOR`, :data:`BAND_EDGE` or :data:`OUTSIDE_BAND`.
+inner loop: :data:`INTERIOR`, :data:`BAND_EDGE` or :data:`OUTSIDE_BAND`. The forward's band
+programs (``ONE_LOOP``) instead run :data:`PREDICATED`: one loop over ``[start, end)`` that masks
+only the tiles outside ``[lo, hi)``, so a short band fills and drains one software pipeline, not
+three. ``WINDOW`` is false for full attention, whose masks then skip the band arithmetic.
+
+The forward takes its scores raw and folds the softmax scale into the row maximum and the
+``exp2`` argument (one FMA per score). With ``TMA`` its band passes load the key and value tiles
+through TMA descriptors of ``(B, Hk, NK, D)`` (``KD``, ``VD``), which zero-fill past the sequence
+and the head dim.
 
 Key padding (constexpr ``HAS_PAD``): ``KPM`` is an int8 key-valid vector ``(B, NK)`` folded into
 the score mask of every pass, ``KRANGE`` the ``(first, last + 1)`` real keys of each batch
@@ -394,6 +404,8 @@ def _dq_inner(
     stride_vn,
     pos_q,
     start,
+    lo,
+    hi,
     end,
     n_valid,
     IDX,
@@ -412,7 +424,8 @@ def _dq_inner(
     MODE: tl.constexpr,
     HAS_PAD: tl.constexpr,
 ):
-    """``dq += dS @ K`` over key tiles ``[start, end)``, as in :func:`_fwd_inner` (scale applied by the caller)."""
+    """``dq += dS @ K`` over key tiles ``[start, end)``, as in :func:`_fwd_inner` (scale applied by the
+    caller; in PREDICATED mode the tiles outside ``[lo, hi)`` are masked)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -435,6 +448,12 @@ def _dq_inner(
         if MODE == INTERIOR:
             if HAS_PAD:
                 p = tl.where(real[None, :], p, 0.0)
+        elif MODE == PREDICATED:  # the key-valid flags out of the branch, as in the forward
+            if HAS_PAD:
+                p = tl.where(real[None, :], p, 0.0)
+            if (n < lo) | (n >= hi):
+                vis = _visible(pos_q[:, None], cols[None, :], valid[None, :], left, right, CAUSAL, WINDOW, BAND_EDGE)
+                p = tl.where(vis, p, 0.0)
         else:
             vis = _visible(pos_q[:, None], cols[None, :], real[None, :], left, right, CAUSAL, WINDOW, MODE)
             p = tl.where(vis, p, 0.0)
@@ -494,6 +513,7 @@ def _bwd_dq_kernel(
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
     PREC: tl.constexpr,
+    ONE_LOOP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -531,25 +551,32 @@ def _bwd_dq_kernel(
         start, lo, hi, end = _clip_to_keys(KRANGE, b, start, lo, hi, end, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, start, lo, NK, GIDX, kpm, left, right,
-        qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL, WINDOW, BAND_EDGE, HAS_PAD,
-    )  # fmt: skip
-    dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, lo, hi, NK, GIDX, kpm, left, right,
-        qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL, WINDOW, INTERIOR, HAS_PAD,
-    )  # fmt: skip
-    dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, hi, end, NK, GIDX, kpm, left, right,
-        qk_scale,
-        BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL, WINDOW, BAND_EDGE, HAS_PAD,
-    )  # fmt: skip
+    if ONE_LOOP:  # one pipelined loop for a band, as in the forward
+        dq = _dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, start, lo, hi, end, NK, GIDX, kpm,
+            left, right, qk_scale,
+            BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL, WINDOW, PREDICATED, HAS_PAD,
+        )  # fmt: skip
+    else:
+        dq = _dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, start, lo, lo, lo, NK, GIDX, kpm,
+            left, right, qk_scale,
+            BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL, WINDOW, BAND_EDGE, HAS_PAD,
+        )  # fmt: skip
+        dq = _dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, lo, lo, hi, hi, NK, GIDX, kpm,
+            left, right, qk_scale,
+            BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL, WINDOW, INTERIOR, HAS_PAD,
+        )  # fmt: skip
+        dq = _dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, hi, hi, end, end, NK, GIDX, kpm,
+            left, right, qk_scale,
+            BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL, WINDOW, BAND_EDGE, HAS_PAD,
+        )  # fmt: skip
     store_mask = row_valid
     if HAS_GLOBAL:
         dq = _dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, 0, NG, NG, GIDX, kpm, left, right,
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pos_q, 0, 0, 0, NG, NG, GIDX, kpm, left, right,
             qk_scale,
             BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL, WINDOW, OUTSIDE_BAND, HAS_PAD,
         )  # fmt: skip
@@ -604,6 +631,8 @@ def _dkdv_inner(
     stride_dom,
     pos_k,
     start,
+    lo,
+    hi,
     end,
     n_valid,
     row_off,
@@ -626,7 +655,8 @@ def _dkdv_inner(
     OWN_MASK: tl.constexpr,
 ):
     """``dv += P^T dO`` and ``dk += dS^T Q`` over query tiles ``[start, end)`` of one head (rows
-    ``IDX[start:end]`` when ``MODE`` is OUTSIDE_BAND)."""
+    ``IDX[start:end]`` when ``MODE`` is OUTSIDE_BAND; in PREDICATED mode the tiles outside
+    ``[lo, hi)`` are masked); with ATOMIC also ``dQ += dS K`` by float32 atomics."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -646,7 +676,13 @@ def _dkdv_inner(
             delta = tl.load(DELTA + stats_base + rows, mask=valid, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
         pt = tl.exp2(tl.fma(st, qk_scale, -lse[None, :]))
-        if MODE != INTERIOR:
+        if MODE == PREDICATED:
+            if (m < lo) | (m >= hi):
+                vis = _visible(
+                    rows[None, :] + row_off, pos_k[:, None], valid[None, :], left, right, CAUSAL, WINDOW, BAND_EDGE
+                )
+                pt = tl.where(vis, pt, 0.0)
+        elif MODE != INTERIOR:
             vis = _visible(rows[None, :] + row_off, pos_k[:, None], valid[None, :], left, right, CAUSAL, WINDOW, MODE)
             pt = tl.where(vis, pt, 0.0)
         if OWN_MASK:
@@ -719,6 +755,7 @@ def _bwd_dkdv_kernel(
     HEAD_DV: tl.constexpr,
     PREC: tl.constexpr,
     ATOMIC: tl.constexpr,
+    ONE_LOOP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -752,6 +789,7 @@ def _bwd_dkdv_kernel(
 
     # The atomic dQ of band programs leaves out their global keys: the gathered programs add those
     # for every row. (Key padding never takes the atomic dQ: the host launches dq separately.)
+    own_mask: tl.constexpr = ATOMIC and HAS_GLOBAL
     own_ok = col_valid
     if ATOMIC and HAS_GLOBAL:
         own_ok = _not_global(GFLAG, cols, own_ok)
@@ -766,31 +804,34 @@ def _bwd_dkdv_kernel(
         dqa_base = DQA
         if ATOMIC:
             dqa_base = DQA + stats_base * HEAD_D
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_base, do_base, stats_base, LSE, DELTA, stride_qm, stride_dom, cols, start, lo, NQ,
-            row_off, GIDX, left, right, qk_scale, dqa_base, own_ok,
-            BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, WINDOW=WINDOW, MODE=BAND_EDGE,
-            ATOMIC=ATOMIC, OWN_MASK=ATOMIC and HAS_GLOBAL,
-        )  # fmt: skip
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_base, do_base, stats_base, LSE, DELTA, stride_qm, stride_dom, cols, lo, hi, NQ, row_off,
-            GIDX, left, right, qk_scale, dqa_base, own_ok,
-            BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, WINDOW=WINDOW, MODE=INTERIOR,
-            ATOMIC=ATOMIC, OWN_MASK=ATOMIC and HAS_GLOBAL,
-        )  # fmt: skip
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_base, do_base, stats_base, LSE, DELTA, stride_qm, stride_dom, cols, hi, end, NQ, row_off,
-            GIDX, left, right, qk_scale, dqa_base, own_ok,
-            BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, WINDOW=WINDOW, MODE=BAND_EDGE,
-            ATOMIC=ATOMIC, OWN_MASK=ATOMIC and HAS_GLOBAL,
-        )  # fmt: skip
+        if ONE_LOOP:  # one pipelined loop for a band, as in the forward
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, q_base, do_base, stats_base, LSE, DELTA, stride_qm, stride_dom, cols, start, lo, hi, end,
+                NQ, row_off, GIDX, left, right, qk_scale, dqa_base, own_ok,
+                BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL, WINDOW, PREDICATED, ATOMIC, own_mask,
+            )  # fmt: skip
+        else:
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, q_base, do_base, stats_base, LSE, DELTA, stride_qm, stride_dom, cols, start, lo, lo, lo,
+                NQ, row_off, GIDX, left, right, qk_scale, dqa_base, own_ok,
+                BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL, WINDOW, BAND_EDGE, ATOMIC, own_mask,
+            )  # fmt: skip
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, q_base, do_base, stats_base, LSE, DELTA, stride_qm, stride_dom, cols, lo, lo, hi, hi,
+                NQ, row_off, GIDX, left, right, qk_scale, dqa_base, own_ok,
+                BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL, WINDOW, INTERIOR, ATOMIC, own_mask,
+            )  # fmt: skip
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, q_base, do_base, stats_base, LSE, DELTA, stride_qm, stride_dom, cols, hi, hi, end, end,
+                NQ, row_off, GIDX, left, right, qk_scale, dqa_base, own_ok,
+                BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL, WINDOW, BAND_EDGE, ATOMIC, own_mask,
+            )  # fmt: skip
         if HAS_GLOBAL:
             # Key-block programs add the global rows outside the band (row_off is 0 here).
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_base, do_base, stats_base, LSE, DELTA, stride_qm, stride_dom, cols, 0, NG, NG,
-                row_off, GIDX, left, right, qk_scale, dqa_base, own_ok,
-                BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL=CAUSAL, WINDOW=WINDOW, MODE=OUTSIDE_BAND,
-                ATOMIC=ATOMIC, OWN_MASK=ATOMIC and HAS_GLOBAL,
+                dk, dv, k, v, q_base, do_base, stats_base, LSE, DELTA, stride_qm, stride_dom, cols, 0, 0, 0, NG,
+                NG, row_off, GIDX, left, right, qk_scale, dqa_base, own_ok,
+                BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, PREC, CAUSAL, WINDOW, OUTSIDE_BAND, ATOMIC, own_mask,
             )  # fmt: skip
     if HAS_PAD:  # padded keys get zero gradients
         real = _real_keys(KPM + b * NK, cols, store_mask)
@@ -885,9 +926,11 @@ def aot_spec(
             sig["DQA"] = "*fp32"
         else:
             constexprs["DQA"] = None
+    if kernel != "bwd_delta":
+        constexprs["ONE_LOOP"] = window is not None and not gathered
     if kernel == "fwd":
         tma = bool(getattr(cfg, "tma", False))
-        constexprs.update(TMA=tma, ONE_LOOP=window is not None and not gathered)
+        constexprs["TMA"] = tma
         for name in ("KD", "VD"):
             if tma:
                 sig[name] = f"tensordesc<{_TRITON_TYPES[dtype]}[1, 1, {cfg.block_n}, {bd}]>"
