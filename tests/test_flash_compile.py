@@ -4,11 +4,13 @@ No GPU needed: ``attn_kernels.aot.compile_for`` lowers each kernel to PTX for sm
 sm_90 (H100) and runs the wheel's ``ptxas -v`` on it, with the integer arguments specialised on
 their values in the default launch sample as Triton's launcher does. Registers, shared memory and
 spills are printed (``pytest -s`` shows them); a forward kernel that spills fails the test (but
-for the few bytes listed in ``_SPILL_BOUNDS``). Each config is compiled in the specialisation
-with the most live state (causal, global tokens), and the forward also in its gathered-global-rows
-specialisation (with its own, halved query tile). The 16-bit forwards (those at the register
-limit) are compiled once more with a key padding mask (``HAS_PAD``), which must not make them
-spill either.
+for the few bytes listed in ``_SPILL_BOUNDS``). Each config is compiled for the architectures it
+runs on (the sm_90 ones for sm_90 only) in the specialisation with the most live state (causal,
+global tokens; causal full attention for a config that never sees a band), and the forward also
+in its gathered-global-rows specialisation (with its own, halved query tile). The 16-bit
+forwards (those at the register limit) are compiled once more with a key padding mask
+(``HAS_PAD``), which must not make them spill either. A backward config's dq kernel is compiled
+at its own tiles (transposed for the split modes).
 """
 
 from __future__ import annotations
