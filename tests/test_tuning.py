@@ -500,9 +500,14 @@ _FWD_SPECS = [
 
 # Candidates that spill a little with the integer arguments specialised as the launcher does: at
 # most this many bytes, per Triton release ("3.6" or "newer"). ptxas 13.x (Triton 3.9) puts
-# M128-N64-w8-s4 at 255 registers and spills (48 B plain, 228 B with global tokens); under Triton
-# 3.6, the GPU machines' release, it does not spill.
-_SPILL_BOUNDS = {("newer", "M128-N64-w8-s4", "plain"): 64, ("newer", "M128-N64-w8-s4", "global"): 256}
+# M128-N64-w8-s4 at 255 registers and spills (32 B plain); under Triton 3.6, the GPU machines'
+# release, it does not spill. The 128 x 128 TMA forward with causal masks and key padding spills
+# 8 B under Triton 3.6, as the shipped one with 2 stages (tests/test_flash_compile.py).
+_SPILL_BOUNDS = {
+    ("newer", "M128-N64-w8-s4", "plain"): 64,
+    ("newer", "M128-N64-w8-s4", "global"): 256,
+    ("3.6", "M128-N128-w8-s3-tma", "padded"): 8,
+}
 
 
 @pytest.mark.parametrize(("cand", "flags_name"), _FWD_SPECS)
