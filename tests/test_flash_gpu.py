@@ -89,3 +89,44 @@ def test_large_offsets_do_not_overflow() -> None:
     torch.testing.assert_close(out[-1:, -1:].float(), ref, atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(gq[-1:, -1:].float(), rgq, atol=6e-2, rtol=6e-2)
     torch.testing.assert_close(gk[-1:, -1:].float(), rgk, atol=6e-2, rtol=6e-2)
+
+
+def _candidate_params() -> list:
+    """The sm_90 softmax configs ``attn-bench tune`` would time on this GPU at D=128 in 16 bits
+    (TMA forwards, split and atomic backwards; the others run in the tests above)."""
+    from attn_kernels import flash_configs
+    from attn_kernels.launch import LaunchShape
+
+    cap = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+    out = []
+    for window in (None, 129):
+        shape = LaunchShape(128, 2, True, n=2048, window=window)
+        for backward in (False, True):
+            for cfg in flash_configs.tune_candidates(shape, backward, cap):
+                if not (cfg.tma or cfg.bwd):
+                    continue
+                kernel = "flash_bwd" if backward else "flash_fwd"
+                out.append(pytest.param(kernel, cfg, window, id=f"{kernel}-{cfg}-w{window}"))
+    return out
+
+
+@pytest.mark.parametrize(("kernel", "cfg", "window"), _candidate_params())
+def test_every_candidate_config(kernel: str, cfg, window: int | None) -> None:
+    """Each config alone (the other kernel at its default), bfloat16, against float64."""
+    from attn_kernels import tuning
+
+    variant = av.FullAttention() if window is None else av.SlidingWindowAttention(window=128, global_tokens=5)
+    q, k, v = make_qkv(1, 4, 2, 1500, 1500, 128, dtype=torch.bfloat16, device="cuda")
+    with tuning.forced({kernel: cfg}) as seen:
+        check_backend(variant, "triton", q, k, v, causal=True)
+    assert kernel in {name for name, _ in seen}
+
+
+def test_default_backward_is_deterministic() -> None:
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 8, 4, 3000, 3000, 128, dtype=torch.bfloat16, device="cuda"))
+    out = av.FullAttention()(q, k, v, causal=True, backend="triton")
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    for _ in range(2):
+        again = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))

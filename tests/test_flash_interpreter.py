@@ -14,6 +14,8 @@ from helpers import check_backend, make_qkv, shape_id
 
 import attention_variants as av
 from attention_variants import masks
+from attn_kernels import tuning
+from attn_kernels.flash_configs import FlashConfig
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.interpreter
@@ -160,3 +162,55 @@ def test_interpreter_range_walks_like_range() -> None:
 
     for args in [(5,), (0, 0), (3, 17, 4), (16, 48, 16), (7, 3, 2), (-5, 6, 3)]:
         assert list(interpreter_range(*args)) == list(range(*args)), args
+
+
+# The sm_90 paths, forced at small tiles: the forward's TMA descriptors (three passes for full
+# attention, one predicated loop for a band; the gathered global rows through pointers) and the
+# backward modes (dq at transposed tiles; dQ summed with float32 atomics by the dk/dv programs).
+PATHS = {
+    "tma-split": (FlashConfig(32, 16, 4, 1, tma=True), FlashConfig(16, 32, 4, 1, bwd="split")),
+    "tma-atomic": (FlashConfig(16, 32, 4, 1, tma=True), FlashConfig(16, 32, 4, 1, bwd="atomic")),
+}
+PATH_CASES = [
+    (av.FullAttention(), (2, 4, 2, 70, 150, 40), True, torch.float16),  # GQA, Nq < Nk, head dim padded
+    (av.FullAttention(), (1, 2, 1, 150, 70, 16), False, torch.float32),  # Nq > Nk
+    # GQA with global tokens: the band programs leave their global keys to the gathered ones
+    (av.SlidingWindowAttention((20, 7), global_tokens=[0, 33, 100]), (1, 4, 2, 120, 120, 64), True, torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", PATH_CASES, ids=["full-gqa", "full-nq-gt-nk", "window-global-gqa"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_hopper_paths(path: str, case) -> None:
+    variant, (b, h, hk, nq, nk, d), causal, dtype = case
+    fwd, bwd = PATHS[path]
+    q, k, v = make_qkv(b, h, hk, nq, nk, d, dtype=dtype)
+    with tuning.forced({"flash_fwd": fwd, "flash_bwd": bwd}) as seen:
+        check_backend(variant, "triton", q, k, v, causal=causal)
+    assert {kernel for kernel, _ in seen} == {"flash_fwd", "flash_bwd"}
+
+
+def test_atomic_backward_is_deterministic_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.use_deterministic_algorithms the atomic mode launches the split kernels."""
+    from attn_kernels import flash_attention
+
+    cfg = FlashConfig(16, 32, 4, 1, bwd="atomic")
+    assert flash_attention.backward_mode(cfg, has_pad=False) == "atomic"
+    assert flash_attention.backward_mode(cfg, has_pad=True) == "split"
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert flash_attention.backward_mode(cfg, has_pad=False) == "split"
+    q, k, v = make_qkv(1, 2, 1, 50, 50, 16)
+    with tuning.forced({"flash_bwd": cfg}):
+        check_backend(av.FullAttention(), "triton", q, k, v, causal=True)
+
+
+def test_tensors_no_descriptor_fits_take_pointer_loads() -> None:
+    """A row stride of 50 bytes cannot be a TMA descriptor's: the launch takes a pointer config."""
+    from attn_kernels import flash_attention
+
+    q, k, v = (torch.randn(1, 2, 40, 25, dtype=torch.float16)[..., :24] for _ in range(3))
+    opts = flash_attention.FlashOptions(False, 0.2)
+    with tuning.forced({"flash_fwd": FlashConfig(32, 16, 4, 1, tma=True)}):
+        cfg = flash_attention._config(q, k, v, opts, backward=False)
+        assert not cfg.tma
+        check_backend(av.FullAttention(), "triton", q, k, v, causal=False, grad=False)

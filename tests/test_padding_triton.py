@@ -16,7 +16,8 @@ import torch
 from helpers import check_backend, make_qkv
 
 import attention_variants as av
-from attn_kernels import favor, flash_attention
+from attn_kernels import favor, flash_attention, tuning
+from attn_kernels.flash_configs import FlashConfig
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.interpreter
@@ -65,6 +66,24 @@ def test_softmax_kernels_with_padding(case) -> None:
     _, variant, (b, h, hk, nq, nk, d), causal, dtype = case
     q, k, v = make_qkv(b, h, hk, nq, nk, d, dtype=dtype.values[0])
     check_backend(variant, "triton", q, k, v, causal=causal, key_padding_mask=padding_mask(b, nk))
+
+
+HOPPER_CASES = [
+    ("full", av.FullAttention(), (4, 2, 1, 61, 61, 32), True, FP16),
+    ("global", av.SlidingWindowAttention((9, 4), global_tokens=[0, 5, 41]), (4, 2, 1, 80, 80, 16), True, FP32),
+]
+
+
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=_softmax_id)
+def test_hopper_paths_with_padding(case) -> None:
+    """The sm_90 paths, forced at small tiles: key and value tiles by TMA descriptors (interior
+    tiles load the key-valid flags unmasked), and the atomic backward config, which padding
+    turns into the split launches."""
+    _, variant, (b, h, hk, nq, nk, d), causal, dtype = case
+    q, k, v = make_qkv(b, h, hk, nq, nk, d, dtype=dtype.values[0])
+    fwd, bwd = FlashConfig(16, 16, 4, 1, tma=True), FlashConfig(16, 32, 4, 1, bwd="atomic")
+    with tuning.forced({"flash_fwd": fwd, "flash_bwd": bwd}):
+        check_backend(variant, "triton", q, k, v, causal=causal, key_padding_mask=padding_mask(b, nk))
 
 
 # (kernel, (B, H, Hk, Nq, Nk, D), m, causal, dtype); causal chunks are 64 positions.

@@ -18,6 +18,9 @@ the number of global positions and ``V = causal & (band | global row | global co
   sees every query row.
 
 The row term ``delta = rowsum(dO * O)`` of the backward comes from a small kernel of its own.
+The backward launches the dq and the dk/dv kernels, with the same tiles or (``"split"``) the dq
+kernel at the tiles transposed; or (``"atomic"``) only the dk/dv kernel, which adds dQ into a
+zeroed float32 tensor with atomics, cast at the end (:func:`backward_mode` says which runs).
 
 A row with no visible key gets output 0 and log-sum-exp ``+inf``, so the backward's
 recomputed probabilities are 0 there and every gradient of that row is 0.
@@ -43,17 +46,22 @@ from .flash_configs import (
     MAX_HEAD_DIM,
     MIN_HEAD_DIM,
     SUPPORTED_DTYPES,
+    FlashConfig,
     band_reach,
     delta_config,
     dot_precision,
+    dq_config,
     gathered_config,
     key_block_schedule,
+    pointer_config,
     query_block_schedule,
     select_config,
 )
 from .launch import KernelConfig, LaunchOptions, LaunchShape, cdiv, launch, pad_pow2
 
 if HAS_TRITON:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     from .flash_kernels import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel
 
 _LOG2E = 1.4426950408889634
@@ -178,14 +186,45 @@ def _launches(
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_config(shape: LaunchShape, backward: bool, interpreter: bool, generation: int) -> KernelConfig:
-    return select_config(shape, backward=backward)
+def _cached_config(
+    shape: LaunchShape, backward: bool, capability: tuple[int, int], interpreter: bool, generation: int
+) -> FlashConfig:
+    return select_config(shape, backward=backward, capability=capability)
 
 
-def _config(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions, backward: bool) -> KernelConfig:
-    """:func:`select_config` for this call, looked up once per launch shape."""
+def _capability(device: torch.device) -> tuple[int, int]:
+    return device_capability(device) if device.type == "cuda" else (0, 0)
+
+
+def _config(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions, backward: bool) -> FlashConfig:
+    """:func:`select_config` for this call, looked up once per launch shape; a TMA config whose
+    tensors no descriptor can describe gives way to :func:`pointer_config`."""
     shape = _launch_shape(q, k, v, opts)
-    return _cached_config(shape, backward, interpreter_enabled(), tuning.generation())
+    capability = _capability(q.device)
+    cfg = _cached_config(shape, backward, capability, interpreter_enabled(), tuning.generation())
+    if cfg.tma and not _tma_ready(q.device, k, v):
+        cfg = pointer_config(shape, backward, capability)
+    return cfg
+
+
+def _tma_ready(device: torch.device, *tensors: Tensor) -> bool:
+    """Whether TMA descriptors can describe ``tensors``: a GPU with TMA (sm_90+; the interpreter
+    too), a 16-byte-aligned base and every stride but the last (1) a multiple of 16 bytes."""
+    if device.type == "cuda" and device_capability(device) < (9, 0):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptors(cfg: FlashConfig, rows: int, *tensors: Tensor) -> list[object]:
+    """TMA descriptors of ``(B, H, N, D)`` tensors, one tile of ``rows`` x padded D each, when
+    ``cfg.tma`` (None otherwise: the kernel then takes no descriptor)."""
+    if not cfg.tma:
+        return [None] * len(tensors)
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, pad_pow2(t.shape[3])]) for t in tensors]
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple[Tensor, Tensor]:
@@ -198,22 +237,35 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple[Tenso
     out = torch.empty(bsz, h, nq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, h, nq, dtype=torch.float32, device=q.device)
     left, right = band_reach(opts.window, nq, nk)
+    kd, vd = _descriptors(cfg, cfg.block_n, k, v)
+    window = opts.window is not None
     n_band = cdiv(nq, cfg.block_m)
     for rows, programs, has_global, gathered, lcfg in _launches(sched, n_band, ng > 0, cfg, gathered_config(cfg)):
         launch(
             _fwd_kernel, [lcfg], lambda _, p=programs: (p, bsz * h),
             (
-                q, k, v, out, lse, rows, gidx, gflag, kpm, krange,
+                q, k, v, out, lse, rows, gidx, gflag, kpm, krange, kd, vd,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 out.stride(0), out.stride(1), out.stride(2),
                 h, h // hk, nq, nk, ng, left, right, opts.scale * _LOG2E,
             ),
-            CAUSAL=opts.causal, HAS_GLOBAL=has_global, GATHERED=gathered, HAS_PAD=has_pad, BLOCK_D=pad_pow2(d),
-            BLOCK_DV=pad_pow2(dv), HEAD_D=d, HEAD_DV=dv, PREC=dot_precision(q.dtype),
+            CAUSAL=opts.causal, WINDOW=window, HAS_GLOBAL=has_global, GATHERED=gathered, HAS_PAD=has_pad,
+            BLOCK_D=pad_pow2(d), BLOCK_DV=pad_pow2(dv), HEAD_D=d, HEAD_DV=dv, PREC=dot_precision(q.dtype),
+            TMA=lcfg.tma, ONE_LOOP=window and not gathered,
         )  # fmt: skip
     return out, lse
+
+
+def backward_mode(cfg: FlashConfig, has_pad: bool) -> str:
+    """How a backward with ``cfg`` launches (see :class:`~attn_kernels.flash_configs.FlashConfig`):
+    ``"atomic"`` becomes ``"split"`` under ``torch.use_deterministic_algorithms(True)`` (atomic
+    float32 sums depend on their order) and with key padding (the padded keys would need a
+    mask in the loop that does not fit the registers)."""
+    if cfg.bwd == "atomic" and (has_pad or torch.are_deterministic_algorithms_enabled()):
+        return "split"
+    return cfg.bwd
 
 
 def _backward(
@@ -225,6 +277,7 @@ def _backward(
     cfg = _config(q, k, v, opts, backward=True)
     gidx, gflag, ng = _global_args(opts, q.device)
     kpm, krange, has_pad = _pad_args(opts, q.device)
+    mode = backward_mode(cfg, has_pad)
     left, right = band_reach(opts.window, nq, nk)
     delta = torch.empty(bsz, h, nq, dtype=torch.float32, device=q.device)
     launch(
@@ -237,31 +290,38 @@ def _backward(
         ),
         inner=None, BLOCK_DV=pad_pow2(dv), HEAD_DV=dv,
     )  # fmt: skip
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dvv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    window = opts.window is not None
     common = dict(
-        CAUSAL=opts.causal, HAS_PAD=has_pad, BLOCK_D=pad_pow2(d), BLOCK_DV=pad_pow2(dv), HEAD_D=d, HEAD_DV=dv,
-        PREC=dot_precision(q.dtype),
+        CAUSAL=opts.causal, WINDOW=window, HAS_PAD=has_pad, BLOCK_D=pad_pow2(d), BLOCK_DV=pad_pow2(dv), HEAD_D=d,
+        HEAD_DV=dv, PREC=dot_precision(q.dtype),
     )  # fmt: skip
     qk_scale = opts.scale * _LOG2E
 
-    sched_q = _schedule(False, nq, nk, cfg, opts, q.device)
-    n_band = cdiv(nq, cfg.block_m)
-    for rows, programs, has_global, gathered, lcfg in _launches(sched_q, n_band, ng > 0, cfg, gathered_config(cfg)):
-        launch(
-            _bwd_dq_kernel, [lcfg], lambda _, p=programs: (p, bsz * h),
-            (
-                q, k, v, dout, dq, lse, delta, rows, gidx, gflag, kpm, krange,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                dout.stride(0), dout.stride(1), dout.stride(2),
-                dq.stride(0), dq.stride(1), dq.stride(2),
-                h, h // hk, nq, nk, ng, left, right, opts.scale, qk_scale,
-            ),
-            HAS_GLOBAL=has_global, GATHERED=gathered, **common,
-        )  # fmt: skip
+    if mode == "atomic":  # dQ summed in float32 by the dk/dv programs
+        dq_acc = torch.zeros(bsz, h, nq, d, dtype=torch.float32, device=q.device)
+    else:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dq_acc = None
+        qcfg = dq_config(cfg)
+        sched_q = _schedule(False, nq, nk, qcfg, opts, q.device)
+        n_band = cdiv(nq, qcfg.block_m)
+        launches = _launches(sched_q, n_band, ng > 0, qcfg, gathered_config(qcfg))
+        for rows, programs, has_global, gathered, lcfg in launches:
+            launch(
+                _bwd_dq_kernel, [lcfg], lambda _, p=programs: (p, bsz * h),
+                (
+                    q, k, v, dout, dq, lse, delta, rows, gidx, gflag, kpm, krange,
+                    q.stride(0), q.stride(1), q.stride(2),
+                    k.stride(0), k.stride(1), k.stride(2),
+                    v.stride(0), v.stride(1), v.stride(2),
+                    dout.stride(0), dout.stride(1), dout.stride(2),
+                    dq.stride(0), dq.stride(1), dq.stride(2),
+                    h, h // hk, nq, nk, ng, left, right, opts.scale, qk_scale,
+                ),
+                HAS_GLOBAL=has_global, GATHERED=gathered, ONE_LOOP=window and not gathered, **common,
+            )  # fmt: skip
     # The gathered key programs keep the key tile (and the query tile) of the band programs.
     sched_k = _schedule(True, nq, nk, cfg, opts, q.device)
     n_band = cdiv(nk, cfg.block_n)
@@ -269,7 +329,7 @@ def _backward(
         launch(
             _bwd_dkdv_kernel, [lcfg], lambda _, p=programs: (p, bsz * hk),
             (
-                q, k, v, dout, dk, dvv, lse, delta, cols, gidx, gflag, kpm, krange,
+                q, k, v, dout, dk, dvv, lse, delta, cols, gidx, gflag, kpm, krange, dq_acc,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -278,8 +338,11 @@ def _backward(
                 dvv.stride(0), dvv.stride(1), dvv.stride(2),
                 h, hk, h // hk, nq, nk, ng, left, right, opts.scale, qk_scale,
             ),
-            HAS_GLOBAL=has_global, GATHERED=gathered, **common,
+            HAS_GLOBAL=has_global, GATHERED=gathered, ATOMIC=dq_acc is not None, ONE_LOOP=window and not gathered,
+            **common,
         )  # fmt: skip
+    if dq_acc is not None:
+        dq = dq_acc.mul_(opts.scale).to(q.dtype)
     return dq, dk, dvv
 
 

@@ -84,7 +84,8 @@ def _flash_specs(dtype, head_dim: int, causal: bool, arch: int, candidates: bool
         fwd, bwd = fwd[:1], bwd[:1]
     out = [spec("fwd", "fwd", role, cfg) for role, cfg in _roles(fwd)]
     out.append(spec("bwd_delta", "bwd", "shipped", flash_configs.delta_config(head_dim)))
-    out += [spec(kernel, "bwd", role, cfg) for role, cfg in _roles(bwd) for kernel in ("bwd_dq", "bwd_dkdv")]
+    for role, cfg in _roles(bwd):  # the dq kernel at its own tiles (transposed for the split modes)
+        out += [spec("bwd_dq", "bwd", role, flash_configs.dq_config(cfg)), spec("bwd_dkdv", "bwd", role, cfg)]
     return out
 
 

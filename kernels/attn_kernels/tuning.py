@@ -26,6 +26,7 @@ without an entry or a stale entry. It returns None on CPU, under ``TRITON_INTERP
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -98,23 +99,37 @@ def source_hash(family: str) -> str:
     return h.hexdigest()[:16]
 
 
-def config_dict(cfg: KernelConfig) -> dict[str, int]:
-    """The JSON form of a config."""
-    return {"block_m": cfg.block_m, "block_n": cfg.block_n, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+_TILE_FIELDS = ("block_m", "block_n", "num_warps", "num_stages")
+
+
+def config_dict(cfg: KernelConfig) -> dict[str, object]:
+    """The JSON form of a config: its tiles and launch options, then any field its class adds
+    (e.g. how the softmax kernels load their tiles)."""
+    out: dict[str, object] = {name: getattr(cfg, name) for name in _TILE_FIELDS}
+    out.update((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name not in _TILE_FIELDS)
+    return out
 
 
 def config_from_dict(data: Mapping[str, object], cls: type[KernelConfig] = KernelConfig) -> KernelConfig:
-    """A config of class ``cls`` from its JSON form; ValueError names a missing or bad field."""
-    values = {}
-    for name in ("block_m", "block_n", "num_warps", "num_stages"):
+    """A config of class ``cls`` from its JSON form; ValueError names a missing or bad field. A
+    field that ``cls`` adds to the tiles may be missing (its default then), never of another type."""
+    values: dict[str, object] = {}
+    for name in _TILE_FIELDS:
         x = data.get(name)
         if not isinstance(x, int) or isinstance(x, bool) or x < 1:
             raise ValueError(f"config field {name!r} must be a positive int, got {x!r}")
         values[name] = x
     for name in ("block_m", "block_n", "num_warps"):
-        if values[name] & (values[name] - 1):
+        if values[name] & (values[name] - 1):  # type: ignore[operator]
             raise ValueError(f"config field {name!r} must be a power of two, got {values[name]}")
-    return cls(**values)
+    for f in dataclasses.fields(cls):
+        if f.name in _TILE_FIELDS or f.name not in data:
+            continue
+        x = data[f.name]
+        if type(x) is not type(f.default):
+            raise ValueError(f"config field {f.name!r} must be a {type(f.default).__name__}, got {x!r}")
+        values[f.name] = x
+    return cls(**values)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------

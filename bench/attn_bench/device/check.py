@@ -51,7 +51,7 @@ from attn_bench.device.probe import (
     gpu_test_workers,
     probe_environment,
 )
-from attn_bench.device.summary import _counts_text, _status_counts, pytest_counts, summary_markdown
+from attn_bench.device.summary import _counts_text, _status_counts, pytest_counts, summary_markdown, tuning_comparison
 from attn_kernels import tuning
 
 SUMMARY = "SUMMARY.md"
@@ -418,7 +418,9 @@ def tune_table(
     if use is not None:
         shutil.copy(use, out / rec["file"])
         env_vars[tuning.DIR_ENV] = str(Path(use).parent)
-        rec.update(table_used=True, copied=True, entries=sum(len(v) for v in tuning.Table.read(use).entries.values()))
+        table = tuning.Table.read(use)
+        rec.update(table_used=True, copied=True, entries=sum(len(v) for v in table.entries.values()))
+        rec["comparison"] = tuning_comparison(table)
     return rec
 
 

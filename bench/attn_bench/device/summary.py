@@ -126,6 +126,29 @@ def kernel_table(df, matmul_tflops: float | None):
     return pd.DataFrame(rows)
 
 
+def tuning_comparison(table) -> list[dict]:
+    """Old and new softmax configs per tuned shape of the default plan, from one tuning run: the
+    new heuristic default, the earlier default (an sm_80 card's config, which every card ran before
+    the sm_90 configs) and the config kept, each with its time (ms) in that run. ``table`` is an
+    :class:`attn_kernels.tuning.Table`."""
+    from attn_bench.device.tune import plan
+    from attn_kernels import flash_configs
+
+    rows = []
+    for key in plan(kernels=["flash_fwd", "flash_bwd"]):
+        e = table.entry(key.kernel, key.table_key)
+        if not e or not isinstance(e.get("trials"), dict):
+            continue
+        earlier = flash_configs.earlier_config(key.shape(), key.kernel == "flash_bwd").name
+        times = e["trials"]
+        rows.append(
+            {"kernel": key.kernel, "shape": key.table_key, "new default": e.get("default"),
+             "ms": times.get(e.get("default")), "earlier default": earlier, "earlier ms": times.get(earlier),
+             "kept": e.get("name"), "kept ms": e.get("ms")}
+        )  # fmt: skip
+    return rows
+
+
 def summary_markdown(record: dict, sweep_dir: Path, verify_csv: Path, tests_log: Path) -> str:
     """The one-page summary: kernel table, steps, environment, numerics, what did not run."""
     import pandas as pd
@@ -189,6 +212,9 @@ def summary_markdown(record: dict, sweep_dir: Path, verify_csv: Path, tests_log:
             f"Table before: {tuned.get('table_before') or '-'}; tuning {tuned.get('status')}: {tuned.get('detail')}. "
             f"Launches: {used}.\n"
         )
+        if tuned.get("comparison"):
+            md.append("Softmax configs per shape, old and new, timed in one tuning run (ms; the kept one launches):\n")
+            md.append(md_table(pd.DataFrame(tuned["comparison"])))
 
     cp_readme = sweep_dir.parent / "cp" / "README.md"
     if cp_readme.exists():

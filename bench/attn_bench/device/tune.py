@@ -131,11 +131,11 @@ def candidates(key: TuneKey, capability: tuple[int, int]) -> list[KernelConfig]:
     return list(favor_configs.heuristic_configs(key.kernel.removeprefix("favor_"), shape))
 
 
-def heuristic_defaults(key: TuneKey) -> dict[str, KernelConfig]:
-    """The heuristic config of every kernel of ``key``'s family at its shape (what runs today)."""
+def heuristic_defaults(key: TuneKey, capability: tuple[int, int]) -> dict[str, KernelConfig]:
+    """The heuristic config of every kernel of ``key``'s family at its shape on ``capability``."""
     shape = key.shape()
     if key.family == "flash":
-        return {k: flash_configs._select_gpu(shape, k == "flash_bwd") for k in FLASH_KERNELS}
+        return {k: flash_configs._select_gpu(shape, k == "flash_bwd", capability) for k in FLASH_KERNELS}
     return {k: favor_configs.heuristic_configs(k.removeprefix("favor_"), shape)[0] for k in FAVOR_KERNELS}
 
 
@@ -282,6 +282,7 @@ def tune(
                 "candidates": len(cands),
                 "timed": sum(t.ms is not None for t in trials),
                 "failed": {t.config.name: t.error for t in trials if t.error},
+                "trials": {t.config.name: round(t.ms, 6) for t in trials if t.ms is not None},
                 "complete": len(trials) == len(cands),
                 "versions": (meta or {}).get("versions"),
                 "source_hash": hashes[key.family],
@@ -343,7 +344,8 @@ class CudaRunner:
         return self._inputs[ck]
 
     def _forced(self, key: TuneKey, cfg: KernelConfig) -> dict[str, KernelConfig]:
-        return heuristic_defaults(key) | {key.kernel: cfg}
+        capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else (0, 0)
+        return heuristic_defaults(key, capability) | {key.kernel: cfg}
 
     def check(self, key: TuneKey, cfg: KernelConfig) -> str | None:
         from attn_bench.core.numerics import check
