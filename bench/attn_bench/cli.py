@@ -353,7 +353,7 @@ def tune(
     plugin: Plugin = None,
 ) -> None:
     """Time each kernel's candidate configs on this GPU and write the card's tuning table (needs CUDA)."""
-    from attn_bench.device.tune import main as tune_main
+    from attn_bench.device.tune_command import main as tune_main
 
     raise typer.Exit(
         tune_main(
