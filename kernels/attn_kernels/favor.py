@@ -76,7 +76,9 @@ import torch
 import triton
 from torch import Tensor
 
+from . import favor_chunk_configs
 from .env import device_capability
+from .favor_chunk import chunk_attention
 from .favor_configs import (
     BLOCK_ROWS,
     CHUNK,
@@ -587,9 +589,14 @@ def favor_attention(
     Returns ``(B, H, Nq, Dv)`` in the dtype of ``q``. Causal is bottom-right aligned; rows that see
     no key are zero. Inputs are assumed valid (the public API validates them).
     """
-    opts = FavorOptions(causal=causal, scale=float(scale), kernel=kernel, m=int(w.shape[0]))
     kpm = None
     if key_padding_mask is not None:
         kpm = key_padding_mask.to(device=q.device, dtype=torch.int8).contiguous()
     w = w.detach() if w.requires_grad else w  # the same tensor call after call: see _projection_operands
-    return _FavorFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), w, kpm, opts)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    m_pad = pad_pow2(int(w.shape[0]))
+    shape = LaunchShape(max(q.shape[-1], v.shape[-1]), q.element_size(), causal, m_pad=m_pad)
+    if favor_chunk_configs.impl(shape, q.device) == "chunk":
+        return chunk_attention(q, k, v, w, causal=causal, scale=scale, kernel=kernel, kpm=kpm)
+    opts = FavorOptions(causal=causal, scale=float(scale), kernel=kernel, m=int(w.shape[0]))
+    return _FavorFunction.apply(q, k, v, w, kpm, opts)
