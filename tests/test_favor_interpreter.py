@@ -146,7 +146,14 @@ def test_chunk_forward_projects_each_token_once(monkeypatch: pytest.MonkeyPatch)
     out = variant(q.requires_grad_(), k, v, causal=True, backend="triton")
     assert out.grad_fn is not None and geometries[-1].feat == torch.float32
     out.sum().backward()
-    assert launched[3:] == ["_key_features_kernel", "_state_kernel", "_dq_kernel", "_state_kernel", "_dkv_kernel"]
+    assert launched[3:] == [
+        "_key_features_kernel",
+        "_state_kernel",
+        "_dq_kernel",
+        "_state_kernel",
+        "_dk_kernel",
+        "_dv_kernel",
+    ]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])

@@ -16,7 +16,7 @@ import attn_kernels
 from attn_bench.cli import app
 from attn_bench.device import check as dc
 from attn_bench.device import tune as tn
-from attn_kernels import favor_configs, flash_configs, tuning
+from attn_kernels import favor_chunk_configs, favor_configs, flash_configs, tuning
 from attn_kernels.launch import KernelConfig, LaunchShape
 
 CARD = "NVIDIA Test Card 80GB"
@@ -84,12 +84,18 @@ def test_card_names_and_buckets() -> None:
 def test_plan_and_candidates() -> None:
     keys = tn.plan(dtypes=[torch.bfloat16, torch.float16], head_dims=[128, 64], ns=[4096, 16384])
     table_keys = [(k.kernel, k.table_key) for k in keys]
-    assert len(set(table_keys)) == len(table_keys)  # float16 shares bfloat16's 16-bit entries
+    assert len(set(table_keys)) == len(table_keys)
     assert keys[0].head_dim == 128 and keys[-1].head_dim == 64
-    assert {k.dtype for k in keys} == {torch.bfloat16}
+    assert keys[0].kernel == "favor_impl"  # a short budget measures both FAVOR+ implementations first
+    # float16 shares bfloat16's 16-bit entries, but for the chunked FAVOR+ kernels timed with a
+    # backward: float16 takes the float32 feature path there (the float32 entries)
+    fp32_path = [k for k in keys if k.family == "favor_chunk" and tn.PASS[k.kernel] != "fwd"]
+    assert {k.dtype for k in keys if k not in fp32_path} == {torch.bfloat16}
+    assert all(k.table_key.startswith("float32/") for k in fp32_path if k.dtype == torch.float16)
     assert all(k.kernel in tn.KERNELS for k in keys)
     # FAVOR+ entries do not depend on N: one key per (dtype, head dim, causal)
     assert sum(k.kernel == "favor_fwd" for k in keys) == 4
+    assert sum(k.kernel == "favor_chunk_fwd" for k in keys) == 4
     for key in keys:
         cands = tn.candidates(key, CAP)
         shape = key.shape()
@@ -101,8 +107,18 @@ def test_plan_and_candidates() -> None:
             assert set(old) <= set(cands)
             if key.head_dim == 128 and not backward and key.window is None:
                 assert KernelConfig(128, 64, 8, 4) in cands and KernelConfig(128, 64, 8, 4) not in old
+        elif key.family == "favor_impl":
+            assert [c.name for c in cands] == ["chunk", "legacy"]  # the default first
+        elif key.family == "favor_chunk":
+            assert cands == favor_chunk_configs.candidates(key.kernel.removeprefix("favor_"), shape)
         else:
             assert cands == favor_configs.heuristic_configs(key.kernel.removeprefix("favor_"), shape)
+        # the family's defaults force its own implementation, so the kernel timed is the one that runs
+        forced = tn.heuristic_defaults(key)
+        if key.family == "favor_chunk":
+            assert forced["favor_impl"] == tuning.ImplChoice("chunk") and key.kernel in forced
+        elif key.family == "favor":
+            assert forced["favor_impl"] == tuning.ImplChoice("legacy") and key.kernel in forced
     with pytest.raises(ValueError, match="kernels"):
         tn.plan(kernels=["flash"])
 
@@ -342,6 +358,53 @@ def test_lookup_without_cuda_changes_nothing(tmp_path: Path, monkeypatch: pytest
     _table_with(tmp_path, "favor_fwd", shape, favor_configs.FeatureConfig(128, 128, 4, 2), "favor")
     tuning.reset()
     assert favor_configs.kept_configs("fwd", shape) == heuristic
+
+
+def test_favor_impl_and_chunk_configs_follow_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FAVOR+ switch: "chunk" by default, the table's choice on its card (written and read
+    back as ``{"impl": name}``), the tuner's forced choice above both; the chunked kernels' configs
+    likewise, a table config outside their candidates refused."""
+    shape = LaunchShape(128, 2, True, m_pad=256)
+    cuda = torch.device("cuda", 0)
+    assert favor_chunk_configs.impl(shape, cuda) == "chunk"
+    table = tuning.Table(CARD)
+    legacy = tuning.ImplChoice("legacy")
+    table.put(
+        "favor_impl",
+        tuning.shape_key("favor_impl", shape),
+        {"config": tuning.config_dict(legacy), "source_hash": tuning.source_hash("favor_impl")},
+    )
+    cands = favor_chunk_configs.candidates("chunk_fwd", shape)
+    tuned = cands[-1]
+    assert tuned != cands[0]
+    key = tuning.shape_key("favor_chunk_fwd", shape)
+    table.put(
+        "favor_chunk_fwd", key, {"config": tuning.config_dict(tuned), "source_hash": tuning.source_hash("favor_chunk")}
+    )
+    path = table.write(tmp_path)
+    assert tuning.Table.read(path).entry("favor_impl", tuning.shape_key("favor_impl", shape))["config"] == {
+        "impl": "legacy"
+    }
+    _gpu_lookup(monkeypatch, tmp_path)
+    assert favor_chunk_configs.impl(shape, cuda) == "legacy"
+    assert favor_chunk_configs.impl(shape, torch.device("cpu")) == "chunk"  # tables are for GPUs
+    assert favor_chunk_configs.config("chunk_fwd", shape, cuda) == tuned
+    assert favor_chunk_configs.config("chunk_dq", shape, cuda) == favor_chunk_configs.candidates("chunk_dq", shape)[0]
+    with tuning.forced({"favor_impl": tuning.ImplChoice("chunk"), "favor_chunk_fwd": cands[0]}) as seen:
+        assert favor_chunk_configs.impl(shape, cuda) == "chunk"
+        assert favor_chunk_configs.config("chunk_fwd", shape, cuda) == cands[0]
+    assert sorted(k for k, _ in seen) == ["favor_chunk_fwd", "favor_impl"]
+    assert favor_chunk_configs.impl(shape, cuda) == "legacy"
+    table.put(
+        "favor_chunk_fwd",
+        key,
+        {"config": tuning.config_dict(KernelConfig(32, 16, 4, 1)), "source_hash": tuning.source_hash("favor_chunk")},
+    )
+    table.write(tmp_path)
+    tuning.reset()
+    assert favor_chunk_configs.config("chunk_fwd", shape, cuda) == cands[0]
+    with pytest.raises(ValueError, match="impl"):
+        tuning.config_from_dict({"impl": 3}, tuning.ImplChoice)
 
 
 def test_forced_configs_reach_the_launch_and_stay_correct() -> None:

@@ -41,7 +41,8 @@ Backward (the features and states are recomputed, each key once)::
                          delta = dO . O by position
     _state_kernel        psi, dO -> query-side states R, r: causal, the chunks after t (frames F_t,
                          run backwards); not causal, splits + _combine_kernel
-    _dkv_kernel          dK, dV from the query suffix states and the diagonal chunk (psi read)
+    _dk_kernel           dK from the query suffix states and the diagonal chunk (psi read)
+    _dv_kernel           dV from the same (two kernels: each holds one accumulator tile)
 
 Rows with no visible key have ``den == 0``: output 0, ``lse = +inf``, and zero gradients.
 Key padding: padded keys get zero features (and no part in the shifts), so they add nothing;
@@ -62,8 +63,9 @@ from . import favor_chunk_configs as cfgs
 from .favor_chunk_configs import CHUNK, N_SPLIT, feature_dtype
 from .favor_chunk_kernels import (
     _combine_kernel,
-    _dkv_kernel,
+    _dk_kernel,
     _dq_kernel,
+    _dv_kernel,
     _fwd_kernel,
     _key_features_kernel,
     _state_kernel,
@@ -250,19 +252,27 @@ def _key_side(k: Tensor, v: Tensor, wt: Tensor, kpm: Tensor | None, kpm_arg: Ten
     kv_progs = (mp // scfg.block_m) * (dvp // bv)
     per, n_split = (nt, 1) if geo.causal else _splits(nt, kv_progs * bhk, dev)
     part = 0 if geo.causal else n_split
-    c, z, fr, hp, zp, fp = _f32(
-        dev, (bhk, nt, mp), (bhk, slots, mp), (bhk, slots, mp), (bhk, part, mp, dvp), (bhk, part, mp), (bhk, part, mp)
+    c, zc, z, fr, hp, zp, fp = _f32(
+        dev,
+        (bhk, nt, mp),
+        (bhk, nt, mp),
+        (bhk, slots, mp),
+        (bhk, slots, mp),
+        (bhk, part, mp, dvp),
+        (bhk, part, mp),
+        (bhk, part, mp),
     )
     fcfg = geo.cfg("chunk_features")
+    half2 = 0.5 * geo.scale * LOG2E  # the factor of |k|^2 in the base-2 key logits
     _launch(
-        _key_features_kernel, (nt, bhk), fcfg, (k, wt, phi, c, kpm_arg, geo.nk, nt, geo.hk, 0.5 * geo.scale * LOG2E),
+        _key_features_kernel, (nt, bhk), fcfg, (k, wt, phi, c, zc, kpm_arg, geo.nk, nt, geo.hk, half2),
         D=geo.d, D_PAD=geo.d_pad, M=geo.m, M_PAD=mp, CHUNK=CHUNK, BLOCK_F=fcfg.block_n, N_SPLIT=_n_split(k, geo),
         SOFTMAX=geo.softmax, HAS_PAD=kpm is not None,
     )  # fmt: skip
     outs = (h, z, fr) if geo.causal else (hp, zp, fp)
     _launch(
         _state_kernel, (mp // scfg.block_m, dvp // bv, bhk * n_split), scfg,
-        (phi, c, v, c, *outs, geo.nk, 0, nt, per, n_split, 1),
+        (phi, c, v, zc, *outs, geo.nk, 0, nt, per, n_split, 1),
         DV=geo.dv, DV_PAD=dvp, M_PAD=mp, CHUNK=CHUNK, BLOCK_K=scfg.block_m, BLOCK_V=bv, KEYS=True,
         CAUSAL=geo.causal, SOFTMAX=geo.softmax, FP32=geo.fp32,
     )  # fmt: skip
@@ -343,13 +353,20 @@ def _backward(q, k, v, out, lse, dout, wt, ws, kpm, geo: _Geo):
         _combine(hp, zp, zp, r, rz, rz, n_split, geo, shift=False)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    kcfg = geo.cfg("chunk_dkv")
+    kcfg = geo.cfg("chunk_dk")
     _launch(
-        _dkv_kernel, (geo.nt, bhk), kcfg,
-        (k, v, phi, c, fr, r, rz, ws, psi, dout, delta, dk, dv, kpm_arg, geo.nq, geo.nk, geo.off, geo.nt, npos,
-         geo.groups, geo.hk, geo.scale),
-        D=geo.d, D_PAD=geo.d_pad, DV=geo.dv, DV_PAD=dvp, M_PAD=mp, CHUNK=CHUNK, BLOCK_F=kcfg.block_n,
+        _dk_kernel, (geo.nt, bhk), kcfg,
+        (k, v, phi, c, fr, r, rz, ws, psi, dout, delta, dk, kpm_arg, geo.nq, geo.nk, geo.off, geo.nt, npos, geo.hk,
+         geo.scale),
+        G=geo.groups, D=geo.d, D_PAD=geo.d_pad, DV=geo.dv, DV_PAD=dvp, M_PAD=mp, CHUNK=CHUNK, BLOCK_F=kcfg.block_n,
         SOFTMAX=geo.softmax, CAUSAL=geo.causal, FP32=geo.fp32, HAS_PAD=kpm is not None,
+    )  # fmt: skip
+    vcfg = geo.cfg("chunk_dv")
+    _launch(
+        _dv_kernel, (geo.nt, bhk), vcfg,
+        (phi, c, fr, r, psi, dout, dv, kpm_arg, geo.nq, geo.nk, geo.off, geo.nt, npos, geo.hk),
+        G=geo.groups, DV=geo.dv, DV_PAD=dvp, M_PAD=mp, CHUNK=CHUNK, BLOCK_F=vcfg.block_n, SOFTMAX=geo.softmax,
+        CAUSAL=geo.causal, FP32=geo.fp32, HAS_PAD=kpm is not None,
     )  # fmt: skip
     return dq, dk, dv
 

@@ -51,52 +51,51 @@ class ChunkConfig(KernelConfig):
     INNER = "F"
 
 
-# Candidates per kernel, in order of preference. Rows: the feature pass and the dK/dV pass take
-# CHUNK rows; the causal query passes take CHUNK rows (one chunk per program).
+# Candidates per kernel, in order of preference. The feature pass and dK/dV take CHUNK rows; the
+# causal query passes take one chunk per program. Left out after compiling them for sm_90 (Triton
+# 3.6 and 3.9, see docs/kernels.md): 32-row tiles (mma.sync instead of wgmma) and 8 warps on 64
+# rows for the kernels that project (both warpgroups computed the same projection).
 CONFIGS: dict[str, tuple[ChunkConfig, ...]] = {
-    "chunk_features": (
-        ChunkConfig(64, 64, 4, 2),
-        ChunkConfig(64, 128, 8, 2),
-        ChunkConfig(64, 32, 4, 2),
-    ),
+    "chunk_features": (ChunkConfig(64, 64, 4, 2), ChunkConfig(64, 32, 4, 2), ChunkConfig(64, 128, 8, 2)),
     "chunk_state": (
         ChunkConfig(64, 64, 4, 2),
+        ChunkConfig(64, 32, 4, 2),
         ChunkConfig(64, 64, 4, 3),
         ChunkConfig(64, 128, 8, 2),
         ChunkConfig(128, 64, 8, 2),
-        ChunkConfig(32, 64, 4, 2),
     ),
     "chunk_fwd": (
-        ChunkConfig(64, 64, 4, 2),
         ChunkConfig(64, 32, 4, 2),
-        ChunkConfig(64, 64, 8, 2),
+        ChunkConfig(64, 64, 4, 2),
         ChunkConfig(128, 64, 8, 2),
-        ChunkConfig(64, 128, 8, 2),
-    ),
-    "chunk_dq": (
-        ChunkConfig(64, 64, 4, 2),
-        ChunkConfig(64, 32, 4, 2),
-        ChunkConfig(64, 64, 8, 2),
         ChunkConfig(128, 32, 8, 2),
     ),
-    "chunk_dkv": (
-        ChunkConfig(64, 64, 4, 2),
-        ChunkConfig(64, 32, 4, 2),
-        ChunkConfig(64, 64, 8, 2),
-    ),
+    "chunk_dq": (ChunkConfig(64, 32, 4, 2), ChunkConfig(64, 64, 4, 2), ChunkConfig(128, 32, 8, 2)),
+    "chunk_dk": (ChunkConfig(64, 32, 4, 2), ChunkConfig(64, 64, 4, 2)),
+    "chunk_dv": (ChunkConfig(64, 64, 4, 2), ChunkConfig(64, 64, 8, 2), ChunkConfig(64, 32, 4, 2)),
     "chunk_state_bwd": (
         ChunkConfig(64, 64, 4, 2),
+        ChunkConfig(64, 32, 4, 2),
         ChunkConfig(64, 64, 4, 3),
         ChunkConfig(64, 128, 8, 2),
-        ChunkConfig(32, 64, 4, 2),
     ),
 }
 STATE_KERNELS = ("chunk_state", "chunk_state_bwd")  # block_m: features, block_n: values
 ROW_KERNELS = ("chunk_fwd", "chunk_dq")  # block_m: query rows
 
-# Defaults per (kernel, feature path float32, padded head dim, causal), from the compile results
-# (docs/kernels.md, "Chunked FAVOR+"); a shape not listed takes the first valid config.
-DEFAULTS: dict[tuple[str, bool, int, bool], ChunkConfig] = {}
+# Defaults where the first valid candidate is not the choice, per (kernel, float32 feature path,
+# padded head dim, causal): from the sm_90 compile results of bfloat16 at 256 features (Triton
+# 3.6 and 3.9, runtime-like integer specialisation; docs/kernels.md): no spills in either, fewest
+# loop instructions per unit of work. Non-causal query passes take 128 rows on 8 warps (two
+# warpgroups, half the loop instructions per row of 64 rows on 4 warps).
+DEFAULTS: dict[tuple[str, bool, int, bool], ChunkConfig] = {
+    ("chunk_fwd", False, 64, False): ChunkConfig(128, 64, 8, 2),
+    ("chunk_fwd", False, 128, False): ChunkConfig(128, 64, 8, 2),
+    ("chunk_dq", False, 64, False): ChunkConfig(128, 32, 8, 2),
+    ("chunk_dq", False, 128, False): ChunkConfig(128, 32, 8, 2),
+    ("chunk_dv", False, 128, False): ChunkConfig(64, 64, 8, 2),
+    ("chunk_dv", False, 128, True): ChunkConfig(64, 64, 8, 2),
+}
 
 
 def valid(kernel: str, cfg: ChunkConfig, shape: LaunchShape) -> bool:

@@ -84,6 +84,7 @@ def _key_features_kernel(
     wt_ptr,
     phi_ptr,
     c_ptr,
+    zc_ptr,
     kpm_ptr,
     NK,
     NT,
@@ -99,7 +100,9 @@ def _key_features_kernel(
     SOFTMAX: tl.constexpr,
     HAS_PAD: tl.constexpr,
 ):
-    """Features of one chunk of keys, each key projected once: ``phi (BHk, NT*CHUNK, M_PAD)``.
+    """Features of one chunk of keys, each key projected once: ``phi (BHk, NT*CHUNK, M_PAD)``, and
+    their sums over the chunk ``zc (BHk, NT, M_PAD)`` (float32, of the stored values), which the
+    state kernel adds up instead of reducing the features itself.
 
     Softmax: the chunk's own shift per feature, ``c[t, f] = ceil(max_j logit[j, f])`` over its real
     keys (``c (BHk, NT, M_PAD)``, ``_NO_KEY`` where it has none), so every feature column peaks in
@@ -127,8 +130,9 @@ def _key_features_kernel(
             tl.store(c_ptr + chunk * M_PAD + offs_f, c)
         else:
             phi = tl.where(keep, tl.maximum(u, 0.0) + _RELU_EPS, 0.0)
-        offs = tl.arange(0, CHUNK)[:, None] * M_PAD + offs_f[None, :]
-        tl.store(phi_base + offs, phi.to(phi_ptr.dtype.element_ty))
+        phi = phi.to(phi_ptr.dtype.element_ty)
+        tl.store(phi_base + tl.arange(0, CHUNK)[:, None] * M_PAD + offs_f[None, :], phi)
+        tl.store(zc_ptr + chunk * M_PAD + offs_f, tl.sum(phi.to(tl.float32), 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +169,8 @@ def _state_kernel(
     """``h = sum_p x[p]^T y[p - OFF]`` (``BLOCK_K x BLOCK_V`` in float32 registers) and
     ``z = sum_p x[p] w[p]`` over chunks of positions, for one block of features and values.
 
-    ``KEYS``: ``x`` the key features (local shifts ``c``), ``y = V``, ``w = 1``; the state keeps
+    ``KEYS``: ``x`` the key features (local shifts ``c``), ``y = V``, ``w = 1`` (``w_ptr``: the
+    chunk sums of the features from :func:`_key_features_kernel`); the state keeps
     the running maximum of the shifts as its frame ``F`` (``h`` rescaled when it rises, each
     chunk's features brought down to it). Otherwise ``x = psi`` of the ``G`` query heads of the key
     head (frame ``F_t`` of the key chunk, read from ``c_ptr``), ``y = dO``, ``w = delta``; causal,
@@ -225,13 +230,15 @@ def _state_kernel(
                 x_ptr + (bx * NT * CHUNK + pos[None, :]) * M_PAD + offs_k[:, None], mask=ok[None, :], other=0.0
             )
             ys = _load_rows(y_ptr + bx * NY * DV, rows, ok, offs_v, DV).to(xs.dtype)
+            if KEYS:
+                zc = tl.load(w_ptr + (bhk.to(tl.int64) * NT + t) * M_PAD + offs_k)
             if KEYS and SOFTMAX:
                 h += _dot(xs, ys, tl.zeros([BLOCK_K, BLOCK_V], tl.float32), FP32) * scale[:, None]
-                z += tl.sum(xs.to(tl.float32), 1) * scale
+                z += zc * scale
             else:
                 h = _dot(xs, ys, h, FP32)
                 if KEYS:
-                    z += tl.sum(xs.to(tl.float32), 1)
+                    z += zc
                 else:
                     wgt = tl.load(w_ptr + bx * NT * CHUNK + pos, mask=ok, other=0.0)
                     z += tl.sum(xs.to(tl.float32) * wgt[None, :], 1)
@@ -531,7 +538,31 @@ def _dq_kernel(
 
 
 @triton.jit
-def _dkv_kernel(
+def _key_chunk_features(
+    phi_ptr,
+    c_ptr,
+    f_ptr,
+    chunk,
+    slot,
+    f0,
+    M_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+):
+    """``(raw, scaled)``: the stored features of key chunk ``chunk``, features ``[f0, f0 + BLOCK_F)``,
+    and, float32, the same in the frame of state ``slot`` (times ``exp2(c - F)``; relu: unscaled)."""
+    offs_f = f0 + tl.arange(0, BLOCK_F)
+    raw = tl.load(phi_ptr + (chunk * CHUNK + tl.arange(0, CHUNK)[:, None]) * M_PAD + offs_f[None, :])
+    scaled = raw.to(tl.float32)
+    if SOFTMAX:
+        shift = tl.load(c_ptr + chunk * M_PAD + offs_f) - tl.load(f_ptr + slot * M_PAD + offs_f)
+        scaled = scaled * tl.exp2(shift)[None, :]
+    return raw, scaled
+
+
+@triton.jit
+def _dk_kernel(
     k_ptr,
     v_ptr,
     phi_ptr,
@@ -544,16 +575,15 @@ def _dkv_kernel(
     do_ptr,
     delta_ptr,
     dk_ptr,
-    dv_ptr,
     kpm_ptr,
     NQ,
     NK,
     OFF,
     NT,
     NPOS,
-    G,
     HK,
     scale,
+    G: tl.constexpr,
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     DV: tl.constexpr,
@@ -566,14 +596,13 @@ def _dkv_kernel(
     FP32: tl.constexpr,
     HAS_PAD: tl.constexpr,
 ):
-    """``dK, dV`` of one chunk of keys of key head ``bhk``, summed over its ``G`` query heads.
+    """``dK`` of one chunk of keys of key head ``bhk``, summed over its ``G`` query heads.
 
     With the query-side state ``R = sum_i psi_i dO_i^T``, ``r = sum_i psi_i delta_i`` over the
     queries that see the whole chunk (the chunks after it when causal, slot ``t``; all queries
     otherwise), in the frame ``F`` of the chunk::
 
         dphi_j = R v_j - r + sum_i [j <= p_i] (dO_i . v_j - delta_i) psi_i
-        dV_j   = R^T phi(k_j) + sum_i [j <= p_i] (psi_i . phi(k_j)) dO_i
         dK_j   = (phi(k_j) * dphi_j) Ws - scale k_j sum(phi(k_j) * dphi_j)     (relu: [phi > eps] dphi_j Ws)
 
     The diagonal chunk's query features are read, not recomputed.
@@ -591,51 +620,33 @@ def _dkv_kernel(
         slot = bhk.to(tl.int64)
     feat = r_ptr.dtype.element_ty
     vx = _load_rows(v_ptr + bhk.to(tl.int64) * NK * DV, kpos, kpos < NK, offs_v, DV).to(feat)
-    phi_base = phi_ptr + (chunk * CHUNK + tl.arange(0, CHUNK)[:, None]) * M_PAD
     dk = tl.zeros([CHUNK, D_PAD], tl.float32)
-    dv = tl.zeros([CHUNK, DV_PAD], tl.float32)
     rs = tl.zeros([CHUNK], tl.float32)
     if CAUSAL:
         rows = kpos - OFF
         q_ok = (rows >= 0) & (rows < NQ)
         vis = (kpos[:, None] <= kpos[None, :]) & q_ok[None, :]  # (keys, queries)
-        for g in _range(0, G):  # dV of the diagonal chunk: (psi_i . phi(k_j)) over all features first
-            bh = (bhk * G + g).to(tl.int64)
-            att = tl.zeros([CHUNK, CHUNK], tl.float32)
-            for f0 in range(0, M_PAD, BLOCK_F):
-                offs_f = f0 + tl.arange(0, BLOCK_F)
-                kf = tl.load(phi_base + offs_f[None, :])
-                if SOFTMAX:
-                    shift = tl.exp2(tl.load(c_ptr + chunk * M_PAD + offs_f) - tl.load(f_ptr + slot * M_PAD + offs_f))
-                    kf = (kf.to(tl.float32) * shift[None, :]).to(feat)
-                ps = tl.load(
-                    psi_ptr + (bh * NPOS + kpos[None, :]) * M_PAD + offs_f[:, None], mask=q_ok[None, :], other=0.0
-                )
-                att = _dot(kf, ps, att, FP32)
-            att = tl.where(vis, att, 0.0).to(feat)
-            dox = _load_rows(do_ptr + bh * NQ * DV, rows, q_ok, offs_v, DV).to(feat)
-            dv = _dot(att, dox, dv, FP32)
+        if G == 1:  # one query head: its dO . v is the same for every feature block
+            dox = _load_rows(do_ptr + bhk.to(tl.int64) * NQ * DV, rows, q_ok, offs_v, DV).to(feat)
+            dlt = tl.load(delta_ptr + bhk.to(tl.int64) * NPOS + kpos, mask=q_ok, other=0.0)
+            gv = _dot(vx, tl.trans(dox), tl.zeros([CHUNK, CHUNK], tl.float32), FP32)
+            datt1 = tl.where(vis, gv - dlt[None, :], 0.0).to(feat)
     for f0 in range(0, M_PAD, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
-        kraw = tl.load(phi_base + offs_f[None, :])
-        kf32 = kraw.to(tl.float32)
-        if SOFTMAX:
-            kf32 = (
-                kf32
-                * tl.exp2(tl.load(c_ptr + chunk * M_PAD + offs_f) - tl.load(f_ptr + slot * M_PAD + offs_f))[None, :]
-            )
-        kf = kf32.to(feat)
+        kraw, kf32 = _key_chunk_features(phi_ptr, c_ptr, f_ptr, chunk, slot, f0, M_PAD, CHUNK, BLOCK_F, SOFTMAX)
         rb = tl.load(r_ptr + (slot * M_PAD + offs_f[:, None]) * DV_PAD + offs_v[None, :])
         rz = tl.load(rz_ptr + slot * M_PAD + offs_f)
         dphi = _dot(vx, tl.trans(rb), tl.zeros([CHUNK, BLOCK_F], tl.float32), FP32) - rz[None, :]
-        dv = _dot(kf, rb, dv, FP32)
         if CAUSAL:
-            for g in _range(0, G):
+            for g in range(0, G):
                 bh = (bhk * G + g).to(tl.int64)
-                dox = _load_rows(do_ptr + bh * NQ * DV, rows, q_ok, offs_v, DV).to(feat)
-                dlt = tl.load(delta_ptr + bh * NPOS + kpos, mask=q_ok, other=0.0)
-                gv = _dot(vx, tl.trans(dox), tl.zeros([CHUNK, CHUNK], tl.float32), FP32)
-                datt = tl.where(vis, gv - dlt[None, :], 0.0).to(feat)
+                if G == 1:
+                    datt = datt1
+                else:
+                    dox = _load_rows(do_ptr + bh * NQ * DV, rows, q_ok, offs_v, DV).to(feat)
+                    dlt = tl.load(delta_ptr + bh * NPOS + kpos, mask=q_ok, other=0.0)
+                    gv = _dot(vx, tl.trans(dox), tl.zeros([CHUNK, CHUNK], tl.float32), FP32)
+                    datt = tl.where(vis, gv - dlt[None, :], 0.0).to(feat)
                 ps = tl.load(
                     psi_ptr + (bh * NPOS + kpos[:, None]) * M_PAD + offs_f[None, :], mask=q_ok[:, None], other=0.0
                 )
@@ -652,10 +663,78 @@ def _dkv_kernel(
         kx = _load_rows(k_ptr + bhk.to(tl.int64) * NK * D, kpos, kpos < NK, offs_d, D).to(tl.float32)
         dk -= scale * kx * rs[:, None]
     dk = tl.where(k_ok[:, None], dk, 0.0)
+    dk_mask = (kpos < NK)[:, None] & (offs_d[None, :] < D)
+    dk_off = (bhk.to(tl.int64) * NK + kpos[:, None]) * D + offs_d[None, :]
+    tl.store(dk_ptr + dk_off, dk.to(dk_ptr.dtype.element_ty), mask=dk_mask)
+
+
+@triton.jit
+def _dv_kernel(
+    phi_ptr,
+    c_ptr,
+    f_ptr,
+    r_ptr,
+    psi_ptr,
+    do_ptr,
+    dv_ptr,
+    kpm_ptr,
+    NQ,
+    NK,
+    OFF,
+    NT,
+    NPOS,
+    HK,
+    G: tl.constexpr,
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    M_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    FP32: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    """``dV`` of one chunk of keys of key head ``bhk``, summed over its ``G`` query heads (the
+    states of :func:`_dk_kernel`)::
+
+        dV_j = R^T phi(k_j) + sum_i [j <= p_i] (psi_i . phi(k_j)) dO_i
+    """
+    t = tl.program_id(0)
+    bhk = tl.program_id(1)
+    offs_v = tl.arange(0, DV_PAD)
+    kpos = t * CHUNK + tl.arange(0, CHUNK)
+    k_ok = _real_keys(kpm_ptr, bhk, HK, NK, kpos, kpos < NK, HAS_PAD=HAS_PAD)
+    chunk = bhk.to(tl.int64) * NT + t
+    if CAUSAL:  # noqa: SIM108
+        slot = chunk
+    else:
+        slot = bhk.to(tl.int64)
+    feat = r_ptr.dtype.element_ty
+    dv = tl.zeros([CHUNK, DV_PAD], tl.float32)
+    for f0 in range(0, M_PAD, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        _, kf32 = _key_chunk_features(phi_ptr, c_ptr, f_ptr, chunk, slot, f0, M_PAD, CHUNK, BLOCK_F, SOFTMAX)
+        rb = tl.load(r_ptr + (slot * M_PAD + offs_f[:, None]) * DV_PAD + offs_v[None, :])
+        dv = _dot(kf32.to(feat), rb, dv, FP32)
+    if CAUSAL:
+        rows = kpos - OFF
+        q_ok = (rows >= 0) & (rows < NQ)
+        vis = (kpos[:, None] <= kpos[None, :]) & q_ok[None, :]  # (keys, queries)
+        for g in range(0, G):  # (psi_i . phi(k_j)) over all features, then times dO_i
+            bh = (bhk * G + g).to(tl.int64)
+            att = tl.zeros([CHUNK, CHUNK], tl.float32)
+            for f0 in range(0, M_PAD, BLOCK_F):
+                offs_f = f0 + tl.arange(0, BLOCK_F)
+                _, kf32 = _key_chunk_features(phi_ptr, c_ptr, f_ptr, chunk, slot, f0, M_PAD, CHUNK, BLOCK_F, SOFTMAX)
+                ps = tl.load(
+                    psi_ptr + (bh * NPOS + kpos[None, :]) * M_PAD + offs_f[:, None], mask=q_ok[None, :], other=0.0
+                )
+                att = _dot(kf32.to(feat), ps, att, FP32)
+            att = tl.where(vis, att, 0.0).to(feat)
+            dox = _load_rows(do_ptr + bh * NQ * DV, rows, q_ok, offs_v, DV).to(feat)
+            dv = _dot(att, dox, dv, FP32)
     dv = tl.where(k_ok[:, None], dv, 0.0)
-    k_in = kpos < NK
-    row = bhk.to(tl.int64) * NK + kpos[:, None]
-    dk_mask = k_in[:, None] & (offs_d[None, :] < D)
-    tl.store(dk_ptr + row * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=dk_mask)
-    dv_mask = k_in[:, None] & (offs_v[None, :] < DV)
-    tl.store(dv_ptr + row * DV + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=dv_mask)
+    dv_mask = (kpos < NK)[:, None] & (offs_v[None, :] < DV)
+    dv_off = (bhk.to(tl.int64) * NK + kpos[:, None]) * DV + offs_v[None, :]
+    tl.store(dv_ptr + dv_off, dv.to(dv_ptr.dtype.element_ty), mask=dv_mask)

@@ -58,7 +58,8 @@ KERNEL_FAMILY = {
     "favor_chunk_state": "favor_chunk",
     "favor_chunk_fwd": "favor_chunk",
     "favor_chunk_dq": "favor_chunk",
-    "favor_chunk_dkv": "favor_chunk",
+    "favor_chunk_dk": "favor_chunk",
+    "favor_chunk_dv": "favor_chunk",
     "favor_chunk_state_bwd": "favor_chunk",
     "favor_impl": "favor_impl",  # which FAVOR+ implementation runs: an ImplChoice, not tiles
 }

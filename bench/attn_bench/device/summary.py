@@ -188,6 +188,18 @@ def summary_markdown(record: dict, sweep_dir: Path, verify_csv: Path, tests_log:
             f"Table before: {tuned.get('table_before') or '-'}; tuning {tuned.get('status')}: {tuned.get('detail')}. "
             f"Launches: {used}.\n"
         )
+        impls = tuned.get("favor_impl") or {}
+        if impls:
+            md.append(
+                "\nFAVOR+ implementations, forward + backward at N=16k, H=16 (ms; the table keeps the chosen one):\n"
+            )
+            names = sorted({name for e in impls.values() for name in e["timings"]})
+            rows = [
+                {"shape": key, **{name: f"{e['timings'][name]:.3g}" if name in e["timings"] else "-" for name in names}}
+                | {"chosen": e["chosen"] or "-"}
+                for key, e in impls.items()
+            ]
+            md.append(md_table(pd.DataFrame(rows)))
 
     cp_readme = sweep_dir.parent / "cp" / "README.md"
     if cp_readme.exists():
