@@ -128,32 +128,28 @@ def test_chunk_forward_projects_each_token_once(monkeypatch: pytest.MonkeyPatch)
     """One feature pass over the keys and one query pass per forward (each token projected once),
     no autograd function without a gradient to compute, float16 features unless a float16
     gradient is wanted (then the float32 path)."""
-    launched: list[str] = []
+    launched: list[tuple[str, torch.dtype]] = []
     real = favor_chunk._launch
-    monkeypatch.setattr(favor_chunk, "_launch", lambda fn, *a, **kw: launched.append(fn.__name__) or real(fn, *a, **kw))
-    geometries: list = []
-    real_geo = favor_chunk._geometry
-    monkeypatch.setattr(favor_chunk, "_geometry", lambda *a: geometries.append(real_geo(*a)) or geometries[-1])
+
+    def spy(fn, grid, cfg, args, **kw):
+        launched.append((fn.__name__, args[2].dtype))  # the feature pass's third argument: its output
+        return real(fn, grid, cfg, args, **kw)
+
+    monkeypatch.setattr(favor_chunk, "_launch", spy)
     variant = av.PerformerAttention(num_features=32, seed=4)
     q, k, v = make_qkv(1, 2, 2, 100, 100, 16, dtype=torch.float16)
     out = variant(q, k, v, causal=True, backend="triton")
-    assert launched == ["_key_features_kernel", "_state_kernel", "_fwd_kernel"]
-    assert out.grad_fn is None and geometries[-1].feat == torch.float16
+    assert [name for name, _ in launched] == ["_key_features_kernel", "_state_kernel", "_fwd_kernel"]
+    assert out.grad_fn is None and launched[0][1] == torch.float16
     launched.clear()
     variant(q, k, v, causal=False, backend="triton")
-    assert launched == ["_key_features_kernel", "_state_kernel", "_combine_kernel", "_fwd_kernel"]
+    assert [name for name, _ in launched] == ["_key_features_kernel", "_state_kernel", "_combine_kernel", "_fwd_kernel"]
     launched.clear()
     out = variant(q.requires_grad_(), k, v, causal=True, backend="triton")
-    assert out.grad_fn is not None and geometries[-1].feat == torch.float32
+    assert out.grad_fn is not None and launched[0][1] == torch.float32
     out.sum().backward()
-    assert launched[3:] == [
-        "_key_features_kernel",
-        "_state_kernel",
-        "_dq_kernel",
-        "_state_kernel",
-        "_dk_kernel",
-        "_dv_kernel",
-    ]
+    names = [name for name, _ in launched[3:]]
+    assert names == ["_key_features_kernel", "_state_kernel", "_dq_kernel", "_state_kernel", "_dk_kernel", "_dv_kernel"]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
@@ -268,7 +264,7 @@ def test_autotuner_builds(kernel: str) -> None:
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_buffers_stay_linear_in_n(causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """No buffer the kernels allocate approaches ``N x m x Dv``: the largest are ``O(N (m + Dv))``
-    (the chunk states, the feature buffers ``N x m``, the inputs)."""
+    (the chunk states and a feature buffer ``N x m`` share one allocation)."""
     b, h, n, d, dv, m = 1, 2, 256, 32, 32, 64
     sizes: list[int] = []
     for name in ("empty", "zeros", "empty_like", "zeros_like"):
@@ -278,7 +274,7 @@ def test_buffers_stay_linear_in_n(causal: bool, monkeypatch: pytest.MonkeyPatch)
     q, k, v = (t.requires_grad_() for t in make_qkv(b, h, h, n, n, d, dv))
     variant(q, k, v, causal=causal, backend="triton").sum().backward()
     chunk_states = b * h * (n // favor_configs.CHUNK + 1) * m * dv
-    assert max(sizes) <= max(chunk_states, b * h * n * max(d, dv, m)), max(sizes)
+    assert max(sizes) <= chunk_states + b * h * (n + favor_configs.CHUNK) * max(d, dv, m), max(sizes)
     assert max(sizes) * 8 <= b * h * n * m * dv
 
 

@@ -594,9 +594,8 @@ def favor_attention(
         kpm = key_padding_mask.to(device=q.device, dtype=torch.int8).contiguous()
     w = w.detach() if w.requires_grad else w  # the same tensor call after call: see _projection_operands
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    m_pad = pad_pow2(int(w.shape[0]))
-    shape = LaunchShape(max(q.shape[-1], v.shape[-1]), q.element_size(), causal, m_pad=m_pad)
-    if favor_chunk_configs.impl(shape, q.device) == "chunk":
+    key = (q.shape[-1], v.shape[-1], q.dtype, causal, w.shape[0], q.device)
+    if favor_chunk_configs.impl_for(key) == "chunk":
         return chunk_attention(q, k, v, w, causal=causal, scale=scale, kernel=kernel, kpm=kpm)
     opts = FavorOptions(causal=causal, scale=float(scale), kernel=kernel, m=int(w.shape[0]))
     return _FavorFunction.apply(q, k, v, w, kpm, opts)

@@ -55,11 +55,13 @@ import functools
 import math
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import favor_chunk_configs as cfgs
+from . import tuning
 from .favor_chunk_configs import CHUNK, N_SPLIT, feature_dtype
 from .favor_chunk_kernels import (
     _combine_kernel,
@@ -138,7 +140,6 @@ class _Geo:
         return cfgs.config(kernel, self.shape, self.device)
 
 
-@functools.lru_cache(maxsize=256)
 def _geometry(qs: tuple, ks: tuple, dv: int, dtype: torch.dtype, opts: ChunkOptions, grad: bool, device) -> _Geo:
     b, h, nq, d = qs
     hk, nk = ks[1], ks[2]
@@ -230,67 +231,100 @@ def _launch(fn, grid: tuple[int, ...], cfg: cfgs.ChunkConfig, args: tuple, **con
     fn[grid](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """One launch but its tensors: kernel, grid, config, trailing int/float arguments, constexprs."""
+
+    fn: Any
+    grid: tuple[int, ...]
+    cfg: cfgs.ChunkConfig
+    ints: tuple
+    constexprs: dict
+
+    def __call__(self, *tensors: Tensor) -> None:
+        _launch(self.fn, self.grid, self.cfg, (*tensors, *self.ints), **self.constexprs)
+
+
+def _spans(*shapes: tuple[int, ...]) -> tuple[tuple[tuple[int, int], ...], int]:
+    """Where buffers of ``shapes`` sit in one allocation (each on a 16-element boundary), and its size."""
+    spans, at = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        spans.append((at, at + n))
+        at += cdiv(n, 16) * 16
+    return tuple(spans), at
+
+
+def _carve(buf: Tensor, spans: tuple[tuple[int, int], ...]) -> list[Tensor]:
+    """Flat views of ``buf`` at ``spans`` (the kernels index them themselves); the first is the
+    buffer itself, whose pointer is the same, and spans that no launch reads are not cut."""
+    return [buf, *(buf[a:b] for a, b in spans[1:])]
+
+
 _COMBINE = cfgs.ChunkConfig(32, 32, 4, 1)  # the combine kernel's launch (BLOCK_K from block_m)
 
 
-def _f32(device: torch.device, *shapes: tuple[int, ...]) -> list[Tensor]:
-    """Float32 buffers of ``shapes`` as views of one allocation."""
-    sizes = [math.prod(s) for s in shapes]
-    buf = torch.empty(sum(sizes), device=device, dtype=torch.float32)
-    return [t.view(s) for t, s in zip(buf.split(sizes), shapes, strict=True)]
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a call derives from its shapes and options, made once (:func:`_plan`): the
+    launches and the layout of the workspaces. Forward: ``feat`` holds ``phi, h``; ``f32`` holds
+    the chunk statistics ``cs``, the state statistics ``st``, non-causal the partial states ``hp,
+    pst``, and ``lse`` when it is not saved. Backward: ``psi, R`` and ``delta, rst, hp, pst``."""
+
+    geo: _Geo
+    feat: tuple
+    feat_size: int
+    f32: tuple
+    f32_size: int
+    features: _Launch
+    state: _Launch
+    combine: _Launch | None
+    fwd: _Launch
 
 
-def _key_side(k: Tensor, v: Tensor, wt: Tensor, kpm: Tensor | None, kpm_arg: Tensor, geo: _Geo):
-    """``(phi, c, h, z, F)``: the key features and the key states (causal: per chunk; otherwise the
-    total), from :func:`_key_features_kernel`, :func:`_state_kernel` (and :func:`_combine_kernel`)."""
-    bhk, nt, mp, dvp, dev = geo.b * geo.hk, geo.nt, geo.m_pad, geo.dv_pad, k.device
-    phi = torch.empty(bhk, nt * CHUNK, mp, device=dev, dtype=geo.feat)
+@functools.lru_cache(maxsize=256)
+def _plan(geo: _Geo, n_split_proj: int, grad: bool, generation: int) -> _Plan:
+    bhk, nt, mp, dvp = geo.b * geo.hk, geo.nt, geo.m_pad, geo.dv_pad
     slots = nt if geo.causal else 1
-    h = torch.empty(bhk, slots, mp, dvp, device=dev, dtype=geo.feat)
+    feat, feat_size = _spans((bhk, nt * CHUNK, mp), (bhk, slots, mp, dvp))
     scfg = geo.cfg("chunk_state")
     bv = min(scfg.block_n, dvp)  # the launch shape holds max(D, Dv)
-    kv_progs = (mp // scfg.block_m) * (dvp // bv)
-    per, n_split = (nt, 1) if geo.causal else _splits(nt, kv_progs * bhk, dev)
-    part = 0 if geo.causal else n_split
-    c, zc, z, fr, hp, zp, fp = _f32(
-        dev,
-        (bhk, nt, mp),
-        (bhk, nt, mp),
-        (bhk, slots, mp),
-        (bhk, slots, mp),
-        (bhk, part, mp, dvp),
-        (bhk, part, mp),
-        (bhk, part, mp),
-    )
-    fcfg = geo.cfg("chunk_features")
-    half2 = 0.5 * geo.scale * LOG2E  # the factor of |k|^2 in the base-2 key logits
-    _launch(
-        _key_features_kernel, (nt, bhk), fcfg, (k, wt, phi, c, zc, kpm_arg, geo.nk, nt, geo.hk, half2),
-        D=geo.d, D_PAD=geo.d_pad, M=geo.m, M_PAD=mp, CHUNK=CHUNK, BLOCK_F=fcfg.block_n, N_SPLIT=_n_split(k, geo),
-        SOFTMAX=geo.softmax, HAS_PAD=kpm is not None,
-    )  # fmt: skip
-    outs = (h, z, fr) if geo.causal else (hp, zp, fp)
-    _launch(
-        _state_kernel, (mp // scfg.block_m, dvp // bv, bhk * n_split), scfg,
-        (phi, c, v, zc, *outs, geo.nk, 0, nt, per, n_split, 1),
-        DV=geo.dv, DV_PAD=dvp, M_PAD=mp, CHUNK=CHUNK, BLOCK_K=scfg.block_m, BLOCK_V=bv, KEYS=True,
-        CAUSAL=geo.causal, SOFTMAX=geo.softmax, FP32=geo.fp32,
-    )  # fmt: skip
+    per, n_split = (nt, 1) if geo.causal else _splits(nt, (mp // scfg.block_m) * (dvp // bv) * bhk, geo.device)
+    # cs, st, (not causal: hp, pst), (lse unless it is saved)
+    shapes = [(bhk, nt, 2, mp), (bhk, slots, 2, mp)]
     if not geo.causal:
-        _combine(hp, zp, fp, h, z, fr, n_split, geo, shift=geo.softmax)
-    return phi, c, h, z, fr
-
-
-def _combine(hp, zp, fp, h, z, fr, n_split: int, geo: _Geo, shift: bool) -> None:
-    block = min(_COMBINE.block_m, geo.m_pad)
-    _launch(
-        _combine_kernel, (geo.m_pad // block, hp.shape[0]), _COMBINE,
-        (hp, zp, fp, h, z, fr, n_split), DV_PAD=geo.dv_pad, M_PAD=geo.m_pad, BLOCK_K=block, SHIFT=shift,
+        shapes += [(bhk, n_split, mp, dvp), (bhk, n_split, 2, mp)]
+    if not grad:
+        shapes.append((geo.b, geo.h, geo.nq))
+    f32, f32_size = _spans(*shapes)
+    fcfg = geo.cfg("chunk_features")
+    features = _Launch(
+        _key_features_kernel, (nt, bhk), fcfg, (geo.nk, nt, geo.hk, 0.5 * geo.scale * LOG2E),
+        dict(D=geo.d, D_PAD=geo.d_pad, M=geo.m, M_PAD=mp, CHUNK=CHUNK, BLOCK_F=fcfg.block_n, N_SPLIT=n_split_proj,
+             SOFTMAX=geo.softmax),
     )  # fmt: skip
+    state = _Launch(
+        _state_kernel, (mp // scfg.block_m, dvp // bv, bhk * n_split), scfg, (geo.nk, 0, nt, per, n_split, 1),
+        dict(DV=geo.dv, DV_PAD=dvp, M_PAD=mp, CHUNK=CHUNK, BLOCK_K=scfg.block_m, BLOCK_V=bv, KEYS=True,
+             CAUSAL=geo.causal, SOFTMAX=geo.softmax, FP32=geo.fp32),
+    )  # fmt: skip
+    combine = None if geo.causal else _combine_launch(geo, bhk, n_split, shift=geo.softmax)
+    cfg = geo.cfg("chunk_fwd")
+    fwd = _Launch(
+        _fwd_kernel, _query_grid(geo, cfg), cfg, (geo.nq, geo.nk, geo.off, geo.t0, nt, geo.groups),
+        dict(D=geo.d, D_PAD=geo.d_pad, DV=geo.dv, DV_PAD=dvp, M=geo.m, M_PAD=mp, CHUNK=CHUNK,
+             BLOCK_M=CHUNK if geo.causal else cfg.block_m, BLOCK_F=cfg.block_n, N_SPLIT=n_split_proj,
+             SOFTMAX=geo.softmax, CAUSAL=geo.causal, FP32=geo.fp32),
+    )  # fmt: skip
+    return _Plan(geo, feat, feat_size, f32, f32_size, features, state, combine, fwd)
 
 
-def _n_split(x: Tensor, geo: _Geo) -> int:
-    return 0 if geo.fp32 else N_SPLIT[x.dtype]
+def _combine_launch(geo: _Geo, heads: int, n_split: int, shift: bool) -> _Launch:
+    block = min(_COMBINE.block_m, geo.m_pad)
+    return _Launch(
+        _combine_kernel, (geo.m_pad // block, heads), _COMBINE, (n_split,),
+        dict(DV_PAD=geo.dv_pad, M_PAD=geo.m_pad, BLOCK_K=block, SHIFT=shift),
+    )  # fmt: skip
 
 
 def _query_grid(geo: _Geo, cfg) -> tuple[int, int]:
@@ -299,75 +333,108 @@ def _query_grid(geo: _Geo, cfg) -> tuple[int, int]:
     return (cdiv(geo.nq, cfg.block_m), geo.b * geo.h)
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, kpm: Tensor | None, geo: _Geo):
-    """``(out, lse, (wt, ws))``: one forward (see the module docstring)."""
+def _key_side(plan: _Plan, k: Tensor, v: Tensor, wt: Tensor, kpm: Tensor | None):
+    """``(phi, cs, h, st, lse)``: the key features, their chunk statistics and the key states
+    (causal: per chunk; otherwise the total) with their statistics, and a float32 buffer for the
+    ``lse`` of the query pass when the plan does not save it (else None)."""
+    geo = plan.geo
+    phi, h = _carve(torch.empty(plan.feat_size, device=k.device, dtype=geo.feat), plan.feat)
+    cs, st, *rest = _carve(torch.empty(plan.f32_size, device=k.device, dtype=torch.float32), plan.f32)
+    kpm_arg = kpm if kpm is not None else _no_padding(k.device)
+    _launch(plan.features.fn, plan.features.grid, plan.features.cfg, (k, wt, phi, cs, kpm_arg, *plan.features.ints),
+            HAS_PAD=kpm is not None, **plan.features.constexprs)  # fmt: skip
+    if geo.causal:
+        plan.state(phi, cs, v, cs, h, st)
+    else:
+        hp, pst, *rest = rest
+        plan.state(phi, cs, v, cs, hp, pst)
+        plan.combine(hp, pst, h, st)
+    return phi, cs, h, st, rest[0] if rest else None
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, kpm: Tensor | None, plan: _Plan, save: bool):
+    """``(out, lse, (wt, ws))``: one forward (see the module docstring). ``save``: ``lse`` is kept
+    for the backward, so it gets its own allocation (else it is a view of the workspace)."""
+    geo = plan.geo
     wt, ws = _projection(w, q.dtype, geo, geo.scale)
-    kpm_arg = kpm if kpm is not None else _no_padding(q.device)
-    phi, c, h, z, fr = _key_side(k, v, wt, kpm, kpm_arg, geo)
+    phi, cs, h, st, lse = _key_side(plan, k, v, wt, kpm)
     out = torch.empty(geo.b, geo.h, geo.nq, geo.dv, device=q.device, dtype=q.dtype)
-    lse = torch.empty(geo.b, geo.h, geo.nq, device=q.device, dtype=torch.float32)
-    cfg = geo.cfg("chunk_fwd")
-    block_m = CHUNK if geo.causal else cfg.block_m
-    _launch(
-        _fwd_kernel, _query_grid(geo, cfg), cfg,
-        (q, wt, phi, c, h, z, fr, v, out, lse, geo.nq, geo.nk, geo.off, geo.t0, geo.nt, geo.groups),
-        D=geo.d, D_PAD=geo.d_pad, DV=geo.dv, DV_PAD=geo.dv_pad, M=geo.m, M_PAD=geo.m_pad, CHUNK=CHUNK,
-        BLOCK_M=block_m, BLOCK_F=cfg.block_n, N_SPLIT=_n_split(q, geo), SOFTMAX=geo.softmax, CAUSAL=geo.causal,
-        FP32=geo.fp32,
-    )  # fmt: skip
+    if save:
+        lse = torch.empty(geo.b, geo.h, geo.nq, device=q.device, dtype=torch.float32)
+    plan.fwd(q, wt, phi, cs, h, st, v, out, lse)
     return out, lse, (wt, ws)
 
 
-def _backward(q, k, v, out, lse, dout, wt, ws, kpm, geo: _Geo):
-    kpm_arg = kpm if kpm is not None else _no_padding(q.device)
-    phi, c, h, z, fr = _key_side(k, v, wt, kpm, kpm_arg, geo)
-    bh, bhk, mp, dvp, npos = geo.b * geo.h, geo.b * geo.hk, geo.m_pad, geo.dv_pad, geo.npos
-    psi = torch.empty(bh, npos, mp, device=q.device, dtype=geo.feat)
-    dq = torch.empty_like(q)
+@dataclass(frozen=True)
+class _BackwardPlan:
+    """The backward's launches and workspaces (see :class:`_Plan`)."""
+
+    feat: tuple
+    feat_size: int
+    f32: tuple
+    f32_size: int
+    dq: _Launch
+    state: _Launch
+    combine: _Launch | None
+    dk: _Launch
+    dv: _Launch
+
+
+@functools.lru_cache(maxsize=64)
+def _backward_plan(geo: _Geo, n_split_proj: int, generation: int) -> _BackwardPlan:
+    bh, bhk, mp, dvp, npos, nt = geo.b * geo.h, geo.b * geo.hk, geo.m_pad, geo.dv_pad, geo.npos, geo.nt
     rcfg = geo.cfg("chunk_state_bwd")
     bv = min(rcfg.block_n, dvp)
-    nt_q = geo.nt if geo.causal else npos // CHUNK
-    kv_progs = (mp // rcfg.block_m) * (dvp // bv)
-    per, n_split = (nt_q, 1) if geo.causal else _splits(nt_q, kv_progs * bhk, q.device)
-    slots = geo.nt if geo.causal else 1
-    part = 0 if geo.causal else n_split
-    delta, rz, hp, zp = _f32(q.device, (bh, npos), (bhk, slots, mp), (bhk, part, mp, dvp), (bhk, part, mp))
-    r = torch.empty(bhk, slots, mp, dvp, device=q.device, dtype=geo.feat)
-    cfg = geo.cfg("chunk_dq")
-    block_m = CHUNK if geo.causal else cfg.block_m
-    _launch(
-        _dq_kernel, _query_grid(geo, cfg), cfg,
-        (q, dout, out, lse, wt, ws, phi, c, h, z, fr, v, dq, psi, delta, geo.nq, geo.nk, geo.off, geo.t0, geo.nt,
-         npos, geo.groups),
-        D=geo.d, D_PAD=geo.d_pad, DV=geo.dv, DV_PAD=dvp, M=geo.m, M_PAD=mp, CHUNK=CHUNK, BLOCK_M=block_m,
-        BLOCK_F=cfg.block_n, N_SPLIT=_n_split(q, geo), SOFTMAX=geo.softmax, CAUSAL=geo.causal, FP32=geo.fp32,
-    )  # fmt: skip
-    outs = (r, rz, rz) if geo.causal else (hp, zp, zp)
-    _launch(
-        _state_kernel, (mp // rcfg.block_m, dvp // bv, bhk * n_split), rcfg,
-        (psi, fr, dout, delta, *outs, geo.nq, geo.off if geo.causal else 0, nt_q, per, n_split, geo.groups),
-        DV=geo.dv, DV_PAD=dvp, M_PAD=mp, CHUNK=CHUNK, BLOCK_K=rcfg.block_m, BLOCK_V=bv, KEYS=False,
-        CAUSAL=geo.causal, SOFTMAX=geo.softmax, FP32=geo.fp32,
-    )  # fmt: skip
+    nt_q = nt if geo.causal else npos // CHUNK
+    per, n_split = (nt_q, 1) if geo.causal else _splits(nt_q, (mp // rcfg.block_m) * (dvp // bv) * bhk, geo.device)
+    slots = nt if geo.causal else 1
+    feat, feat_size = _spans((bh, npos, mp), (bhk, slots, mp, dvp))
+    shapes = [(bh, npos), (bhk, slots, 2, mp)]  # delta, rst, (not causal: hp, pst)
     if not geo.causal:
-        _combine(hp, zp, zp, r, rz, rz, n_split, geo, shift=False)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    kcfg = geo.cfg("chunk_dk")
-    _launch(
-        _dk_kernel, (geo.nt, bhk), kcfg,
-        (k, v, phi, c, fr, r, rz, ws, psi, dout, delta, dk, kpm_arg, geo.nq, geo.nk, geo.off, geo.nt, npos, geo.hk,
-         geo.scale),
-        G=geo.groups, D=geo.d, D_PAD=geo.d_pad, DV=geo.dv, DV_PAD=dvp, M_PAD=mp, CHUNK=CHUNK, BLOCK_F=kcfg.block_n,
-        SOFTMAX=geo.softmax, CAUSAL=geo.causal, FP32=geo.fp32, HAS_PAD=kpm is not None,
+        shapes += [(bhk, n_split, mp, dvp), (bhk, n_split, 2, mp)]
+    f32, f32_size = _spans(*shapes)
+    dims = dict(D=geo.d, D_PAD=geo.d_pad, DV=geo.dv, DV_PAD=dvp, M_PAD=mp, CHUNK=CHUNK, SOFTMAX=geo.softmax,
+                CAUSAL=geo.causal, FP32=geo.fp32)  # fmt: skip
+    cfg = geo.cfg("chunk_dq")
+    dq = _Launch(
+        _dq_kernel, _query_grid(geo, cfg), cfg, (geo.nq, geo.nk, geo.off, geo.t0, nt, npos, geo.groups),
+        dict(dims, M=geo.m, BLOCK_M=CHUNK if geo.causal else cfg.block_m, BLOCK_F=cfg.block_n, N_SPLIT=n_split_proj),
     )  # fmt: skip
-    vcfg = geo.cfg("chunk_dv")
-    _launch(
-        _dv_kernel, (geo.nt, bhk), vcfg,
-        (phi, c, fr, r, psi, dout, dv, kpm_arg, geo.nq, geo.nk, geo.off, geo.nt, npos, geo.hk),
-        G=geo.groups, DV=geo.dv, DV_PAD=dvp, M_PAD=mp, CHUNK=CHUNK, BLOCK_F=vcfg.block_n, SOFTMAX=geo.softmax,
-        CAUSAL=geo.causal, FP32=geo.fp32, HAS_PAD=kpm is not None,
+    state = _Launch(
+        _state_kernel, (mp // rcfg.block_m, dvp // bv, bhk * n_split), rcfg,
+        (geo.nq, geo.off if geo.causal else 0, nt_q, per, n_split, geo.groups),
+        dict(DV=geo.dv, DV_PAD=dvp, M_PAD=mp, CHUNK=CHUNK, BLOCK_K=rcfg.block_m, BLOCK_V=bv, KEYS=False,
+             CAUSAL=geo.causal, SOFTMAX=geo.softmax, FP32=geo.fp32),
     )  # fmt: skip
+    combine = None if geo.causal else _combine_launch(geo, bhk, n_split, shift=False)
+    kcfg, vcfg = geo.cfg("chunk_dk"), geo.cfg("chunk_dv")
+    rows = (geo.nq, geo.nk, geo.off, nt, npos, geo.hk)
+    dk = _Launch(_dk_kernel, (nt, bhk), kcfg, (*rows, geo.scale), dict(dims, G=geo.groups, BLOCK_F=kcfg.block_n))
+    del dims["D"], dims["D_PAD"]
+    dv = _Launch(_dv_kernel, (nt, bhk), vcfg, rows, dict(dims, G=geo.groups, BLOCK_F=vcfg.block_n))
+    return _BackwardPlan(feat, feat_size, f32, f32_size, dq, state, combine, dk, dv)
+
+
+def _backward(q, k, v, out, lse, dout, wt, ws, kpm, plan: _Plan):
+    geo = plan.geo
+    bplan = _backward_plan(geo, plan.features.constexprs["N_SPLIT"], tuning.generation())
+    phi, cs, h, st, _ = _key_side(plan, k, v, wt, kpm)
+    psi, r = _carve(torch.empty(bplan.feat_size, device=q.device, dtype=geo.feat), bplan.feat)
+    delta, rst, *partial = _carve(torch.empty(bplan.f32_size, device=q.device, dtype=torch.float32), bplan.f32)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    bplan.dq(q, dout, out, lse, wt, ws, phi, cs, h, st, v, dq, psi, delta)
+    if geo.causal:
+        bplan.state(psi, st, dout, delta, r, rst)
+    else:
+        hp, pst = partial
+        bplan.state(psi, st, dout, delta, hp, pst)
+        bplan.combine(hp, pst, r, rst)
+    kpm_arg = kpm if kpm is not None else _no_padding(q.device)
+    has_pad = kpm is not None
+    _launch(bplan.dk.fn, bplan.dk.grid, bplan.dk.cfg, (k, v, phi, cs, st, r, rst, ws, psi, dout, delta, dk, kpm_arg,
+            *bplan.dk.ints), HAS_PAD=has_pad, **bplan.dk.constexprs)  # fmt: skip
+    _launch(bplan.dv.fn, bplan.dv.grid, bplan.dv.cfg, (phi, cs, st, r, psi, dout, dv, kpm_arg, *bplan.dv.ints),
+            HAS_PAD=has_pad, **bplan.dv.constexprs)  # fmt: skip
     return dq, dk, dv
 
 
@@ -379,17 +446,16 @@ def _no_padding(device: torch.device) -> Tensor:
 
 class _ChunkFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, w, kpm, opts: ChunkOptions):  # type: ignore[override]
-        geo = _geometry(tuple(q.shape), tuple(k.shape), v.shape[-1], q.dtype, opts, True, q.device)
-        out, lse, (wt, ws) = _forward(q, k, v, w, kpm, geo)
-        ctx.geo, ctx.kpm = geo, kpm
+    def forward(ctx, q, k, v, w, kpm, plan: _Plan):  # type: ignore[override]
+        out, lse, (wt, ws) = _forward(q, k, v, w, kpm, plan, save=True)
+        ctx.plan, ctx.kpm = plan, kpm
         ctx.save_for_backward(q, k, v, out, lse, wt, ws)
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):  # type: ignore[override]
         q, k, v, out, lse, wt, ws = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout.contiguous(), wt, ws, ctx.kpm, ctx.geo)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout.contiguous(), wt, ws, ctx.kpm, ctx.plan)
         return dq, dk, dv, None, None, None
 
 
@@ -411,8 +477,17 @@ def chunk_attention(
     Returns ``(B, H, Nq, Dv)`` in the dtype of ``q``. Without a gradient to compute, no autograd
     function is built.
     """
-    opts = ChunkOptions(causal, float(scale), kernel, int(w.shape[0]))
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _ChunkFunction.apply(q, k, v, w, kpm, opts)
-    geo = _geometry(tuple(q.shape), tuple(k.shape), v.shape[-1], q.dtype, opts, False, q.device)
-    return _forward(q, k, v, w, kpm, geo)[0]
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    key = (q.shape, k.shape, v.shape[-1], q.dtype, causal, scale, kernel, w.shape[0], grad, q.device)
+    plan = _plans(key, tuning.generation())
+    if grad:
+        return _ChunkFunction.apply(q, k, v, w, kpm, plan)
+    return _forward(q, k, v, w, kpm, plan, save=False)[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _plans(key: tuple, generation: int) -> _Plan:
+    """The plan of a call from its shapes and options (:func:`chunk_attention`'s cache key)."""
+    qs, ks, dv, dtype, causal, scale, kernel, m, grad, device = key
+    geo = _geometry(tuple(qs), tuple(ks), dv, dtype, ChunkOptions(causal, float(scale), kernel, int(m)), grad, device)
+    return _plan(geo, 0 if geo.fp32 else N_SPLIT[dtype], grad, generation)

@@ -156,3 +156,14 @@ def impl(shape: LaunchShape, device: torch.device) -> str:
     """Which FAVOR+ implementation runs at ``shape`` on ``device``: forced by the tuner, else the
     card's table (``favor_impl``), else :data:`DEFAULT_IMPL`."""
     return _impl(shape, device, tuning.generation())
+
+
+def impl_for(key: tuple) -> str:
+    """:func:`impl` for a call: ``key = (D, Dv, dtype, causal, m, device)``, cached as it is."""
+    return _impl_for(key, tuning.generation())
+
+
+@functools.lru_cache(maxsize=256)
+def _impl_for(key: tuple, generation: int) -> str:
+    d, dv, dtype, causal, m, device = key
+    return impl(LaunchShape(max(d, dv), dtype.itemsize, causal, m_pad=pad_pow2(m)), device)

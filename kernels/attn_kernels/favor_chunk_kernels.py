@@ -15,6 +15,9 @@ Conventions shared by every kernel here:
   shift differences never meet ``inf - inf``.
 - Rows (keys, queries) are addressed by position ``p``; a query row is ``i = p - OFF`` (bottom-right
   causal alignment), ``CHUNK`` positions make a chunk.
+- Per-feature float32 vectors come in pairs, ``(rows, 2, M_PAD)``: the chunk statistics ``cs`` of
+  the key features (0: the chunk's shift ``c``, 1: the sum of its features) and the statistics
+  ``st`` of a state (0: the normaliser sums ``z``, 1: the frame ``F``; :func:`_stat`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,17 @@ def _project(x, wt_ptr, f0, D_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_F: t
 
 
 @triton.jit
+def _stat(ptr, row, WHICH: tl.constexpr, offs, M_PAD: tl.constexpr):
+    """Entry ``WHICH`` (0 or 1) of row ``row`` of a ``(rows, 2, M_PAD)`` float32 statistics array."""
+    return tl.load(ptr + (row * 2 + WHICH) * M_PAD + offs)
+
+
+@triton.jit
+def _put_stat(ptr, row, WHICH: tl.constexpr, offs, value, M_PAD: tl.constexpr):
+    tl.store(ptr + (row * 2 + WHICH) * M_PAD + offs, value)
+
+
+@triton.jit
 def _real_keys(kpm_ptr, bhk, HK, NK, rows, row_ok, HAS_PAD: tl.constexpr):
     """``row_ok`` less the padded keys of key head ``bhk`` (``kpm_ptr``: int8 ``(B, NK)``, 1 = real)."""
     if HAS_PAD:
@@ -83,8 +97,7 @@ def _key_features_kernel(
     k_ptr,
     wt_ptr,
     phi_ptr,
-    c_ptr,
-    zc_ptr,
+    cs_ptr,
     kpm_ptr,
     NK,
     NT,
@@ -101,12 +114,12 @@ def _key_features_kernel(
     HAS_PAD: tl.constexpr,
 ):
     """Features of one chunk of keys, each key projected once: ``phi (BHk, NT*CHUNK, M_PAD)``, and
-    their sums over the chunk ``zc (BHk, NT, M_PAD)`` (float32, of the stored values), which the
-    state kernel adds up instead of reducing the features itself.
+    the chunk statistics ``cs (BHk, NT, 2, M_PAD)``: the shift and the sum of the stored features
+    over the chunk (which the state kernel adds up instead of reducing the features itself).
 
     Softmax: the chunk's own shift per feature, ``c[t, f] = ceil(max_j logit[j, f])`` over its real
-    keys (``c (BHk, NT, M_PAD)``, ``_NO_KEY`` where it has none), so every feature column peaks in
-    ``(1/2, 1]``. Padded keys, keys past ``NK`` and features past ``M`` get 0.
+    keys (``_NO_KEY`` where it has none), so every feature column peaks in ``(1/2, 1]``; relu: no
+    shift (0). Padded keys, keys past ``NK`` and features past ``M`` get 0.
     """
     t = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -127,12 +140,13 @@ def _key_features_kernel(
             lg = tl.where(keep, u - xsq[:, None], float("-inf"))
             c = tl.maximum(tl.ceil(tl.max(lg, 0)), _NO_KEY)
             phi = tl.exp2(lg - c[None, :])
-            tl.store(c_ptr + chunk * M_PAD + offs_f, c)
         else:
             phi = tl.where(keep, tl.maximum(u, 0.0) + _RELU_EPS, 0.0)
+            c = tl.zeros([BLOCK_F], tl.float32)
         phi = phi.to(phi_ptr.dtype.element_ty)
         tl.store(phi_base + tl.arange(0, CHUNK)[:, None] * M_PAD + offs_f[None, :], phi)
-        tl.store(zc_ptr + chunk * M_PAD + offs_f, tl.sum(phi.to(tl.float32), 0))
+        _put_stat(cs_ptr, chunk, 0, offs_f, c, M_PAD)
+        _put_stat(cs_ptr, chunk, 1, offs_f, tl.sum(phi.to(tl.float32), 0), M_PAD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,12 +157,11 @@ def _key_features_kernel(
 @triton.jit
 def _state_kernel(
     x_ptr,
-    c_ptr,
+    stats_ptr,
     y_ptr,
     w_ptr,
     h_ptr,
-    z_ptr,
-    f_ptr,
+    st_ptr,
     NY,
     OFF,
     NT,
@@ -169,17 +182,18 @@ def _state_kernel(
     """``h = sum_p x[p]^T y[p - OFF]`` (``BLOCK_K x BLOCK_V`` in float32 registers) and
     ``z = sum_p x[p] w[p]`` over chunks of positions, for one block of features and values.
 
-    ``KEYS``: ``x`` the key features (local shifts ``c``), ``y = V``, ``w = 1`` (``w_ptr``: the
-    chunk sums of the features from :func:`_key_features_kernel`); the state keeps
-    the running maximum of the shifts as its frame ``F`` (``h`` rescaled when it rises, each
-    chunk's features brought down to it). Otherwise ``x = psi`` of the ``G`` query heads of the key
-    head (frame ``F_t`` of the key chunk, read from ``c_ptr``), ``y = dO``, ``w = delta``; causal,
-    chunks run backwards and the state follows the frames down.
+    ``KEYS``: ``x`` the key features, ``y = V``, ``w = 1``; ``stats_ptr``: their chunk statistics
+    (shifts, and the feature sums that make ``z``). The state keeps the running maximum of the
+    shifts as its frame ``F`` (``h`` rescaled when it rises, each chunk's features brought down
+    to it). Otherwise ``x = psi`` of the ``G`` query heads of the key head, ``y = dO``, ``w =
+    delta`` (by position, ``w_ptr``); ``stats_ptr``: the key states' statistics, whose frame
+    ``F_t`` the queries of chunk ``t`` are in; causal, chunks run backwards and the state follows
+    the frames down.
 
     ``CAUSAL``: chunk ``t`` stores the state of the chunks before it (keys) or after it (queries)
-    in slot ``t`` (``h`` in ``FEAT``, ``z`` and, keys, ``F`` in float32). Not causal: split ``s``
-    of ``N_SPLIT_T`` adds up chunks ``[s T_SPLIT, (s+1) T_SPLIT)`` and stores float32 partial
-    sums in slot ``s`` for :func:`_combine_kernel`.
+    in slot ``t`` (``h`` in ``FEAT``, statistics ``st`` in float32: ``z`` and, keys, ``F``). Not
+    causal: split ``s`` of ``N_SPLIT_T`` adds up chunks ``[s T_SPLIT, (s+1) T_SPLIT)`` and stores
+    float32 partial sums in slot ``s`` for :func:`_combine_kernel`.
     """
     kb = tl.program_id(0)
     vb = tl.program_id(1)
@@ -200,8 +214,9 @@ def _state_kernel(
         t = t_lo + it
         if reverse:
             t = NT - 1 - it
+        chunk = bhk.to(tl.int64) * NT + t
         if KEYS and SOFTMAX:  # the running frame: F = max(F, c_t)
-            c = tl.load(c_ptr + (bhk.to(tl.int64) * NT + t) * M_PAD + offs_k)
+            c = _stat(stats_ptr, chunk, 0, offs_k, M_PAD)
             f_new = tl.maximum(fr, c)
             alpha = tl.exp2(fr - f_new)
             h = h * alpha[:, None]
@@ -209,18 +224,17 @@ def _state_kernel(
             fr = f_new
             scale = tl.exp2(c - f_new)
         if frames:  # the key chunk's frame, falling as t falls
-            f_new = tl.load(c_ptr + (bhk.to(tl.int64) * NT + t) * M_PAD + offs_k)
+            f_new = _stat(stats_ptr, chunk, 1, offs_k, M_PAD)
             alpha = tl.exp2(f_new - tl.maximum(fr, f_new))
             h = h * alpha[:, None]
             z = z * alpha
             fr = f_new
         if CAUSAL:
-            slot = bhk.to(tl.int64) * NT + t
-            tl.store(h_ptr + (slot * M_PAD + offs_k[:, None]) * DV_PAD + offs_v[None, :], h.to(h_ptr.dtype.element_ty))
+            h_off = (chunk * M_PAD + offs_k[:, None]) * DV_PAD + offs_v[None, :]
+            tl.store(h_ptr + h_off, h.to(h_ptr.dtype.element_ty))
             if vb == 0:
-                tl.store(z_ptr + slot * M_PAD + offs_k, z)
-                if KEYS and SOFTMAX:
-                    tl.store(f_ptr + slot * M_PAD + offs_k, fr)
+                _put_stat(st_ptr, chunk, 0, offs_k, z, M_PAD)
+                _put_stat(st_ptr, chunk, 1, offs_k, fr, M_PAD)
         pos = t * CHUNK + offs_t
         rows = pos - OFF
         ok = (rows >= 0) & (rows < NY)
@@ -231,7 +245,7 @@ def _state_kernel(
             )
             ys = _load_rows(y_ptr + bx * NY * DV, rows, ok, offs_v, DV).to(xs.dtype)
             if KEYS:
-                zc = tl.load(w_ptr + (bhk.to(tl.int64) * NT + t) * M_PAD + offs_k)
+                zc = _stat(stats_ptr, chunk, 1, offs_k, M_PAD)
             if KEYS and SOFTMAX:
                 h += _dot(xs, ys, tl.zeros([BLOCK_K, BLOCK_V], tl.float32), FP32) * scale[:, None]
                 z += zc * scale
@@ -246,27 +260,25 @@ def _state_kernel(
         slot = bhk.to(tl.int64) * N_SPLIT_T + sp
         tl.store(h_ptr + (slot * M_PAD + offs_k[:, None]) * DV_PAD + offs_v[None, :], h)
         if vb == 0:
-            tl.store(z_ptr + slot * M_PAD + offs_k, z)
-            if KEYS and SOFTMAX:
-                tl.store(f_ptr + slot * M_PAD + offs_k, fr)
+            _put_stat(st_ptr, slot, 0, offs_k, z, M_PAD)
+            _put_stat(st_ptr, slot, 1, offs_k, fr, M_PAD)
 
 
 @triton.jit
 def _combine_kernel(
     hp_ptr,
-    zp_ptr,
-    fp_ptr,
+    pst_ptr,
     h_ptr,
-    z_ptr,
-    f_ptr,
+    st_ptr,
     N_SPLIT_T,
     DV_PAD: tl.constexpr,
     M_PAD: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SHIFT: tl.constexpr,
 ):
-    """The non-causal total of the partial states of :func:`_state_kernel`: ``h`` in ``FEAT``,
-    ``z`` and (``SHIFT``: key states) the frame ``F = max_s F_s`` in float32."""
+    """The non-causal total of the partial states of :func:`_state_kernel` (``hp`` and the partial
+    statistics ``pst``): ``h`` in ``FEAT``, and its statistics: ``z`` and (``SHIFT``: key states)
+    the frame ``F = max_s F_s``."""
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -275,23 +287,22 @@ def _combine_kernel(
     fr = tl.full([BLOCK_K], _NO_KEY, tl.float32)
     if SHIFT:
         for s in _range(0, N_SPLIT_T):
-            fr = tl.maximum(fr, tl.load(fp_ptr + (base + s) * M_PAD + offs_k))
+            fr = tl.maximum(fr, _stat(pst_ptr, base + s, 1, offs_k, M_PAD))
     h = tl.zeros([BLOCK_K, DV_PAD], tl.float32)
     z = tl.zeros([BLOCK_K], tl.float32)
     for s in _range(0, N_SPLIT_T):
         hs = tl.load(hp_ptr + ((base + s) * M_PAD + offs_k[:, None]) * DV_PAD + offs_v[None, :])
-        zs = tl.load(zp_ptr + (base + s) * M_PAD + offs_k)
+        zs = _stat(pst_ptr, base + s, 0, offs_k, M_PAD)
         if SHIFT:
-            alpha = tl.exp2(tl.load(fp_ptr + (base + s) * M_PAD + offs_k) - fr)
+            alpha = tl.exp2(_stat(pst_ptr, base + s, 1, offs_k, M_PAD) - fr)
             hs = hs * alpha[:, None]
             zs = zs * alpha
         h += hs
         z += zs
     out = bhk.to(tl.int64) * M_PAD + offs_k
     tl.store(h_ptr + out[:, None] * DV_PAD + offs_v[None, :], h.to(h_ptr.dtype.element_ty))
-    tl.store(z_ptr + out, z)
-    if SHIFT:
-        tl.store(f_ptr + out, fr)
+    _put_stat(st_ptr, bhk.to(tl.int64), 0, offs_k, z, M_PAD)
+    _put_stat(st_ptr, bhk.to(tl.int64), 1, offs_k, fr, M_PAD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,10 +315,9 @@ def _fwd_kernel(
     q_ptr,
     wt_ptr,
     phi_ptr,
-    c_ptr,
+    cs_ptr,
     h_ptr,
-    z_ptr,
-    f_ptr,
+    st_ptr,
     v_ptr,
     o_ptr,
     lse_ptr,
@@ -369,7 +379,7 @@ def _fwd_kernel(
         offs_f = f0 + tl.arange(0, BLOCK_F)
         u = _project(qx, wt_ptr, f0, D_PAD, M_PAD, BLOCK_F, N_SPLIT=N_SPLIT)
         if SOFTMAX:
-            fr = tl.load(f_ptr + slot * M_PAD + offs_f)
+            fr = _stat(st_ptr, slot, 1, offs_f, M_PAD)
             lg = tl.where((offs_f < M)[None, :], u + fr[None, :], float("-inf"))
             m_new = tl.maximum(m_i, tl.max(lg, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -384,10 +394,10 @@ def _fwd_kernel(
         p1 = pq.to(h_ptr.dtype.element_ty)
         hb = tl.load(h_ptr + (slot * M_PAD + offs_f[:, None]) * DV_PAD + offs_v[None, :])
         acc = _dot(p1, hb, acc, FP32)
-        den += tl.sum(p1.to(tl.float32) * tl.load(z_ptr + slot * M_PAD + offs_f)[None, :], 1)
+        den += tl.sum(p1.to(tl.float32) * _stat(st_ptr, slot, 0, offs_f, M_PAD)[None, :], 1)
         if CAUSAL:
             if SOFTMAX:
-                cl = tl.load(c_ptr + slot * M_PAD + offs_f)
+                cl = _stat(cs_ptr, slot, 0, offs_f, M_PAD)
                 p2 = (pq * tl.exp2(cl - fr)[None, :]).to(h_ptr.dtype.element_ty)
             else:
                 p2 = p1
@@ -429,10 +439,9 @@ def _dq_kernel(
     wt_ptr,
     w_ptr,
     phi_ptr,
-    c_ptr,
+    cs_ptr,
     h_ptr,
-    z_ptr,
-    f_ptr,
+    st_ptr,
     v_ptr,
     dq_ptr,
     psi_ptr,
@@ -506,14 +515,14 @@ def _dq_kernel(
         offs_f = f0 + tl.arange(0, BLOCK_F)
         u = _project(qx, wt_ptr, f0, D_PAD, M_PAD, BLOCK_F, N_SPLIT=N_SPLIT)
         if SOFTMAX:
-            fr = tl.load(f_ptr + slot * M_PAD + offs_f)
+            fr = _stat(st_ptr, slot, 1, offs_f, M_PAD)
             psi = tl.exp2(tl.where((offs_f < M)[None, :], u + fr[None, :] - lse[:, None], float("-inf")))
         else:
             psi = tl.where((offs_f < M)[None, :], tl.maximum(u, 0.0) + _RELU_EPS, 0.0) * inv_den[:, None]
         psi_f = psi.to(feat)
         tl.store(psi_base + pos[:, None].to(tl.int64) * M_PAD + offs_f[None, :], psi_f, mask=p_ok[:, None])
         hb = tl.load(h_ptr + (slot * M_PAD + offs_f[:, None]) * DV_PAD + offs_v[None, :])
-        zb = tl.load(z_ptr + slot * M_PAD + offs_f)
+        zb = _stat(st_ptr, slot, 0, offs_f, M_PAD)
         dphi = _dot(do_f, tl.trans(hb), tl.zeros([BLOCK_M, BLOCK_F], tl.float32), FP32) - delta[:, None] * zb[None, :]
         if CAUSAL:
             kf = tl.load(
@@ -523,7 +532,7 @@ def _dq_kernel(
             )
             intra = _dot(datt, kf, tl.zeros([BLOCK_M, BLOCK_F], tl.float32), FP32)
             if SOFTMAX:
-                intra = intra * tl.exp2(tl.load(c_ptr + slot * M_PAD + offs_f) - fr)[None, :]
+                intra = intra * tl.exp2(_stat(cs_ptr, slot, 0, offs_f, M_PAD) - fr)[None, :]
             dphi += intra
         if SOFTMAX:  # noqa: SIM108
             dl = psi_f.to(tl.float32) * dphi
@@ -540,8 +549,8 @@ def _dq_kernel(
 @triton.jit
 def _key_chunk_features(
     phi_ptr,
-    c_ptr,
-    f_ptr,
+    cs_ptr,
+    st_ptr,
     chunk,
     slot,
     f0,
@@ -556,7 +565,7 @@ def _key_chunk_features(
     raw = tl.load(phi_ptr + (chunk * CHUNK + tl.arange(0, CHUNK)[:, None]) * M_PAD + offs_f[None, :])
     scaled = raw.to(tl.float32)
     if SOFTMAX:
-        shift = tl.load(c_ptr + chunk * M_PAD + offs_f) - tl.load(f_ptr + slot * M_PAD + offs_f)
+        shift = _stat(cs_ptr, chunk, 0, offs_f, M_PAD) - _stat(st_ptr, slot, 1, offs_f, M_PAD)
         scaled = scaled * tl.exp2(shift)[None, :]
     return raw, scaled
 
@@ -566,10 +575,10 @@ def _dk_kernel(
     k_ptr,
     v_ptr,
     phi_ptr,
-    c_ptr,
-    f_ptr,
+    cs_ptr,
+    st_ptr,
     r_ptr,
-    rz_ptr,
+    rst_ptr,
     w_ptr,
     psi_ptr,
     do_ptr,
@@ -633,9 +642,9 @@ def _dk_kernel(
             datt1 = tl.where(vis, gv - dlt[None, :], 0.0).to(feat)
     for f0 in range(0, M_PAD, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
-        kraw, kf32 = _key_chunk_features(phi_ptr, c_ptr, f_ptr, chunk, slot, f0, M_PAD, CHUNK, BLOCK_F, SOFTMAX)
+        kraw, kf32 = _key_chunk_features(phi_ptr, cs_ptr, st_ptr, chunk, slot, f0, M_PAD, CHUNK, BLOCK_F, SOFTMAX)
         rb = tl.load(r_ptr + (slot * M_PAD + offs_f[:, None]) * DV_PAD + offs_v[None, :])
-        rz = tl.load(rz_ptr + slot * M_PAD + offs_f)
+        rz = _stat(rst_ptr, slot, 0, offs_f, M_PAD)
         dphi = _dot(vx, tl.trans(rb), tl.zeros([CHUNK, BLOCK_F], tl.float32), FP32) - rz[None, :]
         if CAUSAL:
             for g in range(0, G):
@@ -671,8 +680,8 @@ def _dk_kernel(
 @triton.jit
 def _dv_kernel(
     phi_ptr,
-    c_ptr,
-    f_ptr,
+    cs_ptr,
+    st_ptr,
     r_ptr,
     psi_ptr,
     do_ptr,
@@ -714,7 +723,7 @@ def _dv_kernel(
     dv = tl.zeros([CHUNK, DV_PAD], tl.float32)
     for f0 in range(0, M_PAD, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
-        _, kf32 = _key_chunk_features(phi_ptr, c_ptr, f_ptr, chunk, slot, f0, M_PAD, CHUNK, BLOCK_F, SOFTMAX)
+        _, kf32 = _key_chunk_features(phi_ptr, cs_ptr, st_ptr, chunk, slot, f0, M_PAD, CHUNK, BLOCK_F, SOFTMAX)
         rb = tl.load(r_ptr + (slot * M_PAD + offs_f[:, None]) * DV_PAD + offs_v[None, :])
         dv = _dot(kf32.to(feat), rb, dv, FP32)
     if CAUSAL:
@@ -726,7 +735,7 @@ def _dv_kernel(
             att = tl.zeros([CHUNK, CHUNK], tl.float32)
             for f0 in range(0, M_PAD, BLOCK_F):
                 offs_f = f0 + tl.arange(0, BLOCK_F)
-                _, kf32 = _key_chunk_features(phi_ptr, c_ptr, f_ptr, chunk, slot, f0, M_PAD, CHUNK, BLOCK_F, SOFTMAX)
+                _, kf32 = _key_chunk_features(phi_ptr, cs_ptr, st_ptr, chunk, slot, f0, M_PAD, CHUNK, BLOCK_F, SOFTMAX)
                 ps = tl.load(
                     psi_ptr + (bh * NPOS + kpos[None, :]) * M_PAD + offs_f[:, None], mask=q_ok[None, :], other=0.0
                 )
