@@ -407,6 +407,33 @@ def test_favor_impl_and_chunk_configs_follow_the_table(tmp_path: Path, monkeypat
         tuning.config_from_dict({"impl": 3}, tuning.ImplChoice)
 
 
+def test_tune_times_both_favor_implementations_and_the_summary_shows_them(tmp_path: Path) -> None:
+    """The ``favor_impl`` key: both implementations checked and timed in one run, the faster kept,
+    each one's time in the entry; the device check's record and SUMMARY.md list them."""
+    from attn_bench.device.summary import summary_markdown
+    from attn_bench.device.tune_keys import impl_choices
+
+    keys = tn.plan(kernels=["favor_impl"], head_dims=[128], ns=[16384])
+    assert [(k.kernel, k.causal) for k in keys] == [("favor_impl", False), ("favor_impl", True)]
+    runner = FakeRunner(seed=3)
+    run = tn.tune(keys, runner, card=CARD, capability=CAP, budget_s=100, out_dirs=[tmp_path], echo=lambda s: None)
+    table = tuning.Table.read(run.paths[0])
+    choices = impl_choices(table)
+    assert set(choices) == {k.table_key for k in keys}
+    for key in keys:
+        entry = table.entry("favor_impl", key.table_key)
+        times = {name: runner.times[(key.table_key, name)] for name in ("chunk", "legacy")}
+        assert entry["timings"] == pytest.approx(times, rel=1e-5) and entry["default"] == "chunk"
+        want = "legacy" if times["legacy"] < (1 - tn.MIN_GAIN) * times["chunk"] else "chunk"
+        assert entry["config"] == {"impl": want} and choices[key.table_key]["chosen"] == want
+    record = {"environment": {}, "steps": [], "budget_s": 500.0, "tuning": {"status": "ok", "favor_impl": choices}}
+    text = summary_markdown(record, tmp_path / "none", tmp_path / "none.csv", tmp_path / "none.log")
+    assert "FAVOR+ implementations" in text
+    for key in keys:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {key.table_key} |"))
+        assert all(f"{runner.times[(key.table_key, name)]:.3g}" in row for name in ("chunk", "legacy"))
+
+
 def test_forced_configs_reach_the_launch_and_stay_correct() -> None:
     """The real runner's numerics check, under the interpreter: the flash forward and backward
     with a forced non-default tile, against the float64 ground truth."""
