@@ -219,10 +219,14 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+SPLIT_PROGRAMS_PER_SM = 8  # a state walk is latency-bound: several programs per SM hide it
+
+
 def _splits(chunks: int, programs: int, device: torch.device) -> tuple[int, int]:
-    """``(chunks per split, splits)`` of a non-causal state pass: enough programs to fill the GPU
-    (on the CPU two splits where there are two chunks, so the interpreter tests run the combine)."""
-    want = cdiv(2 * _sm_count(device), max(programs, 1)) if device.type == "cuda" else 2
+    """``(chunks per split, splits)`` of a non-causal state pass: :data:`SPLIT_PROGRAMS_PER_SM`
+    programs per SM (on the CPU two splits where there are two chunks, so the interpreter tests
+    run the combine)."""
+    want = cdiv(SPLIT_PROGRAMS_PER_SM * _sm_count(device), max(programs, 1)) if device.type == "cuda" else 2
     per = cdiv(chunks, max(1, min(chunks, want)))
     return per, cdiv(chunks, per)
 
