@@ -62,6 +62,14 @@ def check_backend(
     assert res.ok, f"{variant!r} {backend}: {res.message}"
 
 
+def favor_impl(name: str):
+    """Within the block, the Triton Performer runs implementation ``name`` (``"chunk"``, the
+    default, or ``"legacy"``), as the tuner times them."""
+    from attn_kernels import tuning
+
+    return tuning.forced({"favor_impl": tuning.ImplChoice(name)})
+
+
 def tiny_configs(*lengths: int):
     """Harness tests: one-head, D=16 ``full``/``torch`` configs at these lengths."""
     from attn_bench.core.config import BenchConfig

@@ -1,10 +1,13 @@
 """Fused Triton FAVOR+ kernels under the interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
 
 Forward and backward against the float64 dense FAVOR+ formula with the same projection, through
-the shared tolerance policy. The causal kernels work in chunks of ``favor_configs.CHUNK`` (64) positions,
-so the lengths put chunk boundaries inside the sequence (113, 200) and at its end (64).
-bfloat16 is left to the compile and GPU tests: ``tl.dot`` on bfloat16 is wrong under the
-interpreter.
+the shared tolerance policy. The cases run the implementation the backend uses (the chunked
+kernels, :mod:`attn_kernels.favor_chunk`); the legacy kernels (:mod:`attn_kernels.favor`), which
+the tuner may still pick, run a subset and each of their configs. Both work in chunks of 64
+positions, so the lengths put chunk boundaries inside the sequence (113, 200) and at its end (64);
+the non-causal key states of the chunked kernels are summed over two splits of N here (the
+combine kernel) as soon as N has two chunks. bfloat16 is left to the compile and GPU tests:
+``tl.dot`` on bfloat16 is wrong under the interpreter.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import check_backend, make_qkv
+from helpers import check_backend, favor_impl, make_qkv
 
 import attention_variants as av
-from attn_kernels import favor, favor_configs, favor_kernels, launch
+from attn_kernels import favor, favor_chunk, favor_chunk_configs, favor_configs, favor_kernels, launch, tuning
 
 pytestmark = pytest.mark.interpreter
 
@@ -85,6 +88,68 @@ def test_forward_backward_matches_reference(case: Case) -> None:
     variant = av.PerformerAttention(num_features=case.m, kernel=case.kernel, seed=1)
     q, k, v = make_qkv(case.b, case.h, case.hk, case.nq, case.nk, case.d, case.dv, dtype=case.dtype)
     check_backend(variant, "triton", q, k, v, causal=case.causal)
+
+
+LEGACY_CASES = [
+    Case(1, 4, 2, 70, 70, 32, 32, causal=True),
+    Case(1, 2, 2, 64, 200, 16, 64, causal=False),
+    Case(1, 2, 2, 113, 64, 16, 16, causal=True, kernel="relu"),
+    Case(1, 2, 1, 200, 200, 40, 256, causal=False, dtype=torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", LEGACY_CASES, ids=lambda c: c.id)
+def test_legacy_kernels_match_reference(case: Case) -> None:
+    """The legacy FAVOR+ kernels, a candidate of the tuner's ``favor_impl`` switch."""
+    variant = av.PerformerAttention(num_features=case.m, kernel=case.kernel, seed=1)
+    q, k, v = make_qkv(case.b, case.h, case.hk, case.nq, case.nk, case.d, case.dv, dtype=case.dtype)
+    with favor_impl("legacy"):
+        check_backend(variant, "triton", q, k, v, causal=case.causal)
+
+
+CHUNK_KERNELS = list(favor_chunk_configs.CONFIGS)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("kernel", CHUNK_KERNELS)
+def test_every_chunk_config(kernel: str, causal: bool) -> None:
+    """Each candidate config of a chunked kernel alone (the others at their defaults), on a shape
+    with a chunk boundary inside, GQA and Dv != D; what the tuner may pick must be right."""
+    variant = av.PerformerAttention(num_features=64, seed=3)
+    q, k, v = make_qkv(1, 2, 1, 100, 100, 32, 16)
+    shape = launch.LaunchShape(32, 4, causal, m_pad=64)
+    for cfg in favor_chunk_configs.candidates(kernel, shape):
+        with tuning.forced({"favor_" + kernel: cfg}) as seen:
+            check_backend(variant, "triton", q, k, v, causal=causal)
+        assert ("favor_" + kernel, shape) in seen, f"{kernel} {cfg} never launched"
+
+
+def test_chunk_forward_projects_each_token_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One feature pass over the keys and one query pass per forward (each token projected once),
+    no autograd function without a gradient to compute, float16 features unless a float16
+    gradient is wanted (then the float32 path)."""
+    launched: list[tuple[str, torch.dtype]] = []
+    real = favor_chunk._launch
+
+    def spy(fn, grid, cfg, args, **kw):
+        launched.append((fn.__name__, args[2].dtype))  # the feature pass's third argument: its output
+        return real(fn, grid, cfg, args, **kw)
+
+    monkeypatch.setattr(favor_chunk, "_launch", spy)
+    variant = av.PerformerAttention(num_features=32, seed=4)
+    q, k, v = make_qkv(1, 2, 2, 100, 100, 16, dtype=torch.float16)
+    out = variant(q, k, v, causal=True, backend="triton")
+    assert [name for name, _ in launched] == ["_key_features_kernel", "_state_kernel", "_fwd_kernel"]
+    assert out.grad_fn is None and launched[0][1] == torch.float16
+    launched.clear()
+    variant(q, k, v, causal=False, backend="triton")
+    assert [name for name, _ in launched] == ["_key_features_kernel", "_state_kernel", "_combine_kernel", "_fwd_kernel"]
+    launched.clear()
+    out = variant(q.requires_grad_(), k, v, causal=True, backend="triton")
+    assert out.grad_fn is not None and launched[0][1] == torch.float32
+    out.sum().backward()
+    names = [name for name, _ in launched[3:]]
+    assert names == ["_key_features_kernel", "_state_kernel", "_dq_kernel", "_state_kernel", "_dk_kernel", "_dv_kernel"]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
@@ -174,14 +239,15 @@ KERNEL_FNS = {
     ids=lambda x: x if isinstance(x, str) else ("causal" if x else "noncausal"),
 )
 def test_every_shipped_config(kernel: str, causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each config of ``kernel`` alone (the others' first kept config) on a shape with boundaries."""
+    """Each config of a legacy ``kernel`` alone (the others' first kept config) on a shape with boundaries."""
     variant = av.PerformerAttention(num_features=64, seed=3)
     q, k, v = make_qkv(1, 2, 1, 100, 100, 32)
     for cfg in favor_configs.CONFIGS[kernel]:
         if causal and kernel in ("fwd", "bwd_dq", "bwd_dkv") and favor_configs.CHUNK % cfg.block_m:
             continue
         monkeypatch.setitem(favor_configs.CONFIGS, kernel, (cfg,))
-        check_backend(variant, "triton", q, k, v, causal=causal)
+        with favor_impl("legacy"):
+            check_backend(variant, "triton", q, k, v, causal=causal)
 
 
 @pytest.mark.parametrize("kernel", list(favor_configs.CONFIGS))
@@ -197,7 +263,8 @@ def test_autotuner_builds(kernel: str) -> None:
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_buffers_stay_linear_in_n(causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No buffer the kernels allocate approaches ``N x m x Dv``: the largest are ``O(N (m + Dv))``."""
+    """No buffer the kernels allocate approaches ``N x m x Dv``: the largest are ``O(N (m + Dv))``
+    (the chunk states and a feature buffer ``N x m`` share one allocation)."""
     b, h, n, d, dv, m = 1, 2, 256, 32, 32, 64
     sizes: list[int] = []
     for name in ("empty", "zeros", "empty_like", "zeros_like"):
@@ -207,7 +274,7 @@ def test_buffers_stay_linear_in_n(causal: bool, monkeypatch: pytest.MonkeyPatch)
     q, k, v = (t.requires_grad_() for t in make_qkv(b, h, h, n, n, d, dv))
     variant(q, k, v, causal=causal, backend="triton").sum().backward()
     chunk_states = b * h * (n // favor_configs.CHUNK + 1) * m * dv
-    assert max(sizes) <= max(chunk_states, b * h * n * max(d, dv)), max(sizes)
+    assert max(sizes) <= chunk_states + b * h * (n + favor_configs.CHUNK) * max(d, dv, m), max(sizes)
     assert max(sizes) * 8 <= b * h * n * m * dv
 
 

@@ -27,7 +27,7 @@ import attn_kernels
 import attn_kernels.decode as kdecode
 import attn_kernels.flash_attention as flash
 import attn_kernels.launch as launch_mod
-from tests.helpers import make_qkv
+from tests.helpers import favor_impl, make_qkv
 
 POISON_FRESH_ALLOCATIONS = False  # conftest's NaN fill of torch.empty would be counted as an op
 
@@ -203,19 +203,64 @@ def test_global_positions_are_read_once() -> None:
     assert variant.global_positions() == [0, 3, 5]
 
 
-def test_performer_forward_reuses_its_projection(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def stub_favor_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Replace the launches of both FAVOR+ implementations by a recorder (kernel names)."""
+    import attn_kernels.favor as favor
+    import attn_kernels.favor_chunk as favor_chunk
+
+    launched: list[str] = []
+    monkeypatch.setattr(favor, "launch", lambda fn, *args, **kwargs: launched.append(fn.__name__))
+    monkeypatch.setattr(favor_chunk, "_launch", lambda fn, *args, **kwargs: launched.append(fn.__name__))
+    return launched
+
+
+@pytest.mark.parametrize("impl", ["chunk", "legacy"])
+def test_performer_forward_reuses_its_projection(impl: str, stub_favor_launches) -> None:
     """A FAVOR+ forward's projection operands are made once: a second call issues no copy, cast,
     fill or placeholder allocation (what remains is its own buffers and the key reductions)."""
-    import attn_kernels.favor as favor
-
-    monkeypatch.setattr(favor, "launch", lambda *args, **kwargs: None)
     variant = av.PerformerAttention(num_features=32)
     q, k, v = make_qkv(1, 2, 2, 64, 64, 16)
-    variant(q, k, v, causal=False, backend="triton")
-    with OpCounter() as counter:
+    with favor_impl(impl):
         variant(q, k, v, causal=False, backend="triton")
+        with OpCounter() as counter:
+            variant(q, k, v, causal=False, backend="triton")
     assert counter.forbidden() == [], dict(counter.ops)
     assert "aten.zeros.default" not in counter.ops, dict(counter.ops)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_performer_chunk_forward_host_work(causal: bool, grad: bool, stub_favor_launches) -> None:
+    """The chunked FAVOR+ forward through the public API: three allocations without a gradient
+    (the output, one workspace per dtype: features and states, float32 shifts and sums), the
+    log-sum-exp on its own with one (it is saved); no fills, casts, copies or host syncs; one
+    launch per pass (keys' features, states, the combine when not causal, the queries); no
+    autograd node without a gradient to compute."""
+    variant = av.PerformerAttention(num_features=32)
+    q, k, v = make_qkv(1, 4, 2, 100, 100, 16)
+    q.requires_grad_(grad)
+    variant(q, k, v, causal=causal, backend="triton")
+    stub_favor_launches.clear()
+    with OpCounter() as counter:
+        out = variant(q, k, v, causal=causal, backend="triton")
+    assert out.shape == (1, 4, 100, 16) and (out.grad_fn is not None) == grad
+    assert counter.allocations() == 3 + grad, dict(counter.ops)
+    assert counter.forbidden() == [], dict(counter.ops)
+    combine = [] if causal else ["_combine_kernel"]
+    assert stub_favor_launches == ["_key_features_kernel", "_state_kernel", *combine, "_fwd_kernel"]
+
+
+def test_performer_forward_host_time(benchmark, request: pytest.FixtureRequest, stub_favor_launches) -> None:
+    """Python time of one stubbed chunked FAVOR+ forward through the public API, no gradient
+    (reported, not asserted: a shared machine's timings are noise)."""
+    if not (request.config.getoption("benchmark_only") or request.config.getoption("benchmark_enable")):
+        pytest.skip("a benchmark: run with --benchmark-only or --benchmark-enable")
+    q, k, v = make_qkv(1, 4, 4, 128, 128, 64)
+    variant = av.PerformerAttention(num_features=64)
+    variant(q, k, v, causal=True, backend="triton")
+    out = benchmark(variant, q, k, v, causal=True, backend="triton")
+    assert out.shape == (1, 4, 128, 64)
 
 
 def test_projection_operands_follow_the_tensor() -> None:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import check_backend, make_qkv
+from helpers import check_backend, favor_impl, make_qkv
 
 import attention_variants as av
-from attn_kernels import favor, flash_attention, tuning
+from attn_kernels import favor, favor_chunk, flash_attention, tuning
 from attn_kernels.flash_configs import FlashConfig
 
 pytest.importorskip("triton")
@@ -86,27 +86,31 @@ def test_hopper_paths_with_padding(case) -> None:
         check_backend(variant, "triton", q, k, v, causal=causal, key_padding_mask=padding_mask(b, nk))
 
 
-# (kernel, (B, H, Hk, Nq, Nk, D), m, causal, dtype); causal chunks are 64 positions.
+# (kernel, (B, H, Hk, Nq, Nk, D), m, causal, dtype, implementation); causal chunks are 64 positions.
 FAVOR_CASES = [
-    ("softmax", (4, 2, 1, 70, 70, 16), 32, False, FP32),
-    ("softmax", (4, 2, 1, 70, 70, 16), 32, True, FP32),
-    ("softmax", (4, 1, 1, 50, 75, 32), 16, True, FP16),  # Nq != Nk
-    ("relu", (4, 2, 1, 66, 66, 16), 16, True, FP32),
-    ("relu", (4, 2, 1, 70, 70, 16), 16, False, FP16),
+    ("softmax", (4, 2, 1, 70, 70, 16), 32, False, FP32, "chunk"),
+    ("softmax", (4, 2, 1, 70, 70, 16), 32, True, FP32, "chunk"),
+    ("softmax", (4, 1, 1, 50, 75, 32), 16, True, FP16, "chunk"),  # Nq != Nk
+    ("relu", (4, 2, 1, 66, 66, 16), 16, True, FP32, "chunk"),
+    ("relu", (4, 2, 1, 70, 70, 16), 16, False, FP16, "chunk"),
+    ("softmax", (4, 2, 1, 70, 70, 16), 32, True, FP32, "legacy"),
+    ("relu", (4, 2, 1, 70, 70, 16), 16, False, FP16, "legacy"),
 ]
 
 
 def _favor_id(case) -> str:
-    kernel, (b, h, hk, nq, nk, d), m, causal, dtype = case
-    return f"{kernel}-B{b}-H{h}-Hk{hk}-Nq{nq}-Nk{nk}-D{d}-m{m}-{'causal' if causal else 'noncausal'}-{dtype.id}"
+    kernel, (b, h, hk, nq, nk, d), m, causal, dtype, impl = case
+    form = "causal" if causal else "noncausal"
+    return f"{impl}-{kernel}-B{b}-H{h}-Hk{hk}-Nq{nq}-Nk{nk}-D{d}-m{m}-{form}-{dtype.id}"
 
 
 @pytest.mark.parametrize("case", FAVOR_CASES, ids=_favor_id)
 def test_favor_kernels_with_padding(case) -> None:
-    kernel, (b, h, hk, nq, nk, d), m, causal, dtype = case
+    kernel, (b, h, hk, nq, nk, d), m, causal, dtype, impl = case
     variant = av.PerformerAttention(num_features=m, kernel=kernel, seed=5)
     q, k, v = make_qkv(b, h, hk, nq, nk, d, dtype=dtype.values[0])
-    check_backend(variant, "triton", q, k, v, causal=causal, key_padding_mask=padding_mask(b, nk))
+    with favor_impl(impl):
+        check_backend(variant, "triton", q, k, v, causal=causal, key_padding_mask=padding_mask(b, nk))
 
 
 @pytest.mark.parametrize("causal", CAUSAL)
@@ -157,25 +161,29 @@ def _recorded_flags(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list[
 
 
 @pytest.mark.parametrize(
-    ("variant", "module", "name"),
+    ("variant", "module", "name", "impl"),
     [
-        (av.SlidingWindowAttention(5, global_tokens=1), flash_attention, "launch"),
-        (av.PerformerAttention(num_features=16), favor, "_launch"),
+        (av.SlidingWindowAttention(5, global_tokens=1), flash_attention, "launch", "chunk"),
+        (av.PerformerAttention(num_features=16), favor_chunk, "_launch", "chunk"),
+        (av.PerformerAttention(num_features=16), favor, "_launch", "legacy"),
     ],
-    ids=["softmax", "favor"],
+    ids=["softmax", "favor", "favor-legacy"],
 )
-def test_no_mask_launches_the_unpadded_specialisation(variant, module, name, monkeypatch) -> None:
+def test_no_mask_launches_the_unpadded_specialisation(variant, module, name, impl, monkeypatch) -> None:
     """Without a mask every launch is the ``HAS_PAD=False`` specialisation (today's kernels);
     with one, every launch that reads keys takes it (all but the backward's delta kernel and
-    the FAVOR+ query-side states, ``STAB=2``)."""
+    the FAVOR+ query-side states, ``STAB=2``; the chunked FAVOR+ kernels: the key features, in
+    the forward and the backward, and dK/dV)."""
     flags = _recorded_flags(monkeypatch, module, name)
     q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 1, 20, 20, 16))
-    variant(q, k, v, causal=True, backend="triton").sum().backward()
+    with favor_impl(impl):
+        variant(q, k, v, causal=True, backend="triton").sum().backward()
     assert flags and all(pad is False or pad is None for pad, _ in flags)
     flags.clear()
     mask = torch.ones(2, 20, dtype=torch.bool)
     mask[0, :3] = False
-    variant(q, k, v, causal=True, backend="triton", key_padding_mask=mask).sum().backward()
+    with favor_impl(impl):
+        variant(q, k, v, causal=True, backend="triton", key_padding_mask=mask).sum().backward()
     key_launches = [pad for pad, stab in flags if pad is not None and stab != 2]
     assert len(key_launches) >= 3 and all(key_launches)
 

@@ -16,8 +16,9 @@ import attn_kernels
 from attn_bench.cli import app
 from attn_bench.device import check as dc
 from attn_bench.device import tune as tn
+from attn_bench.device import tune_keys as tk
 from attn_bench.device.summary import summary_markdown
-from attn_kernels import favor_configs, flash_configs, tuning
+from attn_kernels import favor_chunk_configs, favor_configs, flash_configs, tuning
 from attn_kernels.flash_configs import FlashConfig
 from attn_kernels.launch import KernelConfig, LaunchShape
 from tests.helpers import aot_release
@@ -87,12 +88,18 @@ def test_card_names_and_buckets() -> None:
 def test_plan_and_candidates() -> None:
     keys = tn.plan(dtypes=[torch.bfloat16, torch.float16], head_dims=[128, 64], ns=[4096, 16384])
     table_keys = [(k.kernel, k.table_key) for k in keys]
-    assert len(set(table_keys)) == len(table_keys)  # float16 shares bfloat16's 16-bit entries
+    assert len(set(table_keys)) == len(table_keys)
     assert keys[0].head_dim == 128 and keys[-1].head_dim == 64
-    assert {k.dtype for k in keys} == {torch.bfloat16}
-    assert all(k.kernel in tn.KERNELS for k in keys)
+    assert keys[0].kernel == "favor_impl"  # a short budget measures both FAVOR+ implementations first
+    # float16 shares bfloat16's 16-bit entries, but for the chunked FAVOR+ kernels timed with a
+    # backward: float16 takes the float32 feature path there (the float32 entries)
+    fp32_path = [k for k in keys if k.family == "favor_chunk" and tn.PASS[k.kernel] != "fwd"]
+    assert {k.dtype for k in keys if k not in fp32_path} == {torch.bfloat16}
+    assert all(k.table_key.startswith("float32/") for k in fp32_path if k.dtype == torch.float16)
+    assert all(k.kernel in tk.KERNELS for k in keys)
     # FAVOR+ entries do not depend on N: one key per (dtype, head dim, causal)
     assert sum(k.kernel == "favor_fwd" for k in keys) == 4
+    assert sum(k.kernel == "favor_chunk_fwd" for k in keys) == 4
     for key in keys:
         cands = tn.candidates(key, CAP)
         shape = key.shape()
@@ -108,8 +115,18 @@ def test_plan_and_candidates() -> None:
             if key.head_dim == 128 and backward and key.window is None:
                 assert cands[0].bwd == "split" and FlashConfig(32, 32, 4, 2) in cands
                 assert any(c.bwd == "atomic" for c in cands)
+        elif key.family == "favor_impl":
+            assert [c.name for c in cands] == ["chunk", "legacy"]  # the default first
+        elif key.family == "favor_chunk":
+            assert cands == favor_chunk_configs.candidates(key.kernel.removeprefix("favor_"), shape)
         else:
             assert cands == favor_configs.heuristic_configs(key.kernel.removeprefix("favor_"), shape)
+        # the family's defaults force its own implementation, so the kernel timed is the one that runs
+        forced = tn.heuristic_defaults(key, CAP)
+        if key.family == "favor_chunk":
+            assert forced["favor_impl"] == tuning.ImplChoice("chunk") and key.kernel in forced
+        elif key.family == "favor":
+            assert forced["favor_impl"] == tuning.ImplChoice("legacy") and key.kernel in forced
     with pytest.raises(ValueError, match="kernels"):
         tn.plan(kernels=["flash"])
 
@@ -351,6 +368,80 @@ def test_lookup_without_cuda_changes_nothing(tmp_path: Path, monkeypatch: pytest
     assert favor_configs.kept_configs("fwd", shape) == heuristic
 
 
+def test_favor_impl_and_chunk_configs_follow_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FAVOR+ switch: "chunk" by default, the table's choice on its card (written and read
+    back as ``{"impl": name}``), the tuner's forced choice above both; the chunked kernels' configs
+    likewise, a table config outside their candidates refused."""
+    shape = LaunchShape(128, 2, True, m_pad=256)
+    cuda = torch.device("cuda", 0)
+    assert favor_chunk_configs.impl(shape, cuda) == "chunk"
+    table = tuning.Table(CARD)
+    legacy = tuning.ImplChoice("legacy")
+    table.put(
+        "favor_impl",
+        tuning.shape_key("favor_impl", shape),
+        {"config": tuning.config_dict(legacy), "source_hash": tuning.source_hash("favor_impl")},
+    )
+    cands = favor_chunk_configs.candidates("chunk_fwd", shape)
+    tuned = cands[-1]
+    assert tuned != cands[0]
+    key = tuning.shape_key("favor_chunk_fwd", shape)
+    table.put(
+        "favor_chunk_fwd", key, {"config": tuning.config_dict(tuned), "source_hash": tuning.source_hash("favor_chunk")}
+    )
+    path = table.write(tmp_path)
+    assert tuning.Table.read(path).entry("favor_impl", tuning.shape_key("favor_impl", shape))["config"] == {
+        "impl": "legacy"
+    }
+    _gpu_lookup(monkeypatch, tmp_path)
+    assert favor_chunk_configs.impl(shape, cuda) == "legacy"
+    assert favor_chunk_configs.impl(shape, torch.device("cpu")) == "chunk"  # tables are for GPUs
+    assert favor_chunk_configs.config("chunk_fwd", shape, cuda) == tuned
+    assert favor_chunk_configs.config("chunk_dq", shape, cuda) == favor_chunk_configs.candidates("chunk_dq", shape)[0]
+    with tuning.forced({"favor_impl": tuning.ImplChoice("chunk"), "favor_chunk_fwd": cands[0]}) as seen:
+        assert favor_chunk_configs.impl(shape, cuda) == "chunk"
+        assert favor_chunk_configs.config("chunk_fwd", shape, cuda) == cands[0]
+    assert sorted(k for k, _ in seen) == ["favor_chunk_fwd", "favor_impl"]
+    assert favor_chunk_configs.impl(shape, cuda) == "legacy"
+    table.put(
+        "favor_chunk_fwd",
+        key,
+        {"config": tuning.config_dict(KernelConfig(32, 16, 4, 1)), "source_hash": tuning.source_hash("favor_chunk")},
+    )
+    table.write(tmp_path)
+    tuning.reset()
+    assert favor_chunk_configs.config("chunk_fwd", shape, cuda) == cands[0]
+    with pytest.raises(ValueError, match="impl"):
+        tuning.config_from_dict({"impl": 3}, tuning.ImplChoice)
+
+
+def test_tune_times_both_favor_implementations_and_the_summary_shows_them(tmp_path: Path) -> None:
+    """The ``favor_impl`` key: both implementations checked and timed in one run, the faster kept,
+    each one's time in the entry; the device check's record and SUMMARY.md list them."""
+    from attn_bench.device.summary import summary_markdown
+    from attn_bench.device.tune_keys import impl_choices
+
+    keys = tn.plan(kernels=["favor_impl"], head_dims=[128], ns=[16384])
+    assert [(k.kernel, k.causal) for k in keys] == [("favor_impl", False), ("favor_impl", True)]
+    runner = FakeRunner(seed=3)
+    run = tn.tune(keys, runner, card=CARD, capability=CAP, budget_s=100, out_dirs=[tmp_path], echo=lambda s: None)
+    table = tuning.Table.read(run.paths[0])
+    choices = impl_choices(table)
+    assert set(choices) == {k.table_key for k in keys}
+    for key in keys:
+        entry = table.entry("favor_impl", key.table_key)
+        times = {name: runner.times[(key.table_key, name)] for name in ("chunk", "legacy")}
+        assert entry["timings"] == pytest.approx(times, rel=1e-5) and entry["default"] == "chunk"
+        want = "legacy" if times["legacy"] < (1 - tn.MIN_GAIN) * times["chunk"] else "chunk"
+        assert entry["config"] == {"impl": want} and choices[key.table_key]["chosen"] == want
+    record = {"environment": {}, "steps": [], "budget_s": 500.0, "tuning": {"status": "ok", "favor_impl": choices}}
+    text = summary_markdown(record, tmp_path / "none", tmp_path / "none.csv", tmp_path / "none.log")
+    assert "FAVOR+ implementations" in text
+    for key in keys:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {key.table_key} |"))
+        assert all(f"{runner.times[(key.table_key, name)]:.3g}" in row for name in ("chunk", "legacy"))
+
+
 def test_forced_configs_reach_the_launch_and_stay_correct() -> None:
     """The real runner's numerics check, under the interpreter: the flash forward and backward
     with a forced non-default tile, against the float64 ground truth."""
@@ -439,7 +530,7 @@ def _fake_tune_child(tmp_path: Path, calls: list):
         for key in tn.plan():
             cands = tn.candidates(key, CAP)
             entry = {"config": tuning.config_dict(cands[0]), "source_hash": key_hash(key), "name": cands[0].name}
-            entry |= {"default": cands[0].name, "ms": 1.0, "trials": {c.name: 1.0 + i for i, c in enumerate(cands)}}
+            entry |= {"default": cands[0].name, "ms": 1.0, "timings": {c.name: 1.0 + i for i, c in enumerate(cands)}}
             table.put(key.kernel, key.table_key, entry)
         table.write(out)
         return 0, 1.0

@@ -1,4 +1,6 @@
-"""Fused Performer (FAVOR+) attention in Triton: forward and backward, causal and non-causal.
+"""Fused Performer (FAVOR+) attention in Triton, the legacy implementation (forward and backward,
+causal and non-causal), and :func:`favor_attention`, the entry point that runs the chunked one
+(:mod:`attn_kernels.favor_chunk`) unless the tuning table's ``favor_impl`` picks this one.
 
 Semantics are those of :mod:`attention_variants.performer`. Per (batch, head), with
 ``s = scale ** 0.5`` and ``Ws = W * s`` (the scale is folded into the projection)::
@@ -26,22 +28,14 @@ Non-causal: the key pass (``_state_kernel`` on K, V) sums ``phi(K)^T [V, 1]`` ov
 of N; the splits are added on the host (P x Dv per head); the query pass applies it.
 
 Causal (bottom-right: query ``i`` sits at position ``p = i + Nk - Nq`` and sees keys ``j <= p``)
-is chunked along positions with chunk ``C``::
-
-    positions   0 ........ C ........ 2C ........ 3C
-    keys        | chunk 0  | chunk 1  | chunk 2  |
-    queries   (off)   | chunk 0  | chunk 1  | chunk 2  |     query chunk t reads the prefix
-                                                           state of key chunks < t (inter) and
-                                                           its own key chunk under a j <= p mask
-                                                           (intra, C x C)
-
-The state kernel writes one local state per chunk into slot ``t + 1`` of a buffer whose slot 0
-is zero; an in-place cumulative sum over the slots leaves the exclusive prefix each chunk reads:
+is chunked along positions with chunk ``C``: query chunk ``t`` reads the prefix state of key
+chunks ``< t`` and its own key chunk under a ``j <= p`` mask. The state kernel writes one
+local state per chunk into slot ``t + 1`` of a buffer whose slot 0 is zero; an in-place
+cumulative sum over the slots leaves the exclusive prefix each chunk reads:
 ``(N / C + 1) * P * Dv`` floats per head, O(N m) for ``C >= Dv``, never an ``N x m x Dv``
 tensor. A query chunk runs as ``C / BLOCK_M`` programs, each holding the whole diagonal key
-chunk. The backward is the same linear-attention algebra run
-twice: ``dQ`` reads the key prefix states, ``dK, dV`` read the query suffix states
-``sum_i psi_i dO_i^T`` and ``sum_i psi_i (dO_i . O_i)`` with ``psi_i = phi(q_i) / den_i``.
+chunk. The backward is the same algebra run twice: ``dQ`` reads the key prefix states, ``dK,
+dV`` the query suffix states ``sum_i psi_i dO_i^T``, ``sum_i psi_i (dO_i . O_i)``, ``psi_i = phi(q_i) / den_i``.
 
 Precision: the feature map must be float32-accurate (an error ``e`` in a logit is a relative
 error ``e`` in ``phi``, and logits reach tens). 16-bit inputs are exact in their own dtype, so
@@ -60,9 +54,8 @@ that reads keys, so a padded key has zero features: it adds nothing to the key s
 diagonal chunks or the key stabiliser, and its ``dK``, ``dV`` are 0 (``HAS_PAD``; without a
 mask the kernels compile as before).
 
-Layout: the kernels live in :mod:`attn_kernels.favor_kernels`, the constants and launch
-configurations in :mod:`attn_kernels.favor_configs`, the launch plumbing shared with the softmax
-kernels in :mod:`attn_kernels.launch`; this module is the host side.
+Layout: kernels in :mod:`attn_kernels.favor_kernels`, configs in :mod:`attn_kernels.favor_configs`,
+the launch plumbing shared with the softmax kernels in :mod:`attn_kernels.launch`.
 """
 
 from __future__ import annotations
@@ -76,7 +69,9 @@ import torch
 import triton
 from torch import Tensor
 
+from . import favor_chunk_configs
 from .env import device_capability
+from .favor_chunk import chunk_attention
 from .favor_configs import (
     BLOCK_ROWS,
     CHUNK,
@@ -578,7 +573,8 @@ def favor_attention(
     kernel: str,
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
-    """Fused FAVOR+ attention, differentiable in ``q``, ``k``, ``v``.
+    """Fused FAVOR+ attention, differentiable in ``q``, ``k``, ``v``: the chunked kernels, or the
+    legacy ones where the tuning table's ``favor_impl`` says so (:func:`favor_chunk_configs.impl`).
 
     ``q (B, H, Nq, D)``, ``k (B, Hk, Nk, D)``, ``v (B, Hk, Nk, Dv)`` with ``H % Hk == 0``, in
     float16, bfloat16 or float32 on one device; ``w (m, D)`` the float32 projection (no gradient);
@@ -587,9 +583,13 @@ def favor_attention(
     Returns ``(B, H, Nq, Dv)`` in the dtype of ``q``. Causal is bottom-right aligned; rows that see
     no key are zero. Inputs are assumed valid (the public API validates them).
     """
-    opts = FavorOptions(causal=causal, scale=float(scale), kernel=kernel, m=int(w.shape[0]))
     kpm = None
     if key_padding_mask is not None:
         kpm = key_padding_mask.to(device=q.device, dtype=torch.int8).contiguous()
     w = w.detach() if w.requires_grad else w  # the same tensor call after call: see _projection_operands
-    return _FavorFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), w, kpm, opts)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    key = (q.shape[-1], v.shape[-1], q.dtype, causal, w.shape[0], q.device)
+    if favor_chunk_configs.impl_for(key) == "chunk":
+        return chunk_attention(q, k, v, w, causal=causal, scale=scale, kernel=kernel, kpm=kpm)
+    opts = FavorOptions(causal=causal, scale=float(scale), kernel=kernel, m=int(w.shape[0]))
+    return _FavorFunction.apply(q, k, v, w, kpm, opts)

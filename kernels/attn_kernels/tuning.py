@@ -55,8 +55,21 @@ KERNEL_FAMILY = {
     "favor_fwd": "favor",
     "favor_bwd_dq": "favor",
     "favor_bwd_dkv": "favor",
+    "favor_chunk_features": "favor_chunk",
+    "favor_chunk_state": "favor_chunk",
+    "favor_chunk_fwd": "favor_chunk",
+    "favor_chunk_dq": "favor_chunk",
+    "favor_chunk_dk": "favor_chunk",
+    "favor_chunk_dv": "favor_chunk",
+    "favor_chunk_state_bwd": "favor_chunk",
+    "favor_impl": "favor_impl",  # which FAVOR+ implementation runs: an ImplChoice, not tiles
 }
-FAMILY_SOURCES = {"flash": ("flash_kernels.py",), "favor": ("favor_kernels.py",)}
+FAMILY_SOURCES = {
+    "flash": ("flash_kernels.py",),
+    "favor": ("favor_kernels.py",),
+    "favor_chunk": ("favor_chunk_kernels.py",),
+    "favor_impl": ("favor_kernels.py", "favor_chunk_kernels.py"),
+}
 
 
 def card_slug(name: str) -> str:
@@ -82,14 +95,14 @@ def shape_key(kernel: str, shape: LaunchShape) -> str:
         raise ValueError(f"kernel must be one of {', '.join(KERNEL_FAMILY)}, got {kernel!r}")
     width = "float32" if shape.fp32 else "16bit"
     head = f"{width}/d{pad_pow2(shape.head_dim)}/{'causal' if shape.causal else 'full'}"
-    if family == "favor":
+    if family.startswith("favor"):
         return f"{head}/m{shape.m_pad}"
     band = "none" if shape.window is None else str(min(WINDOW_MAX, pad_pow2(shape.window)))
     return f"{head}/w{band}/n{n_bucket(shape.n)}"
 
 
 def source_hash(family: str) -> str:
-    """A hash of the kernel module(s) of ``family`` (``"flash"``, ``"favor"``): 16 hex digits."""
+    """A hash of the kernel module(s) of ``family`` (a key of :data:`FAMILY_SOURCES`): 16 hex digits."""
     if family not in FAMILY_SOURCES:
         raise ValueError(f"family must be one of {', '.join(FAMILY_SOURCES)}, got {family!r}")
     h = hashlib.sha256()
@@ -102,17 +115,41 @@ def source_hash(family: str) -> str:
 _TILE_FIELDS = ("block_m", "block_n", "num_warps", "num_stages")
 
 
-def config_dict(cfg: KernelConfig) -> dict[str, object]:
-    """The JSON form of a config: its tiles and launch options, then any field its class adds
-    (e.g. how the softmax kernels load their tiles)."""
+@dataclass(frozen=True)
+class ImplChoice:
+    """What a switch between implementations of a kernel family picks (``favor_impl``: ``"chunk"``
+    or ``"legacy"``): the tuner times each and a table entry's config is ``{"impl": name}``."""
+
+    impl: str
+
+    @property
+    def name(self) -> str:
+        return self.impl
+
+    def __str__(self) -> str:
+        return self.impl
+
+
+def config_dict(cfg: KernelConfig | ImplChoice) -> dict[str, object]:
+    """The JSON form of a config: an implementation choice's name, or the tiles and launch options,
+    then any field the config's class adds (e.g. how the softmax kernels load their tiles)."""
+    if isinstance(cfg, ImplChoice):
+        return {"impl": cfg.impl}
     out: dict[str, object] = {name: getattr(cfg, name) for name in _TILE_FIELDS}
     out.update((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name not in _TILE_FIELDS)
     return out
 
 
-def config_from_dict(data: Mapping[str, object], cls: type[KernelConfig] = KernelConfig) -> KernelConfig:
+def config_from_dict(
+    data: Mapping[str, object], cls: type[KernelConfig] | type[ImplChoice] = KernelConfig
+) -> KernelConfig | ImplChoice:
     """A config of class ``cls`` from its JSON form; ValueError names a missing or bad field. A
     field that ``cls`` adds to the tiles may be missing (its default then), never of another type."""
+    if cls is ImplChoice:
+        name = data.get("impl")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"config field 'impl' must be a non-empty string, got {name!r}")
+        return ImplChoice(name)
     values: dict[str, object] = {}
     for name in _TILE_FIELDS:
         x = data.get(name)
@@ -249,9 +286,9 @@ def table_status(card: str, dirs: list[Path] | None = None) -> tuple[str, Path |
 # Lookup (what the config selectors call)
 # ---------------------------------------------------------------------------------------------
 
-_FORCED: dict[str, KernelConfig] = {}
+_FORCED: dict[str, KernelConfig | ImplChoice] = {}
 _SEEN: set[tuple[str, LaunchShape]] = set()
-_CACHE: dict[tuple, KernelConfig | None] = {}
+_CACHE: dict[tuple, KernelConfig | ImplChoice | None] = {}
 _TABLES: dict[str, Table | None] = {}
 _CARDS: dict[int, str | None] = {}
 _ENABLED: list[bool | None] = [None]  # set_enabled's word; None: follow TABLES_ENV
@@ -265,7 +302,7 @@ def generation() -> int:
     return _GENERATION[0]
 
 
-def forced_config(kernel: str, shape: LaunchShape) -> KernelConfig | None:
+def forced_config(kernel: str, shape: LaunchShape) -> KernelConfig | ImplChoice | None:
     """The config :func:`forced` sets for ``kernel`` (any device, the interpreter included), or None."""
     if not _FORCED:
         return None
@@ -276,7 +313,7 @@ def forced_config(kernel: str, shape: LaunchShape) -> KernelConfig | None:
 
 
 @contextlib.contextmanager
-def forced(configs: Mapping[str, KernelConfig]) -> Iterator[list[tuple[str, LaunchShape]]]:
+def forced(configs: Mapping[str, KernelConfig | ImplChoice]) -> Iterator[list[tuple[str, LaunchShape]]]:
     """Within the block, launch ``configs[kernel]`` for every shape (the tuner's way to run one
     candidate). Yields a list that, once the block ends, holds each distinct ``(kernel, launch
     shape)`` that took a forced config."""
@@ -364,8 +401,8 @@ def _table_for(card: str) -> Table | None:
 
 
 def table_config(
-    table: Table, kernel: str, shape: LaunchShape, cls: type[KernelConfig] = KernelConfig
-) -> KernelConfig | None:
+    table: Table, kernel: str, shape: LaunchShape, cls: type[KernelConfig] | type[ImplChoice] = KernelConfig
+) -> KernelConfig | ImplChoice | None:
     """The config ``table`` holds for ``kernel`` at ``shape``, or None (no entry, stale, malformed)."""
     entry = table.entry(kernel, shape_key(kernel, shape))
     if entry is None or entry.get("source_hash") != source_hash(KERNEL_FAMILY[kernel]):
@@ -379,9 +416,9 @@ def table_config(
 def lookup(
     kernel: str,
     shape: LaunchShape,
-    cls: type[KernelConfig] = KernelConfig,
+    cls: type[KernelConfig] | type[ImplChoice] = KernelConfig,
     allowed: Callable[[KernelConfig], bool] | None = None,
-) -> KernelConfig | None:
+) -> KernelConfig | ImplChoice | None:
     """The tuned config of ``kernel`` for ``shape`` on the current CUDA device, or None: then the
     caller's heuristic runs. ``allowed`` (the caller's candidate list) must accept the table's
     config, so a hand-edited or foreign table cannot launch a config the project does not ship.
@@ -409,6 +446,7 @@ __all__ = [
     "DIR_ENV",
     "FORMAT",
     "KERNEL_FAMILY",
+    "ImplChoice",
     "PACKAGE_DIR",
     "TABLES_ENV",
     "Table",

@@ -380,8 +380,10 @@ def tune_table(
     """Bring this card's tuning table up to date within a share of the budget (see the module
     docstring); copy the table the later steps will use into ``out`` and point ``env_vars`` at
     it. Returns the record: ``status`` (ok, failed, timeout, skipped), ``table_before``
-    (missing, unreadable, stale, fresh), ``pending`` keys, ``table_used``, ``entries``, ``file``."""
+    (missing, unreadable, stale, fresh), ``pending`` keys, ``table_used``, ``entries``, ``file``,
+    ``favor_impl`` (per launch shape, the FAVOR+ implementation chosen and each one's time)."""
     from attn_bench.device.tune import pending, plan
+    from attn_bench.device.tune_keys import impl_choices
 
     rec: dict = {"status": "skipped", "detail": "", "table_before": None, "table_used": False, "copied": False}
     card = environment.get("gpu")
@@ -421,6 +423,7 @@ def tune_table(
         table = tuning.Table.read(use)
         rec.update(table_used=True, copied=True, entries=sum(len(v) for v in table.entries.values()))
         rec["comparison"] = tuning_comparison(table)
+        rec["favor_impl"] = impl_choices(table)
     return rec
 
 

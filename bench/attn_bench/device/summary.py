@@ -137,10 +137,10 @@ def tuning_comparison(table) -> list[dict]:
     rows = []
     for key in plan(kernels=["flash_fwd", "flash_bwd"]):
         e = table.entry(key.kernel, key.table_key)
-        if not e or not isinstance(e.get("trials"), dict):
+        if not e or not isinstance(e.get("timings"), dict):
             continue
         earlier = flash_configs.earlier_config(key.shape(), key.kernel == "flash_bwd").name
-        times = e["trials"]
+        times = e["timings"]
         rows.append(
             {"kernel": key.kernel, "shape": key.table_key, "new default": e.get("default"),
              "ms": times.get(e.get("default")), "earlier default": earlier, "earlier ms": times.get(earlier),
@@ -215,6 +215,18 @@ def summary_markdown(record: dict, sweep_dir: Path, verify_csv: Path, tests_log:
         if tuned.get("comparison"):
             md.append("Softmax configs per shape, old and new, timed in one tuning run (ms; the kept one launches):\n")
             md.append(md_table(pd.DataFrame(tuned["comparison"])))
+        impls = tuned.get("favor_impl") or {}
+        if impls:
+            md.append(
+                "\nFAVOR+ implementations, forward + backward at N=16k, H=16 (ms; the table keeps the chosen one):\n"
+            )
+            names = sorted({name for e in impls.values() for name in e["timings"]})
+            rows = [
+                {"shape": key, **{name: f"{e['timings'][name]:.3g}" if name in e["timings"] else "-" for name in names}}
+                | {"chosen": e["chosen"] or "-"}
+                for key, e in impls.items()
+            ]
+            md.append(md_table(pd.DataFrame(rows)))
 
     cp_readme = sweep_dir.parent / "cp" / "README.md"
     if cp_readme.exists():

@@ -24,118 +24,23 @@ from typing import Protocol
 
 import torch
 
-from attention_variants import masks
 from attn_bench.core.variants import kernel_variant as variant_for
-from attn_kernels import favor_configs, flash_configs, tuning
-from attn_kernels.launch import KernelConfig, LaunchShape, pad_pow2
+from attn_bench.device.tune_keys import (
+    DEFAULT_FEATURES,
+    PASS,
+    TuneKey,
+    candidates,
+    heuristic_defaults,
+    plan,
+)
+from attn_kernels import tuning
+from attn_kernels.launch import KernelConfig
 
-FLASH_KERNELS = ("flash_fwd", "flash_bwd")
-FAVOR_KERNELS = ("favor_key_max", "favor_state", "favor_fwd", "favor_bwd_dq", "favor_bwd_dkv")
-KERNELS = FLASH_KERNELS + FAVOR_KERNELS
-# The pass each kernel is timed in: its own where it can be isolated; the FAVOR+ state kernel
-# runs in the forward and the backward, so it is timed in both.
-PASS = {"flash_fwd": "fwd", "flash_bwd": "bwd", "favor_key_max": "fwd", "favor_state": "fwd_bwd"}
-PASS |= {"favor_fwd": "fwd", "favor_bwd_dq": "bwd", "favor_bwd_dkv": "bwd"}
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DEFAULT_DTYPES = ("bfloat16",)
-DEFAULT_HEAD_DIMS = (128, 64)
-DEFAULT_NS = (16384, 4096, 1024)
-DEFAULT_WINDOWS = (None, 256)  # softmax kernels: full attention and the sweeps' band
-DEFAULT_FEATURES = 256
 MIN_GAIN = 0.03  # a candidate replaces the default only when it is this much faster
 CHECK_N = 1000  # sequence length of the numerics check (not a multiple of any tile)
 HEADS = 16  # the problem timed: (1, HEADS, N, D), as in the gpu-quick sweep
 # Errors after which the process's CUDA context is unusable: the run stops (what it wrote stays).
 CONTEXT_LOST = ("CUDA error", "AcceleratorError", "illegal memory access", "device-side assert")
-
-
-@dataclass(frozen=True)
-class TuneKey:
-    """One table key to tune: ``kernel`` (see :data:`KERNELS`) at inputs of ``dtype``, head dim
-    ``head_dim``, sequence length ``n``; ``window`` the sliding-window size ``w`` of the softmax
-    kernels (None: full attention), ``features`` the random features of the FAVOR+ kernels."""
-
-    kernel: str
-    dtype: torch.dtype
-    head_dim: int
-    causal: bool
-    n: int
-    window: int | None = None
-    features: int | None = None
-
-    @property
-    def family(self) -> str:
-        return tuning.KERNEL_FAMILY[self.kernel]
-
-    def shape(self) -> LaunchShape:
-        """The launch shape the kernels see for this key's problem."""
-        eb = torch.finfo(self.dtype).bits // 8
-        if self.family == "favor":
-            return LaunchShape(self.head_dim, eb, self.causal, m_pad=pad_pow2(self.features or DEFAULT_FEATURES))
-        band = None
-        if self.window is not None:  # as the sliding-window backend folds causal in and clamps
-            left, right = masks.clamp_reach(*masks.window_bounds(self.window, self.causal), self.n, self.n)
-            band = left + right + 1
-        return LaunchShape(self.head_dim, eb, self.causal, n=self.n, window=band)
-
-    @property
-    def table_key(self) -> str:
-        return tuning.shape_key(self.kernel, self.shape())
-
-    def __str__(self) -> str:
-        dt = str(self.dtype).removeprefix("torch.")
-        extra = f" w={self.window}" if self.window is not None else f" m={self.features}" if self.features else ""
-        return f"{self.kernel} {dt} D={self.head_dim} {'causal' if self.causal else 'non-causal'}{extra} N={self.n}"
-
-
-def plan(
-    kernels: Sequence[str] = KERNELS,
-    dtypes: Sequence[torch.dtype] = tuple(DTYPES[d] for d in DEFAULT_DTYPES),
-    head_dims: Sequence[int] = DEFAULT_HEAD_DIMS,
-    ns: Sequence[int] = DEFAULT_NS,
-    windows: Sequence[int | None] = DEFAULT_WINDOWS,
-    features: int = DEFAULT_FEATURES,
-) -> list[TuneKey]:
-    """The keys to tune, most important first (a run cut short loses the last): by head dim,
-    then kernel, band, causal flag and N in the orders given. Keys that map to the same table
-    entry are tuned once (the first wins: float16 and bfloat16 share the 16-bit entries, the
-    FAVOR+ entries do not depend on N)."""
-    unknown = [k for k in kernels if k not in KERNELS]
-    if unknown:
-        raise ValueError(f"kernels must be among {', '.join(KERNELS)}, got {', '.join(unknown)}")
-    for name, values in (("head_dims", head_dims), ("ns", ns)):
-        if not values or any(not isinstance(x, int) or x < 1 for x in values):
-            raise ValueError(f"{name} must be positive ints, got {list(values)}")
-    keys: list[TuneKey] = []
-    seen: set[tuple[str, str]] = set()
-    for d in head_dims:
-        for kernel in kernels:
-            favor = tuning.KERNEL_FAMILY[kernel] == "favor"
-            for dtype in dtypes:
-                for window in (None,) if favor else windows:
-                    for causal in (False, True):
-                        for n in ns:
-                            key = TuneKey(kernel, dtype, d, causal, n, window, features if favor else None)
-                            if (kernel, key.table_key) not in seen:
-                                seen.add((kernel, key.table_key))
-                                keys.append(key)
-    return keys
-
-
-def candidates(key: TuneKey, capability: tuple[int, int]) -> list[KernelConfig]:
-    """The configs timed for ``key`` on a GPU of ``capability``, the heuristic default first."""
-    shape = key.shape()
-    if key.family == "flash":
-        return flash_configs.tune_candidates(shape, key.kernel == "flash_bwd", capability)
-    return list(favor_configs.heuristic_configs(key.kernel.removeprefix("favor_"), shape))
-
-
-def heuristic_defaults(key: TuneKey, capability: tuple[int, int]) -> dict[str, KernelConfig]:
-    """The heuristic config of every kernel of ``key``'s family at its shape on ``capability``."""
-    shape = key.shape()
-    if key.family == "flash":
-        return {k: flash_configs._select_gpu(shape, k == "flash_bwd", capability) for k in FLASH_KERNELS}
-    return {k: favor_configs.heuristic_configs(k.removeprefix("favor_"), shape)[0] for k in FAVOR_KERNELS}
 
 
 class Runner(Protocol):
@@ -281,7 +186,7 @@ def tune(
                 "candidates": len(cands),
                 "timed": sum(t.ms is not None for t in trials),
                 "failed": {t.config.name: t.error for t in trials if t.error},
-                "trials": {t.config.name: round(t.ms, 6) for t in trials if t.ms is not None},
+                "timings": {t.config.name: round(t.ms, 6) for t in trials if t.ms is not None},
                 "complete": len(trials) == len(cands),
                 "versions": (meta or {}).get("versions"),
                 "source_hash": hashes[key.family],
@@ -314,10 +219,9 @@ def tune(
 
 def kernel_variant(key: TuneKey):
     """The variant that drives ``key``'s kernels (:func:`attn_bench.core.variants.kernel_variant`)."""
-    options = {"window": key.window} if key.window is not None else {}
-    return variant_for(
-        key.family, {"num_features": key.features or DEFAULT_FEATURES} if key.family == "favor" else options
-    )
+    if key.family.startswith("favor"):  # both FAVOR+ implementations and the switch between them
+        return variant_for("favor", {"num_features": key.features or DEFAULT_FEATURES})
+    return variant_for(key.family, {"window": key.window} if key.window is not None else {})
 
 
 class CudaRunner:

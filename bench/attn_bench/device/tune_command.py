@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from attn_bench.core.plugins import load_plugins
-from attn_bench.device.tune import (
+from attn_bench.device.tune import CudaRunner, tune
+from attn_bench.device.tune_keys import (
     DEFAULT_DTYPES,
     DEFAULT_HEAD_DIMS,
     DEFAULT_NS,
@@ -18,9 +19,7 @@ from attn_bench.device.tune import (
     FAVOR_KERNELS,
     FLASH_KERNELS,
     KERNELS,
-    CudaRunner,
     plan,
-    tune,
 )
 from attn_kernels import tuning
 
@@ -43,7 +42,7 @@ def parse_args(kernels: str | None, dtypes: str, n: str, head_dims: str) -> dict
         x = x.strip()
         if not x:
             continue
-        fam = {"flash": FLASH_KERNELS, "favor": FAVOR_KERNELS}.get(x)
+        fam = {"flash": FLASH_KERNELS, "favor": FAVOR_KERNELS}.get(x)  # favor: both implementations and the switch
         if fam is None and x not in KERNELS:
             raise ValueError(f"--kernels: unknown kernel {x!r}; choose from flash, favor, {', '.join(KERNELS)}")
         names.extend(fam or (x,))
