@@ -17,6 +17,7 @@ from multiprocessing.connection import wait as wait_for_connections
 from typing import Any, Protocol
 
 from attn_bench.core.config import BenchConfig, BenchResult, RunSettings
+from attn_bench.core.results import RunSetupError
 
 EXECUTORS = ("local", "ray")
 
@@ -26,6 +27,7 @@ class Executor(Protocol):
 
     slots: int  # rows that may run at once (for the ETA)
     runs_here: bool  # the rows run on this machine (its devices are checked before the run starts)
+    summary: str  # where the rows run, in words
 
     @property
     def free(self) -> bool: ...  # a row may start now
@@ -59,6 +61,7 @@ class LocalExecutor:
         self.pools = [WorkerPool(settings, log_path, env=env) for env in envs]
         self.slots = len(self.pools)
         self.runs_here = True
+        self.summary = f"CUDA devices {', '.join(devices)}, a worker each" if devices else "one worker"
 
     def _ready(self) -> list[Any]:
         return [p for p in self.pools if not p.busy and not p.gave_up]
@@ -125,3 +128,56 @@ def cuda_indices(text: str | None) -> list[str] | None:
     if len(set(items)) != len(items):
         raise ValueError(f"a device is listed twice in {text!r}: rows that time must not share a GPU")
     return items
+
+
+def check_executor_options(kind: str, address: str | None, devices: str | None, cpus_per_row: int | None) -> None:
+    """The executor options that do not go together (RunSetupError naming the option), checked
+    before anything is read or started."""
+    if kind not in EXECUTORS:
+        raise RunSetupError("--executor", f"unknown executor {kind!r}; executors are {', '.join(EXECUTORS)}")
+    if kind == "local":
+        for option, value in (("--address", address), ("--cpus-per-row", cpus_per_row)):
+            if value is not None:
+                raise RunSetupError(option, "is for --executor ray")
+    elif devices is not None:
+        raise RunSetupError("--devices", "is for --executor local: Ray gives each CUDA row a GPU of the cluster")
+    if cpus_per_row is not None and cpus_per_row < 1:
+        raise RunSetupError("--cpus-per-row", f"must be at least 1, got {cpus_per_row}")
+
+
+def make_executor(
+    kind: str,
+    settings: RunSettings,
+    log_path: str,
+    config_devices: list[str],
+    *,
+    address: str | None = None,
+    devices: str | None = None,
+    cpus_per_row: int | None = None,
+) -> LocalExecutor | Any:
+    """The executor for a sweep whose configs run on ``config_devices``; RunSetupError, before
+    any row runs, when it cannot take them (see :func:`check_executor_options`, and for Ray
+    :class:`~attn_bench.core.ray_executor.RayExecutor`)."""
+    check_executor_options(kind, address, devices, cpus_per_row)
+    if kind == "ray":
+        from attn_bench.core.ray_executor import RayExecutor
+
+        return RayExecutor(settings, log_path, set(config_devices), address=address, cpus_per_row=cpus_per_row)
+    try:
+        indices = cuda_indices(devices)
+    except ValueError as exc:
+        raise RunSetupError("--devices", str(exc)) from None
+    if indices is not None:
+        other = sorted({d for d in config_devices if d != "cuda"})
+        if other:
+            raise RunSetupError(
+                "--devices",
+                f"spreads CUDA rows over GPUs (their device 'cuda'); these configs run on {', '.join(other)}",
+            )
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        missing = [i for i in indices if int(i) >= count]
+        if missing:
+            raise RunSetupError("--devices", f"CUDA device {', '.join(missing)} does not exist here ({count} visible)")
+    return LocalExecutor(settings, log_path, indices)

@@ -13,7 +13,8 @@ Fault injection for the harness's own tests: ``ATTN_BENCH_FAULT=<mode>:<seq_len>
 ``mode`` one of ``crash``, ``hang``, ``raise``, ``kill`` (SIGKILLs itself), ``wrong`` (perturbs
 the output) makes the worker misbehave on that length (every length when ``:<seq_len>`` is left
 out); ``startup:<k>`` makes the k-th worker started by a pool exit before it is ready (every one
-when ``:<k>`` is left out).
+when ``:<k>`` is left out); ``stall`` makes a Ray task hang before it starts its row's worker
+(:mod:`attn_bench.core.ray_executor`).
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ class WorkerStartError(RuntimeError):
     """The worker failed to start :data:`MAX_START_FAILURES` times in a row."""
 
 
-def _faults() -> list[tuple[str, int | None]]:
+def _faults(text: str | None = None) -> list[tuple[str, int | None]]:
+    """The faults ``text`` (default: ``$ATTN_BENCH_FAULT``) asks for, as ``(mode, seq_len or None)``."""
     out = []
-    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+    for spec in filter(None, (os.environ.get(FAULT_ENV, "") if text is None else text).split(",")):
         mode, _, n = spec.partition(":")
         out.append((mode, int(n) if n else None))
     return out
@@ -127,6 +129,10 @@ def _worker_main(
     _die_with_parent(parent_pid)
     if any(mode == "startup" and n in (None, start) for mode, n in _faults()):
         os._exit(3)
+    if env and "OMP_NUM_THREADS" in env:  # the cores this worker's rows were given (torch is imported)
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     if settings.autotune_max > 0:
         os.environ[AUTOTUNE_ENV] = str(settings.autotune_max)
     if log_path:  # keep the terminal for the progress bar: library chatter goes to the log

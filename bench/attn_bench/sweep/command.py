@@ -149,13 +149,22 @@ def sweep_command(
     progress: bool = True,
     budget_s: float | None = None,
     decode: bool = False,
+    executor: str = "local",
+    address: str | None = None,
+    devices: str | None = None,
+    cpus_per_row: int | None = None,
     echo: Echo = print,
     **fields: Any,
 ) -> None:
     """Run a sweep into ``out`` (results.csv + metadata.json), then write its report. ``fields``:
     the config options (``variants="full,performer"``, ``window="64"`` ...), each a comma list that
     replaces that key in every group of the preset. ``decode``: ``attn-bench decode``, the decode
-    pass only and a decode preset by default."""
+    pass only and a decode preset by default. ``executor``: ``local`` (this machine; ``devices``:
+    CUDA device indices or ``all``, one worker each) or ``ray`` (each row a Ray task on the cluster
+    at ``address``; ``cpus_per_row``: the cores a CPU row reserves), see :mod:`attn_bench.core.executor`."""
+    from attn_bench.core.executor import check_executor_options, make_executor
+
+    check_executor_options(executor, address, devices, cpus_per_row)
     if decode:
         preset = decode_preset(preset, fields.get("passes"))
     exclusive(resume, overwrite)
@@ -184,9 +193,13 @@ def sweep_command(
     results_path = out / "results.csv"
     from attn_bench.core.results import cuda_problem
 
-    problem = cuda_problem(c.device for c in configs)
+    problem = None if executor == "ray" else cuda_problem(c.device for c in configs)
     if problem is not None:  # refused before the results of a run being replaced are removed
         raise RunSetupError("--device", problem)
+    where = make_executor(
+        executor, settings, str(out / "worker.log"), [c.device for c in configs],
+        address=address, devices=devices, cpus_per_row=cpus_per_row,
+    )  # fmt: skip
     if overwrite and results_path.exists():
         results_path.unlink()
         (out / "performer_accuracy.csv").unlink(missing_ok=True)
@@ -198,7 +211,8 @@ def sweep_command(
     dev = configs[0].device if configs else "cpu"
     command = shlex.join(["attn-bench", *sys.argv[1:]])
     meta = {**machine_metadata(dev), "preset": preset, "command": command, "sweep": spec, "started": now()}
-    if configs:  # what no row's rate may exceed (each row is checked against it in its worker)
+    meta["executor"] = {"kind": executor, "address": address, "slots": where.slots, "where": where.summary}
+    if configs and where.runs_here:  # what no row's rate may exceed (each row is checked against it in its worker)
         import torch
 
         from attn_bench.core import ceilings
@@ -209,6 +223,7 @@ def sweep_command(
     echo(
         f"[bold]attn-bench[/] preset [cyan]{preset}[/]: {len(configs)} configs -> {out} "
         f"({meta['cpu_model']}, {meta['cpu_count']} cores{', ' + meta['gpu'] if meta['gpu'] else ''})"
+        + (f"; rows on {where.summary}" if where.slots > 1 or not where.runs_here else "")
     )
     t0 = time.perf_counter()
     try:
@@ -222,6 +237,7 @@ def sweep_command(
             accuracy=p.accuracy if want_accuracy else None,
             progress=progress,
             budget_s=budget_s,
+            executor=where,
         )
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
@@ -231,6 +247,8 @@ def sweep_command(
         raise JobExit(str(exc), 2) from None
     except WorkerStartError as exc:
         raise JobExit(f"Sweep stopped: {exc}. Finished rows are in {results_path}.", 1) from None
+    finally:
+        where.close()
     summary = status_summary(r.status for r in results)
     echo(f"Sweep done in {time.perf_counter() - t0:.0f} s: {summary}. Results: {results_path}")
     if report:
