@@ -152,6 +152,7 @@ class RayExecutor:
         self.slots = self._capacity
         self.summary = f"a Ray cluster ({self.describe(nodes)}; {self.slots} rows at once)"
         self.start_failures = self.restarts = 0
+        self.lost = 0  # tasks lost with their node or Ray worker, and started again
         self.gave_up = False
 
     def nodes(self) -> list[dict[str, float]]:
@@ -222,6 +223,7 @@ class RayExecutor:
             return BenchResult(cfg, "error", error=f"the row's task failed: {_gist(e)}")
         except exc.RayError as e:  # the node or the Ray worker was lost: not the row's doing
             if tries < LOST_RETRIES:
+                self.lost += 1
                 self.start(cfg, timeout_s, tries + 1)
                 return None
             return BenchResult(cfg, "error", error=f"its task was lost {tries + 1} times: {_gist(e)}")
