@@ -114,7 +114,9 @@ def test_a_crash_a_hang_and_a_stalled_task_cost_one_row_each(
 
 def test_a_cluster_without_a_gpu_refuses_a_cuda_sweep(cluster, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    res = _sweep(out, "--seq-lens", "32", "--device", "cuda", "--executor", "ray", "--address", cluster.address, expect=2)
+    res = _sweep(
+        out, "--seq-lens", "32", "--device", "cuda", "--executor", "ray", "--address", cluster.address, expect=2
+    )
     assert "--device: the configs run on CUDA and the Ray cluster has no GPU" in _text(res), _text(res)
     assert "Traceback" not in res.output
     assert not (out / RESULTS).exists()

@@ -116,10 +116,10 @@ class RayExecutor:
         address: str | None = None,
         cpus_per_row: int | None = None,
     ) -> None:
-        ray = import_ray()
-        self.ray = ray
         if address is not None and (problem := address_problem(address)) is not None:
             raise RunSetupError("--address", problem)
+        ray = import_ray()
+        self.ray = ray
         self.owns = not ray.is_initialized()  # shut down on the way out only what was started here
         if self.owns:
             try:
