@@ -130,13 +130,15 @@ def cuda_indices(text: str | None) -> list[str] | None:
     return items
 
 
-def check_executor_options(kind: str, address: str | None, devices: str | None, cpus_per_row: int | None) -> None:
+def check_executor_options(
+    kind: str, address: str | None, devices: str | None, cpus_per_row: int | None, card: str | None = None
+) -> None:
     """The executor options that do not go together (RunSetupError naming the option), checked
     before anything is read or started."""
     if kind not in EXECUTORS:
         raise RunSetupError("--executor", f"unknown executor {kind!r}; executors are {', '.join(EXECUTORS)}")
     if kind == "local":
-        for option, value in (("--address", address), ("--cpus-per-row", cpus_per_row)):
+        for option, value in (("--address", address), ("--cpus-per-row", cpus_per_row), ("--card", card)):
             if value is not None:
                 raise RunSetupError(option, "is for --executor ray")
     elif devices is not None:
@@ -154,15 +156,18 @@ def make_executor(
     address: str | None = None,
     devices: str | None = None,
     cpus_per_row: int | None = None,
+    card: str | None = None,
 ) -> LocalExecutor | Any:
     """The executor for a sweep whose configs run on ``config_devices``; RunSetupError, before
     any row runs, when it cannot take them (see :func:`check_executor_options`, and for Ray
     :class:`~attn_bench.core.ray_executor.RayExecutor`)."""
-    check_executor_options(kind, address, devices, cpus_per_row)
+    check_executor_options(kind, address, devices, cpus_per_row, card)
     if kind == "ray":
         from attn_bench.core.ray_executor import RayExecutor
 
-        return RayExecutor(settings, log_path, set(config_devices), address=address, cpus_per_row=cpus_per_row)
+        return RayExecutor(
+            settings, log_path, set(config_devices), address=address, cpus_per_row=cpus_per_row, card=card
+        )
     try:
         indices = cuda_indices(devices)
     except ValueError as exc:

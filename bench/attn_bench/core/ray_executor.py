@@ -12,6 +12,11 @@ keeps it for the next row that gets the same GPU). From here, a task that gives 
 (``ray.cancel(force=True)``, which takes the row's worker with it); a task lost with its node or
 its Ray worker runs again once elsewhere. Ctrl-C cancels every task in flight the same way.
 
+``card`` (``--card H100``) keeps CUDA rows on the nodes whose GPUs are of that type (Ray's
+``accelerator_type``): on a cluster of mixed cards, one run per card type measures every row on
+each, and ``attn-bench report DIR1 DIR2`` puts them side by side. Without it a row runs on
+whichever GPU is free, and records which (``device_name``).
+
 Ray is an optional extra (``pip install .[cluster]``), imported only here; every node needs this
 package installed, and a ``--plugin`` file at the same path (or a plug-in module installed).
 """
@@ -100,6 +105,38 @@ def run_row(cfg: BenchConfig, settings: RunSettings, env: dict[str, str], timeou
     return res, tail
 
 
+def describe(nodes: list[dict[str, float]]) -> str:
+    """A cluster in words: its nodes alive, GPUs and cores."""
+    gpus = sum(int(n.get("GPU", 0)) for n in nodes)
+    cores = sum(int(n.get("CPU", 0)) for n in nodes)
+    return f"{len(nodes)} node(s) alive, {gpus} GPU(s), {cores} core(s)"
+
+
+def cards_of(nodes: list[dict[str, float]]) -> list[str]:
+    """The GPU types of a cluster, as Ray names them on its nodes (``accelerator_type:H100``)."""
+    return sorted({k.split(":", 1)[1] for n in nodes for k in n if k.startswith("accelerator_type:")})
+
+
+def cluster_problem(
+    kinds: set[str], nodes: list[dict[str, float]], cpus_per_row: int | None, card: str | None
+) -> tuple[str, str] | None:
+    """``(option, why)`` when the cluster of ``nodes`` (their resources) cannot run rows on the
+    devices ``kinds`` (``cuda``, ``cpu``) as asked, or None."""
+    cores = [int(n["CPU"]) for n in nodes if n.get("CPU", 0) >= 1]
+    if "cuda" in kinds and not any(n.get("GPU", 0) >= 1 for n in nodes):
+        return "--device", f"the configs run on CUDA and the Ray cluster has no GPU ({describe(nodes)})"
+    if card is not None and "cuda" in kinds and card not in cards_of(nodes):
+        return "--card", f"no node of the Ray cluster has a {card}; its cards: {', '.join(cards_of(nodes)) or 'none'}"
+    if "cpu" in kinds and not cores:
+        return (
+            "--device",
+            f"the configs run on the CPU and no node of the Ray cluster offers a core ({describe(nodes)})",
+        )
+    if "cpu" in kinds and cpus_per_row is not None and cpus_per_row > max(cores):
+        return "--cpus-per-row", f"{cpus_per_row} cores per row, and the largest node has {max(cores)}"
+    return None
+
+
 class RayExecutor:
     """Rows as Ray tasks on the cluster at ``address`` (None: Ray's default, ``RAY_ADDRESS`` or a
     Ray started on this machine). RunSetupError, before any row runs, when Ray is missing, the
@@ -115,6 +152,7 @@ class RayExecutor:
         devices: set[str],
         address: str | None = None,
         cpus_per_row: int | None = None,
+        card: str | None = None,
     ) -> None:
         if address is not None and (problem := address_problem(address)) is not None:
             raise RunSetupError("--address", problem)
@@ -131,26 +169,19 @@ class RayExecutor:
         self.kinds = {"cuda" if d.startswith("cuda") else "cpu" for d in devices}
         self.env = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
         nodes = self.nodes()
-        cores = [int(n["CPU"]) for n in nodes if n.get("CPU", 0) >= 1]
-        problem = None
-        if "cuda" in self.kinds and not any(n.get("GPU", 0) >= 1 for n in nodes):
-            problem = ("--device", f"the configs run on CUDA and the Ray cluster has no GPU ({self.describe(nodes)})")
-        elif "cpu" in self.kinds and not cores:
-            problem = (
-                "--device",
-                f"the configs run on the CPU and no node of the Ray cluster offers a core ({self.describe(nodes)})",
-            )
-        elif "cpu" in self.kinds and cpus_per_row is not None and cpus_per_row > max(cores):
-            problem = ("--cpus-per-row", f"{cpus_per_row} cores per row, and the largest node has {max(cores)}")
+        problem = cluster_problem(self.kinds, nodes, cpus_per_row, card)
         if problem is not None:
             self.close()
             raise RunSetupError(*problem)
+        cores = [int(n["CPU"]) for n in nodes if n.get("CPU", 0) >= 1]
         self.cpus = cpus_per_row or (min(cores) if cores else 1)
+        self.card = card
         self.task = ray.remote(run_row)
         self.inflight: dict[Any, tuple[BenchConfig, float, float, int]] = {}  # ref -> cfg, timeout, deadline, tries
         self._capacity, self._checked = self.capacity(nodes), time.monotonic()
         self.slots = self._capacity
-        self.summary = f"a Ray cluster ({self.describe(nodes)}; {self.slots} rows at once)"
+        only = f", on its {card} cards only" if card else ""
+        self.summary = f"a Ray cluster ({describe(nodes)}; {self.slots} rows at once{only})"
         self.start_failures = self.restarts = 0
         self.lost = 0  # tasks lost with their node or Ray worker, and started again
         self.gave_up = False
@@ -159,18 +190,12 @@ class RayExecutor:
         """The resources (``CPU``, ``GPU`` ...) of each node alive."""
         return [n["Resources"] for n in self.ray.nodes() if n.get("Alive")]
 
-    @staticmethod
-    def describe(nodes: list[dict[str, float]]) -> str:
-        gpus = sum(int(n.get("GPU", 0)) for n in nodes)
-        cores = sum(int(n.get("CPU", 0)) for n in nodes)
-        return f"{len(nodes)} node(s) alive, {gpus} GPU(s), {cores} core(s)"
-
     def capacity(self, nodes: list[dict[str, float]]) -> int:
         """How many rows can run at once: a GPU each, ``self.cpus`` cores each (at least 1, so that
         a cluster that lost its nodes waits for new ones)."""
         n = 0
         if "cuda" in self.kinds:
-            n += sum(int(x.get("GPU", 0)) for x in nodes)
+            n += sum(int(x.get("GPU", 0)) for x in nodes if self.card is None or f"accelerator_type:{self.card}" in x)
         if "cpu" in self.kinds:
             n += sum(int(x.get("CPU", 0)) // self.cpus for x in nodes)
         return max(1, n)
@@ -185,6 +210,8 @@ class RayExecutor:
         limit = min(timeout_s, self.settings.timeout_s)
         if cfg.device.startswith("cuda"):
             opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
+            if self.card is not None:
+                opts["accelerator_type"] = self.card
             env = self.env
         else:
             opts, env = {"num_cpus": self.cpus}, {**self.env, "OMP_NUM_THREADS": str(self.cpus)}

@@ -305,6 +305,15 @@ def write_report(
     for title, tab in time_tables(df):
         md.append(f"\n**{title}**\n\n{md_table(tab)}")
 
+    from attn_bench.sweep.cards import several_cards
+
+    if several_cards(df):  # a run over a cluster of mixed cards
+        from attn_bench.sweep.cards import card_plots, card_rows, cards_section, load_cards
+
+        rows = card_rows(load_cards([d]), baseline)
+        md.append("\n## Cards side by side\n")
+        md.append(cards_section(rows, card_plots(rows, d, baseline), baseline))
+
     md.append("\n## Rows that did not run\n")
     md.append(failed_rows_table(pd.concat([df, not_run_rows(missing)], ignore_index=True) if missing else df))
 
