@@ -93,20 +93,11 @@ def _sweep(
     budget_s: Annotated[
         float | None, typer.Option(help="seconds for the whole sweep; configs not started in time are rows 'skipped'")
     ] = None,
-    executor: Annotated[
-        str, typer.Option(help="where rows run: local (this machine) or ray (a Ray cluster: the cluster extra)")
-    ] = "local",
-    address: Annotated[
-        str | None,
-        typer.Option(help="--executor ray: HOST:PORT, ray://HOST:PORT or auto [default: RAY_ADDRESS, else a Ray here]"),
-    ] = None,
-    devices: Annotated[
-        str | None, typer.Option(help="--executor local: CUDA devices, one worker each: all, or indices such as 0,1")
-    ] = None,
-    cpus_per_row: Annotated[
-        int | None,
-        typer.Option(help="--executor ray: cores a CPU row reserves and times with [default: smallest node's]"),
-    ] = None,
+    executor: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster; see --address)")] = "local",
+    address: Annotated[str | None, typer.Option(help="with --executor ray: HOST:PORT, ray://HOST:PORT or auto")] = None,
+    devices: Annotated[str | None, typer.Option(help="CUDA devices here, one worker each: all, or 0,1,...")] = None,
+    cpus_per_row: Annotated[int | None, typer.Option(help="with --executor ray: the cores a CPU row reserves")] = None,
+    card: Annotated[str | None, typer.Option(help="with --executor ray: only GPUs of this type, e.g. H100")] = None,
 ) -> None:
     """Run a sweep: results.csv + metadata.json in the output directory, then the report.
 

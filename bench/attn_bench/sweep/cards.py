@@ -29,6 +29,7 @@ from attn_bench.sweep.analysis import (
     setting_label,
     without_copies,
 )
+from attn_bench.sweep.markdown import md_table
 from attn_bench.sweep.plots import MARKER, OTHER_STYLE, PALETTE, STYLE, _slug
 
 PAGE = "README.md"
@@ -162,8 +163,6 @@ def card_plots(rows: pd.DataFrame, out: Path, baseline: str) -> list[Path]:
 
 def cards_section(rows: pd.DataFrame, files: list[Path], baseline: str) -> str:
     """The Markdown of the comparison: the cards, the headline table and the plots."""
-    from attn_bench.sweep.report import md_table
-
     cards = list(dict.fromkeys(rows["card"]))
     both = shared_rows(rows)
     md = [
