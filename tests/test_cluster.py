@@ -9,8 +9,11 @@ relied on: each step below bounds itself)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -136,34 +139,41 @@ def test_killed_node_and_ctrl_c_lose_no_finished_row(cluster, tmp_path: Path, mo
 
     def kill_the_nodes(res) -> None:
         seen.append(res)
-        if len(seen) == 1:  # the other row is in flight: lost with its node
+        # From the second row on, the row in flight has just started (when the first finished) and
+        # takes its second or so of timing: lost with its node, well before its end. (Ray itself can
+        # stumble when a node dies as its task's result comes back.)
+        if cluster.workers == first_nodes and len(seen) >= 2 and ex.inflight:
             while cluster.workers:
                 cluster.remove_node(cluster.workers.pop(), allow_graceful=False)
             cluster.workers.append(cluster.add_node(num_cpus=1))
             cluster.wait_for_nodes(timeout=START_TIMEOUT_S)
 
-    ex = RayExecutor(SETTINGS, str(tmp_path / "worker.log"), {"cpu"}, address=cluster.address)
-    rows = run_sweep(configs, out, SETTINGS, progress=False, on_result=kill_the_nodes, executor=ex)
+    first_nodes = list(cluster.workers)
+    slow = dataclasses.replace(SETTINGS, min_run_time=0.3)
+    ex = RayExecutor(slow, str(tmp_path / "worker.log"), {"cpu"}, address=cluster.address)
+    rows = run_sweep(configs, out, slow, progress=False, on_result=kill_the_nodes, executor=ex)
     assert ex.lost >= 1
     assert sorted(r.config.seq_len for r in rows) == [32, 40, 48, 56, 64, 72]
     assert all(r.status == "ok" for r in rows), [(r.status, r.error) for r in rows]
+    assert cluster.workers != first_nodes
     first = seen[0]
     assert _by_key(out)[first.config.key()] == first  # written before the kill, kept as it was
 
-    def interrupt(res) -> None:
+    def interrupt(res) -> None:  # Ctrl-C, a moment after the second row, while others are in flight
         if len(read_results(out2 / RESULTS)) == 2:
-            raise KeyboardInterrupt
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
 
     out2 = tmp_path / "again"
     ex = RayExecutor(SETTINGS, None, {"cpu"}, address=cluster.address)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(configs, out2, SETTINGS, progress=False, on_result=interrupt, executor=ex)
     kept = _by_key(out2)
-    assert len(kept) == 2 and json.loads((out2 / METADATA).read_text())["status"] == "interrupted"
+    assert 2 <= len(kept) < 6 and json.loads((out2 / METADATA).read_text())["status"] == "interrupted"
+    assert not ex.inflight  # the tasks in flight were cancelled
     ran: list = []
     ex = RayExecutor(SETTINGS, None, {"cpu"}, address=cluster.address)
     rows = run_sweep(configs, out2, SETTINGS, resume=True, progress=False, on_result=ran.append, executor=ex)
     assert len(rows) == 6 and all(r.status == "ok" for r in rows)
-    assert len(ran) == 4 and not {r.config.key() for r in ran} & set(kept)
+    assert len(ran) == 6 - len(kept) and not {r.config.key() for r in ran} & set(kept)
     assert all(_by_key(out2)[k] == r for k, r in kept.items())
     assert json.loads((out2 / METADATA).read_text())["status"] == "complete"
