@@ -52,6 +52,7 @@ def _refused(tmp_path: Path, *args: str) -> str:
             "--devices: spreads CUDA rows over GPUs (their device 'cuda'); these configs run on cpu",
         ),
         (["--executor", "ray", "--address", "nowhere"], "--address: expected HOST:PORT, ray://HOST:PORT or auto"),
+        (["--device", "cuda:1", "--executor", "ray"], "--device: cuda:1: with --executor ray each row's worker"),
     ],
 )
 def test_bad_executor_options_exit_2_before_any_row(tmp_path: Path, args: list[str], message: str) -> None:

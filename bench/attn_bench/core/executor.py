@@ -162,6 +162,10 @@ def make_executor(
     any row runs, when it cannot take them (see :func:`check_executor_options`, and for Ray
     :class:`~attn_bench.core.ray_executor.RayExecutor`)."""
     check_executor_options(kind, address, devices, cpus_per_row, card)
+    indexed = sorted({d for d in config_devices if d.startswith("cuda:")})
+    if indexed and (kind == "ray" or devices is not None):
+        option = "--executor ray" if kind == "ray" else "--devices"
+        raise RunSetupError("--device", f"{', '.join(indexed)}: with {option} each row's worker sees one GPU, 'cuda'")
     if kind == "ray":
         from attn_bench.core.ray_executor import RayExecutor
 
