@@ -111,7 +111,7 @@ def test_one_run_over_mixed_cards_has_its_cards_section(tmp_path: Path) -> None:
 
 def test_an_older_run_names_its_card_from_its_metadata(tmp_path: Path) -> None:
     old = tmp_path / "old"
-    shutil.copytree(ROOT / "reports" / "cpu-quick", old)
+    shutil.copytree(ROOT / "reports" / "decode-quick", old)
     cpu = json.loads((old / "metadata.json").read_text())["cpu_model"]
     new = tmp_path / "new"
     shutil.copytree(old, new)

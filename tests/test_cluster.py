@@ -1,11 +1,10 @@
 """``attn-bench sweep --executor ray`` against a real Ray cluster started here: a head and two
 worker nodes on 127.0.0.1 with one core each (``ray.cluster_utils.Cluster``, as Ray's own tests
-start theirs), shared by the tests of this file; the last one kills a node.
+start theirs), shared by the tests of this file; the last one replaces its worker nodes.
 
 Marked ``ray`` (each takes seconds to tens of seconds on two cores): run them with ``pytest -m ray``
 where the cluster extra is installed. Every wait has a timeout: the sweep's own (``--timeout``),
-the cluster's start (``wait_for_nodes``), and the test's (``pytest``'s ``faulthandler`` is not
-relied on: each step below bounds itself)."""
+and the cluster's start and its new node (``wait_for_nodes``)."""
 
 from __future__ import annotations
 
@@ -36,19 +35,20 @@ START_TIMEOUT_S = 120
 @pytest.fixture(scope="module")
 def cluster():
     # Ray binds to the machine's address unless told to stay on loopback (read when ray is imported).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        pytest.importorskip("ray")
+        from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    try:
-        workers = [c.add_node(num_cpus=1) for _ in range(2)]
-        c.wait_for_nodes(timeout=START_TIMEOUT_S)
-        assert c.address.startswith("127.0.0.1:"), c.address
-        c.workers = workers
-        yield c
-    finally:
-        c.shutdown()
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        try:
+            workers = [c.add_node(num_cpus=1) for _ in range(2)]
+            c.wait_for_nodes(timeout=START_TIMEOUT_S)
+            assert c.address.startswith("127.0.0.1:"), c.address
+            c.workers = workers
+            yield c
+        finally:
+            c.shutdown()
 
 
 @pytest.fixture(autouse=True)
