@@ -4,6 +4,8 @@
   backend forgets to write fails loudly instead of passing by luck.
 - Tests marked ``gpu`` are skipped cleanly without CUDA, and in runs that use the Triton
   interpreter: run them on their own with ``pytest -m gpu``.
+- Tests marked ``ray`` start a Ray cluster on this machine: skipped unless the run selects them
+  (``pytest -m ray``, with the cluster extra installed).
 - Triton kernels run under the interpreter on CPU tensors (``TRITON_INTERPRET=1``) unless the
   run selects the GPU tests (``-m gpu``); Triton reads the variable when a kernel is defined,
   so it is set here, before any kernel module is imported.
@@ -61,6 +63,12 @@ def _exact_interpreter_dot() -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    markexpr = config.getoption("markexpr", default="") or ""
+    if "ray" not in markexpr or "not ray" in markexpr:  # each starts a Ray cluster: run them with -m ray
+        skip_ray = pytest.mark.skip(reason="starts a Ray cluster; run the Ray tests on their own: pytest -m ray")
+        for item in items:
+            if item.get_closest_marker("ray") is not None:
+                item.add_marker(skip_ray)
     if not torch.cuda.is_available():
         reason = "needs a CUDA device"
     elif os.environ.get("TRITON_INTERPRET") == "1":

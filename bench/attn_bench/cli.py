@@ -97,6 +97,11 @@ def _sweep(
     budget_s: Annotated[
         float | None, typer.Option(help="seconds for the whole sweep; configs not started in time are rows 'skipped'")
     ] = None,
+    executor: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster; see --address)")] = "local",
+    address: Annotated[str | None, typer.Option(help="with --executor ray: HOST:PORT, ray://HOST:PORT or auto")] = None,
+    devices: Annotated[str | None, typer.Option(help="CUDA devices here, one worker each: all, or 0,1,...")] = None,
+    cpus_per_row: Annotated[int | None, typer.Option(help="with --executor ray: the cores a CPU row reserves")] = None,
+    card: Annotated[str | None, typer.Option(help="with --executor ray: only GPUs of this type, e.g. H100")] = None,
 ) -> None:
     """Run a sweep: results.csv + metadata.json in the output directory, then the report.
 
@@ -171,18 +176,25 @@ _install_sweep_command()
 
 @app.command()
 def report(
-    directory: Annotated[Path, typer.Argument(help="a sweep's output directory")],
-    baseline: Annotated[str | None, typer.Option(help="backend the speed-up plot divides by [default: sdpa]")] = None,
+    directories: Annotated[
+        list[Path], typer.Argument(help="a sweep's output directory, or several (cards side by side)")
+    ],
+    baseline: Annotated[str | None, typer.Option(help="backend the speed-ups divide by [default: sdpa]")] = None,
     compare: Annotated[Path | None, typer.Option(help="an earlier run's directory to compare against")] = None,
     threshold: Annotated[float, typer.Option(help="relative slow-down counted as a regression")] = 0.10,
+    out: Annotated[
+        Path | None, typer.Option(help="several directories: where their comparison goes [default: runs/cards-<time>]")
+    ] = None,
 ) -> None:
     """Plots (PNG) and a Markdown page (README.md) in DIR; --compare DIR2 flags regressions.
 
     With --compare the exit status gates CI: 1 when a row regressed (slower beyond --threshold,
-    or ok before and not now), 3 when the two runs have no row in common."""
+    or ok before and not now), 3 when the two runs have no row (or no card) in common. With several
+    directories (runs on different cards), each card's time and speed-up against its own baseline,
+    side by side, rows matched on everything but the device; exit 3 when no row was on every card."""
     from attn_bench.sweep.command import report_command
 
-    _call(report_command, directory=directory, baseline=baseline, compare=compare, threshold=threshold)
+    _call(report_command, directory=directories, baseline=baseline, compare=compare, threshold=threshold, out=out)
 
 
 @app.command()

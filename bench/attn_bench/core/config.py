@@ -221,6 +221,7 @@ def result_row(result: Any) -> dict[str, Any]:
     return row
 
 
+_TEXT_RESULT_FIELDS = ("error", "note", "backend_used", "status", "node", "device_name", "device_uuid", "driver")
 _INT_RESULT_FIELDS = ("repeats", "peak_mem_bytes", "flops", "checked_rows", "remeasured", "gpu_others")
 
 
@@ -258,6 +259,11 @@ class BenchResult:
     load_avg: float | None = None  # 1-minute load average
     gpu_clock_mhz: float | None = None  # SM clock right after timing (CUDA)
     gpu_others: int | None = None  # other processes on the GPU (CUDA)
+    # Where the row ran (core/machine.py, device_identity): a run over several cards is a set of per-card results
+    node: str = ""
+    device_name: str = ""  # the GPU's name, or the CPU's model
+    device_uuid: str = ""
+    driver: str = ""
 
     def to_row(self) -> dict[str, Any]:
         return result_row(self)
@@ -271,7 +277,7 @@ class BenchResult:
             x = row[f.name]
             if (isinstance(x, float) and math.isnan(x)) or x == "":
                 x = None
-            if f.name in ("error", "note", "backend_used", "status"):
+            if f.name in _TEXT_RESULT_FIELDS:
                 x = "" if x is None else str(x)
             elif x is not None and f.name == "noisy":
                 x = parse_bool(x)

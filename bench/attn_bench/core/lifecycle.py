@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for the annotation only: runs import the worker when they start
-    from attn_bench.core import worker
+    from attn_bench.core import executor, worker
 from attn_bench.core.machine import now
 from attn_bench.core.results import write_metadata
 
@@ -48,7 +48,7 @@ def _exit_now(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def pool_lifecycle(pool: worker.WorkerPool, out: Path, meta: dict, results: list) -> Iterator[None]:
+def pool_lifecycle(pool: worker.WorkerPool | executor.Executor, out: Path, meta: dict, results: list) -> Iterator[None]:
     """Around the loop of a run on ``pool``: SIGTERM and SIGHUP raise :class:`SweepInterrupted`
     inside it, and a second Ctrl-C while the rest is saved exits at once. On the way out the pool is
     closed (killed, without waiting for the row in flight, unless the loop completed),

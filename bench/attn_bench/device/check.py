@@ -14,7 +14,8 @@ every failure is recorded and the next step still runs):
 2. ``gpu-tests``: ``pytest -m gpu`` (the kernels at real sizes, against float64 references).
 3. ``verify``: ``attn-bench verify`` on CUDA, every variant x backend x {bf16, fp16, fp32}.
 4. ``sweep``: the ``gpu-quick`` preset with what is left of the budget (minus the report's
-   reserve); configs not reached are rows with status ``skipped``.
+   reserve); configs not reached are rows with status ``skipped``. With several GPUs, one
+   worker per GPU (``--devices all``): the rows are spread over them.
 5. ``report``: plots and the sweep's Markdown page.
 
 Then everything is packed into at most :data:`MAX_FILES` files directly in ``--out``:
@@ -151,6 +152,14 @@ def cp_command(gpus: int, out: Path, box_s: float, extra: tuple[str, ...] = ()) 
     cmd += ["--causal", "true", "--heads", "16", "--kv-heads", "16", "--head-dim", "128", "--window", "1024"]
     cmd += ["--num-features", "256", "--repeats", "5", "--timeout", f"{box_s:.0f}", "--out", str(out), *extra]
     return cmd
+
+
+def sweep_command(gpus: int, out: Path, budget_s: float, device: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """``attn-bench sweep`` of the gpu-quick preset within ``budget_s``; with 2 or more GPUs, one
+    worker on each (``--devices all``), rows spread over them."""
+    cmd = [sys.executable, "-m", "attn_bench.cli", "sweep", "--preset", PRESET, "--out", str(out)]
+    cmd += ["--budget-s", f"{budget_s:.0f}", "--no-report", "--overwrite", "--device", device, *extra]
+    return cmd + (["--devices", "all"] if gpus > 1 and device == "cuda" else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,12 +339,13 @@ def device_check(
     else:
         sweep_budget = max(5.0, left() - REPORT_RESERVE_S - SWEEP_GRACE_S)
         box = sweep_budget + SWEEP_GRACE_S
-        cmd = [sys.executable, "-m", "attn_bench.cli", "sweep", "--preset", PRESET, "--out", str(sweep_dir)]
-        cmd += ["--budget-s", f"{sweep_budget:.0f}", "--no-report", "--overwrite", "--device", device, *sweep_args]
+        cmd = sweep_command(gpus, sweep_dir, sweep_budget, device, sweep_args)
         code, secs = run_boxed(cmd, logs["sweep"], box, env_vars)
         counts = _status_counts(sweep_dir / "results.csv")
         status = "timeout" if code is None else "ok" if code == 0 else "failed"
-        detail = f"budget {sweep_budget:.0f} s; rows: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        detail = f"budget {sweep_budget:.0f} s{f', {gpus} GPUs' if gpus > 1 else ''}; rows: " + ", ".join(
+            f"{n} {s}" for s, n in sorted(counts.items())
+        )
         note(Step("sweep", status, secs, box, detail, code))
 
     # 5. report

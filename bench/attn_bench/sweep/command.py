@@ -149,13 +149,24 @@ def sweep_command(
     progress: bool = True,
     budget_s: float | None = None,
     decode: bool = False,
+    executor: str = "local",
+    address: str | None = None,
+    devices: str | None = None,
+    cpus_per_row: int | None = None,
+    card: str | None = None,
     echo: Echo = print,
     **fields: Any,
 ) -> None:
     """Run a sweep into ``out`` (results.csv + metadata.json), then write its report. ``fields``:
     the config options (``variants="full,performer"``, ``window="64"`` ...), each a comma list that
     replaces that key in every group of the preset. ``decode``: ``attn-bench decode``, the decode
-    pass only and a decode preset by default."""
+    pass only and a decode preset by default. ``executor``: ``local`` (this machine; ``devices``:
+    CUDA device indices or ``all``, one worker each) or ``ray`` (each row a Ray task on the cluster
+    at ``address``; ``cpus_per_row``: the cores a CPU row reserves; ``card``: only GPUs of that Ray
+    accelerator type), see :mod:`attn_bench.core.executor`."""
+    from attn_bench.core.executor import check_executor_options, make_executor
+
+    check_executor_options(executor, address, devices, cpus_per_row, card)
     if decode:
         preset = decode_preset(preset, fields.get("passes"))
     exclusive(resume, overwrite)
@@ -184,12 +195,16 @@ def sweep_command(
     results_path = out / "results.csv"
     from attn_bench.core.results import cuda_problem
 
-    problem = cuda_problem(c.device for c in configs)
+    problem = None if executor == "ray" else cuda_problem(c.device for c in configs)
     if problem is not None:  # refused before the results of a run being replaced are removed
         raise RunSetupError("--device", problem)
     from attn_bench.core.variants import preflight_plugin_rows
 
     preflight_plugin_rows(configs)  # a broken plug-in variant stops the sweep before anything is written
+    where = make_executor(
+        executor, settings, str(out / "worker.log"), [c.device for c in configs],
+        address=address, devices=devices, cpus_per_row=cpus_per_row, card=card,
+    )  # fmt: skip
     if overwrite and results_path.exists():
         results_path.unlink()
         (out / "performer_accuracy.csv").unlink(missing_ok=True)
@@ -201,7 +216,8 @@ def sweep_command(
     dev = configs[0].device if configs else "cpu"
     command = shlex.join(["attn-bench", *sys.argv[1:]])
     meta = {**machine_metadata(dev), "preset": preset, "command": command, "sweep": spec, "started": now()}
-    if configs:  # what no row's rate may exceed (each row is checked against it in its worker)
+    meta["executor"] = {"kind": executor, "address": address, "slots": where.slots, "where": where.summary}
+    if configs and where.runs_here:  # what no row's rate may exceed (each row is checked against it in its worker)
         import torch
 
         from attn_bench.core import ceilings
@@ -212,6 +228,7 @@ def sweep_command(
     echo(
         f"[bold]attn-bench[/] preset [cyan]{preset}[/]: {len(configs)} configs -> {out} "
         f"({meta['cpu_model']}, {meta['cpu_count']} cores{', ' + meta['gpu'] if meta['gpu'] else ''})"
+        + (f"; rows on {where.summary}" if where.slots > 1 or not where.runs_here else "")
     )
     t0 = time.perf_counter()
     try:
@@ -225,6 +242,7 @@ def sweep_command(
             accuracy=p.accuracy if want_accuracy else None,
             progress=progress,
             budget_s=budget_s,
+            executor=where,
         )
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
@@ -234,6 +252,8 @@ def sweep_command(
         raise JobExit(str(exc), 2) from None
     except WorkerStartError as exc:
         raise JobExit(f"Sweep stopped: {exc}. Finished rows are in {results_path}.", 1) from None
+    finally:
+        where.close()
     summary = status_summary(r.status for r in results)
     echo(f"Sweep done in {time.perf_counter() - t0:.0f} s: {summary}. Results: {results_path}")
     if report:
@@ -274,26 +294,40 @@ def _interrupted(out: Path, job: str, signame: str, report: bool, echo: Echo) ->
 
 
 def report_command(
-    directory: Path,
+    directory: Path | list[Path],
     baseline: str | None = None,
     compare: Path | None = None,
     threshold: float = 0.10,
+    out: Path | None = None,
     echo: Echo = print,
 ) -> None:
     """Plots and README.md in ``directory``; with ``compare``, exit 1 when a row regressed (slower
     beyond ``threshold``, or ok before and not now) and 3 when the two runs share no row.
     ``baseline``: the backend speed-ups divide by (default ``sdpa``; a run without it has no
-    speed-up plot, while a ``baseline`` asked for and absent is refused)."""
+    speed-up plot, while a ``baseline`` asked for and absent is refused). Several directories
+    (runs on different cards): their rows side by side per card (:mod:`attn_bench.sweep.cards`),
+    written into ``out`` (default ``runs/cards-<date>-<time>``); exit 3 when no row was measured
+    on every card."""
     from attn_bench.core.results import ResultsFileError
     from attn_bench.sweep.analysis import compare_runs, load_results
     from attn_bench.sweep.report import write_report
 
-    if not (directory / "results.csv").exists():
-        raise RunSetupError("DIRECTORY", f"{directory / 'results.csv'} does not exist")
+    dirs = [directory] if isinstance(directory, Path) else list(directory)
+    for d in dirs:
+        if not (d / "results.csv").exists():
+            raise RunSetupError("DIRECTORY", f"{d / 'results.csv'} does not exist")
     if not (math.isfinite(threshold) and threshold > 0):
         raise RunSetupError("--threshold", f"must be a positive fraction such as 0.1, got {threshold:g}")
     if compare is not None and not (compare / "results.csv").exists():
         raise RunSetupError("--compare", f"{compare / 'results.csv'} does not exist")
+    if len(dirs) > 1:
+        _cards_report(dirs, baseline, compare, out, echo)
+        return
+    if out is not None:
+        raise RunSetupError(
+            "--out", "is for several directories (their cards side by side); one run's report goes into it"
+        )
+    directory = dirs[0]
     try:
         df = load_results(directory)
         if baseline is not None and baseline not in set(df["backend"]):
@@ -305,9 +339,39 @@ def report_command(
         raise JobExit(str(exc), 2) from None
     echo(f"Report: [bold]{page}[/]")
     if cmp is not None:
+        from attn_bench.sweep.cards import load_cards
+
+        cards = [set(load_cards([d])["card"]) for d in (directory, compare)]
+        if not cards[0] & cards[1]:  # a regression is a change on the same card
+            raise JobExit(
+                f"No card in common with {compare} ({', '.join(sorted(cards[0]))} here; "
+                f"{', '.join(sorted(cards[1]))} there): put them side by side with "
+                + command_line("report", str(directory), str(compare)),
+                3,
+            )
         if len(cmp) == 0:
             raise JobExit(f"No row in common with {compare}: nothing was compared", 3)
         n = int(cmp["regression"].sum())
         echo(f"{n} regression(s) beyond {threshold:.0%} in {len(cmp)} common rows against {compare}")
         if n:
             raise JobExit("", 1)
+
+
+def _cards_report(dirs: list[Path], baseline: str | None, compare: Path | None, out: Path | None, echo: Echo) -> None:
+    """``attn-bench report DIR1 DIR2 ...``: the runs' cards side by side (see :func:`report_command`)."""
+    from attn_bench.core.results import ResultsFileError
+    from attn_bench.sweep.cards import write_cards_report
+
+    if compare is not None:
+        raise RunSetupError("--compare", "compares one run with another; several directories are put side by side")
+    if len(set(d.resolve() for d in dirs)) < len(dirs):
+        raise RunSetupError("DIRECTORY", "a run is given twice")
+    out = out or Path("runs") / f"cards-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_out(out)
+    try:
+        page, shared = write_cards_report(dirs, out, baseline or "sdpa")
+    except ResultsFileError as exc:
+        raise JobExit(str(exc), 2) from None
+    echo(f"Cards side by side: [bold]{page}[/] ({shared} rows measured on every card)")
+    if shared == 0:
+        raise JobExit("No row was measured on every card: nothing was compared", 3)

@@ -23,29 +23,12 @@ from attn_bench.sweep.analysis import (
     speedups,
     without_copies,
 )
+from attn_bench.sweep.markdown import _cell, md_table
 from attn_bench.sweep.noise import noise_paragraph, noise_warning, noisy_table
 from attn_bench.sweep.plots import accuracy_plots, sweep_plots
 from attn_bench.sweep.run import not_run
 
 PAGE = "README.md"
-
-
-def _cell(x) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA:
-        return ""
-    if isinstance(x, float):
-        return f"{x:.3g}" if abs(x) < 1e5 else f"{x:.3e}"
-    return str(x).replace("|", "\\|").replace("\n", " ")
-
-
-def md_table(df: pd.DataFrame) -> str:
-    if df is None or df.empty:
-        return "_(none)_\n"
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_cell(x) for x in row) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _mib(x) -> float:
@@ -304,6 +287,15 @@ def write_report(
         md.append("`*`: a noisy row (see above).\n")
     for title, tab in time_tables(df):
         md.append(f"\n**{title}**\n\n{md_table(tab)}")
+
+    from attn_bench.sweep.cards import several_cards
+
+    if several_cards(df):  # a run over a cluster of mixed cards
+        from attn_bench.sweep.cards import card_plots, card_rows, cards_section, load_cards
+
+        rows = card_rows(load_cards([d]), baseline)
+        md.append("\n## Cards side by side\n")
+        md.append(cards_section(rows, card_plots(rows, d, baseline), baseline))
 
     md.append("\n## Rows that did not run\n")
     md.append(failed_rows_table(pd.concat([df, not_run_rows(missing)], ignore_index=True) if missing else df))

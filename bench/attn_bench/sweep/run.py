@@ -36,7 +36,7 @@ from attn_bench.core.config import (
 )
 
 if TYPE_CHECKING:  # for the annotation only: runs import the worker when they start
-    pass
+    from attn_bench.core.executor import Executor
 from attn_bench.core.lifecycle import MIN_CONFIG_S, pool_lifecycle
 from attn_bench.core.machine import now
 from attn_bench.core.results import (
@@ -71,6 +71,7 @@ def run_sweep(
     progress: bool = True,
     on_result: Callable[[BenchResult], None] | None = None,
     budget_s: float | None = None,
+    executor: Executor | None = None,
 ) -> list[BenchResult]:
     """Run ``configs`` (skipping those already in ``out/results.csv`` when ``resume``), writing
     every row as it finishes. Returns all rows of the file.
@@ -85,10 +86,16 @@ def run_sweep(
     metadata says ``failed``.
 
     ``budget_s``: wall-clock seconds for the whole sweep. A config's timeout is cut to what is
-    left, and the configs not started in time are recorded with status ``skipped``."""
-    from attn_bench.core.worker import WorkerPool, WorkerStartError
+    left, and the configs not started in time are recorded with status ``skipped``.
 
-    prepare_run_dir(out, (c.device for c in configs), resume=resume)
+    ``executor``: where the rows run (:mod:`attn_bench.core.executor`; default: one local worker).
+    With several slots, rows run at once and are written as they finish; a row that only copies
+    another (:func:`same_computation`) waits for it if it is in flight."""
+    from attn_bench.core.executor import LocalExecutor
+    from attn_bench.core.worker import WorkerStartError
+
+    # A cluster's executor checks its own devices; the local one needs them here.
+    prepare_run_dir(out, (c.device for c in configs if executor is None or executor.runs_here), resume=resume)
     for f in remove_stale_temp_files(out):
         _stderr(f"removed {f}, left behind by a run that was killed")
     path = out / RESULTS
@@ -118,35 +125,52 @@ def run_sweep(
         meta["budget_s"] = budget_s
     write_metadata(out, meta)
 
-    pool = WorkerPool(settings, str(out / WORKER_LOG))
-    bar = _Progress(todo, enabled=progress)
+    executor = executor or LocalExecutor(settings, str(out / WORKER_LOG))
+    bar = _Progress(todo, enabled=progress, slots=executor.slots)
     deadline = None if budget_s is None else time.monotonic() + budget_s
-    with pool_lifecycle(pool, out, meta, results):
+    waiting = list(todo)
+    running: dict[tuple, float] = {}  # the rows in flight: key -> when they started
+
+    def record(cfg: BenchConfig, res: BenchResult, took: float | None) -> None:
+        """``res`` into the results (replacing the config's old row) and the file, then the bar."""
+        if cfg.key() in where:
+            results[where[cfg.key()]] = res
+        else:
+            where[cfg.key()] = len(results)
+            results.append(res)
+        write_results(path, results)
+        if on_result is not None:
+            on_result(res)
+        ran = f" {res.time_ms:.3g} ms" if res.time_ms else ""
+        at = f" [{res.device_name} on {res.node}]" if executor.slots > 1 and res.node else ""
+        bar.advance(cfg, took, f"{cfg.label()}: {res.status}{ran}{at}")
+
+    with pool_lifecycle(executor, out, meta, results):
         with bar:
-            for cfg in todo:
-                bar.start(cfg.label())
-                t_row = time.monotonic()
-                left = math.inf if deadline is None else deadline - time.monotonic()
-                copy = _copy_of_same_computation(cfg, results)
-                ran = left >= MIN_CONFIG_S and copy is None  # the only rows that tell the ETA anything
-                if left < MIN_CONFIG_S:
-                    res = BenchResult(cfg, "skipped", error=f"not reached: the sweep's {budget_s:g} s budget ran out")
-                else:
-                    res = copy or pool.run(cfg, timeout_s=left)
-                if cfg.key() in where:
-                    results[where[cfg.key()]] = res
-                else:
-                    where[cfg.key()] = len(results)
-                    results.append(res)
-                write_results(path, results)
-                if on_result is not None:
-                    on_result(res)
-                took = time.monotonic() - t_row if ran else None
-                bar.advance(
-                    cfg, took, f"{cfg.label()}: {res.status}" + (f" {res.time_ms:.3g} ms" if res.time_ms else "")
-                )
-                if pool.gave_up:
-                    raise WorkerStartError(f"{res.error} ({pool.start_failures} failed starts in a row)")
+            while waiting or running:
+                while waiting and executor.free:
+                    cfg = _next_row(waiting, running)
+                    if cfg is None:
+                        break  # each waits for the row it copies, in flight
+                    waiting.remove(cfg)
+                    left = math.inf if deadline is None else deadline - time.monotonic()
+                    copy = _copy_of_same_computation(cfg, results)
+                    if left < MIN_CONFIG_S:
+                        why = f"not reached: the sweep's {budget_s:g} s budget ran out"
+                        record(cfg, BenchResult(cfg, "skipped", error=why), None)
+                    elif copy is not None:
+                        record(cfg, copy, None)
+                    else:
+                        bar.start(cfg.label())
+                        executor.start(cfg, left)
+                        running[cfg.key()] = time.monotonic()
+                if running:
+                    for cfg, res in executor.wait(0.5):
+                        record(cfg, res, time.monotonic() - running.pop(cfg.key()))
+                        if executor.gave_up:
+                            raise WorkerStartError(f"{res.error} ({executor.start_failures} failed starts in a row)")
+                elif waiting and not executor.free:
+                    raise WorkerStartError("no worker can take a row")
         out_of_time = deadline is not None and deadline - time.monotonic() < ACCURACY_MIN_S
         if accuracy is not None and not (out / ACCURACY).exists() and not out_of_time:
             from attn_bench.sweep.accuracy import run_accuracy
@@ -191,6 +215,15 @@ def same_computation(cfg: BenchConfig) -> BenchConfig | None:
     return None
 
 
+def _next_row(waiting: list[BenchConfig], running: dict[tuple, float]) -> BenchConfig | None:
+    """The first waiting config that does not copy a row in flight (it would run it again)."""
+    for cfg in waiting:
+        twin = same_computation(cfg)
+        if twin is None or twin.key() not in running:
+            return cfg
+    return None
+
+
 def _copy_of_same_computation(cfg: BenchConfig, results: list[BenchResult]) -> BenchResult | None:
     twin = same_computation(cfg)
     if twin is None:
@@ -206,8 +239,9 @@ class _Progress:
     """A rich progress line (count, bar, elapsed, ETA, then the config's label, cut to fit the
     terminal; see :mod:`attn_bench.core.progress`); silent when disabled."""
 
-    def __init__(self, todo: list[BenchConfig], enabled: bool, console: Any = None) -> None:
+    def __init__(self, todo: list[BenchConfig], enabled: bool, console: Any = None, slots: int = 1) -> None:
         self.todo = [(c.seq_len, c.pass_) for c in todo]
+        self.slots = slots  # rows run at once: the ETA is the rest's time divided among them
         self.done: list[tuple[int, str, float]] = []  # the rows run, with their wall time
         self.count = 0  # the rows advanced over, run or not (a copy, a row skipped)
         self.enabled = enabled
@@ -239,7 +273,9 @@ class _Progress:
         left = self.todo[self.count :]
         if self.progress is not None:
             self.progress.console.print(message, markup=False, highlight=False)
-            self.progress.update(self.task, advance=1, eta=clock(eta_seconds(self.done, left)))
+            eta = eta_seconds(self.done, left)
+            eta = None if eta is None else eta / min(self.slots, max(1, len(left)))
+            self.progress.update(self.task, advance=1, eta=clock(eta))
 
     def __exit__(self, *exc) -> None:
         if self.progress is not None:
