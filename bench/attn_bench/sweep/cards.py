@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from attn_bench.core.variants import PALETTE
 from attn_bench.sweep.analysis import (
     SETTING,
     line_label,
@@ -30,7 +31,7 @@ from attn_bench.sweep.analysis import (
     without_copies,
 )
 from attn_bench.sweep.markdown import md_table
-from attn_bench.sweep.plots import MARKER, OTHER_STYLE, PALETTE, STYLE, _slug
+from attn_bench.sweep.plots import MARKER, OTHER_STYLE, STYLE, _slug
 
 PAGE = "README.md"
 TABLE = "cards.csv"
