@@ -6,6 +6,10 @@
   interpreter: run them on their own with ``pytest -m gpu``.
 - Tests marked ``ray`` start a Ray cluster on this machine: skipped unless the run selects them
   (``pytest -m ray``, with the cluster extra installed).
+- Tests marked ``compile_sweep`` compile every shipped config and tuner candidate for sm_80 and
+  sm_90 (a few minutes): skipped unless the run selects them (``pytest -m compile_sweep``); CI
+  runs them under Triton 3.6, the GPU machines' release. The default run keeps the static gates
+  (tests/test_flash_gates.py, tests/test_favor_chunk_compile.py) under the installed Triton.
 - Triton kernels run under the interpreter on CPU tensors (``TRITON_INTERPRET=1``) unless the
   run selects the GPU tests (``-m gpu``); Triton reads the variable when a kernel is defined,
   so it is set here, before any kernel module is imported.
@@ -64,11 +68,17 @@ def _exact_interpreter_dot() -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     markexpr = config.getoption("markexpr", default="") or ""
-    if "ray" not in markexpr or "not ray" in markexpr:  # each starts a Ray cluster: run them with -m ray
-        skip_ray = pytest.mark.skip(reason="starts a Ray cluster; run the Ray tests on their own: pytest -m ray")
+    opt_in = {
+        "ray": "starts a Ray cluster; run the Ray tests on their own: pytest -m ray",
+        "compile_sweep": "compiles every shipped config for sm_80/sm_90; run them with: pytest -m compile_sweep",
+    }
+    for marker, reason in opt_in.items():
+        if marker in markexpr and f"not {marker}" not in markexpr:
+            continue
+        skip = pytest.mark.skip(reason=reason)
         for item in items:
-            if item.get_closest_marker("ray") is not None:
-                item.add_marker(skip_ray)
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)
     if not torch.cuda.is_available():
         reason = "needs a CUDA device"
     elif os.environ.get("TRITON_INTERPRET") == "1":

@@ -118,6 +118,7 @@ def report(request: pytest.FixtureRequest):
     _print_table(request.config, request.config.pluginmanager.get_plugin("terminalreporter"), list(_REPORT))
 
 
+@pytest.mark.compile_sweep
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id)
 def test_compiles_without_forward_spills(spec: Spec, arch: int, record_property) -> None:

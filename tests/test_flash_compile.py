@@ -51,6 +51,7 @@ def _specs() -> list:
     return specs
 
 
+@pytest.mark.compile_sweep
 @pytest.mark.parametrize(("spec", "arch"), _specs())
 def test_shipped_config_compiles(spec, arch: int) -> None:
     kernel, cfg, head_dim, dtype, flags, flavour = spec

@@ -601,6 +601,7 @@ _SPILL_BOUNDS = {
 }
 
 
+@pytest.mark.compile_sweep
 @pytest.mark.parametrize(("cand", "flags_name"), _FWD_SPECS)
 def test_sm90_forward_candidates_do_not_spill(cand, flags_name: str) -> None:
     flash_kernels = pytest.importorskip("attn_kernels.flash_kernels")
