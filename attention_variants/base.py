@@ -294,12 +294,15 @@ class AttentionVariant(Capabilities):
         self, backend: str, device: torch.device | str, dtype: torch.dtype, head_dim: int
     ) -> str | None:
         """None if ``backend`` can run this variant for the given device/dtype/head dim, else why not."""
-        device = torch.device(device)
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
         if backend == "auto":
             return None
-        if isinstance(backend, str) and backend in list_backends() and backend not in self._backends:
+        spec = self._backends.get(backend) if isinstance(backend, str) else None
+        if spec is None and isinstance(backend, str) and backend in list_backends():
             return f"variant {self.name!r} has no {backend!r} backend (it has: {', '.join(self._backends)})"
-        spec = self.backend(backend)
+        if spec is None:
+            spec = self.backend(backend)  # raises the TypeError / ValueError naming the backend
         if dtype not in FLOAT_DTYPES:
             return f"dtype {dtype} is not a floating-point dtype this project supports"
         return spec.check(self, device, dtype, head_dim)

@@ -130,3 +130,23 @@ def test_default_backward_is_deterministic() -> None:
     for _ in range(2):
         again = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [av.FullAttention(), av.SlidingWindowAttention(window=64, global_tokens=[0, 300])],
+    ids=["full", "window-global"],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_direct_launches_match_the_reference(variant, dtype: torch.dtype) -> None:
+    """After the first call of a shape, forwards launch the cached compiled kernel directly (no JIT
+    binder): each later call, on fresh inputs, still matches the float64 reference; and the
+    handles were made (so the direct path is what ran)."""
+    import attn_kernels.flash_attention as flash
+
+    flash._FWD_PLANS.clear()
+    for _ in range(3):
+        q, k, v = make_qkv(1, 4, 2, 1000, 1000, 128, dtype=dtype, device="cuda")
+        check_backend(variant, "triton", q, k, v, causal=True, grad=False)
+    if flash.direct_launch_enabled():
+        assert any(one.handle is not None for plan in flash._FWD_PLANS.values() for one in plan.launches)

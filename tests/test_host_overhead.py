@@ -279,3 +279,93 @@ def test_projection_operands_follow_the_tensor() -> None:
     w.mul_(2)
     ws2, _ = favor._projection_operands(w, torch.float32, opts, geo)
     torch.testing.assert_close(ws2[:12, :8].double(), w.double() * 0.3**0.5)
+
+
+class FakeCompiled:
+    """Stands for the compiled kernel a first launch returns: records what ``run`` is given."""
+
+    def __init__(self) -> None:
+        self.function, self.packed_metadata = "function", "packed"
+        self.calls: list[tuple] = []
+
+    def run(self, *args) -> None:
+        self.calls.append(args)
+
+
+def _bound_by_name(fn, args: tuple, meta: dict) -> dict:
+    """The arguments the JIT binds for ``fn[grid](*args, **meta)``, by parameter name (defaults
+    filled in): what a direct launch must pass, in the kernel's parameter order."""
+    import inspect
+
+    params = list(inspect.signature(fn.fn).parameters.values())
+    out = {p.name: a for p, a in zip(params, args, strict=False)}
+    for p in params[len(args) :]:
+        out[p.name] = meta.get(p.name, p.default)
+    return out
+
+
+def test_direct_launch_passes_the_arguments_the_jit_binds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward's second call goes through its cached compiled-kernel handle, not the JIT: the
+    same arguments in the kernel's parameter order (constexprs and defaults included), the
+    plan's grid, the current stream; a change of alignment or stride makes a new plan (the JIT
+    specialises on them), and a profiler hook sends the call back to the JIT."""
+    from attn_kernels.flash_kernels import _fwd_kernel
+
+    compiled = FakeCompiled()
+    jit_calls: list[tuple] = []
+
+    def first_launch(fn, configs, grid, args, **meta):
+        jit_calls.append((grid(meta), args, {**meta, **configs[0].tiles()}))
+        return compiled
+
+    monkeypatch.setattr(flash, "launch", first_launch)
+    monkeypatch.setattr(flash, "_direct_ok", lambda device: True)
+    monkeypatch.setattr(launch_mod, "current_stream", lambda device: 1234)
+    flash._FWD_PLANS.clear()
+    q, k, v = make_qkv(1, 4, 2, 100, 100, 16)
+    with torch.no_grad():
+        av.FullAttention()(q, k, v, causal=True, backend="triton")
+        assert len(jit_calls) == 1 and not compiled.calls
+        out = av.FullAttention()(q, k, v, causal=True, backend="triton")
+    assert len(jit_calls) == 1 and len(compiled.calls) == 1
+    grid, jit_args, meta = jit_calls[0]
+    g0, g1, g2, stream, function, packed, launch_meta, enter, leave, *passed = compiled.calls[0]
+    assert (g0, g1, g2, stream, function, packed) == (grid[0], grid[1], 1, 1234, "function", "packed")
+    assert launch_meta is enter is leave is None
+    want = _bound_by_name(_fwd_kernel, jit_args, meta)
+    assert len(passed) == len(want)
+    for name, got in zip(want, passed, strict=True):
+        expected = want[name]
+        if isinstance(expected, torch.Tensor):
+            # The first call's q/k/v, the second call's freshly allocated outputs.
+            assert isinstance(got, torch.Tensor) and got.shape == expected.shape and got.dtype == expected.dtype, name
+        else:
+            assert got == expected, name
+    assert passed[0] is q and passed[3] is out  # this call's tensors
+
+    # A view 2 bytes off its storage's start: another specialisation, so the JIT again.
+    base = torch.randn(1 * 4 * 100 * 16 + 1)
+    q_off = base[1:].view(1, 4, 100, 16)
+    with torch.no_grad():
+        av.FullAttention()(q_off, k, v, causal=True, backend="triton")
+    assert len(jit_calls) == 2
+
+    # With a launch hook set (a profiler) the handle declines and the JIT launches.
+    import triton
+
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda *a: None)
+    with torch.no_grad():
+        av.FullAttention()(q, k, v, causal=True, backend="triton")
+    assert len(jit_calls) == 3 and len(compiled.calls) == 1
+    flash._FWD_PLANS.clear()
+
+
+def test_direct_launch_is_off_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(attn_kernels.DIRECT_LAUNCH_ENV, "0")
+    attn_kernels.refresh_environment()
+    try:
+        assert not launch_mod.direct_launch_enabled()
+    finally:
+        monkeypatch.delenv(attn_kernels.DIRECT_LAUNCH_ENV)
+        attn_kernels.refresh_environment()
+    assert launch_mod.direct_launch_enabled() == launch_mod._direct_launch_supported()

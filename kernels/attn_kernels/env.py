@@ -21,6 +21,7 @@ except Exception as exc:  # pragma: no cover - depends on the installation
 # Read by the FAVOR+ launcher: at most this many configs autotuned per kernel (each is one
 # compilation); set by benchmark runs on a time budget.
 AUTOTUNE_ENV = "ATTN_TRITON_AUTOTUNE_MAX"
+DIRECT_LAUNCH_ENV = "ATTN_TRITON_DIRECT_LAUNCH"  # "0": every launch through the Triton JIT
 
 
 @functools.cache

@@ -57,7 +57,16 @@ from .flash_configs import (
     query_block_schedule,
     select_config,
 )
-from .launch import KernelConfig, LaunchOptions, LaunchShape, cdiv, launch, pad_pow2
+from .launch import (
+    DirectLaunch,
+    KernelConfig,
+    LaunchOptions,
+    LaunchShape,
+    cdiv,
+    direct_launch_enabled,
+    launch,
+    pad_pow2,
+)
 
 if HAS_TRITON:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -196,12 +205,27 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return device_capability(device) if device.type == "cuda" else (0, 0)
 
 
+_CONFIGS: dict[tuple, tuple[FlashConfig, LaunchShape, tuple[int, int]]] = {}
+
+
 def _config(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions, backward: bool) -> FlashConfig:
-    """:func:`select_config` for this call, looked up once per launch shape; a TMA config whose
-    tensors no descriptor can describe gives way to :func:`pointer_config`."""
-    shape = _launch_shape(q, k, v, opts)
-    capability = _capability(q.device)
-    cfg = _cached_config(shape, backward, capability, interpreter_enabled(), tuning.generation())
+    """:func:`select_config` for this call, looked up once per launch shape (a plain-tuple key:
+    the per-call host cost is one dict lookup); a TMA config whose tensors no descriptor can
+    describe gives way to :func:`pointer_config`."""
+    window = opts.window
+    key = (
+        q.shape[2], k.shape[2], q.shape[3], v.shape[3], q.dtype, opts.causal, window, q.device, backward,
+        interpreter_enabled(), tuning.generation(),
+    )  # fmt: skip
+    hit = _CONFIGS.get(key)
+    if hit is None:
+        shape = _launch_shape(q, k, v, opts)
+        capability = _capability(q.device)
+        cfg = _cached_config(shape, backward, capability, interpreter_enabled(), tuning.generation())
+        if len(_CONFIGS) >= 1024:
+            _CONFIGS.clear()
+        hit = _CONFIGS[key] = (cfg, shape, capability)
+    cfg, shape, capability = hit
     if cfg.tma and not _tma_ready(q.device, k, v):
         cfg = pointer_config(shape, backward, capability)
     return cfg
@@ -227,34 +251,101 @@ def _descriptors(cfg: FlashConfig, rows: int, *tensors: Tensor) -> list[object]:
     return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, pad_pow2(t.shape[3])]) for t in tensors]
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple[Tensor, Tensor]:
+@dataclass
+class _Launch:
+    """One launch of a forward plan: its config, schedule rows, grid and constexprs, and the
+    compiled kernel's :class:`DirectLaunch` handle once a first launch has returned it."""
+
+    cfg: KernelConfig
+    rows: Tensor
+    grid: tuple[int, int]
+    meta: dict[str, object]
+    handle: DirectLaunch | None = None
+
+
+@dataclass
+class _ForwardPlan:
+    """Everything of a forward that follows from the shapes, strides, dtype and options: made once
+    per :func:`_forward_key`, so a call allocates its outputs, makes the TMA descriptors (they
+    hold the pointers) and launches."""
+
+    cfg: FlashConfig
+    launches: list[_Launch]
+    scalars: tuple  # the kernel's integer and float arguments, after the descriptors
+    out_shape: tuple[int, int, int, int]
+    direct: bool  # launches may use DirectLaunch handles (CUDA, not the interpreter, not turned off)
+    device_index: int
+
+
+_FWD_PLANS: dict[tuple, _ForwardPlan] = {}
+
+
+def _forward_key(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple:
+    """What a forward plan, and the kernel Triton compiles for it, depends on: every integer
+    argument follows from the shapes and strides, and Triton specialises pointers on their 16-byte
+    alignment (outputs and cached index tensors are fresh allocations, always aligned)."""
+    cuda = q.device.type == "cuda"
+    return (
+        q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
+        q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
+        opts.causal, opts.scale, opts.window, opts.global_pos, opts.key_valid is not None,
+        interpreter_enabled(), tuning.generation(), torch.cuda.current_device() if cuda else -1,
+    )  # fmt: skip
+
+
+def _forward_plan(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> _ForwardPlan:
     bsz, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = _config(q, k, v, opts, backward=False)
-    gidx, gflag, ng = _global_args(opts, q.device)
-    kpm, krange, has_pad = _pad_args(opts, q.device)
+    ng = opts.num_global
+    has_pad = opts.key_valid is not None
     sched = _schedule(False, nq, nk, cfg, opts, q.device)
-    out = torch.empty(bsz, h, nq, dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(bsz, h, nq, dtype=torch.float32, device=q.device)
     left, right = band_reach(opts.window, nq, nk)
-    kd, vd = _descriptors(cfg, cfg.block_n, k, v)
     window = opts.window is not None
     n_band = cdiv(nq, cfg.block_m)
-    for rows, programs, has_global, gathered, lcfg in _launches(sched, n_band, ng > 0, cfg, gathered_config(cfg)):
-        launch(
-            _fwd_kernel, [lcfg], lambda _, p=programs: (p, bsz * h),
-            (
-                q, k, v, out, lse, rows, gidx, gflag, kpm, krange, kd, vd,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                out.stride(0), out.stride(1), out.stride(2),
-                h, h // hk, nq, nk, ng, left, right, opts.scale * _LOG2E,
-            ),
+    qs, ks, vs = q.stride(), k.stride(), v.stride()
+    out_strides = (h * nq * dv, nq * dv, dv)  # ``out`` is made contiguous
+    scalars = (
+        qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], *out_strides,
+        h, h // hk, nq, nk, ng, left, right, opts.scale * _LOG2E,
+    )  # fmt: skip
+    gathered_cfg = gathered_config(cfg) if ng else cfg
+    launches = []
+    for rows, programs, has_global, gathered, lcfg in _launches(sched, n_band, ng > 0, cfg, gathered_cfg):
+        meta = dict(
             CAUSAL=opts.causal, WINDOW=window, HAS_GLOBAL=has_global, GATHERED=gathered, HAS_PAD=has_pad,
             BLOCK_D=pad_pow2(d), BLOCK_DV=pad_pow2(dv), HEAD_D=d, HEAD_DV=dv, PREC=dot_precision(q.dtype),
             TMA=lcfg.tma, ONE_LOOP=window and not gathered,
         )  # fmt: skip
+        launches.append(_Launch(lcfg, rows, (programs, bsz * h), meta))
+    return _ForwardPlan(cfg, launches, scalars, (bsz, h, nq, dv), _direct_ok(q.device), q.device.index or 0)
+
+
+def _direct_ok(device: torch.device) -> bool:
+    """Whether launches on ``device`` may use :class:`DirectLaunch` handles."""
+    return device.type == "cuda" and not interpreter_enabled() and direct_launch_enabled()
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple[Tensor, Tensor]:
+    key = _forward_key(q, k, v, opts)
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        if len(_FWD_PLANS) >= 512:
+            _FWD_PLANS.clear()
+        plan = _FWD_PLANS[key] = _forward_plan(q, k, v, opts)
+    out = torch.empty(plan.out_shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(plan.out_shape[:3], dtype=torch.float32, device=q.device)
+    gidx, gflag, _ = _global_args(opts, q.device)
+    kpm, krange, _ = _pad_args(opts, q.device)
+    kd, vd = _descriptors(plan.cfg, plan.cfg.block_n, k, v)
+    for one in plan.launches:
+        args = (q, k, v, out, lse, one.rows, gidx, gflag, kpm, krange, kd, vd, *plan.scalars)
+        if one.handle is not None and one.handle(one.grid, args):
+            continue
+        kernel = launch(_fwd_kernel, [one.cfg], lambda _, g=one.grid: g, args, **one.meta)
+        if plan.direct and kernel is not None and one.handle is None:
+            meta = {**one.meta, **one.cfg.tiles()}
+            one.handle = DirectLaunch(_fwd_kernel, kernel, len(args), meta, plan.device_index)
     return out, lse
 
 
@@ -362,6 +453,32 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+_PLAIN_OPTIONS: dict[tuple, FlashOptions] = {}
+
+
+def _call_options(
+    causal: bool,
+    scale: float,
+    window: tuple[int, int] | None,
+    positions: tuple[int, ...],
+    q: Tensor,
+    kvalid: Tensor | None,
+    krange: Tensor | None,
+) -> FlashOptions:
+    """The call's options; those without global tokens or padding (no tensors in them) are made
+    once per (causal, scale, window)."""
+    if positions or kvalid is not None:
+        gidx, gflag = global_tensors(positions, q.shape[2], q.device) if positions else (None, None)
+        return FlashOptions(causal, scale, window, positions, gidx, gflag, kvalid, krange)
+    key = (causal, scale, window)
+    opts = _PLAIN_OPTIONS.get(key)
+    if opts is None:
+        if len(_PLAIN_OPTIONS) >= 256:
+            _PLAIN_OPTIONS.clear()
+        opts = _PLAIN_OPTIONS[key] = FlashOptions(causal, scale, window)
+    return opts
+
+
 def flash_attention(
     q: Tensor,
     k: Tensor,
@@ -401,8 +518,7 @@ def flash_attention(
         left, right = window if window is not None else (0, 0)
         args = (bool(causal), float(scale), left, right, window is not None, list(positions), kvalid, krange)
         return flash_fwd(q, k, v, *args)[0]
-    gidx, gflag = global_tensors(positions, q.shape[2], q.device) if positions else (None, None)
-    opts = FlashOptions(bool(causal), float(scale), window, positions, gidx, gflag, kvalid, krange)
+    opts = _call_options(bool(causal), float(scale), window, positions, q, kvalid, krange)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _FlashAttention.apply(q, k, v, opts)
     # No gradient wanted: the forward alone, without the autograd function's bookkeeping.

@@ -20,6 +20,7 @@ see :mod:`attn_kernels.flash_attention` for how the launches split the work.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -194,6 +195,7 @@ def keep(candidate: Candidate, shape: LaunchShape, capability: tuple[int, int] =
     return not (shape.n <= 64 and cfg.block_m >= 128)  # a short sequence: one small tile suffices
 
 
+@functools.lru_cache(maxsize=128)
 def gathered_config(cfg: FlashConfig) -> FlashConfig:
     """Launch of the gathered global rows: half the query tile (gathered row indices cost
     registers that the band kernel does not need; the compile tests showed spills otherwise)."""

@@ -15,12 +15,13 @@ Importable without Triton (the block schedules and configs are plain Python): on
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .env import AUTOTUNE_ENV, interpreter_enabled, interpreter_range
+from .env import AUTOTUNE_ENV, DIRECT_LAUNCH_ENV, interpreter_enabled, interpreter_range
 
 try:
     import triton
@@ -194,8 +195,9 @@ def launch(
     inner: str | None = "BLOCK_N",
     tune_keys: Sequence[str] = (),
     **constexprs: Any,
-) -> None:
-    """Launch ``fn(*args, **constexprs)`` with the tiles and options of ``configs``.
+) -> Any:
+    """Launch ``fn(*args, **constexprs)`` with the tiles and options of ``configs``; returns the
+    compiled kernel where one config ran directly (for a :class:`DirectLaunch`), else None.
 
     ``configs`` are the kept configs in order of preference (at most :func:`autotune_cap` are
     used). The first one runs directly under the interpreter or when it is the only one;
@@ -207,13 +209,80 @@ def launch(
     if interpreter_enabled() or len(configs) == 1 or cap == 1:
         cfg = configs[0]
         meta = {**constexprs, **cfg.tiles(row, inner)}
-        fn[grid(meta)](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return
+        return fn[grid(meta)](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     tuned = autotuner(fn, list(configs)[:cap], constexprs, row=row, inner=inner, tune_keys=tune_keys)
     tuned[grid](*args, **constexprs)
+    return None
+
+
+@functools.cache
+def direct_launch_enabled() -> bool:
+    """Whether :class:`DirectLaunch` handles may replace Triton's launch path (``ATTN_TRITON_DIRECT_LAUNCH=0``
+    turns them off; read once per process, :func:`attn_kernels.refresh_environment` reads it again)."""
+    return os.environ.get(DIRECT_LAUNCH_ENV, "1").strip() != "0" and _direct_launch_supported()
+
+
+def _direct_launch_supported() -> bool:
+    """The compiled kernel's ``run(grid0, grid1, grid2, stream, function, packed_metadata, launch_metadata,
+    enter_hook, exit_hook, *bound_args)`` form this module calls is the one of Triton 3.4 and later
+    (``triton.knobs``); older releases keep the JIT launch path."""
+    return triton is not None and hasattr(triton, "knobs")
+
+
+def _hook_set(hook: Any) -> bool:
+    """Whether a Triton launch hook would do something (Triton 3.6+ keeps an empty ``HookChain``)."""
+    return hook is not None and (not hasattr(hook, "calls") or bool(hook.calls))
+
+
+def current_stream(device: int) -> int:
+    """The raw handle of the current CUDA stream of ``device``, as Triton's launcher takes it."""
+    return triton.runtime.driver.active.get_current_stream(device)
+
+
+class DirectLaunch:
+    """A compiled Triton kernel launched without the JIT's per-call work (binding and specialising
+    the arguments, the cache-key lookup, the launch-metadata dict).
+
+    Made from the kernel a first, ordinary launch returned, for one call site at one
+    specialisation: the caller keys its handles by everything Triton specialises on (the shapes,
+    strides and dtypes that give the integer arguments their values, the 16-byte alignment of
+    every pointer, the constexprs and the config), so a handle is only used where the JIT would
+    pick the same compiled kernel. ``args`` are the launch's positional arguments; the
+    constexprs (and defaults) follow in the kernel's parameter order, as the JIT passes them.
+    Falls back (returns False) where a profiler hook is set.
+    """
+
+    __slots__ = ("device", "fn", "kernel", "tail")
+
+    def __init__(self, fn: Any, kernel: Any, n_args: int, meta: Mapping[str, Any], device: int) -> None:
+        params = list(inspect.signature(fn.fn).parameters.values())  # the kernel's Python function
+        tail = []
+        for param in params[n_args:]:
+            if param.name in meta:
+                tail.append(meta[param.name])
+            elif param.default is not inspect.Parameter.empty:
+                tail.append(param.default)
+            else:
+                raise TypeError(f"{param.name!r} of the kernel has no value")
+        self.fn, self.kernel, self.tail, self.device = fn, kernel, tuple(tail), device
+
+    def __call__(self, grid: tuple[int, ...], args: tuple) -> bool:
+        """Launch on the current stream of the handle's device; False (nothing launched) where
+        Triton's launch hooks are set, so the caller takes the JIT path."""
+        knobs = triton.knobs.runtime
+        if _hook_set(knobs.launch_enter_hook) or _hook_set(knobs.launch_exit_hook):
+            return False
+        kernel = self.kernel
+        stream = current_stream(self.device)
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        run, function, packed = kernel.run, kernel.function, kernel.packed_metadata
+        run(grid[0], g1, g2, stream, function, packed, None, None, None, *args, *self.tail)
+        return True
 
 
 __all__ = [
+    "DirectLaunch",
     "KernelConfig",
     "LaunchOptions",
     "LaunchSample",
@@ -222,6 +291,7 @@ __all__ = [
     "autotuner",
     "cdiv",
     "contiguous_strides",
+    "direct_launch_enabled",
     "launch",
     "loop_range",
     "pad_pow2",
