@@ -214,7 +214,8 @@ class PerformerAttention(AttentionVariant):
                     w = draw_projection(self.num_features, head_dim, ortho=self.ortho, seed=self.seed)
                 self._cache[head_dim] = w
             w = self._cache[head_dim]
-        device = torch.device(device)
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         key = (head_dim, device, dtype)
