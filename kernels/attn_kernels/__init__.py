@@ -47,38 +47,33 @@ def refresh_environment() -> None:
 _REASONS: dict[tuple, str | None] = {}
 
 
-def softmax_unsupported_reason(variant: object, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Why the fused softmax kernels (full, sliding window) cannot run a config, or None.
-
-    The answer depends on the device, dtype, head dim and environment only (not on the variant's
-    options), so it is worked out once per such key: a call's backend check is a dict lookup."""
-    key = (device, dtype, head_dim, interpreter_enabled(), env.HAS_TRITON)
+def _reason(family: str, key: tuple, variant: object, device: torch.device, dtype: torch.dtype, head_dim: int):
+    """The support check of a kernel family, worked out once per ``key`` (what the answer depends
+    on, with the environment added): a call's backend check is then a dict lookup."""
+    key = (family, *key, device, dtype, head_dim, interpreter_enabled(), env.HAS_TRITON)
     if key in _REASONS:
         return _REASONS[key]
     reason = triton_unavailable_reason(device)
     if reason is None:
-        from .flash_attention import unsupported_reason
-
+        if family == "softmax":
+            from .flash_attention import unsupported_reason
+        else:
+            from .favor import unsupported_reason
         reason = unsupported_reason(variant, device, dtype, head_dim)
     if len(_REASONS) >= 256:
         _REASONS.clear()
     _REASONS[key] = reason
     return reason
+
+
+def softmax_unsupported_reason(variant: object, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the fused softmax kernels (full, sliding window) cannot run a config, or None (it
+    depends on the device, dtype, head dim and environment, not on the variant's options)."""
+    return _reason("softmax", (), variant, device, dtype, head_dim)
 
 
 def favor_unsupported_reason(variant: object, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Why the fused Performer (FAVOR+) kernels cannot run a config, or None (worked out once
-    per device, dtype, head dim, environment and the variant's feature count and kernel)."""
-    features, kernel = getattr(variant, "num_features", None), getattr(variant, "kernel", "softmax")
-    key = ("favor", device, dtype, head_dim, interpreter_enabled(), env.HAS_TRITON, features, kernel)
-    if key in _REASONS:
-        return _REASONS[key]
-    reason = triton_unavailable_reason(device)
-    if reason is None:
-        from .favor import unsupported_reason
-
-        reason = unsupported_reason(variant, device, dtype, head_dim)
-    if len(_REASONS) >= 256:
-        _REASONS.clear()
-    _REASONS[key] = reason
-    return reason
+    """Why the fused Performer (FAVOR+) kernels cannot run a config, or None (it depends on the
+    device, dtype, head dim, environment and the variant's feature count and kernel)."""
+    options = (getattr(variant, "num_features", None), getattr(variant, "kernel", "softmax"))
+    return _reason("favor", options, variant, device, dtype, head_dim)
