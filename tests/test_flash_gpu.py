@@ -139,14 +139,16 @@ def test_default_backward_is_deterministic() -> None:
 )
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_direct_launches_match_the_reference(variant, dtype: torch.dtype) -> None:
-    """After the first call of a shape, forwards launch the cached compiled kernel directly (no JIT
-    binder): each later call, on fresh inputs, still matches the float64 reference; and the
-    handles were made (so the direct path is what ran)."""
+    """After the first call of a shape, forward and backward launch the cached compiled kernels
+    directly (no JIT binder): each later call, on fresh inputs, still matches the float64
+    reference, output and gradients; and the handles were made (so the direct path is what ran)."""
     import attn_kernels.flash_attention as flash
 
     flash._FWD_PLANS.clear()
+    flash._BWD_PLANS.clear()
     for _ in range(3):
         q, k, v = make_qkv(1, 4, 2, 1000, 1000, 128, dtype=dtype, device="cuda")
-        check_backend(variant, "triton", q, k, v, causal=True, grad=False)
+        check_backend(variant, "triton", q, k, v, causal=True)  # output and gradients
     if flash.direct_launch_enabled():
         assert any(one.handle is not None for plan in flash._FWD_PLANS.values() for one in plan.launches)
+        assert any(one.handle is not None for plan in flash._BWD_PLANS.values() for one in plan.dkdv)

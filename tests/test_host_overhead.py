@@ -369,3 +369,46 @@ def test_direct_launch_is_off_on_request(monkeypatch: pytest.MonkeyPatch) -> Non
         monkeypatch.delenv(attn_kernels.DIRECT_LAUNCH_ENV)
         attn_kernels.refresh_environment()
     assert launch_mod.direct_launch_enabled() == launch_mod._direct_launch_supported()
+
+
+@pytest.mark.parametrize(
+    "variant", [av.FullAttention(), av.SlidingWindowAttention(window=6, global_tokens=[0, 40])], ids=["full", "window"]
+)
+def test_direct_launch_backward_passes_what_the_jit_binds(variant, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward and backward: the second call launches every kernel (delta, dq, dk/dv, the
+    gathered global launches) through its handle with the arguments the JIT bound at the first."""
+    jit_calls: dict[str, list] = {}
+    compiled: dict[str, FakeCompiled] = {}
+
+    def first_launch(fn, configs, grid, args, inner="BLOCK_N", **meta):
+        name = f"{fn.__name__}-{meta.get('GATHERED', False)}"
+        jit_calls.setdefault(name, []).append((grid(meta), args, {**meta, **configs[0].tiles("BLOCK_M", inner)}))
+        return compiled.setdefault(name, FakeCompiled())
+
+    monkeypatch.setattr(flash, "launch", first_launch)
+    monkeypatch.setattr(flash, "_direct_ok", lambda device: True)
+    monkeypatch.setattr(launch_mod, "current_stream", lambda device: 7)
+    flash._FWD_PLANS.clear()
+    flash._BWD_PLANS.clear()
+    q, k, v = make_qkv(1, 4, 2, 100, 100, 16)
+    for _ in range(2):
+        qq = q.clone().requires_grad_(True)
+        variant(qq, k, v, causal=True, backend="triton").sum().backward()
+    kernels = {"_fwd_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
+    assert {name.split("-")[0] for name in jit_calls} == kernels
+    for name, calls in jit_calls.items():
+        assert len(calls) == 1 and len(compiled[name].calls) == 1, name  # JIT once, then the handle
+        fn = getattr(flash, name.split("-")[0])
+        grid, jit_args, meta = calls[0]
+        g0, g1, g2, stream, *_, passed = (*compiled[name].calls[0][:9], compiled[name].calls[0][9:])
+        assert (g0, g1, g2, stream) == (grid[0], grid[1], 1, 7), name
+        want = _bound_by_name(fn, jit_args, meta)
+        assert len(passed) == len(want), name
+        for arg, got in zip(want, passed, strict=True):
+            expected = want[arg]
+            if isinstance(expected, torch.Tensor):
+                assert isinstance(got, torch.Tensor) and got.shape == expected.shape, (name, arg)
+            else:
+                assert got == expected, (name, arg)
+    flash._FWD_PLANS.clear()
+    flash._BWD_PLANS.clear()

@@ -253,14 +253,28 @@ def _descriptors(cfg: FlashConfig, rows: int, *tensors: Tensor) -> list[object]:
 
 @dataclass
 class _Launch:
-    """One launch of a forward plan: its config, schedule rows, grid and constexprs, and the
-    compiled kernel's :class:`DirectLaunch` handle once a first launch has returned it."""
+    """One launch of a plan: kernel, config, schedule rows (None for the delta kernel), grid and
+    constexprs, and the compiled kernel's :class:`DirectLaunch` handle once a first launch has
+    returned it. ``inner`` names the constexpr that takes ``cfg.block_n`` (None: none does)."""
 
+    fn: object
     cfg: KernelConfig
-    rows: Tensor
+    rows: Tensor | None
     grid: tuple[int, int]
     meta: dict[str, object]
+    inner: str | None = "BLOCK_N"
     handle: DirectLaunch | None = None
+
+    def run(self, args: tuple, direct: bool, device_index: int) -> None:
+        """Launch with ``args`` (the positional arguments): through the handle where there is
+        one, else through the JIT, keeping the compiled kernel it returns when ``direct``."""
+        if self.handle is not None and self.handle(self.grid, args):
+            return
+        grid = self.grid
+        kernel = launch(self.fn, [self.cfg], lambda _: grid, args, inner=self.inner, **self.meta)
+        if direct and kernel is not None and self.handle is None:
+            meta = {**self.meta, **self.cfg.tiles("BLOCK_M", self.inner)}
+            self.handle = DirectLaunch(self.fn, kernel, len(args), meta, device_index)
 
 
 @dataclass
@@ -317,7 +331,7 @@ def _forward_plan(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> _Forwa
             BLOCK_D=pad_pow2(d), BLOCK_DV=pad_pow2(dv), HEAD_D=d, HEAD_DV=dv, PREC=dot_precision(q.dtype),
             TMA=lcfg.tma, ONE_LOOP=window and not gathered,
         )  # fmt: skip
-        launches.append(_Launch(lcfg, rows, (programs, bsz * h), meta))
+        launches.append(_Launch(_fwd_kernel, lcfg, rows, (programs, bsz * h), meta))
     return _ForwardPlan(cfg, launches, scalars, (bsz, h, nq, dv), _direct_ok(q.device), q.device.index or 0)
 
 
@@ -339,13 +353,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions) -> tuple[Tenso
     kpm, krange, _ = _pad_args(opts, q.device)
     kd, vd = _descriptors(plan.cfg, plan.cfg.block_n, k, v)
     for one in plan.launches:
-        args = (q, k, v, out, lse, one.rows, gidx, gflag, kpm, krange, kd, vd, *plan.scalars)
-        if one.handle is not None and one.handle(one.grid, args):
-            continue
-        kernel = launch(_fwd_kernel, [one.cfg], lambda _, g=one.grid: g, args, **one.meta)
-        if plan.direct and kernel is not None and one.handle is None:
-            meta = {**one.meta, **one.cfg.tiles()}
-            one.handle = DirectLaunch(_fwd_kernel, kernel, len(args), meta, plan.device_index)
+        one.run(
+            (q, k, v, out, lse, one.rows, gidx, gflag, kpm, krange, kd, vd, *plan.scalars),
+            plan.direct,
+            plan.device_index,
+        )
     return out, lse
 
 
@@ -359,79 +371,108 @@ def backward_mode(cfg: FlashConfig, has_pad: bool) -> str:
     return cfg.bwd
 
 
-def _backward(
-    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, opts: FlashOptions
-) -> tuple[Tensor, Tensor, Tensor]:
+@dataclass
+class _BackwardPlan:
+    """Everything of a backward that follows from the shapes, strides, dtype, options and mode
+    (see :class:`_ForwardPlan`): the delta launch, the dq launches (none in ``"atomic"`` mode) and
+    the dk/dv launches, each kernel's integer and float arguments, and the scale of an atomic dQ."""
+
+    mode: str
+    delta: _Launch
+    dq: list[_Launch]
+    dkdv: list[_Launch]
+    delta_scalars: tuple
+    dq_scalars: tuple
+    dkdv_scalars: tuple
+    direct: bool
+    device_index: int
+
+
+_BWD_PLANS: dict[tuple, _BackwardPlan] = {}
+
+
+def _backward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, opts: FlashOptions) -> _BackwardPlan:
     bsz, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    dout = _last_dim_unit(dout)
     cfg = _config(q, k, v, opts, backward=True)
-    gidx, gflag, ng = _global_args(opts, q.device)
-    kpm, krange, has_pad = _pad_args(opts, q.device)
+    ng = opts.num_global
+    has_pad = opts.key_valid is not None
     mode = backward_mode(cfg, has_pad)
     left, right = band_reach(opts.window, nq, nk)
-    delta = torch.empty(bsz, h, nq, dtype=torch.float32, device=q.device)
-    launch(
-        _bwd_delta_kernel, [delta_config(dv)], lambda p: (cdiv(nq, p["BLOCK_M"]), bsz * h),
-        (
-            out, dout, delta,
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            h, nq,
-        ),
-        inner=None, BLOCK_DV=pad_pow2(dv), HEAD_DV=dv,
-    )  # fmt: skip
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dvv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     window = opts.window is not None
+    qs, ks, vs, ds = q.stride(), k.stride(), v.stride(), dout.stride()
+    out_s = out.stride()[:3]
+    dq_s, dk_s, dv_s = (h * nq * d, nq * d, d), (hk * nk * d, nk * d, d), (hk * nk * dv, nk * dv, dv)
+    dcfg = delta_config(dv)
+    delta = _Launch(
+        _bwd_delta_kernel, dcfg, None, (cdiv(nq, dcfg.block_m), bsz * h), dict(BLOCK_DV=pad_pow2(dv), HEAD_DV=dv),
+        inner=None,
+    )  # fmt: skip
+    delta_scalars = (*out_s, ds[0], ds[1], ds[2], h, nq)
     common = dict(
         CAUSAL=opts.causal, WINDOW=window, HAS_PAD=has_pad, BLOCK_D=pad_pow2(d), BLOCK_DV=pad_pow2(dv), HEAD_D=d,
         HEAD_DV=dv, PREC=dot_precision(q.dtype),
     )  # fmt: skip
+    qkvd = (qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], ds[0], ds[1], ds[2])
     qk_scale = opts.scale * _LOG2E
+    dq_launches = []
+    if mode != "atomic":
+        qcfg = dq_config(cfg)
+        sched_q = _schedule(False, nq, nk, qcfg, opts, q.device)
+        gcfg = gathered_config(qcfg) if ng else qcfg
+        for rows, programs, has_global, gathered, lcfg in _launches(
+            sched_q, cdiv(nq, qcfg.block_m), ng > 0, qcfg, gcfg
+        ):
+            meta = dict(HAS_GLOBAL=has_global, GATHERED=gathered, ONE_LOOP=window and not gathered, **common)
+            dq_launches.append(_Launch(_bwd_dq_kernel, lcfg, rows, (programs, bsz * h), meta))
+    dq_scalars = (*qkvd, *dq_s, h, h // hk, nq, nk, ng, left, right, opts.scale, qk_scale)
+    # The gathered key programs keep the key tile (and the query tile) of the band programs.
+    sched_k = _schedule(True, nq, nk, cfg, opts, q.device)
+    dkdv = []
+    for cols, programs, has_global, gathered, lcfg in _launches(sched_k, cdiv(nk, cfg.block_n), ng > 0, cfg, cfg):
+        meta = dict(
+            HAS_GLOBAL=has_global, GATHERED=gathered, ATOMIC=mode == "atomic", ONE_LOOP=window and not gathered,
+            **common,
+        )  # fmt: skip
+        dkdv.append(_Launch(_bwd_dkdv_kernel, lcfg, cols, (programs, bsz * hk), meta))
+    dkdv_scalars = (*qkvd, *dk_s, *dv_s, h, hk, h // hk, nq, nk, ng, left, right, opts.scale, qk_scale)
+    return _BackwardPlan(
+        mode, delta, dq_launches, dkdv, delta_scalars, dq_scalars, dkdv_scalars, _direct_ok(q.device),
+        q.device.index or 0,
+    )  # fmt: skip
 
-    if mode == "atomic":  # dQ summed in float32 by the dk/dv programs
-        dq_acc = torch.zeros(bsz, h, nq, d, dtype=torch.float32, device=q.device)
+
+def _backward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, opts: FlashOptions
+) -> tuple[Tensor, Tensor, Tensor]:
+    dout = _last_dim_unit(dout)
+    key = (
+        *_forward_key(q, k, v, opts), out.stride(), dout.stride(), dout.data_ptr() % 16,
+        torch.are_deterministic_algorithms_enabled(),
+    )  # fmt: skip
+    plan = _BWD_PLANS.get(key)
+    if plan is None:
+        if len(_BWD_PLANS) >= 512:
+            _BWD_PLANS.clear()
+        plan = _BWD_PLANS[key] = _backward_plan(q, k, v, out, dout, opts)
+    direct, index = plan.direct, plan.device_index
+    gidx, gflag, _ = _global_args(opts, q.device)
+    kpm, krange, _ = _pad_args(opts, q.device)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    plan.delta.run((out, dout, delta, *plan.delta_scalars), direct, index)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dvv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if plan.mode == "atomic":  # dQ summed in float32 by the dk/dv programs
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     else:
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dq_acc = None
-        qcfg = dq_config(cfg)
-        sched_q = _schedule(False, nq, nk, qcfg, opts, q.device)
-        n_band = cdiv(nq, qcfg.block_m)
-        launches = _launches(sched_q, n_band, ng > 0, qcfg, gathered_config(qcfg))
-        for rows, programs, has_global, gathered, lcfg in launches:
-            launch(
-                _bwd_dq_kernel, [lcfg], lambda _, p=programs: (p, bsz * h),
-                (
-                    q, k, v, dout, dq, lse, delta, rows, gidx, gflag, kpm, krange,
-                    q.stride(0), q.stride(1), q.stride(2),
-                    k.stride(0), k.stride(1), k.stride(2),
-                    v.stride(0), v.stride(1), v.stride(2),
-                    dout.stride(0), dout.stride(1), dout.stride(2),
-                    dq.stride(0), dq.stride(1), dq.stride(2),
-                    h, h // hk, nq, nk, ng, left, right, opts.scale, qk_scale,
-                ),
-                HAS_GLOBAL=has_global, GATHERED=gathered, ONE_LOOP=window and not gathered, **common,
-            )  # fmt: skip
-    # The gathered key programs keep the key tile (and the query tile) of the band programs.
-    sched_k = _schedule(True, nq, nk, cfg, opts, q.device)
-    n_band = cdiv(nk, cfg.block_n)
-    for cols, programs, has_global, gathered, lcfg in _launches(sched_k, n_band, ng > 0, cfg, cfg):
-        launch(
-            _bwd_dkdv_kernel, [lcfg], lambda _, p=programs: (p, bsz * hk),
-            (
-                q, k, v, dout, dk, dvv, lse, delta, cols, gidx, gflag, kpm, krange, dq_acc,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                dout.stride(0), dout.stride(1), dout.stride(2),
-                dk.stride(0), dk.stride(1), dk.stride(2),
-                dvv.stride(0), dvv.stride(1), dvv.stride(2),
-                h, hk, h // hk, nq, nk, ng, left, right, opts.scale, qk_scale,
-            ),
-            HAS_GLOBAL=has_global, GATHERED=gathered, ATOMIC=dq_acc is not None, ONE_LOOP=window and not gathered,
-            **common,
-        )  # fmt: skip
+        for one in plan.dq:
+            args = (q, k, v, dout, dq, lse, delta, one.rows, gidx, gflag, kpm, krange, *plan.dq_scalars)
+            one.run(args, direct, index)
+    for one in plan.dkdv:
+        args = (q, k, v, dout, dk, dvv, lse, delta, one.rows, gidx, gflag, kpm, krange, dq_acc, *plan.dkdv_scalars)
+        one.run(args, direct, index)
     if dq_acc is not None:
         dq = dq_acc.mul_(opts.scale).to(q.dtype)
     return dq, dk, dvv
