@@ -205,27 +205,12 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return device_capability(device) if device.type == "cuda" else (0, 0)
 
 
-_CONFIGS: dict[tuple, tuple[FlashConfig, LaunchShape, tuple[int, int]]] = {}
-
-
 def _config(q: Tensor, k: Tensor, v: Tensor, opts: FlashOptions, backward: bool) -> FlashConfig:
-    """:func:`select_config` for this call, looked up once per launch shape (a plain-tuple key:
-    the per-call host cost is one dict lookup); a TMA config whose tensors no descriptor can
-    describe gives way to :func:`pointer_config`."""
-    window = opts.window
-    key = (
-        q.shape[2], k.shape[2], q.shape[3], v.shape[3], q.dtype, opts.causal, window, q.device, backward,
-        interpreter_enabled(), tuning.generation(),
-    )  # fmt: skip
-    hit = _CONFIGS.get(key)
-    if hit is None:
-        shape = _launch_shape(q, k, v, opts)
-        capability = _capability(q.device)
-        cfg = _cached_config(shape, backward, capability, interpreter_enabled(), tuning.generation())
-        if len(_CONFIGS) >= 1024:
-            _CONFIGS.clear()
-        hit = _CONFIGS[key] = (cfg, shape, capability)
-    cfg, shape, capability = hit
+    """:func:`select_config` for this call, looked up once per launch shape (a plan calls it once);
+    a TMA config whose tensors no descriptor can describe gives way to :func:`pointer_config`."""
+    shape = _launch_shape(q, k, v, opts)
+    capability = _capability(q.device)
+    cfg = _cached_config(shape, backward, capability, interpreter_enabled(), tuning.generation())
     if cfg.tma and not _tma_ready(q.device, k, v):
         cfg = pointer_config(shape, backward, capability)
     return cfg
